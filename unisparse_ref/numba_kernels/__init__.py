@@ -1,0 +1,1 @@
+"""Numba CUDA kernels of the prototype layer, one module per stage."""
