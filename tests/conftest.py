@@ -1,0 +1,86 @@
+"""The shared test suite's fixtures: one test body, every backend.
+
+``backend`` is parametrised over every registered backend name. A backend that cannot run
+here is skipped *with the reason* (never passed silently). The same suite runs:
+
+* plainly (``pytest``): numpy, plus numba/cupy if a GPU is present;
+* in Numba's CUDA simulator (``NUMBA_ENABLE_CUDASIM=1 pytest -m "not gpu"``): the numba
+  backend runs on the CPU, with sizes shrunk by :data:`SIM` (the simulator runs every
+  thread in Python);
+* on a GPU machine (``scripts/gpu_test.sh``), full sizes.
+"""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, settings
+
+import unisparse_ref as us
+from unisparse_ref import reference as ref
+from unisparse_ref.tolerance import check_attention
+
+#: True when Numba's CUDA simulator is on: tests shrink their sizes.
+SIM = os.environ.get("NUMBA_ENABLE_CUDASIM") == "1"
+
+#: Backends tested; ``UNISPARSE_TEST_BACKENDS=numba,cupy`` narrows the list.
+BACKENDS = [b for b in os.environ.get("UNISPARSE_TEST_BACKENDS", "numpy,numba,cupy").split(",") if b]
+
+settings.register_profile(
+    "default", max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow]
+)
+settings.register_profile(
+    "sim", max_examples=4, deadline=None,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture],
+)
+settings.register_profile(
+    "gpu", max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow]
+)
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "sim" if SIM else "default"))
+
+
+@pytest.fixture(params=BACKENDS)
+def backend(request: pytest.FixtureRequest):
+    """A backend object; skipped, with the reason, where it cannot run."""
+    name = request.param
+    status = us.backend_status().get(name, f"backend {name!r} is not registered")
+    if status is not None:
+        pytest.skip(f"backend {name!r} unavailable: {status}")
+    return us.get_backend(name)
+
+
+def random_qkv(
+    rng: np.random.Generator, B: int, Hq: int, Hkv: int, Nq: int, Nk: int, D: int, dtype=np.float32,
+    scale: float = 1.0,
+):
+    """Random Gaussian q, k, v in ``dtype`` (never zeros)."""
+    q = (scale * rng.standard_normal((B, Hq, Nq, D))).astype(dtype)
+    k = (scale * rng.standard_normal((B, Hkv, Nk, D))).astype(dtype)
+    v = rng.standard_normal((B, Hkv, Nk, D)).astype(dtype)
+    return q, k, v
+
+
+def assert_attention_matches_reference(out, lse, q, k, v, block_mask, config) -> None:
+    """SPEC section 7 for ``out`` (of whatever dtype the backend returned) and ``lse``."""
+    out_np = us.to_numpy(out)
+    lse_np = us.to_numpy(lse)
+    ref64, ref_lse = ref.block_sparse_attention(q, k, v, block_mask, config)
+    dtype = out_np.dtype
+    out_lp = lse_lp = None
+    if dtype not in (np.float32, np.float64):
+        out_lp, lse_lp = ref.block_sparse_attention(q, k, v, block_mask, config, precision=dtype)
+    res = check_attention(out_np, ref64, out_lp, dtype)
+    assert res.ok, res.message()
+    assert lse_np.dtype == np.float32, f"lse must be float32, got {lse_np.dtype}"
+    assert lse_np.shape == ref_lse.shape
+    empty = np.isneginf(ref_lse)
+    assert np.array_equal(np.isneginf(lse_np), empty), "lse = -inf exactly on rows with no allowed key"
+    finite = ~empty
+    # The same rule as for out, applied to lse (SPEC section 7 extended by the reference).
+    lse_tol = 1e-5 * max(1.0, float(np.abs(ref_lse[finite]).max(initial=0.0)))
+    if lse_lp is not None:
+        lse_tol += 2 * float(np.abs(lse_lp[finite].astype(np.float64) - ref_lse[finite]).max(initial=0.0))
+    lse_err = float(np.abs(lse_np[finite].astype(np.float64) - ref_lse[finite]).max(initial=0.0))
+    assert lse_err <= lse_tol, f"lse error {lse_err:.3e} > {lse_tol:.3e}"

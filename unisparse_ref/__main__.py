@@ -1,0 +1,7 @@
+"""``python -m unisparse_ref COMMAND``: see :mod:`unisparse_ref.cli`."""
+
+import sys
+
+from .cli import main
+
+sys.exit(main())
