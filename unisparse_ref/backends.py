@@ -12,6 +12,7 @@ import importlib
 from typing import Any, Protocol, runtime_checkable
 
 from . import reference
+from ._arrays import SUPPORTED_DTYPES
 from .blockmask import BlockMask
 from .config import UniSparseConfig
 
@@ -32,9 +33,21 @@ class BackendUnavailable(RuntimeError):
 
 @runtime_checkable
 class Backend(Protocol):
-    """What every backend provides (shapes: SPEC sections 3 to 6)."""
+    """What every backend provides (shapes: SPEC sections 3 to 6).
+
+    Attributes
+    ----------
+    name : str
+    supported_dtypes : tuple of numpy.dtype
+        Input dtypes it accepts; others raise ``TypeError``.
+    score_eps : float
+        The score tolerance ``eps`` of SPEC section 7 for the scores it computes itself
+        (0 for the reference).
+    """
 
     name: str
+    supported_dtypes: tuple
+    score_eps: float
 
     def compress(self, q: Any, k: Any, config: UniSparseConfig) -> tuple[Any, Any]:
         """``q [B,Hq,Nq,D], k [B,Hkv,Nk,D] -> (q_c [B,Hq/c_h,R,D], k_c [B,Hkv,C,D])``."""
@@ -69,6 +82,8 @@ class NumpyBackend:
     """
 
     name = "numpy"
+    supported_dtypes = SUPPORTED_DTYPES
+    score_eps = 0.0
 
     def compress(self, q: Any, k: Any, config: UniSparseConfig) -> tuple[Any, Any]:
         return reference.compress(q, k, config)
