@@ -1,0 +1,149 @@
+"""Sphinx configuration of the unisparse-ref documentation.
+
+Build (from the repository root; must pass with no warnings):
+
+    sphinx-build -W --keep-going -b html docs docs/_build/html
+
+The tutorials live in the top-level ``tutorials/`` folder, where users open them. This file
+copies them into ``docs/tutorials/`` (git-ignored) before Sphinx reads its sources, and
+myst-nb executes every one of them on each build, so a notebook that fails fails the build.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import os
+import shutil
+import sys
+from pathlib import Path
+
+DOCS = Path(__file__).resolve().parent
+ROOT = DOCS.parent
+sys.path.insert(0, str(ROOT))  # document the checkout even if it is not installed
+
+# -- tutorials: copy tutorials/*.ipynb into docs/tutorials/ ---------------------------------
+_TUTORIALS_SRC = ROOT / "tutorials"
+_TUTORIALS_DST = DOCS / "tutorials"
+
+
+def _copy_tutorials() -> None:
+    """Mirror ``tutorials/*.ipynb`` into ``docs/tutorials/`` (stale copies removed)."""
+    _TUTORIALS_DST.mkdir(exist_ok=True)
+    wanted = {p.name for p in _TUTORIALS_SRC.glob("*.ipynb")}
+    for old in _TUTORIALS_DST.glob("*.ipynb"):
+        if old.name not in wanted:
+            old.unlink()
+    for src in sorted(_TUTORIALS_SRC.glob("*.ipynb")):
+        dst = _TUTORIALS_DST / src.name
+        if not dst.exists() or dst.read_bytes() != src.read_bytes():
+            shutil.copyfile(src, dst)  # copy only when changed, so Sphinx sees no spurious edits
+
+
+_copy_tutorials()
+
+# Matplotlib in the notebook kernels (they inherit the environment): never open a window.
+os.environ.setdefault("MPLBACKEND", "Agg")
+
+# -- project -----------------------------------------------------------------------------
+import unisparse_ref  # noqa: E402
+
+project = "unisparse-ref"
+author = "unisparse-ref developers"
+copyright = "2026, unisparse-ref developers"
+release = unisparse_ref.__version__
+version = release
+
+# -- general -------------------------------------------------------------------------------
+extensions = [
+    "myst_nb",  # Markdown pages (MyST) and executed notebooks
+    "sphinx.ext.autodoc",
+    "sphinx.ext.napoleon",
+    "sphinx.ext.mathjax",
+    "sphinx.ext.viewcode",
+]
+
+exclude_patterns = ["_build", "Thumbs.db", ".DS_Store", "**.ipynb_checkpoints", "jupyter_execute"]
+templates_path: list[str] = []
+
+myst_enable_extensions = ["dollarmath", "amsmath", "colon_fence", "deflist"]
+myst_heading_anchors = 3
+
+# -- notebooks (myst-nb) -----------------------------------------------------------------
+nb_execution_mode = "force"  # execute every notebook on every build: the docs build is their test
+nb_execution_raise_on_error = True  # a failing cell fails the build
+nb_execution_timeout = 600  # seconds per cell; the tutorials take seconds, this only guards hangs
+nb_execution_show_tb = True  # print the traceback of a failing cell in the build log
+nb_merge_streams = True
+
+# -- autodoc / napoleon (NumPy-style docstrings) ------------------------------------------
+autodoc_member_order = "bysource"
+autodoc_typehints = "signature"
+autodoc_default_options = {"members": True, "show-inheritance": False}
+napoleon_google_docstring = False
+napoleon_numpy_docstring = True
+napoleon_use_rtype = False
+
+# -- HTML ----------------------------------------------------------------------------------
+html_theme = "furo"
+html_title = f"unisparse-ref {release}"
+html_static_path = ["_static"]
+html_css_files = ["custom.css"]
+
+# -- warnings ------------------------------------------------------------------------------
+# Nothing is suppressed. Pages written by other layers may be absent (performance.md,
+# layers/*, gpu_results/*); instead of silencing the toctree warnings for every page, the
+# hook below drops exactly the toctree entries of the index that match no document.
+suppress_warnings: list[str] = []
+
+
+# -- optional pages ------------------------------------------------------------------------
+_OPTIONAL_TOCTREE_DOCS = ("index", "tutorials")
+
+
+def _entry_docs(entry: str, found: set[str], listed: set[str]) -> set[str]:
+    """The documents a toctree ``entry`` of a top-level page names (a glob or one name)."""
+    name = entry.split("<")[-1].rstrip(">").strip()  # "Title <doc>" -> "doc"
+    for suffix in (".md", ".ipynb", ".rst"):
+        name = name.removesuffix(suffix)
+    if any(ch in name for ch in "*?["):
+        return {d for d in found if fnmatch.fnmatchcase(d, name)} - listed
+    return {name} & found
+
+
+def _drop_missing_toctree_entries(app, docname: str, source: list[str]) -> None:
+    """``source-read``: drop toctree entries of the index pages that match no document.
+
+    Other layers' pages (``layers/*``, ``performance``, ``gpu_results/*``) and the
+    tutorials may not exist in every checkout; Sphinx warns for a glob that matches nothing
+    (a warning it offers no way to suppress) and for a missing explicit entry.
+    """
+    if docname not in _OPTIONAL_TOCTREE_DOCS:
+        return
+    found = set(app.env.found_docs)
+    out: list[str] = []
+    in_toctree = False
+    listed: set[str] = set()
+    for line in source[0].splitlines(keepends=True):
+        stripped = line.strip()
+        if stripped.startswith("```{toctree}"):
+            in_toctree, listed = True, set()
+        elif in_toctree and stripped.startswith("```"):
+            in_toctree = False
+        elif in_toctree and stripped and not stripped.startswith(":"):
+            docs = _entry_docs(stripped, found, listed)
+            if not docs:
+                continue  # names nothing: leave it out
+            listed |= docs
+        out.append(line)
+    source[0] = "".join(out)
+
+
+def _always_reread_indexes(app, env, added, changed, removed) -> list[str]:
+    """``env-get-outdated``: re-read the index pages, whose toctrees depend on other files."""
+    return [d for d in _OPTIONAL_TOCTREE_DOCS if d in env.found_docs]
+
+
+def setup(app) -> dict:
+    app.connect("source-read", _drop_missing_toctree_entries)
+    app.connect("env-get-outdated", _always_reread_indexes)
+    return {"parallel_read_safe": True}
