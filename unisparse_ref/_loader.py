@@ -1,0 +1,292 @@
+"""The one small loader of the CuPy RawKernel layer: CUDA sources, compiled modules, launches.
+
+This module imports WITHOUT CuPy (CuPy is imported inside the functions that need it), so
+the no-GPU compile test and the docs can use it.
+
+API (stable; the attention launcher ``unisparse_ref/_cupy_attention.py`` uses it)
+--------------------------------------------------------------------------------
+``KernelSpec(file, name_expression, options=())``
+    A ``NamedTuple`` naming one template instantiation: ``file`` is a ``.cu`` in
+    ``raw_kernels/`` (e.g. ``"attention.cu"``), ``name_expression`` the C++ name NVRTC
+    instantiates (e.g. ``"us_attention_fwd<__half, 64>"``), ``options`` extra NVRTC options
+    such as ``("-DUS_ATTN_BLOCK_M=64",)`` (the loader always adds :data:`BASE_OPTIONS`).
+``read_source(file) -> str``
+    The CUDA source, read with :mod:`importlib.resources` from the package
+    ``unisparse_ref.raw_kernels`` (a source checkout falls back to ``<repo>/raw_kernels``),
+    with every local ``#include "name.cuh"`` inlined (so NVRTC needs no include path for
+    our own headers; ``cuda_fp16.h`` / ``cuda_bf16.h`` come from CuPy / NVRTC).
+``get_module(file, name_expressions, options=()) -> cupy.RawModule``
+    Compiled once per ``(device id, file, options, name_expressions)`` and cached.
+``get_function(file, name_expression, options=()) -> cupy.RawKernel``
+    ``get_module(file, (name_expression,), options).get_function(name_expression)``.
+``launch(kernel, grid, block, args, shared_mem=0) -> None``
+    Checks ``block`` (<= 1024 threads), ``grid`` (y, z <= 65535) and the dynamic shared
+    memory against the device limit; above 48 KiB it opts in by setting
+    ``kernel.max_dynamic_shared_size_bytes``. Raises :class:`LaunchConfigError` (a
+    ``ValueError``) with the numbers when a launch cannot fit.
+``CTYPES``
+    ``{"float16": "__half", "bfloat16": "__nv_bfloat16", "float32": "float"}``: the C++
+    element type of each supported input dtype name (bf16 travels as a ``uint16`` CuPy
+    array; kernels read it as ``__nv_bfloat16``).
+``INSTANTIATIONS`` / ``all_instantiations() -> list[KernelSpec]``
+    Every kernel instantiation the backend can launch, as pure Python data (the no-GPU
+    NVRTC compile test compiles each). ``all_instantiations()`` = this module's list for
+    ``pooling.cu``, ``scores.cu``, ``selection.cu`` plus ``unisparse_ref._cupy_attention.
+    INSTANTIATIONS`` (a module-level ``list[KernelSpec]`` that module must define, and it
+    must import without CuPy).
+Array conventions between ``cupy_backend.py`` and ``attention_forward``
+    ``q``, ``k``, ``v`` arrive as C-contiguous CuPy arrays of dtype ``float16``, ``float32``
+    or ``uint16``; ``uint16`` MEANS bfloat16 (CuPy has no bf16 dtype: the backend carries bf16
+    as its raw 16-bit pattern). ``out`` has the dtype of ``q`` (so ``uint16`` = bf16 bits for a
+    bf16 input). ``kv_counts`` ``[B, Hm, nQb]`` and ``kv_indices`` ``[B, Hm, nQb, nKb]`` are
+    C-contiguous int32 CuPy arrays (FlexAttention's form, indices ascending, -1 padded).
+``raw_kernels/common.cuh``
+    Shared device helpers (``us::to_float``, ``us::from_float``, ``US_CHECK`` style
+    constants); ``#include "common.cuh"`` in a ``.cu`` file.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.resources
+import re
+import threading
+from pathlib import Path
+from typing import Any, NamedTuple
+
+__all__ = [
+    "BASE_OPTIONS",
+    "CTYPES",
+    "INSTANTIATIONS",
+    "KernelSpec",
+    "LaunchConfigError",
+    "all_instantiations",
+    "get_function",
+    "get_module",
+    "launch",
+    "max_dynamic_shared_memory",
+    "read_source",
+    "source_files",
+]
+
+#: Options added to every compilation.
+BASE_OPTIONS: tuple[str, ...] = ("--std=c++17",)
+
+#: Input dtype name -> C++ element type of the kernels' templates.
+CTYPES: dict[str, str] = {"float16": "__half", "bfloat16": "__nv_bfloat16", "float32": "float"}
+
+#: Dynamic shared memory a kernel may use without opting in (bytes).
+DEFAULT_SHARED_LIMIT = 48 * 1024
+
+_PACKAGE = "unisparse_ref.raw_kernels"
+_INCLUDE = re.compile(r'^[ \t]*#[ \t]*include[ \t]*"([A-Za-z0-9_./-]+\.cuh)"[ \t]*$', re.MULTILINE)
+
+
+class KernelSpec(NamedTuple):
+    """One kernel instantiation: ``.cu`` file, C++ name expression, extra NVRTC options."""
+
+    file: str
+    name_expression: str
+    options: tuple[str, ...] = ()
+
+
+class LaunchConfigError(ValueError):
+    """A launch configuration (block, grid or shared memory) the device cannot run."""
+
+
+# ---------------------------------------------------------------------------- sources
+def _source_dir_fallback() -> Path:
+    return Path(__file__).resolve().parent.parent / "raw_kernels"
+
+
+def _read_raw(name: str) -> str:
+    if "/" in name or "\\" in name or name.startswith("."):
+        raise ValueError(f"kernel source name must be a plain file name, got {name!r}")
+    try:
+        res = importlib.resources.files(_PACKAGE).joinpath(name)
+        if res.is_file():
+            return res.read_text(encoding="utf-8")
+    except (ModuleNotFoundError, FileNotFoundError, NotADirectoryError):
+        pass
+    path = _source_dir_fallback() / name
+    if path.is_file():
+        return path.read_text(encoding="utf-8")
+    raise FileNotFoundError(
+        f"CUDA source {name!r} not found in package {_PACKAGE} nor in {_source_dir_fallback()}"
+    )
+
+
+def read_source(file: str) -> str:
+    """The text of ``raw_kernels/<file>`` with local ``#include "*.cuh"`` lines inlined.
+
+    Parameters
+    ----------
+    file : str
+        A plain file name such as ``"pooling.cu"``.
+
+    Returns
+    -------
+    str
+        Self-contained CUDA C++ source (each header inlined once).
+
+    Raises
+    ------
+    FileNotFoundError
+        When the file is neither in the installed package nor in the source checkout.
+    """
+    seen: set[str] = set()
+
+    def expand(text: str) -> str:
+        def repl(m: re.Match[str]) -> str:
+            inc = m.group(1)
+            if inc in seen:
+                return f"// (already included: {inc})"
+            seen.add(inc)
+            return f"// ---- begin {inc}\n{expand(_read_raw(inc))}\n// ---- end {inc}"
+
+        return _INCLUDE.sub(repl, text)
+
+    return expand(_read_raw(file))
+
+
+def source_files() -> list[str]:
+    """Names of the ``.cu`` and ``.cuh`` files shipped in ``unisparse_ref.raw_kernels``."""
+    names: set[str] = set()
+    try:
+        for entry in importlib.resources.files(_PACKAGE).iterdir():
+            names.add(entry.name)
+    except (ModuleNotFoundError, FileNotFoundError, NotADirectoryError):
+        pass
+    if not any(n.endswith(".cu") for n in names) and _source_dir_fallback().is_dir():
+        names.update(p.name for p in _source_dir_fallback().iterdir())
+    return sorted(n for n in names if n.endswith((".cu", ".cuh")))
+
+
+# ---------------------------------------------------------------------------- instantiations
+_TYPES = tuple(CTYPES.values())
+
+#: Kernel instantiations of pooling.cu, scores.cu and selection.cu (see their version tables).
+INSTANTIATIONS: list[KernelSpec] = (
+    [KernelSpec("pooling.cu", f"us_pool_seq<{t}>") for t in _TYPES]
+    + [KernelSpec("scores.cu", "us_scores_rowstats"), KernelSpec("scores.cu", "us_scores_blocksum")]
+    + [KernelSpec("selection.cu", "us_select_topp"), KernelSpec("selection.cu", "us_mask_to_indices")]
+)
+
+
+def all_instantiations() -> list[KernelSpec]:
+    """Every kernel instantiation the CuPy backend can launch (this layer's and attention's).
+
+    The attention launcher's list (``unisparse_ref._cupy_attention.INSTANTIATIONS``) is
+    included when that module exists; it imports without CuPy.
+    """
+    specs = list(INSTANTIATIONS)
+    try:
+        att = importlib.import_module("unisparse_ref._cupy_attention")
+    except ModuleNotFoundError as e:
+        if e.name != "unisparse_ref._cupy_attention":
+            raise
+        return specs
+    specs.extend(KernelSpec(s[0], s[1], tuple(s[2]) if len(s) > 2 else ()) for s in getattr(att, "INSTANTIATIONS", []))
+    return specs
+
+
+# ---------------------------------------------------------------------------- compilation
+_MODULES: dict[tuple[Any, ...], Any] = {}
+_LOCK = threading.Lock()
+
+
+def get_module(file: str, name_expressions: tuple[str, ...] | list[str], options: tuple[str, ...] = ()) -> Any:
+    """The compiled ``cupy.RawModule`` of ``file`` for the current device (cached).
+
+    Parameters
+    ----------
+    file : str
+        ``.cu`` file name in ``raw_kernels/``.
+    name_expressions : sequence of str
+        Template instantiations to compile, e.g. ``("us_pool_seq<__half>",)``.
+    options : tuple of str
+        Extra NVRTC options (``-D`` tile overrides); :data:`BASE_OPTIONS` are always added.
+    """
+    import cupy
+
+    dev = cupy.cuda.Device().id
+    names = tuple(name_expressions)
+    opts = BASE_OPTIONS + tuple(options)
+    key = (dev, file, opts, names)
+    mod = _MODULES.get(key)
+    if mod is None:
+        with _LOCK:
+            mod = _MODULES.get(key)
+            if mod is None:
+                mod = cupy.RawModule(code=read_source(file), options=opts, name_expressions=names)
+                mod.compile()
+                _MODULES[key] = mod
+    return mod
+
+
+def get_function(file: str, name_expression: str, options: tuple[str, ...] = ()) -> Any:
+    """The ``cupy.RawKernel`` of one instantiation (module compiled and cached on first use)."""
+    return get_module(file, (name_expression,), options).get_function(name_expression)
+
+
+# ---------------------------------------------------------------------------- launching
+_SHARED_OPTIN: dict[int, int] = {}
+
+
+def max_dynamic_shared_memory(device_id: int | None = None) -> int:
+    """The most dynamic shared memory (bytes) one block may opt in to on the device."""
+    import cupy
+
+    dev = cupy.cuda.Device(device_id) if device_id is not None else cupy.cuda.Device()
+    if dev.id not in _SHARED_OPTIN:
+        attrs = dev.attributes
+        _SHARED_OPTIN[dev.id] = int(attrs.get("MaxSharedMemoryPerBlockOptin", DEFAULT_SHARED_LIMIT))
+    return _SHARED_OPTIN[dev.id]
+
+
+def _dims(name: str, value: Any) -> tuple[int, int, int]:
+    t = (value,) if isinstance(value, int) else tuple(value)
+    if not 1 <= len(t) <= 3 or any(not isinstance(x, int) or x < 1 for x in t):
+        raise LaunchConfigError(f"{name} must be 1 to 3 positive ints, got {value!r}")
+    return (t + (1, 1))[:3]  # type: ignore[return-value]
+
+
+def launch(kernel: Any, grid: Any, block: Any, args: tuple[Any, ...], shared_mem: int = 0) -> None:
+    """Launch ``kernel`` after checking that the configuration fits the device.
+
+    Parameters
+    ----------
+    kernel : cupy.RawKernel
+    grid, block : int or tuple of int
+        Launch dimensions.
+    args : tuple
+        Kernel arguments (CuPy arrays and NumPy scalars of the exact C types).
+    shared_mem : int
+        Dynamic shared memory in bytes. Above 48 KiB the kernel opts in through
+        ``max_dynamic_shared_size_bytes``.
+
+    Raises
+    ------
+    LaunchConfigError
+        Too many threads per block, a grid dimension out of range, or more shared memory
+        than the device's opt-in limit (the message gives both numbers).
+    """
+    gx, gy, gz = _dims("grid", grid)
+    bx, by, bz = _dims("block", block)
+    if bx * by * bz > 1024:
+        raise LaunchConfigError(f"block {block} has {bx * by * bz} threads; at most 1024 per block")
+    if gx > 2**31 - 1 or gy > 65535 or gz > 65535:
+        raise LaunchConfigError(f"grid {grid} out of range (x < 2^31, y and z <= 65535)")
+    shared_mem = int(shared_mem)
+    if shared_mem < 0:
+        raise LaunchConfigError(f"shared_mem must be >= 0, got {shared_mem}")
+    if shared_mem > DEFAULT_SHARED_LIMIT:
+        limit = max_dynamic_shared_memory()
+        if shared_mem > limit:
+            raise LaunchConfigError(
+                f"kernel {getattr(kernel, 'name', kernel)!r} needs {shared_mem} bytes of dynamic shared memory; "
+                f"the device allows at most {limit} per block (choose smaller tiles)"
+            )
+        if getattr(kernel, "max_dynamic_shared_size_bytes", 0) < shared_mem:
+            kernel.max_dynamic_shared_size_bytes = shared_mem
+    kernel((gx, gy, gz), (bx, by, bz), tuple(args), shared_mem=shared_mem)
