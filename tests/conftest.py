@@ -29,14 +29,14 @@ SIM = os.environ.get("NUMBA_ENABLE_CUDASIM") == "1"
 BACKENDS = [b for b in os.environ.get("UNISPARSE_TEST_BACKENDS", "numpy,numba,cupy").split(",") if b]
 
 settings.register_profile(
-    "default", max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow]
+    "default", max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture]
 )
 settings.register_profile(
     "sim", max_examples=4, deadline=None,
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture],
 )
 settings.register_profile(
-    "gpu", max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow]
+    "gpu", max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture]
 )
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "sim" if SIM else "default"))
 
