@@ -9,16 +9,15 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from hypothesis import assume, given
+from hypothesis import given
 from hypothesis import strategies as st
 
 import unisparse_ref as us
+from tests.conftest import SIM, assert_attention_matches_reference, random_qkv
 from unisparse_ref import BlockMask, UniSparseConfig, geometry
 from unisparse_ref import reference as ref
 from unisparse_ref.tiled import tiled_block_sparse_attention
 from unisparse_ref.tolerance import compare_selection, eps_valid_rows
-
-from tests.conftest import SIM, assert_attention_matches_reference, random_qkv
 
 MAX_N = 72 if SIM else 300
 HEAD_DIMS = [16, 32] if SIM else [16, 32, 64, 128, 256]

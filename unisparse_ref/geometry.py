@@ -21,6 +21,7 @@ __all__ = [
     "composite_visibility",
     "composite_counts_per_block",
     "token_causal_mask",
+    "block_pair_counts",
 ]
 
 
@@ -115,3 +116,24 @@ def token_causal_mask(rows: np.ndarray, nq: int, nk: int, causal: bool) -> np.nd
         return np.ones((rows.size, nk), dtype=bool)
     pos = rows + (nk - nq)
     return np.arange(nk, dtype=np.int64)[None, :] <= pos[:, None]
+
+
+def block_pair_counts(nq: int, nk: int, block_size: int, causal: bool) -> np.ndarray:
+    """Number of allowed (query, key) pairs inside every tile, int64 ``[nQb, nKb]``.
+
+    A selected tile ``(i, j)`` costs ``4 * D`` FLOPs per pair (``QK^T`` and ``PV``); the dense
+    work is the sum over all tiles. Causal pairs satisfy ``s <= p(t)``.
+    """
+    S = block_size
+    nqb, nkb = num_blocks(nq, S), num_blocks(nk, S)
+    rows_lo = np.arange(nqb, dtype=np.int64) * S
+    rows_hi = np.minimum(rows_lo + S, nq)  # exclusive
+    keys_lo = np.arange(nkb, dtype=np.int64) * S
+    keys_hi = np.minimum(keys_lo + S, nk)
+    if not causal:
+        return (rows_hi - rows_lo)[:, None] * (keys_hi - keys_lo)[None, :]
+    counts = np.zeros((nqb, nkb), dtype=np.int64)
+    for i in range(nqb):  # per query row t the keys [0, p(t)] are visible
+        pos = np.arange(rows_lo[i], rows_hi[i]) + (nk - nq)  # p(t) of the block's rows
+        counts[i] = np.clip(pos[:, None] + 1 - keys_lo[None, :], 0, (keys_hi - keys_lo)[None, :]).sum(axis=0)
+    return counts
