@@ -1,0 +1,87 @@
+"""Stage 1 kernels: composite tokens by average pooling (SPEC section 3).
+
+Two elementwise kernels, one thread per output element (grid-stride loop):
+
+* :func:`pool_sequence_kernel` -- sequence granularity,
+  ``Qc[b, h, r, d] = mean(q[b, h, t, d] for t in [r*c, min((r+1)*c, N)))``; the last group
+  averages only the tokens that exist. Used with ``c = c_q`` for queries and ``c = c_k`` for
+  keys (``R = ceil(Nq/c_q)``, ``C = ceil(Nk/c_k)``).
+* :func:`pool_heads_kernel` -- head granularity,
+  ``Qh[b, g, r, d] = mean(Qc[b, h, r, d] for h in [g*c_h, (g+1)*c_h))``.
+
+Consecutive threads handle consecutive ``d``, so every load and store is coalesced along
+the head dimension. Sums are formed in float32, whatever the input dtype.
+"""
+
+from __future__ import annotations
+
+from numba import cuda, float32
+
+from ..geometry import cdiv
+from . import SIMULATOR
+
+#: Threads per block of both pooling kernels; one warp in the simulator, where every thread
+#: is a Python thread and idle ones cost time.
+THREADS = 32 if SIMULATOR else 128
+#: Largest grid (x) launched; the grid-stride loop covers the rest.
+MAX_BLOCKS = 65535
+
+
+def launch_geometry(total: int) -> tuple[int, int]:
+    """``(grid, block)`` of a pooling launch over ``total`` output elements."""
+    block = THREADS
+    grid = max(1, min(cdiv(total, THREADS), MAX_BLOCKS))
+    return grid, block
+
+
+@cuda.jit
+def pool_sequence_kernel(x, c, out):
+    """``out[b, h, r, :] = mean(x[b, h, t, :] for t in group r)``; ``x [B,H,N,D]``, ``out [B,H,ceil(N/c),D]``."""
+    B, H, R, D = out.shape
+    N = x.shape[2]
+    total = B * H * R * D
+    for idx in range(cuda.grid(1), total, cuda.gridsize(1)):
+        d = idx % D
+        r = (idx // D) % R
+        h = (idx // (D * R)) % H
+        b = idx // (D * R * H)
+        t0 = r * c
+        t1 = min(t0 + c, N)  # the last group may be short
+        acc = float32(0.0)
+        for t in range(t0, t1):
+            acc += float32(x[b, h, t, d])
+        out[b, h, r, d] = acc / float32(t1 - t0)
+
+
+@cuda.jit
+def pool_heads_kernel(x, c_h, out):
+    """``out[b, g, r, :] = mean(x[b, h, r, :] for h in [g*c_h, (g+1)*c_h))``; ``out [B, H/c_h, R, D]``."""
+    B, Hm, R, D = out.shape
+    total = B * Hm * R * D
+    for idx in range(cuda.grid(1), total, cuda.gridsize(1)):
+        d = idx % D
+        r = (idx // D) % R
+        g = (idx // (D * R)) % Hm
+        b = idx // (D * R * Hm)
+        acc = float32(0.0)
+        for h in range(g * c_h, (g + 1) * c_h):
+            acc += x[b, h, r, d]
+        out[b, g, r, d] = acc / float32(c_h)
+
+
+def pool_sequence(x, c: int):
+    """Launch :func:`pool_sequence_kernel` on device array ``x [B,H,N,D]``; float32 ``[B,H,ceil(N/c),D]``."""
+    B, H, N, D = x.shape
+    out = cuda.device_array((B, H, cdiv(N, c), D), dtype="float32")
+    grid, block = launch_geometry(out.size)
+    pool_sequence_kernel[grid, block](x, c, out)
+    return out
+
+
+def pool_heads(x, c_h: int):
+    """Launch :func:`pool_heads_kernel` on float32 device array ``x [B,H,R,D]``; ``[B,H/c_h,R,D]``."""
+    B, H, R, D = x.shape
+    out = cuda.device_array((B, H // c_h, R, D), dtype="float32")
+    grid, block = launch_geometry(out.size)
+    pool_heads_kernel[grid, block](x, c_h, out)
+    return out
