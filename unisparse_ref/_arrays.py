@@ -100,8 +100,9 @@ def check_dtype(name: str, dtype: Any) -> np.dtype:
 
 def check_finite(name: str, x: np.ndarray) -> None:
     """Raise ``ValueError`` naming ``name`` if ``x`` holds NaN or infinity."""
-    if not np.isfinite(x.astype(np.float64, copy=False)).all():
-        bad = np.argwhere(~np.isfinite(x.astype(np.float64, copy=False)))[0]
+    finite = np.isfinite(x)  # elementwise on the input dtype (ml_dtypes' bfloat16 included)
+    if not finite.all():
+        bad = np.argwhere(~finite)[0]
         raise ValueError(f"{name} holds a non-finite value at index {tuple(int(i) for i in bad)}")
 
 

@@ -341,7 +341,8 @@ def _attend(
 ) -> tuple[np.ndarray, np.ndarray]:
     """Masked softmax attention of a chunk of rows.
 
-    ``q_rows`` ``[B, Hq, rows, D]``, ``k``/``v`` ``[B, Hkv, n, D]``, ``allowed`` bool
+    ``q_rows`` ``[B, Hq, rows, D]``, ``k``/``v`` ``[B, Hkv, n, D]`` (already float64, or
+    float32 in the low-precision mode), ``allowed`` bool
     ``[B, Hq, rows, n]``. ``precision=None``: float64. Otherwise the kernel rounding of
     SPEC section 7: inputs already rounded, float32 logits and sums, probabilities rounded
     to ``precision`` before the product with V, output rounded to ``precision``.
@@ -351,7 +352,7 @@ def _attend(
     G = Hq // Hkv
     work = np.float64 if precision is None else np.float32
     q5 = q_rows.astype(work).reshape(B, Hkv, G, rows, D)  # query head h = kv*G + g uses KV head kv
-    logits = scale * (q5 @ np.swapaxes(k.astype(work), -1, -2)[:, :, None])  # [B, Hkv, G, rows, n]
+    logits = scale * (q5 @ np.swapaxes(k, -1, -2)[:, :, None])  # [B, Hkv, G, rows, n]
     logits = logits.reshape(B, Hq, rows, -1).astype(work)
     logits = np.where(allowed, logits, -np.inf)
     m = logits.max(axis=-1, keepdims=True)
@@ -361,7 +362,7 @@ def _attend(
     denom = p.sum(axis=-1, keepdims=True, dtype=work)
     if precision is not None:
         p = p.astype(precision).astype(np.float32)  # P rounded like a kernel before P @ V
-    pv = (p.reshape(B, Hkv, G, rows, -1) @ v.astype(work)[:, :, None]).reshape(B, Hq, rows, D)
+    pv = (p.reshape(B, Hkv, G, rows, -1) @ v[:, :, None]).reshape(B, Hq, rows, D)
     with np.errstate(divide="ignore", invalid="ignore"):
         out = np.where(empty, 0.0, pv / np.where(empty, 1.0, denom))
         lse = np.where(empty[..., 0], -np.inf, m[..., 0] + np.log(np.where(empty[..., 0], 1.0, denom[..., 0])))
@@ -383,10 +384,13 @@ def _attention(
 ) -> tuple[np.ndarray, np.ndarray]:
     """Chunked driver: run :func:`_attend` over groups of query blocks."""
     B, Hq, Nq, D = q.shape
-    Nk = k.shape[2]
+    Hkv, Nk = k.shape[1], k.shape[2]
+    G = Hq // Hkv
     prec = None if precision is None else check_dtype("precision", precision)
     if prec is not None:  # q, k, v rounded to the kernel's dtype
         q, k, v = (x.astype(prec) for x in (q, k, v))
+    work = np.float64 if prec is None else np.float32
+    k, v = k.astype(work), v.astype(work)  # converted once, not per chunk
     nqb = geometry.num_blocks(Nq, block_size)
     blocks = np.arange(nqb) if query_blocks is None else np.asarray(query_blocks, dtype=np.int64)
     if blocks.ndim != 1 or (blocks < 0).any() or (blocks >= nqb).any():
@@ -395,16 +399,23 @@ def _attention(
     out_dtype = np.float64 if prec is None else prec
     out = np.zeros((B, Hq, sum(r.size for r in rows_all), D), dtype=out_dtype)
     lse = np.zeros((B, Hq, out.shape[2]), dtype=np.float32)
-    blocks_per_chunk = max(1, _CHUNK_ELEMENTS // max(1, B * Hq * block_size * Nk))
+    # Chunks: groups of query blocks, and when one block of all heads is still too large
+    # (long sequences), groups of KV heads (each with its G query heads).
+    per_block_and_kv_head = B * G * block_size * Nk
+    kv_per_chunk = int(min(Hkv, max(1, _CHUNK_ELEMENTS // max(1, per_block_and_kv_head))))
+    blocks_per_chunk = max(1, _CHUNK_ELEMENTS // max(1, per_block_and_kv_head * kv_per_chunk))
     pos = 0
     for c0 in range(0, len(rows_all), blocks_per_chunk):
         rows = np.concatenate(rows_all[c0 : c0 + blocks_per_chunk])
         # Keys past the chunk's last position are never visible when causal: skip them.
         n = Nk if not causal else int(rows.max()) + (Nk - Nq) + 1
         allowed = allowed_fn(rows)[..., :n]
-        o, l_ = _attend(q[:, :, rows], k[:, :, :n], v[:, :, :n], allowed, scale, prec)
-        out[:, :, pos : pos + rows.size] = o
-        lse[:, :, pos : pos + rows.size] = l_
+        for h0 in range(0, Hkv, kv_per_chunk):
+            kvs = slice(h0, min(Hkv, h0 + kv_per_chunk))
+            qs = slice(kvs.start * G, kvs.stop * G)
+            o, l_ = _attend(q[:, qs][:, :, rows], k[:, kvs, :n], v[:, kvs, :n], allowed[:, qs], scale, prec)
+            out[:, qs, pos : pos + rows.size] = o
+            lse[:, qs, pos : pos + rows.size] = l_
         pos += rows.size
     return out, lse
 
