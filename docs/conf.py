@@ -41,8 +41,10 @@ def _copy_tutorials() -> None:
 
 _copy_tutorials()
 
-# Matplotlib in the notebook kernels (they inherit the environment): never open a window.
-os.environ.setdefault("MPLBACKEND", "Agg")
+# The notebook kernels inherit this environment. Figures must come back as inline images
+# (rendered with Agg) even where the environment sets MPLBACKEND=Agg, under which plt.show()
+# would draw nothing into the page.
+os.environ["MPLBACKEND"] = "module://matplotlib_inline.backend_inline"
 
 # -- project -----------------------------------------------------------------------------
 import unisparse_ref  # noqa: E402
