@@ -1,0 +1,518 @@
+// Block-sparse attention forward (SPEC section 6) for the CuPy backend.
+//
+// What every kernel here computes
+// -------------------------------
+// Inputs q [B, Hq, Nq, D], k and v [B, Hkv, Nk, D] (C-contiguous, element type T), and the
+// block mask in FlexAttention's index form: kv_counts [B, Hm, nQb] and kv_indices
+// [B, Hm, nQb, idx_stride] (ascending block indices, padded with -1). Query head h reads
+// mask head h / c_h and KV head h / G (G = Hq / Hkv). Query row t (absolute position
+// p(t) = t + Nk - Nq, bottom-right alignment) of query block i = t / S attends key s iff
+// block s / S is listed for (b, h / c_h, i) and, when causal, s <= p(t). Then
+//     out[t] = sum_s softmax(scale * q_t . k_s) v_s,   lse[t] = log(sum_s exp(scale * q_t . k_s))
+// in float32 (natural log). A row with no allowed key gets out = 0 and lse = -inf (never
+// NaN). Dense attention is the same kernel given every visible block.
+//
+// Every kernel walks the FlashAttention-2 way (paper notation): a CTA owns Br query rows
+// (a slice of one query block, so one mask row), streams the selected key blocks through
+// shared memory in tiles of Bc keys, and keeps per row the running maximum m_i, the
+// running denominator l_i and the unnormalised output O_i (online softmax); at the end
+// O_i / l_i is written in T and lse = m_i + log(l_i). Scores are carried in the base-2
+// domain (scale * log2(e) folded in, exp2f), lse converted back to natural log.
+// Accumulation is float32 throughout.
+//
+// Version table (the "kernel ladder"; unisparse_ref/_cupy_attention.py has the registry)
+// --------------------------------------------------------------------------------------
+// | ver | kernel                    | Br  | Bc | warps | what it adds                          |
+// |-----|---------------------------|-----|----|-------|---------------------------------------|
+// | v1  | us_attn_fwd_v1<T, D>      | <=64| 16 | 2     | one thread per query row, scalar FMA, |
+// |     |                           |     |    |       | K/V tiles as float in shared memory;  |
+// |     |                           |     |    |       | any S (multiple of 16), fp32/fp16/bf16|
+// | v2  | us_attn_fwd_mma<T,D,4,1,  | 64  | 64 | 4     | tensor cores: mma.sync m16n8k16 (fp32 |
+// |     |   64,false,true>          |     |    |       | accumulate), ldmatrix, XOR-swizzled   |
+// |     |                           |     |    |       | smem (no bank conflicts), K/V double- |
+// |     |                           |     |    |       | buffered by cp.async, causal/ragged   |
+// |     |                           |     |    |       | mask only on boundary tiles, Q in     |
+// |     |                           |     |    |       | registers, heads fastest in the grid  |
+// |     |                           |     |    |       | (GQA siblings share K/V through L2),  |
+// |     |                           |     |    |       | last query tiles (longest causal      |
+// |     |                           |     |    |       | rows) launched first                  |
+// | v3  | us_attn_fwd_mma<T,D,4,2,  | 128 | 64 | 4     | 32 rows per warp: every K/V fragment  |
+// |     |   64,true,false>          |     |    |       | read from smem feeds two MMAs (half   |
+// |     |                           |     |    |       | the smem traffic per FLOP); a work    |
+// |     |                           |     |    |       | list sorted by row length (longest    |
+// |     |                           |     |    |       | first) so SMs stay busy when rows'    |
+// |     |                           |     |    |       | densities differ; Q re-read from smem |
+// | v4  | us_attn_fwd_mma<T,D,8,1,  | 128 | 64 | 8     | Br = 128 with 8 warps of 16 rows, Q   |
+// |     |   64,true,true>           |     |    |       | in registers, sorted work list        |
+// float32 inputs always run v1 (tensor-core versions are fp16/bf16 only). The tensor-core
+// versions need D in {64, 128} and S a multiple of Br and Bc; the launcher refuses others
+// with a clear error (or falls back to v1 when asked for the default version).
+//
+// Kernel arguments (identical for every version, so the launcher builds one tuple):
+//   q, k, v, kv_counts, kv_indices, work, out, lse,
+//   Hq, Hkv, Hm, Nq, Nk, nQb, idx_stride, S, c_h, causal, n_qtiles, scale_log2
+// `work` is a list of packed CTA tasks ((b * Hq + h) * n_qtiles + qtile) for the sorted
+// versions (nullptr otherwise, then blockIdx = (h, reversed qtile, b)).
+
+#include <cuda_fp16.h>
+#include <cuda_bf16.h>
+
+namespace us_attn {
+
+#define US_NEG_INF (__int_as_float(0xff800000))
+#define US_LN2 0.6931471805599453f
+
+// ----------------------------------------------------------------------------- element types
+template <typename T> struct Elem;
+template <> struct Elem<float> {
+  static __device__ __forceinline__ float to_f(float x) { return x; }
+  static __device__ __forceinline__ float from_f(float x) { return x; }
+};
+template <> struct Elem<__half> {
+  static __device__ __forceinline__ float to_f(__half x) { return __half2float(x); }
+  static __device__ __forceinline__ __half from_f(float x) { return __float2half_rn(x); }
+  // Two floats -> one 32-bit register of two halves (low = a), the MMA operand layout.
+  static __device__ __forceinline__ unsigned pack2(float a, float b) {
+    __half2 h = __floats2half2_rn(a, b);
+    return *reinterpret_cast<unsigned*>(&h);
+  }
+};
+template <> struct Elem<__nv_bfloat16> {
+  static __device__ __forceinline__ float to_f(__nv_bfloat16 x) { return __bfloat162float(x); }
+  static __device__ __forceinline__ __nv_bfloat16 from_f(float x) { return __float2bfloat16_rn(x); }
+  static __device__ __forceinline__ unsigned pack2(float a, float b) {
+    __nv_bfloat162 h = __floats2bfloat162_rn(a, b);
+    return *reinterpret_cast<unsigned*>(&h);
+  }
+};
+
+// The block row of the mask for (b, h, query block i) and its visible prefix.
+// kv_indices is ascending, so the blocks that start at or past key_lim (above the causal
+// diagonal of this CTA's last row, or past Nk) form a suffix: a binary search finds how
+// many blocks are visible.
+__device__ __forceinline__ int visible_prefix(const int* idx, int cnt, int S, int key_lim) {
+  int lo = 0, hi = cnt;
+  while (lo < hi) {
+    int mid = (lo + hi) >> 1;
+    if (idx[mid] * S < key_lim) lo = mid + 1; else hi = mid;
+  }
+  return lo;
+}
+
+}  // namespace us_attn
+
+// =============================================================================== v1
+// One CTA per (query tile of Br = blockDim.x rows, head h, batch b); thread r owns query
+// row t = q0 + r: q_t (pre-scaled by scale*log2 e) and O_i in registers, m_i, l_i scalars.
+// For each selected key block, tiles of V1_BC keys are staged in shared memory as float
+// and every thread runs the online softmax over them with scalar FMAs. Obviously correct,
+// slow; also the float32 path.
+#define V1_BC 16
+
+template <typename T, int D>
+__global__ void __launch_bounds__(64) us_attn_fwd_v1(
+    const T* __restrict__ q, const T* __restrict__ k, const T* __restrict__ v,
+    const int* __restrict__ kv_counts, const int* __restrict__ kv_indices, const int* __restrict__ work,
+    T* __restrict__ out, float* __restrict__ lse,
+    int Hq, int Hkv, int Hm, int Nq, int Nk, int nQb, int idx_stride, int S, int c_h, int causal,
+    int n_qtiles, float scale_log2) {
+  using E = us_attn::Elem<T>;
+  __shared__ float Ks[V1_BC][D];  // K tile: Bc keys x D
+  __shared__ float Vs[V1_BC][D];  // V tile
+  const int Br = blockDim.x;
+  const int h = blockIdx.x, qt = blockIdx.y, b = blockIdx.z;
+  const int q0 = qt * Br;           // first query row of this CTA
+  const int i = q0 / S;             // its query block (Br divides S)
+  const int G = Hq / Hkv;
+  const int hm = h / c_h, hkv = h / G;
+  const int shift = Nk - Nq;        // p(t) = t + shift
+  const int t = q0 + threadIdx.x;   // this thread's query row
+  const bool row_ok = t < Nq;
+
+  const size_t bh = (size_t)b * Hq + h;
+  const T* kb = k + ((size_t)b * Hkv + hkv) * (size_t)Nk * D;
+  const T* vb = v + ((size_t)b * Hkv + hkv) * (size_t)Nk * D;
+
+  float qr[D], o[D];
+#pragma unroll
+  for (int d = 0; d < D; ++d) {
+    qr[d] = row_ok ? E::to_f(q[(bh * Nq + t) * D + d]) * scale_log2 : 0.f;
+    o[d] = 0.f;
+  }
+  float m_i = US_NEG_INF, l_i = 0.f;
+
+  const size_t row = ((size_t)b * Hm + hm) * nQb + i;
+  const int* idx = kv_indices + row * idx_stride;
+  const int cnt = kv_counts[row];
+  // Keys at or past key_lim are invisible to every row of this CTA.
+  const int last_row = min(q0 + Br, Nq) - 1;
+  const int key_lim = causal ? min(Nk, last_row + shift + 1) : Nk;
+  const int nvis = us_attn::visible_prefix(idx, cnt, S, key_lim);
+
+  for (int sl = 0; sl < nvis; ++sl) {
+    const int kb0 = idx[sl] * S;
+    const int kb1 = min(kb0 + S, key_lim);
+    for (int n0 = kb0; n0 < kb1; n0 += V1_BC) {
+      __syncthreads();  // every thread is done reading the previous K/V tile before it is overwritten
+      for (int e = threadIdx.x; e < V1_BC * D; e += Br) {
+        const int c = e / D, d = e % D, s = n0 + c;
+        Ks[c][d] = s < kb1 ? E::to_f(kb[(size_t)s * D + d]) : 0.f;
+        Vs[c][d] = s < kb1 ? E::to_f(vb[(size_t)s * D + d]) : 0.f;
+      }
+      __syncthreads();  // the whole tile is in shared memory before any thread reads it
+      if (!row_ok) continue;
+      float sc[V1_BC];
+      float mt = US_NEG_INF;
+#pragma unroll
+      for (int c = 0; c < V1_BC; ++c) {
+        const int s = n0 + c;
+        const bool allowed = s < kb1 && (!causal || s <= t + shift);
+        float acc = 0.f;
+#pragma unroll
+        for (int d = 0; d < D; ++d) acc = fmaf(qr[d], Ks[c][d], acc);
+        sc[c] = allowed ? acc : US_NEG_INF;
+        mt = fmaxf(mt, sc[c]);
+      }
+      const float m_new = fmaxf(m_i, mt);
+      if (m_new == US_NEG_INF) continue;  // nothing allowed yet for this row
+      const float alpha = exp2f(m_i - m_new);  // m_i = -inf -> 0
+      l_i *= alpha;
+#pragma unroll
+      for (int d = 0; d < D; ++d) o[d] *= alpha;
+#pragma unroll
+      for (int c = 0; c < V1_BC; ++c) {
+        const float p = exp2f(sc[c] - m_new);  // masked keys: exp2(-inf) = 0
+        l_i += p;
+#pragma unroll
+        for (int d = 0; d < D; ++d) o[d] = fmaf(p, Vs[c][d], o[d]);
+      }
+      m_i = m_new;
+    }
+  }
+  if (!row_ok) return;
+  const float inv = l_i > 0.f ? 1.f / l_i : 0.f;  // empty row: out = 0
+#pragma unroll
+  for (int d = 0; d < D; ++d) out[(bh * Nq + t) * D + d] = E::from_f(o[d] * inv);
+  lse[bh * Nq + t] = l_i > 0.f ? m_i * US_LN2 + logf(l_i) : US_NEG_INF;
+}
+
+// =============================================================================== v2, v3, v4
+// Tensor-core kernel. A CTA of NW warps owns Br = NW * MT * 16 query rows; warp w owns rows
+// [w * MT * 16, (w + 1) * MT * 16) as MT m16 tiles. Per key tile of Bc keys:
+//   S_ij = Q_i K_j^T          mma.sync m16n8k16, A = Q (ldmatrix), B = K (ldmatrix, K rows
+//                             are the MMA's columns, so no transpose)
+//   m_i' = max(m_i, rowmax S) (quad shuffles: a row lives in the 4 lanes of a quad)
+//   P = exp2(S - m_i'), l_i = l_i * exp2(m_i - m_i') + rowsum P (per-lane partial sums,
+//                             reduced over the quad once at the end)
+//   O_i = O_i * exp2(m_i - m_i') + P V_j   P re-packed from the S accumulators into A
+//                             fragments in registers (rounded to T, as FlashAttention),
+//                             V by ldmatrix.trans
+// Shared memory rows hold D elements = D/8 chunks of 16 bytes; chunk c of row r is stored
+// at chunk c ^ (r & 7), so the 8 rows one ldmatrix phase reads fall in 8 different bank
+// groups (no conflicts), and cp.async writes whole 16-byte chunks.
+namespace us_attn {
+
+__device__ __forceinline__ unsigned smem_u32(const void* p) {
+  return static_cast<unsigned>(__cvta_generic_to_shared(p));
+}
+// 16-byte global -> shared copy that bypasses L1; src-size 0 writes zeros (ragged rows).
+__device__ __forceinline__ void cp_async16(void* dst, const void* src, bool pred) {
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(smem_u32(dst)), "l"(src),
+               "r"(pred ? 16 : 0));
+}
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
+template <int N> __device__ __forceinline__ void cp_async_wait() {
+  asm volatile("cp.async.wait_group %0;\n" ::"n"(N));
+}
+__device__ __forceinline__ void ldsm_x4(unsigned& r0, unsigned& r1, unsigned& r2, unsigned& r3, unsigned addr) {
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+               : "=r"(r0), "=r"(r1), "=r"(r2), "=r"(r3) : "r"(addr));
+}
+__device__ __forceinline__ void ldsm_x4_t(unsigned& r0, unsigned& r1, unsigned& r2, unsigned& r3, unsigned addr) {
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+               : "=r"(r0), "=r"(r1), "=r"(r2), "=r"(r3) : "r"(addr));
+}
+template <typename T> struct Mma;
+template <> struct Mma<__half> {
+  static __device__ __forceinline__ void run(float* c, const unsigned* a, unsigned b0, unsigned b1) {
+    asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};\n"
+                 : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+                 : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+  }
+};
+template <> struct Mma<__nv_bfloat16> {
+  static __device__ __forceinline__ void run(float* c, const unsigned* a, unsigned b0, unsigned b1) {
+    asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};\n"
+                 : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+                 : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+  }
+};
+
+// Element offset of (row, 16-byte chunk c) in a swizzled [rows][D] tile.
+template <int D> __device__ __forceinline__ int swz(int row, int c) {
+  return row * D + ((c ^ (row & 7)) << 3);
+}
+
+// Copy `rows` rows of D elements starting at global row r0 (of n valid rows) into a
+// swizzled shared tile, 16 bytes per thread per step; rows >= n are zero-filled.
+template <typename T, int D, int NT>
+__device__ __forceinline__ void load_tile(T* sm, const T* g, int r0, int rows, int n) {
+  constexpr int CPR = D / 8;  // 16-byte chunks per row
+  for (int e = threadIdx.x; e < rows * CPR; e += NT) {
+    const int r = e / CPR, c = e % CPR;
+    const bool ok = r0 + r < n;
+    const T* src = ok ? g + (size_t)(r0 + r) * D + c * 8 : g;
+    cp_async16(sm + swz<D>(r, c), src, ok);
+  }
+}
+
+}  // namespace us_attn
+
+template <typename T, int D, int NW, int MT, int BC, bool SORTED, bool QREG>
+__global__ void __launch_bounds__(NW * 32) us_attn_fwd_mma(
+    const T* __restrict__ q, const T* __restrict__ k, const T* __restrict__ v,
+    const int* __restrict__ kv_counts, const int* __restrict__ kv_indices, const int* __restrict__ work,
+    T* __restrict__ out, float* __restrict__ lse,
+    int Hq, int Hkv, int Hm, int Nq, int Nk, int nQb, int idx_stride, int S, int c_h, int causal,
+    int n_qtiles, float scale_log2) {
+  using namespace us_attn;
+  using E = Elem<T>;
+  constexpr int NT = NW * 32;          // threads
+  constexpr int BR = NW * MT * 16;     // Br, query rows per CTA
+  constexpr int KD = D / 16;           // k-steps of S = Q K^T
+  constexpr int NS = BC / 8;           // n8 tiles of S (keys)
+  constexpr int NO = D / 8;            // n8 tiles of O (head dim)
+  static_assert(D % 64 == 0, "swizzle needs D/8 >= 8 chunks per row");
+  static_assert(BC % 16 == 0, "Bc must be a multiple of 16");
+
+  extern __shared__ __align__(16) unsigned char smem_raw[];
+  T* Qs = reinterpret_cast<T*>(smem_raw);  // [Br][D]
+  T* Ks = Qs + BR * D;                     // [2][Bc][D] double buffer
+  T* Vs = Ks + 2 * BC * D;                 // [2][Bc][D]
+
+  // ---- which (b, h, query tile) this CTA computes
+  int b, h, qt;
+  if (SORTED) {
+    const int w = work[blockIdx.x];
+    qt = w % n_qtiles;
+    const int bh_ = w / n_qtiles;
+    h = bh_ % Hq;
+    b = bh_ / Hq;
+  } else {
+    h = blockIdx.x;                          // heads fastest: GQA siblings run together
+    qt = n_qtiles - 1 - (int)blockIdx.y;     // last tiles (longest causal rows) first
+    b = blockIdx.z;
+  }
+  const int q0 = qt * BR;
+  const int i = q0 / S;
+  const int G = Hq / Hkv;
+  const int hm = h / c_h, hkv = h / G;
+  const int shift = Nk - Nq;
+  const size_t bh = (size_t)b * Hq + h;
+  const T* qg = q + bh * (size_t)Nq * D;
+  const T* kg = k + ((size_t)b * Hkv + hkv) * (size_t)Nk * D;
+  const T* vg = v + ((size_t)b * Hkv + hkv) * (size_t)Nk * D;
+
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  const int g = lane >> 2, tq = lane & 3;   // MMA fragment: row group, thread in quad
+  const int wr0 = warp * MT * 16;           // warp's first row in the CTA
+
+  // ---- the visible tiles of this mask row: tile it = sub-tile (it % SUB) of block
+  // idx[it / SUB]; only the last visible block may be cut short (diagonal or Nk).
+  const size_t row = ((size_t)b * Hm + hm) * nQb + i;
+  const int* idx = kv_indices + row * idx_stride;
+  const int cnt = kv_counts[row];
+  const int last_row = min(q0 + BR, Nq) - 1;
+  const int key_lim = causal ? min(Nk, last_row + shift + 1) : Nk;
+  const int nvis = visible_prefix(idx, cnt, S, key_lim);
+  const int SUB = S / BC;
+  int T_tiles = 0;
+  if (nvis > 0) {
+    const int l0 = idx[nvis - 1] * S;
+    T_tiles = (nvis - 1) * SUB + (min(l0 + S, key_lim) - l0 + BC - 1) / BC;
+  }
+
+  // ---- prologue: Q (group 0), then K/V tile 0 (group 1)
+  load_tile<T, D, NT>(Qs, qg, q0, BR, Nq);
+  cp_async_commit();
+  if (T_tiles > 0) {
+    const int n0 = idx[0] * S;
+    load_tile<T, D, NT>(Ks, kg, n0, BC, Nk);
+    load_tile<T, D, NT>(Vs, vg, n0, BC, Nk);
+  }
+  cp_async_commit();
+
+  float acc_o[MT][NO][4];
+  float m_i[MT][2], l_i[MT][2];
+#pragma unroll
+  for (int mi = 0; mi < MT; ++mi) {
+#pragma unroll
+    for (int n = 0; n < NO; ++n)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) acc_o[mi][n][e] = 0.f;
+    m_i[mi][0] = m_i[mi][1] = US_NEG_INF;
+    l_i[mi][0] = l_i[mi][1] = 0.f;
+  }
+  unsigned qf[QREG ? MT : 1][QREG ? KD : 1][4];
+
+  // ldmatrix lane addressing (see the fragment layouts of mma.m16n8k16):
+  //   A (Q):  row = (lane % 8) + 8 * ((lane / 8) % 2), chunk offset = lane / 16
+  //   B (K):  key = (lane % 8) + 8 * (lane / 16),      chunk offset = (lane / 8) % 2
+  //   B (V^T, .trans): key = (lane % 8) + 8 * ((lane / 8) % 2), chunk offset = lane / 16
+  const int a_row = (lane & 7) + 8 * ((lane >> 3) & 1), a_ch = lane >> 4;
+  const int k_row = (lane & 7) + 8 * (lane >> 4), k_ch = (lane >> 3) & 1;
+
+  for (int it = 0; it < T_tiles; ++it) {
+    const int buf = it & 1;
+    const int n0 = idx[it / SUB] * S + (it % SUB) * BC;
+    if (it + 1 < T_tiles) {  // prefetch tile it+1 into the other buffer while this one computes
+      const int n1 = idx[(it + 1) / SUB] * S + ((it + 1) % SUB) * BC;
+      load_tile<T, D, NT>(Ks + (buf ^ 1) * BC * D, kg, n1, BC, Nk);
+      load_tile<T, D, NT>(Vs + (buf ^ 1) * BC * D, vg, n1, BC, Nk);
+    }
+    cp_async_commit();  // (possibly empty) group, so that "all but the newest" = tile it
+    cp_async_wait<1>();
+    __syncthreads();  // every thread's cp.async writes of Q and tile it are visible to all warps
+
+    if (QREG && it == 0) {  // Q_i fragments into registers once
+#pragma unroll
+      for (int mi = 0; mi < MT; ++mi)
+#pragma unroll
+        for (int kk = 0; kk < KD; ++kk)
+          ldsm_x4(qf[QREG ? mi : 0][QREG ? kk : 0][0], qf[QREG ? mi : 0][QREG ? kk : 0][1],
+                  qf[QREG ? mi : 0][QREG ? kk : 0][2], qf[QREG ? mi : 0][QREG ? kk : 0][3],
+                  smem_u32(Qs + swz<D>(wr0 + mi * 16 + a_row, kk * 2 + a_ch)));
+    }
+    const T* Kt = Ks + buf * BC * D;
+    const T* Vt = Vs + buf * BC * D;
+
+    // ---- S_ij = Q_i K_j^T (float32 accumulators)
+    float acc_s[MT][NS][4];
+#pragma unroll
+    for (int mi = 0; mi < MT; ++mi)
+#pragma unroll
+      for (int n = 0; n < NS; ++n)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) acc_s[mi][n][e] = 0.f;
+#pragma unroll
+    for (int kk = 0; kk < KD; ++kk) {
+      unsigned a[MT][4];
+#pragma unroll
+      for (int mi = 0; mi < MT; ++mi) {
+        if (QREG) {
+#pragma unroll
+          for (int e = 0; e < 4; ++e) a[mi][e] = qf[QREG ? mi : 0][QREG ? kk : 0][e];
+        } else {
+          ldsm_x4(a[mi][0], a[mi][1], a[mi][2], a[mi][3],
+                  smem_u32(Qs + swz<D>(wr0 + mi * 16 + a_row, kk * 2 + a_ch)));
+        }
+      }
+#pragma unroll
+      for (int nj = 0; nj < BC / 16; ++nj) {
+        unsigned b0, b1, b2, b3;
+        ldsm_x4(b0, b1, b2, b3, smem_u32(Kt + swz<D>(nj * 16 + k_row, kk * 2 + k_ch)));
+#pragma unroll
+        for (int mi = 0; mi < MT; ++mi) {
+          Mma<T>::run(acc_s[mi][2 * nj], a[mi], b0, b1);
+          Mma<T>::run(acc_s[mi][2 * nj + 1], a[mi], b2, b3);
+        }
+      }
+    }
+
+    // ---- scale into the base-2 domain; mask only tiles that cross Nk or the diagonal
+    // of this warp's first row (warp-uniform test).
+    const bool need_mask = (n0 + BC > Nk) || (causal && n0 + BC - 1 > q0 + wr0 + shift);
+#pragma unroll
+    for (int mi = 0; mi < MT; ++mi)
+#pragma unroll
+      for (int n = 0; n < NS; ++n)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+          float s = acc_s[mi][n][e] * scale_log2;
+          if (need_mask) {
+            const int key = n0 + n * 8 + 2 * tq + (e & 1);
+            const int t = q0 + wr0 + mi * 16 + g + 8 * (e >> 1);
+            if (key >= Nk || (causal && key > t + shift)) s = US_NEG_INF;
+          }
+          acc_s[mi][n][e] = s;
+        }
+
+    // ---- online softmax: m_i, l_i, rescale O_i
+#pragma unroll
+    for (int mi = 0; mi < MT; ++mi) {
+#pragma unroll
+      for (int r = 0; r < 2; ++r) {
+        float mx = m_i[mi][r];
+#pragma unroll
+        for (int n = 0; n < NS; ++n) mx = fmaxf(mx, fmaxf(acc_s[mi][n][2 * r], acc_s[mi][n][2 * r + 1]));
+        mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
+        mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
+        // All keys masked so far: use 0 as the reference so exp2(-inf - 0) = 0, never NaN.
+        const float mref = mx == US_NEG_INF ? 0.f : mx;
+        const float alpha = exp2f(m_i[mi][r] - mref);
+        float rs = 0.f;
+#pragma unroll
+        for (int n = 0; n < NS; ++n) {
+          const float p0 = exp2f(acc_s[mi][n][2 * r] - mref);
+          const float p1 = exp2f(acc_s[mi][n][2 * r + 1] - mref);
+          acc_s[mi][n][2 * r] = p0;
+          acc_s[mi][n][2 * r + 1] = p1;
+          rs += p0 + p1;
+        }
+        l_i[mi][r] = l_i[mi][r] * alpha + rs;
+        m_i[mi][r] = mx;
+#pragma unroll
+        for (int n = 0; n < NO; ++n) {
+          acc_o[mi][n][2 * r] *= alpha;
+          acc_o[mi][n][2 * r + 1] *= alpha;
+        }
+      }
+    }
+
+    // ---- O_i += P V_j : P (rounded to T) as A fragments straight from the accumulators
+#pragma unroll
+    for (int kk = 0; kk < BC / 16; ++kk) {
+      unsigned pa[MT][4];
+#pragma unroll
+      for (int mi = 0; mi < MT; ++mi) {
+        pa[mi][0] = E::pack2(acc_s[mi][2 * kk][0], acc_s[mi][2 * kk][1]);
+        pa[mi][1] = E::pack2(acc_s[mi][2 * kk][2], acc_s[mi][2 * kk][3]);
+        pa[mi][2] = E::pack2(acc_s[mi][2 * kk + 1][0], acc_s[mi][2 * kk + 1][1]);
+        pa[mi][3] = E::pack2(acc_s[mi][2 * kk + 1][2], acc_s[mi][2 * kk + 1][3]);
+      }
+#pragma unroll
+      for (int dj = 0; dj < D / 16; ++dj) {
+        unsigned b0, b1, b2, b3;
+        ldsm_x4_t(b0, b1, b2, b3, smem_u32(Vt + swz<D>(kk * 16 + a_row, dj * 2 + a_ch)));
+#pragma unroll
+        for (int mi = 0; mi < MT; ++mi) {
+          Mma<T>::run(acc_o[mi][2 * dj], pa[mi], b0, b1);
+          Mma<T>::run(acc_o[mi][2 * dj + 1], pa[mi], b2, b3);
+        }
+      }
+    }
+    __syncthreads();  // all warps are done with buffer `buf` before iteration it+1 refills it
+  }
+  cp_async_wait<0>();  // no copy may still target shared memory when the CTA exits
+
+  // ---- epilogue: O_i / l_i in T, lse = m_i ln 2 + log l_i; empty rows: 0 and -inf
+#pragma unroll
+  for (int mi = 0; mi < MT; ++mi) {
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+      float l = l_i[mi][r];
+      l += __shfl_xor_sync(0xffffffffu, l, 1);
+      l += __shfl_xor_sync(0xffffffffu, l, 2);
+      const int t = q0 + wr0 + mi * 16 + g + 8 * r;
+      if (t >= Nq) continue;
+      const float inv = l > 0.f ? 1.f / l : 0.f;
+      T* orow = out + (bh * Nq + t) * D;
+#pragma unroll
+      for (int n = 0; n < NO; ++n) {
+        const unsigned pk = E::pack2(acc_o[mi][n][2 * r] * inv, acc_o[mi][n][2 * r + 1] * inv);
+        *reinterpret_cast<unsigned*>(orow + n * 8 + 2 * tq) = pk;
+      }
+      if (tq == 0) lse[bh * Nq + t] = l > 0.f ? m_i[mi][r] * US_LN2 + logf(l) : US_NEG_INF;
+    }
+  }
+}

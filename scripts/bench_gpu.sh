@@ -1,0 +1,32 @@
+#!/usr/bin/env bash
+# Attention kernels on a GPU machine, in one invocation:
+#   bash scripts/bench_gpu.sh check   # GPU tests of every kernel version + a quick timing of all versions
+#   bash scripts/bench_gpu.sh full    # the benchmark of docs/performance.md (CSV, JSON, plot)
+#   bash scripts/bench_gpu.sh ncu     # Nsight Compute profile of the default kernel (dense 32K, D=128)
+# Logs and results go to $OUT (or ./bench_out).
+set -u
+MODE=${1:-check}
+OUTD=${OUT:-bench_out}
+mkdir -p "$OUTD"
+PY=${PY:-python3}
+export PYTHONUNBUFFERED=1
+{ date -u; nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.max.sm --format=csv,noheader; \
+  echo "commit ${UNISPARSE_COMMIT:-$(git rev-parse HEAD 2>/dev/null || echo unknown)}"; } | tee "$OUTD/env.txt"
+case "$MODE" in
+  check)
+    $PY -m pytest -q -p no:cacheprovider -x -n 6 tests/test_cupy_attention.py 2>&1 | tail -n 30 | tee "$OUTD/test.log"
+    $PY -m unisparse_ref bench --sizes 32768 --head-dims 128 --versions all --contenders ours,sdpa-flash,sdpa-cudnn \
+      --densities 0.1 --no-ceilings --repeats 5 --input-sets 2 --out-dir "$OUTD/quick" 2>&1 | tee "$OUTD/quick.log"
+    ;;
+  full)
+    $PY -m unisparse_ref bench --sizes 8192,16384,32768,65536,131072 --head-dims 128,64 --d64-sizes 32768,131072 \
+      --pipeline-sizes 8192,32768,131072 --contenders ours,sdpa-flash,sdpa-cudnn,flex,pipeline \
+      --out-dir "$OUTD" 2>&1 | tee "$OUTD/bench.log"
+    ;;
+  ncu)
+    ncu --clock-control none --set full -k regex:us_attn_fwd -c 1 -o "$OUTD/attn" \
+      $PY -m unisparse_ref bench --sizes 32768 --head-dims 128 --contenders ours --densities 0.1 \
+      --no-ceilings --warmup 0 --repeats 1 --input-sets 1 --out-dir "$OUTD/ncu_bench" > "$OUTD/ncu_run.log" 2>&1
+    ncu --import "$OUTD/attn.ncu-rep" --page details 2>&1 | tee "$OUTD/ncu.txt" | head -n 150
+    ;;
+esac

@@ -1,0 +1,174 @@
+"""GPU tests of the CuPy block-sparse attention kernels (``raw_kernels/attention.cu``).
+
+Every version of the kernel ladder against the float64 NumPy reference under SPEC section 7
+(:func:`tests.conftest.assert_attention_matches_reference`): ragged lengths, ``Nq < Nk``,
+GQA groups 1/2/4/8, ``c_h > 1``, empty mask rows, head dims 64/128, fp16/bf16/fp32, causal
+and not; repeated runs are bit-identical. Skipped without CuPy and a CUDA GPU.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from tests.conftest import assert_attention_matches_reference, random_qkv
+from unisparse_ref import BFLOAT16, BlockMask, UniSparseConfig
+from unisparse_ref import reference as ref
+
+cp = pytest.importorskip("cupy", reason="CuPy is not installed")
+
+
+def _gpu_reason() -> str | None:
+    try:
+        if cp.cuda.runtime.getDeviceCount() < 1:
+            return "no CUDA device"
+    except Exception as e:  # CUDA driver missing, no device, ...
+        return f"no usable CUDA device: {e}"
+    return None
+
+
+_WHY = _gpu_reason()
+pytestmark = [pytest.mark.gpu, pytest.mark.skipif(_WHY is not None, reason=str(_WHY))]
+
+from unisparse_ref._cupy_attention import (  # noqa: E402
+    KERNEL_VERSIONS,
+    attention_forward,
+    dense_indices,
+)
+
+VERSIONS = sorted(KERNEL_VERSIONS)
+TC_VERSIONS = [n for n in VERSIONS if KERNEL_VERSIONS[n].tensor_core]
+
+
+def to_device(x: np.ndarray):
+    """NumPy -> CuPy; bfloat16 travels as uint16 bits."""
+    if x.dtype == BFLOAT16:
+        return cp.asarray(x.view(np.uint16))
+    return cp.asarray(x)
+
+
+def from_device(x, dtype) -> np.ndarray:
+    a = cp.asnumpy(x)
+    return a.view(BFLOAT16) if np.dtype(dtype) == BFLOAT16 else a
+
+
+def run(q, k, v, bm: BlockMask, version, softmax_scale=None):
+    counts, idx = bm.numpy().to_indices()
+    out, lse = attention_forward(
+        to_device(q), to_device(k), to_device(v), cp.asarray(counts), cp.asarray(idx),
+        nq=bm.nq, nk=bm.nk, block_size=bm.block_size, heads_per_mask=bm.heads_per_mask,
+        causal=bm.causal, softmax_scale=softmax_scale, version=version,
+    )
+    cp.cuda.Device().synchronize()
+    return from_device(out, q.dtype), cp.asnumpy(lse)
+
+
+def random_mask(rng, B, Hm, nq, nk, S, c_h, causal, density=0.5, empty_row=True) -> BlockMask:
+    nqb, nkb = -(-nq // S), -(-nk // S)
+    m = rng.random((B, Hm, nqb, nkb)) < density
+    if empty_row:
+        m[0, 0, 0, :] = False  # a row with no block: out 0, lse -inf
+    return BlockMask(m, S, c_h, nq, nk, causal)
+
+
+# (B, Hq, Hkv, c_h, Nq, Nk, causal)
+SHAPES = [
+    (1, 4, 1, 1, 203, 203, True),     # G=4, ragged
+    (2, 4, 2, 2, 113, 300, True),     # batch 2, Nq < Nk, c_h=2
+    (1, 8, 8, 1, 257, 257, False),    # G=1, non-causal
+    (1, 8, 1, 8, 1, 129, True),       # a single query, G=8, c_h=8
+    (1, 2, 1, 2, 1023, 1023, True),   # ragged last block at 1023
+    (1, 4, 2, 1, 130, 517, False),    # non-causal, Nq < Nk
+]
+
+
+def _cases():
+    for ver in VERSIONS:
+        dts = KERNEL_VERSIONS[ver].dtypes()
+        for dt in dts:
+            for D in (64, 128):
+                yield ver, dt, D
+
+
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "B{}Hq{}Hkv{}ch{}_{}x{}_{}".format(*s[:6], "c" if s[6] else "nc"))
+@pytest.mark.parametrize("ver,dtype,D", list(_cases()))
+def test_version_matches_reference(ver, dtype, D, shape):
+    B, Hq, Hkv, c_h, Nq, Nk, causal = shape
+    np_dtype = BFLOAT16 if dtype == "bfloat16" else np.dtype(dtype)
+    rng = np.random.default_rng(hash((ver, dtype, D, shape)) % 2**32)
+    q, k, v = random_qkv(rng, B, Hq, Hkv, Nq, Nk, D, dtype=np_dtype)
+    cfg = UniSparseConfig(block_size=128, c_h=c_h, causal=causal)
+    bm = random_mask(rng, B, Hq // c_h, Nq, Nk, 128, c_h, causal)
+    out, lse = run(q, k, v, bm, ver)
+    assert out.dtype == np_dtype
+    assert_attention_matches_reference(out, lse, q, k, v, bm, cfg)
+
+
+@pytest.mark.parametrize("ver", VERSIONS)
+@pytest.mark.parametrize("causal", [True, False])
+def test_dense_mode_matches_dense_reference(ver, causal):
+    rng = np.random.default_rng(7)
+    q, k, v = random_qkv(rng, 1, 4, 2, 300, 389, 64, dtype=np.float16)
+    counts, idx = dense_indices(1, 4, 300, 389, 128, causal)
+    out, lse = attention_forward(
+        to_device(q), to_device(k), to_device(v), counts, idx, nq=300, nk=389, block_size=128,
+        heads_per_mask=1, causal=causal, softmax_scale=None, version=ver,
+    )
+    bm = BlockMask.full(1, 4, 300, 389, block_size=128, causal=causal)
+    cfg = UniSparseConfig(block_size=128, causal=causal)
+    assert_attention_matches_reference(cp.asnumpy(out), cp.asnumpy(lse), q, k, v, bm, cfg)
+    r64, _ = ref.dense_attention(q, k, v, causal)
+    r_bs, _ = ref.block_sparse_attention(q, k, v, bm, cfg)
+    np.testing.assert_allclose(r64, r_bs, rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize("ver", VERSIONS)
+def test_all_empty_mask_gives_zero_and_neg_inf(ver):
+    rng = np.random.default_rng(3)
+    q, k, v = random_qkv(rng, 1, 2, 1, 200, 200, 64, dtype=np.float16)
+    bm = BlockMask(np.zeros((1, 2, 2, 2), dtype=bool), 128, 1, 200, 200, True)
+    out, lse = run(q, k, v, bm, ver)
+    assert np.all(out == 0)
+    assert np.all(np.isneginf(lse))
+
+
+@pytest.mark.parametrize("ver", VERSIONS)
+def test_repeat_runs_bit_identical(ver):
+    rng = np.random.default_rng(11)
+    q, k, v = random_qkv(rng, 1, 8, 2, 700, 900, 128, dtype=BFLOAT16)
+    bm = random_mask(rng, 1, 8, 700, 900, 128, 1, True, density=0.6)
+    o1, l1 = run(q, k, v, bm, ver)
+    o2, l2 = run(q, k, v, bm, ver)
+    assert np.array_equal(o1.view(np.uint16), o2.view(np.uint16))
+    assert np.array_equal(l1.view(np.uint32), l2.view(np.uint32))
+
+
+@pytest.mark.parametrize("ver", VERSIONS)
+def test_scale_and_block_size_64(ver):
+    rng = np.random.default_rng(5)
+    q, k, v = random_qkv(rng, 1, 2, 2, 150, 190, 64, dtype=np.float16)
+    bm = random_mask(rng, 1, 2, 150, 190, 64, 1, True, density=0.7)
+    cfg = UniSparseConfig(block_size=64, causal=True, softmax_scale=0.3)
+    need = max(KERNEL_VERSIONS[ver].br(64), KERNEL_VERSIONS[ver].bc)
+    if KERNEL_VERSIONS[ver].tensor_core and 64 % need:
+        with pytest.raises(ValueError, match="block_size"):
+            run(q, k, v, bm, ver, softmax_scale=0.3)
+        return
+    out, lse = run(q, k, v, bm, ver, softmax_scale=0.3)
+    assert_attention_matches_reference(out, lse, q, k, v, bm, cfg)
+
+
+def test_default_version_and_errors():
+    rng = np.random.default_rng(1)
+    q, k, v = random_qkv(rng, 1, 2, 1, 64, 64, 48, dtype=np.float16)
+    bm = random_mask(rng, 1, 2, 64, 64, 128, 1, True, density=1.0, empty_row=False)
+    with pytest.raises(ValueError, match="head dim"):
+        run(q, k, v, bm, 2)
+    with pytest.raises(ValueError, match="version"):
+        run(q, k, v, bm, 99)
+    q32, k32, v32 = random_qkv(rng, 1, 2, 1, 64, 64, 64, dtype=np.float32)
+    with pytest.raises(TypeError, match="supports"):
+        run(q32, k32, v32, bm, 2)
+    out, lse = run(q32, k32, v32, bm, None)  # float32 default: v1
+    cfg = UniSparseConfig(block_size=128, causal=True)
+    assert_attention_matches_reference(out, lse, q32, k32, v32, bm, cfg)

@@ -1,0 +1,604 @@
+"""``unisparse-ref bench``: time our GPU attention against other attention kernels.
+
+One process, the same random inputs for every contender, CUDA events around each call,
+warm-up, the median of repeats, several input sets rotated so that caches flatter nobody.
+
+Contenders (each only when it can be imported and run here):
+
+* ``ours-dense``: :func:`unisparse_ref._cupy_attention.attention_forward` with every visible block;
+* ``ours-sparse``: the same kernel given a block mask of ~10% / ~30% of the causal blocks;
+* ``ours-pipeline``: the whole UniSparse pipeline with the CuPy backend (estimation = pooling,
+  scores, selection; then the sparse kernel) on :func:`unisparse_ref.workloads.structured_workload`;
+* ``sdpa-flash`` / ``sdpa-cudnn``: PyTorch ``scaled_dot_product_attention`` pinned to the
+  FlashAttention / cuDNN backend (dense);
+* ``flex``: PyTorch FlexAttention (``torch.compile``'d) given the identical block mask through
+  ``BlockMask.from_kv_blocks`` (diagonal blocks partial with the causal ``mask_mod``, the others full);
+* ``numba``: the Numba prototype's block-sparse attention (small sizes only).
+
+Reports milliseconds, effective TFLOP/s (``4 * D`` FLOPs per query-key pair the mask allows,
+causal counted exactly) and each contender's time over ours (``> 1``: ours is faster). Writes
+``bench.csv``, ``bench.json`` and ``bench.png`` into ``--out-dir``; also measures and prints
+the two ceilings (device-to-device copy bandwidth; a bf16/fp16 matrix product through cuBLAS).
+
+PyTorch is optional and never imported at module import time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import statistics
+import sys
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+__all__ = ["main", "allowed_pairs", "random_block_mask", "time_calls"]
+
+
+# ----------------------------------------------------------------------------- FLOP counting
+def allowed_pairs_matrix(nq: int, nk: int, S: int, causal: bool) -> np.ndarray:
+    """``P[i, j]``: query-key pairs of query block ``i`` and key block ``j`` the causal rule allows.
+
+    float64 ``[nQb, nKb]``; exact (bottom-right alignment, ragged last blocks).
+    """
+    nqb, nkb = -(-nq // S), -(-nk // S)
+    t = np.arange(nq, dtype=np.int64)
+    j0 = np.arange(nkb, dtype=np.int64) * S
+    jlen = np.minimum(j0 + S, nk) - j0
+    out = np.zeros((nqb, nkb))
+    for i in range(nqb):
+        rows = t[i * S : (i + 1) * S]
+        if causal:
+            p = rows + (nk - nq)
+            cnt = np.clip(p[:, None] + 1 - j0[None, :], 0, jlen[None, :])
+            out[i] = cnt.sum(axis=0)
+        else:
+            out[i] = rows.size * jlen
+    return out
+
+
+def allowed_pairs(mask: np.ndarray, nq: int, nk: int, S: int, causal: bool, heads_per_mask: int = 1) -> float:
+    """Query-key pairs a boolean block mask ``[B, Hm, nQb, nKb]`` allows, over all query heads."""
+    P = allowed_pairs_matrix(nq, nk, S, causal)
+    return float((mask.astype(np.float64) * P).sum() * heads_per_mask)
+
+
+def visible_blocks(nq: int, nk: int, S: int, causal: bool) -> np.ndarray:
+    nqb, nkb = -(-nq // S), -(-nk // S)
+    if not causal:
+        return np.ones((nqb, nkb), dtype=bool)
+    i = np.arange(nqb)
+    p_last = np.minimum((i + 1) * S, nq) - 1 + (nk - nq)
+    return np.arange(nkb)[None, :] * S <= p_last[:, None]
+
+
+def random_block_mask(
+    B: int, Hm: int, nq: int, nk: int, S: int, density: float, causal: bool = True, seed: int = 0
+) -> np.ndarray:
+    """A block mask keeping ~``density`` of the visible blocks: sink + diagonal + random others."""
+    rng = np.random.default_rng(seed)
+    vis = visible_blocks(nq, nk, S, causal)
+    nqb, nkb = vis.shape
+    diag = np.zeros_like(vis)
+    last_vis = vis.shape[1] - 1 - np.argmax(vis[:, ::-1], axis=1)
+    diag[np.arange(nqb), last_vis] = True
+    sink = np.zeros_like(vis)
+    sink[:, 0] = True
+    forced = (diag | sink) & vis
+    n_vis = vis.sum(axis=1, keepdims=True)
+    n_forced = forced.sum(axis=1, keepdims=True)
+    # Probability for the other visible blocks so that the expected density is `density`.
+    p = np.clip((density * n_vis - n_forced) / np.maximum(n_vis - n_forced, 1), 0.0, 1.0)
+    r = rng.random((B, Hm, nqb, nkb))
+    return vis & (forced | (r < p))
+
+
+# ----------------------------------------------------------------------------- timing
+def time_calls(
+    calls: Sequence[Callable[[], Any]], *, warmup: int, repeats: int, events: str = "cupy",
+    budget_s: float = 3.0,
+) -> dict[str, float]:
+    """Median time (ms) of ``calls`` (one per input set, rotated), timed with CUDA events.
+
+    ``warmup`` rounds over all input sets first; then ``repeats`` rounds (fewer if one call
+    is so slow that the rounds would exceed ``budget_s``, at least 3 calls in total).
+    """
+    if events == "torch":
+        import torch
+
+        def mk() -> Any:
+            return torch.cuda.Event(enable_timing=True)
+
+        def sync() -> None:
+            torch.cuda.synchronize()
+    else:
+        import cupy as cp
+
+        def mk() -> Any:
+            return cp.cuda.Event()
+
+        def sync() -> None:
+            cp.cuda.Device().synchronize()
+
+    for _ in range(warmup):
+        for c in calls:
+            c()
+    sync()
+    # One probe call to size the repeats.
+    e0, e1 = mk(), mk()
+    e0.record()
+    calls[0]()
+    e1.record()
+    e1.synchronize()
+    probe = _elapsed(e0, e1, events)
+    rounds = max(1, min(repeats, int(budget_s * 1000 / max(probe * len(calls), 1e-3))))
+    if rounds * len(calls) < 3:
+        rounds = -(-3 // len(calls))
+    pairs = []
+    for _ in range(rounds):
+        for c in calls:
+            a, b = mk(), mk()
+            a.record()
+            c()
+            b.record()
+            pairs.append((a, b))
+    sync()
+    times = [_elapsed(a, b, events) for a, b in pairs]
+    return {"ms": statistics.median(times), "min_ms": min(times), "max_ms": max(times), "n": len(times)}
+
+
+def _elapsed(a: Any, b: Any, events: str) -> float:
+    if events == "torch":
+        return float(a.elapsed_time(b))
+    import cupy as cp
+
+    return float(cp.cuda.get_elapsed_time(a, b))
+
+
+# ----------------------------------------------------------------------------- inputs
+def _bf16_bits(x: Any) -> Any:
+    """float32 CuPy array -> uint16 bfloat16 bits (round to nearest even)."""
+    import cupy as cp
+
+    u = x.astype(cp.float32).view(cp.uint32)
+    r = (u + cp.uint32(0x7FFF) + ((u >> 16) & cp.uint32(1))) >> 16
+    return r.astype(cp.uint16)
+
+
+def _make_inputs(B: int, Hq: int, Hkv: int, N: int, D: int, dtype: str, seed: int) -> tuple[Any, Any, Any]:
+    import cupy as cp
+
+    rs = cp.random.RandomState(seed)
+
+    def one(h: int) -> Any:
+        x = rs.standard_normal((B, h, N, D), dtype=cp.float32)
+        return _bf16_bits(x) if dtype == "bfloat16" else x.astype(dtype)
+
+    return one(Hq), one(Hkv), one(Hkv)
+
+
+def _to_torch(x: Any, dtype: str) -> Any:
+    import torch
+
+    t = torch.from_dlpack(x)
+    return t.view(torch.bfloat16) if dtype == "bfloat16" else t
+
+
+# ----------------------------------------------------------------------------- ceilings
+def measure_ceilings(dtype: str) -> dict[str, float]:
+    """Device-to-device copy bandwidth (GB/s, read + write) and a cuBLAS matmul rate (TFLOP/s)."""
+    import cupy as cp
+
+    res: dict[str, float] = {}
+    n = 1 << 30  # 1 GiB each way (several times the L2)
+    src = cp.ones(n // 4, dtype=cp.float32)
+    dst = cp.empty_like(src)
+    t = time_calls([lambda: dst.__setitem__(Ellipsis, src)], warmup=2, repeats=10, budget_s=1.0)
+    res["copy_GBps"] = 2 * n / (t["ms"] * 1e-3) / 1e9
+    M = 8192
+    a = cp.random.standard_normal((M, M), dtype=cp.float32).astype(cp.float16)
+    b = cp.random.standard_normal((M, M), dtype=cp.float32).astype(cp.float16)
+    t = time_calls([lambda: a @ b], warmup=2, repeats=10, budget_s=1.0)
+    res["matmul_fp16_cublas_TFLOPs"] = 2 * M**3 / (t["ms"] * 1e-3) / 1e12
+    try:
+        import torch
+
+        ta = torch.randn(M, M, device="cuda", dtype=torch.bfloat16)
+        tb = torch.randn(M, M, device="cuda", dtype=torch.bfloat16)
+        t = time_calls([lambda: ta @ tb], warmup=2, repeats=10, events="torch", budget_s=1.0)
+        res["matmul_bf16_torch_cublas_TFLOPs"] = 2 * M**3 / (t["ms"] * 1e-3) / 1e12
+    except Exception as e:  # torch missing or no CUDA build
+        print(f"  (bf16 matmul via torch skipped: {e})")
+    return res
+
+
+# ----------------------------------------------------------------------------- contenders
+class _Torch:
+    """Lazily imported PyTorch pieces; ``why`` says why one is unavailable."""
+
+    def __init__(self) -> None:
+        self.torch: Any = None
+        self.why: str | None = None
+        try:
+            import torch
+
+            if not torch.cuda.is_available():
+                self.why = "PyTorch sees no CUDA device"
+            else:
+                self.torch = torch
+        except Exception as e:
+            self.why = f"PyTorch unavailable: {e}"
+        self._flex: Any = None
+
+    def sdpa(self, backend_name: str) -> Callable[..., Any]:
+        torch = self.torch
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+        from torch.nn.functional import scaled_dot_product_attention as sdpa
+
+        be = {"flash": SDPBackend.FLASH_ATTENTION, "cudnn": SDPBackend.CUDNN_ATTENTION}[backend_name]
+
+        def run(q: Any, k: Any, v: Any, causal: bool) -> Any:
+            with sdpa_kernel(be):
+                if k.shape[1] != q.shape[1]:
+                    try:
+                        return sdpa(q, k, v, is_causal=causal, enable_gqa=True)
+                    except (RuntimeError, TypeError):
+                        g = q.shape[1] // k.shape[1]
+                        k2 = k.repeat_interleave(g, dim=1)
+                        v2 = v.repeat_interleave(g, dim=1)
+                        return sdpa(q, k2, v2, is_causal=causal)
+                return sdpa(q, k, v, is_causal=causal)
+
+        del torch
+        return run
+
+    def flex(self) -> Callable[..., Any]:
+        if self._flex is None:
+            from torch.nn.attention.flex_attention import flex_attention
+
+            self._flex = self.torch.compile(flex_attention, dynamic=False)
+        return self._flex
+
+    def flex_block_mask(self, mask: np.ndarray, nq: int, nk: int, S: int, causal: bool) -> Any:
+        """FlexAttention ``BlockMask`` of a boolean block mask: diagonal blocks partial, others full."""
+        torch = self.torch
+        from torch.nn.attention.flex_attention import BlockMask as FlexBlockMask
+
+        shift = nk - nq
+        B, Hm, nqb, nkb = mask.shape
+        i = np.arange(nqb)
+        j = np.arange(nkb)
+        # A block is "full" if every pair in it is allowed (strictly below the diagonal and not ragged).
+        first_row_pos = i * S + shift
+        full_ok = ((j[None, :] + 1) * S - 1 <= first_row_pos[:, None]) if causal else np.ones((nqb, nkb), bool)
+        full_ok &= ((j + 1) * S <= nk)[None, :]
+        full_ok &= (np.minimum((i + 1) * S, nq) - i * S == S)[:, None]
+        full = mask & full_ok
+        part = mask & ~full_ok
+
+        def idx_form(m: np.ndarray) -> tuple[Any, Any]:
+            cnt = m.sum(-1).astype(np.int32)
+            keyed = np.where(m, j, nkb)
+            ind = np.sort(keyed, axis=-1)
+            ind = np.where(ind == nkb, 0, ind).astype(np.int32)
+            return torch.from_numpy(cnt).cuda(), torch.from_numpy(ind).cuda()
+
+        pc, pi = idx_form(part)
+        fc, fi = idx_form(full)
+
+        def causal_mod(b: Any, h: Any, q_idx: Any, kv_idx: Any) -> Any:
+            return (q_idx + shift >= kv_idx) & (kv_idx < nk)
+
+        def plain_mod(b: Any, h: Any, q_idx: Any, kv_idx: Any) -> Any:
+            return kv_idx < nk
+
+        return FlexBlockMask.from_kv_blocks(
+            pc, pi, fc, fi, BLOCK_SIZE=S, mask_mod=causal_mod if causal else plain_mod, seq_lengths=(nq, nk)
+        )
+
+
+# ----------------------------------------------------------------------------- main
+def _parse(argv: Sequence[str]) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="unisparse-ref bench", description=__doc__.split("\n\n")[0])
+    p.add_argument("--sizes", default="8192,16384,32768,65536,131072", help="sequence lengths N (Nq = Nk)")
+    p.add_argument("--head-dims", default="128,64", help="head dims D")
+    p.add_argument("--d64-sizes", default=None, help="sizes for the smaller head dims (default: --sizes)")
+    p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16"])
+    p.add_argument("--batch", type=int, default=1)
+    p.add_argument("--q-heads", type=int, default=32)
+    p.add_argument("--kv-heads", type=int, default=8)
+    p.add_argument("--block-size", type=int, default=128)
+    p.add_argument("--densities", default="0.1,0.3", help="sparse masks: fractions of the causal blocks")
+    p.add_argument("--non-causal", action="store_true")
+    p.add_argument("--repeats", type=int, default=10)
+    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--input-sets", type=int, default=2, help="input sets rotated between calls")
+    p.add_argument("--budget-s", type=float, default=2.0, help="time budget per measurement (fewer repeats if slow)")
+    p.add_argument("--versions", default="default", help="our kernel versions to time: 'default', 'all' or e.g. '2,3'")
+    p.add_argument("--contenders", default="all",
+                   help="comma list from ours,sdpa-flash,sdpa-cudnn,flex,pipeline,numba (or 'all')")
+    p.add_argument("--pipeline-sizes", default=None, help="sizes for the whole pipeline (default: --sizes)")
+    p.add_argument("--numba-max", type=int, default=4096, help="largest N for the numba prototype")
+    p.add_argument("--no-ceilings", action="store_true")
+    p.add_argument("--out-dir", default="bench_out")
+    return p.parse_args(list(argv))
+
+
+def _ints(s: str | None) -> list[int]:
+    return [int(x) for x in s.split(",") if x.strip()] if s else []
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the benchmark; returns a process exit code."""
+    args = _parse(sys.argv[1:] if argv is None else argv)
+    try:
+        import cupy as cp
+
+        cp.cuda.runtime.getDeviceCount()
+    except Exception as e:
+        print(f"unisparse-ref bench: needs CuPy and a CUDA GPU ({e})", file=sys.stderr)
+        return 2
+    from . import _cupy_attention as att
+
+    out_dir = Path(args.out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    want = {"ours", "sdpa-flash", "sdpa-cudnn", "flex", "pipeline", "numba"} if args.contenders == "all" \
+        else set(args.contenders.split(","))
+    if args.versions == "default":
+        versions: list[int | None] = [None]
+    elif args.versions == "all":
+        versions = [v for v in sorted(att.KERNEL_VERSIONS) if att.KERNEL_VERSIONS[v].tensor_core]
+    else:
+        versions = _ints(args.versions)
+    causal = not args.non_causal
+    B, Hq, Hkv, S, dt = args.batch, args.q_heads, args.kv_heads, args.block_size, args.dtype
+    densities = [float(x) for x in args.densities.split(",") if x.strip()]
+
+    props = cp.cuda.runtime.getDeviceProperties(cp.cuda.Device().id)
+    gpu = props["name"].decode() if isinstance(props["name"], bytes) else str(props["name"])
+    meta: dict[str, Any] = {
+        "date": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()), "gpu": gpu,
+        "argv": list(sys.argv[1:] if argv is None else argv), "cupy": cp.__version__,
+        "default_version": att.DEFAULT_VERSION,
+    }
+    th = _Torch() if want & {"sdpa-flash", "sdpa-cudnn", "flex"} else None
+    if th is not None:
+        meta["torch"] = getattr(th.torch, "__version__", None) if th.torch else th.why
+    print(f"# unisparse-ref bench on {gpu} ({meta['date']}); B={B} Hq={Hq} Hkv={Hkv} S={S} {dt} causal={causal}")
+    if not args.no_ceilings:
+        ceil = measure_ceilings(dt)
+        meta["ceilings"] = ceil
+        print("# ceilings: " + ", ".join(f"{k} = {v:.1f}" for k, v in ceil.items()))
+
+    rows: list[dict[str, Any]] = []
+
+    def record(N: int, D: int, mode: str, contender: str, t: dict[str, float] | None, pairs: float,
+               density: float, note: str = "") -> None:
+        row = {"N": N, "D": D, "mode": mode, "contender": contender, "density": round(density, 4),
+               "ms": None, "tflops": None, "note": note}
+        if t is not None:
+            row.update(ms=t["ms"], tflops=4 * D * pairs / (t["ms"] * 1e-3) / 1e12, n=t["n"])
+        rows.append(row)
+        ms = f"{row['ms']:.3f} ms" if row["ms"] is not None else "   -    "
+        tf = f"{row['tflops']:.1f} TFLOP/s" if row["tflops"] is not None else note
+        print(f"  N={N:>6} D={D:>3} {mode:<10} {contender:<16} {ms:>12}  {tf}", flush=True)
+
+    def guarded(N: int, D: int, mode: str, contender: str, pairs: float, density: float,
+                fn: Callable[[], dict[str, float]]) -> None:
+        try:
+            record(N, D, mode, contender, fn(), pairs, density)
+        except Exception as e:  # a contender that cannot run this shape is reported, not fatal
+            msg = f"{type(e).__name__}: {str(e).splitlines()[0][:160] if str(e) else ''}"
+            record(N, D, mode, contender, None, pairs, density, note=f"failed ({msg})")
+
+    kw = {"warmup": args.warmup, "repeats": args.repeats, "budget_s": args.budget_s}
+    head_dims = _ints(args.head_dims)
+    for D in head_dims:
+        sizes = _ints(args.sizes) if D == head_dims[0] or not args.d64_sizes else _ints(args.d64_sizes)
+        for N in sizes:
+            sets = [_make_inputs(B, Hq, Hkv, N, D, dt, seed=100 * N + D + s) for s in range(args.input_sets)]
+            vis = visible_blocks(N, N, S, causal)
+            dense_mask = np.broadcast_to(vis, (B, Hq, *vis.shape))
+            dense_pairs = allowed_pairs(dense_mask, N, N, S, causal)
+            # ---- dense
+            if "ours" in want:
+                counts, idx = att.dense_indices(B, Hq, N, N, S, causal)
+                for ver in versions:
+                    name = f"ours-v{ver or att.DEFAULT_VERSION}"
+                    calls = [lambda s=s, ver=ver, counts=counts, idx=idx, N=N: att.attention_forward(
+                        *s, counts, idx, nq=N, nk=N, block_size=S, heads_per_mask=1, causal=causal,
+                        softmax_scale=None, version=ver) for s in sets]
+                    guarded(N, D, "dense", name, dense_pairs, 1.0, lambda calls=calls: time_calls(calls, **kw))
+            if th is not None and th.torch is not None:
+                tsets = [tuple(_to_torch(x, dt) for x in s) for s in sets]
+                for be in ("flash", "cudnn"):
+                    if f"sdpa-{be}" in want:
+                        f = th.sdpa(be)
+                        calls = [lambda s=s, f=f: f(*s, causal) for s in tsets]
+                        guarded(N, D, "dense", f"sdpa-{be}", dense_pairs, 1.0,
+                                lambda calls=calls: time_calls(calls, events="torch", **kw))
+            # ---- sparse with a given mask
+            for dens in densities:
+                mask = random_block_mask(B, Hq, N, N, S, dens, causal, seed=N + D)
+                pairs = allowed_pairs(mask, N, N, S, causal)
+                real = float(mask.sum() / (vis.sum() * B * Hq))
+                mode = f"sparse{int(round(dens * 100))}"
+                if "ours" in want:
+                    m_cp = cp.asarray(mask)
+                    from .blockmask import BlockMask
+
+                    counts, idx = BlockMask(m_cp, S, 1, N, N, causal).to_indices()
+                    for ver in versions:
+                        name = f"ours-v{ver or att.DEFAULT_VERSION}"
+                        calls = [lambda s=s, ver=ver, counts=counts, idx=idx, N=N: att.attention_forward(
+                            *s, counts, idx, nq=N, nk=N, block_size=S, heads_per_mask=1, causal=causal,
+                            softmax_scale=None, version=ver) for s in sets]
+                        guarded(N, D, mode, name, pairs, real, lambda calls=calls: time_calls(calls, **kw))
+                if "flex" in want and th is not None and th.torch is not None:
+                    def flex_run(mask: np.ndarray = mask, N: int = N, sets: list = sets) -> dict[str, float]:
+                        fbm = th.flex_block_mask(mask, N, N, S, causal)
+                        fx = th.flex()
+                        tsets = [tuple(_to_torch(x, dt) for x in s) for s in sets]
+                        calls = [lambda s=s: fx(*s, block_mask=fbm, enable_gqa=Hq != Hkv) for s in tsets]
+                        return time_calls(calls, events="torch", **kw)
+
+                    guarded(N, D, mode, "flex", pairs, real, flex_run)
+                if "numba" in want and N <= args.numba_max:
+                    guarded(N, D, mode, "numba", pairs, real,
+                            lambda mask=mask, N=N, sets=sets: _time_numba(sets, mask, N, S, causal, dt, kw))
+            cp.get_default_memory_pool().free_all_blocks()
+        # ---- whole pipeline on the structured workload
+        if "pipeline" in want:
+            psizes = _ints(args.pipeline_sizes) if args.pipeline_sizes else sizes
+            for N in psizes:
+                _bench_pipeline(N, D, B, Hq, Hkv, S, dt, causal, kw, record)
+
+    _write(out_dir, rows, meta)
+    _summary(rows)
+    return 0
+
+
+def _time_numba(sets: Any, mask: np.ndarray, N: int, S: int, causal: bool, dt: str, kw: dict[str, Any]) -> dict[str, float]:
+    from .backends import get_backend
+    from .blockmask import BlockMask
+    from .config import UniSparseConfig
+
+    be = get_backend("numba")
+    cfg = UniSparseConfig(block_size=S, causal=causal)
+    bm = BlockMask(mask, S, 1, N, N, causal)
+    calls = [lambda s=s: be.block_sparse_attention(*s, bm, cfg) for s in sets]
+    return time_calls(calls, **kw)
+
+
+def _bench_pipeline(N: int, D: int, B: int, Hq: int, Hkv: int, S: int, dt: str, causal: bool,
+                    kw: dict[str, Any], record: Callable[..., None]) -> None:
+    """Estimation (compress, scores, select) + sparse attention with the CuPy backend."""
+    import cupy as cp
+
+    from .backends import get_backend
+    from .config import UniSparseConfig
+    from .workloads import structured_workload
+
+    try:
+        be = get_backend("cupy")
+    except Exception as e:
+        record(N, D, "pipeline", "ours-pipeline", None, 0.0, 0.0, note=f"cupy backend unavailable ({e})")
+        return
+    wl = structured_workload(N, batch=B, q_heads=Hq, kv_heads=Hkv, head_dim=D, seed=N)
+    from ._arrays import BFLOAT16
+
+    def dev(x: np.ndarray) -> Any:
+        if dt == "bfloat16":
+            return cp.asarray(x.astype(BFLOAT16).view(np.uint16))
+        return cp.asarray(x.astype(dt))
+
+    q, k, v = dev(wl.q), dev(wl.k), dev(wl.v)
+    cfg = UniSparseConfig(block_size=S, causal=causal)
+    state: dict[str, Any] = {}
+
+    def estimate() -> Any:
+        qc, kc = be.compress(q, k, cfg)
+        sc = be.block_scores(qc, kc, cfg, N, N)
+        state["bm"] = be.select_blocks(sc, cfg, N, N)
+        return state["bm"]
+
+    def attend() -> Any:
+        return be.block_sparse_attention(q, k, v, state["bm"], cfg)
+
+    def whole() -> Any:
+        estimate()
+        return attend()
+
+    try:
+        t_all = time_calls([whole], **kw)
+        t_est = time_calls([estimate], **kw)
+        t_att = time_calls([attend], **kw)
+        bm = state["bm"]
+        mask = cp.asnumpy(bm.mask) if not isinstance(bm.mask, np.ndarray) else bm.mask
+        pairs = allowed_pairs(mask, N, N, S, causal, bm.heads_per_mask)
+        dens = float(bm.density)
+        record(N, D, "pipeline", "ours-pipeline", t_all, pairs, dens)
+        record(N, D, "pipeline", "ours-estimate", t_est, pairs, dens)
+        record(N, D, "pipeline", "ours-attend", t_att, pairs, dens)
+    except Exception as e:
+        record(N, D, "pipeline", "ours-pipeline", None, 0.0, 0.0, note=f"failed ({type(e).__name__}: {e})"[:200])
+
+
+def _write(out_dir: Path, rows: list[dict[str, Any]], meta: dict[str, Any]) -> None:
+    import csv
+
+    # Ratio of each contender's time to ours (same N, D, mode): > 1 means ours is faster.
+    ours = {}
+    for r in rows:
+        if r["contender"].startswith("ours-v") and r["ms"] is not None:
+            key = (r["N"], r["D"], r["mode"])
+            ours[key] = min(ours.get(key, math.inf), r["ms"])
+    for r in rows:
+        o = ours.get((r["N"], r["D"], r["mode"]))
+        r["ratio_vs_ours"] = (r["ms"] / o) if (o and r["ms"]) else None
+    fields = ["N", "D", "mode", "contender", "density", "ms", "tflops", "ratio_vs_ours", "n", "note"]
+    with open(out_dir / "bench.csv", "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=fields, extrasaction="ignore")
+        w.writeheader()
+        for r in rows:
+            w.writerow(r)
+    (out_dir / "bench.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
+    try:
+        _plot(out_dir, rows, meta)
+    except Exception as e:  # matplotlib missing: the numbers are what matter
+        print(f"  (plot skipped: {e})")
+
+
+def _plot(out_dir: Path, rows: list[dict[str, Any]], meta: dict[str, Any]) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    dims = sorted({r["D"] for r in rows})
+    fig, axes = plt.subplots(len(dims), 2, figsize=(12, 4.2 * len(dims)), squeeze=False)
+    for ax_row, D in zip(axes, dims, strict=True):
+        series: dict[str, list[tuple[int, float, float | None]]] = {}
+        for r in rows:
+            if r["D"] != D or r["ms"] is None or r["contender"] in ("ours-estimate", "ours-attend"):
+                continue
+            series.setdefault(f"{r['mode']}:{r['contender']}", []).append((r["N"], r["ms"], r["ratio_vs_ours"]))
+        for name, pts in sorted(series.items()):
+            pts.sort()
+            ns = [p[0] for p in pts]
+            ax_row[0].plot(ns, [p[1] for p in pts], marker="o", label=name)
+            if not name.split(":")[1].startswith("ours"):
+                rs = [(p[0], p[2]) for p in pts if p[2]]
+                if rs:
+                    ax_row[1].plot([x for x, _ in rs], [y for _, y in rs], marker="o", label=name)
+        ax_row[0].set(xscale="log", yscale="log", xlabel="sequence length N", ylabel="ms",
+                      title=f"time, D={D} ({meta['gpu']})")
+        ax_row[1].axhline(1.0, color="k", lw=0.8)
+        ax_row[1].set(xscale="log", xlabel="sequence length N", ylabel="contender time / ours",
+                      title=f"speedup of ours (>1: ours faster), D={D}")
+        for ax in ax_row:
+            ax.legend(fontsize=7)
+            ax.grid(True, which="both", alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(out_dir / "bench.png", dpi=110)
+    plt.close(fig)
+
+
+def _summary(rows: list[dict[str, Any]]) -> None:
+    print("\n# summary: ms (TFLOP/s) [contender time / ours]")
+    for r in rows:
+        if r["ms"] is None:
+            print(f"{r['N']:>6} D={r['D']:>3} {r['mode']:<10} {r['contender']:<16} {r['note']}")
+            continue
+        ratio = f"[{r['ratio_vs_ours']:.2f}x]" if r.get("ratio_vs_ours") else ""
+        print(f"{r['N']:>6} D={r['D']:>3} {r['mode']:<10} {r['contender']:<16} {r['ms']:9.3f} "
+              f"({r['tflops']:6.1f}) {ratio}")
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())
