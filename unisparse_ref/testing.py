@@ -51,6 +51,8 @@ __all__ = [
     "AttentionCase",
     "attention_cases",
     "selection_cases",
+    "pipeline_cases",
+    "make_attention_inputs",
     "assert_attention_close",
     "check_block_sparse_attention",
     "check_selection",
@@ -596,6 +598,7 @@ def check_selection(
     quick: bool = False,
     to_device: Callable[[np.ndarray], Any] | None = None,
     score_dtype: Any = np.float64,
+    cases: Sequence[tuple[str, np.ndarray, UniSparseConfig, int, int]] | None = None,
 ) -> OracleReport:
     """Run the selection battery against ``fn(scores, config, nq, nk) -> BlockMask | bool array``.
 
@@ -603,7 +606,8 @@ def check_selection(
     must return the reference's mask exactly, except in borderline rows (decision within
     ``1e-6`` of ``P``), which are listed in the report. With ``score_dtype`` other than
     float64 the scores are rounded first and the mask must instead be eps-valid under the
-    float64 scores with ``eps`` = 1e-6 (float32) or 1e-2 (float16/bfloat16).
+    float64 scores with ``eps`` = 1e-6 (float32) or 1e-2 (float16/bfloat16). ``cases``
+    replaces the battery (tuples as returned by :func:`selection_cases`).
 
     Returns
     -------
@@ -612,7 +616,7 @@ def check_selection(
     dev = to_device or _identity
     sdt = np.dtype(score_dtype)
     report = OracleReport("selection", dtype_name(sdt))
-    for name, scores, cfg, nq, nk in selection_cases(quick):
+    for name, scores, cfg, nq, nk in (selection_cases(quick) if cases is None else cases):
         def body(name: str = name, scores: np.ndarray = scores, cfg: UniSparseConfig = cfg,
                  nq: int = nq, nk: int = nk) -> CaseResult:
             want = ref.select_blocks(scores, cfg, nq, nk).mask
@@ -668,6 +672,7 @@ def check_pipeline(
     quick: bool = False,
     score_eps: float | None = None,
     to_device: Callable[[np.ndarray], Any] | None = None,
+    cases: Sequence[AttentionCase] | None = None,
 ) -> OracleReport:
     """Run the end-to-end battery against ``fn(q, k, v, config)``.
 
@@ -683,12 +688,14 @@ def check_pipeline(
     score_eps : float, optional
         The implementation's score tolerance; default ``1e-6`` for float32 / float64 inputs and
         ``1e-2`` for float16 / bfloat16.
+    cases : sequence of AttentionCase, optional
+        Replace the battery (:func:`pipeline_cases`).
     """
     dt = check_dtype("dtype", dtype)
     eps = score_eps if score_eps is not None else (1e-2 if _lowprec(dt) else 1e-6)
     dev = to_device or _identity
     report = OracleReport("pipeline", dtype_name(dt))
-    for case in pipeline_cases(quick):
+    for case in (pipeline_cases(quick) if cases is None else cases):
         def body(case: AttentionCase = case) -> CaseResult:
             q, k, v, _, cfg = make_attention_inputs(case, dt)
             q_c, k_c = ref.compress(q, k, cfg)
