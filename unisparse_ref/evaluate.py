@@ -61,6 +61,9 @@ __all__ = [
 #: Relative output errors at which selectors are compared (the matched-error table).
 TARGET_ERRORS: tuple[float, ...] = (0.1, 0.05, 0.02)
 
+#: Errors below this are drawn at this value in the plot (P = 1 gives exactly 0).
+_ERR_FLOOR = 1e-4
+
 
 # ============================================================================ array module
 def _array_module(kind: str) -> tuple[Any, str]:
@@ -459,8 +462,8 @@ def write_json(records: Sequence[Record], meta: dict[str, Any], path: str) -> No
 
 
 def plot(records: Sequence[Record], path: str) -> bool:
-    """Density (x) against relative error (y, log) per workload, one line per selector; the
-    Pareto front of each selector is drawn solid. Returns False without matplotlib."""
+    """Density (x) against relative error (y, log; zero drawn at 1e-4) per workload, one line per
+    selector through its Pareto front. Returns False without matplotlib."""
     try:
         import matplotlib
 
@@ -479,11 +482,12 @@ def plot(records: Sequence[Record], path: str) -> bool:
             pts = [(r.density, r.rel_error) for r in records if r.workload == wname and r.selector == s]
             front = pareto_front(pts)
             kw = style.get(s, dict(color=f"C{k_ if k_ < 3 else k_ + 1}", marker="."))
-            ax.plot([p[0] for p in front], [max(p[1], 1e-8) for p in front], label=s, **kw)
-            ax.scatter([p[0] for p in pts], [max(p[1], 1e-8) for p in pts], s=8, color=kw["color"], alpha=0.4)
+            ax.plot([p[0] for p in front], [max(p[1], _ERR_FLOOR) for p in front], label=s, **kw)
+            ax.scatter([p[0] for p in pts], [max(p[1], _ERR_FLOOR) for p in pts], s=8, color=kw["color"], alpha=0.4)
         for t in TARGET_ERRORS:
             ax.axhline(t, color="0.85", lw=0.8, zorder=0)
         ax.set_yscale("log")
+        ax.set_ylim(bottom=_ERR_FLOOR / 2)
         ax.set_xlim(0, 1.02)
         ax.set_title(wname)
         ax.set_xlabel("block density")
