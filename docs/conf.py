@@ -12,7 +12,9 @@ myst-nb executes every one of them on each build, so a notebook that fails fails
 from __future__ import annotations
 
 import fnmatch
+import importlib
 import os
+import re
 import shutil
 import sys
 from pathlib import Path
@@ -142,10 +144,52 @@ def _drop_missing_toctree_entries(app, docname: str, source: list[str]) -> None:
 
 def _always_reread_indexes(app, env, added, changed, removed) -> list[str]:
     """``env-get-outdated``: re-read the index pages, whose toctrees depend on other files."""
-    return [d for d in _OPTIONAL_TOCTREE_DOCS if d in env.found_docs]
+    return [d for d in (*_OPTIONAL_TOCTREE_DOCS, "api") if d in env.found_docs]
+
+
+# -- API pages of optional modules ---------------------------------------------------------
+#: Modules beyond the core that api.md documents when they import here and no other page
+#: (a layer page) documents them with ``automodule``.
+_API_OPTIONAL_MODULES = (
+    "unisparse_ref.masks",
+    "unisparse_ref.testing",
+    "unisparse_ref.numba_backend",
+    "unisparse_ref.cupy_backend",
+)
+_AUTOMODULE_RE = re.compile(r"(?:\.\.\s+automodule::|\{automodule\})\s+(\S+)")
+
+
+def _documented_elsewhere() -> set[str]:
+    """Modules that pages other than api.md document with ``automodule``."""
+    names: set[str] = set()
+    for page in DOCS.rglob("*"):
+        if page.suffix not in (".md", ".rst") or page.name == "api.md" or "_build" in page.parts:
+            continue
+        names.update(_AUTOMODULE_RE.findall(page.read_text(encoding="utf-8")))
+    return names
+
+
+def _importable(module: str) -> bool:
+    """Whether ``module`` imports here (a GPU layer may not: no CuPy, no CUDA)."""
+    try:
+        importlib.import_module(module)
+    except Exception:  # noqa: BLE001 - any failure means "not documented on this machine"
+        return False
+    return True
+
+
+def _append_optional_api(app, docname: str, source: list[str]) -> None:
+    """``source-read``: add an API section to api.md for each optional module that imports."""
+    if docname != "api":
+        return
+    elsewhere = _documented_elsewhere()
+    extra = [m for m in _API_OPTIONAL_MODULES if m not in elsewhere and _importable(m)]
+    for module in extra:
+        source[0] += f"\n## `{module}`\n\n```{{eval-rst}}\n.. automodule:: {module}\n```\n"
 
 
 def setup(app) -> dict:
+    app.connect("source-read", _append_optional_api)
     app.connect("source-read", _drop_missing_toctree_entries)
     app.connect("env-get-outdated", _always_reread_indexes)
     return {"parallel_read_safe": True}
