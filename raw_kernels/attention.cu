@@ -232,6 +232,12 @@ __device__ __forceinline__ void ldsm_x4_t(unsigned& r0, unsigned& r1, unsigned& 
   asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];\n"
                : "=r"(r0), "=r"(r1), "=r"(r2), "=r"(r3) : "r"(addr));
 }
+// 2^x by the special function unit (MUFU.EX2); exp2(-inf) = +0, the masked-score case.
+__device__ __forceinline__ float fast_exp2(float x) {
+  float y;
+  asm("ex2.approx.ftz.f32 %0, %1;\n" : "=f"(y) : "f"(x));
+  return y;
+}
 template <typename T> struct Mma;
 template <> struct Mma<__half> {
   static __device__ __forceinline__ void run(float* c, const unsigned* a, unsigned b0, unsigned b1) {
@@ -407,37 +413,38 @@ __global__ void __launch_bounds__(NW * 32) us_attn_fwd_mma(
                   smem_u32(Qs + swz<D>(wr0 + mi * 16 + a_row, kk * 2 + a_ch)));
         }
       }
+      unsigned bk[BC / 16][4];  // all K fragments of this k-step in flight before the MMAs
 #pragma unroll
-      for (int nj = 0; nj < BC / 16; ++nj) {
-        unsigned b0, b1, b2, b3;
-        ldsm_x4(b0, b1, b2, b3, smem_u32(Kt + swz<D>(nj * 16 + k_row, kk * 2 + k_ch)));
+      for (int nj = 0; nj < BC / 16; ++nj)
+        ldsm_x4(bk[nj][0], bk[nj][1], bk[nj][2], bk[nj][3],
+                smem_u32(Kt + swz<D>(nj * 16 + k_row, kk * 2 + k_ch)));
+#pragma unroll
+      for (int nj = 0; nj < BC / 16; ++nj)
 #pragma unroll
         for (int mi = 0; mi < MT; ++mi) {
-          Mma<T>::run(acc_s[mi][2 * nj], a[mi], b0, b1);
-          Mma<T>::run(acc_s[mi][2 * nj + 1], a[mi], b2, b3);
+          Mma<T>::run(acc_s[mi][2 * nj], a[mi], bk[nj][0], bk[nj][1]);
+          Mma<T>::run(acc_s[mi][2 * nj + 1], a[mi], bk[nj][2], bk[nj][3]);
         }
-      }
     }
 
-    // ---- scale into the base-2 domain; mask only tiles that cross Nk or the diagonal
-    // of this warp's first row (warp-uniform test).
+    // ---- mask only tiles that cross Nk or the diagonal of this warp's first row
+    // (warp-uniform test); scores stay raw (scale folded into the exponent below).
     const bool need_mask = (n0 + BC > Nk) || (causal && n0 + BC - 1 > q0 + wr0 + shift);
+    if (need_mask) {
 #pragma unroll
-    for (int mi = 0; mi < MT; ++mi)
+      for (int mi = 0; mi < MT; ++mi)
 #pragma unroll
-      for (int n = 0; n < NS; ++n)
+        for (int n = 0; n < NS; ++n)
 #pragma unroll
-        for (int e = 0; e < 4; ++e) {
-          float s = acc_s[mi][n][e] * scale_log2;
-          if (need_mask) {
+          for (int e = 0; e < 4; ++e) {
             const int key = n0 + n * 8 + 2 * tq + (e & 1);
             const int t = q0 + wr0 + mi * 16 + g + 8 * (e >> 1);
-            if (key >= Nk || (causal && key > t + shift)) s = US_NEG_INF;
+            if (key >= Nk || (causal && key > t + shift)) acc_s[mi][n][e] = US_NEG_INF;
           }
-          acc_s[mi][n][e] = s;
-        }
+    }
 
-    // ---- online softmax: m_i, l_i, rescale O_i
+    // ---- online softmax: m_i (raw score units), l_i, rescale O_i. In base 2:
+    // p = exp2(s * scale_log2 - m_i' * scale_log2), one FFMA + one MUFU.EX2 per score.
 #pragma unroll
     for (int mi = 0; mi < MT; ++mi) {
 #pragma unroll
@@ -448,13 +455,13 @@ __global__ void __launch_bounds__(NW * 32) us_attn_fwd_mma(
         mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
         mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
         // All keys masked so far: use 0 as the reference so exp2(-inf - 0) = 0, never NaN.
-        const float mref = mx == US_NEG_INF ? 0.f : mx;
-        const float alpha = exp2f(m_i[mi][r] - mref);
+        const float mref = mx == US_NEG_INF ? 0.f : mx * scale_log2;
+        const float alpha = fast_exp2(m_i[mi][r] * scale_log2 - mref);  // m_i = -inf -> 0
         float rs = 0.f;
 #pragma unroll
         for (int n = 0; n < NS; ++n) {
-          const float p0 = exp2f(acc_s[mi][n][2 * r] - mref);
-          const float p1 = exp2f(acc_s[mi][n][2 * r + 1] - mref);
+          const float p0 = fast_exp2(fmaf(acc_s[mi][n][2 * r], scale_log2, -mref));
+          const float p1 = fast_exp2(fmaf(acc_s[mi][n][2 * r + 1], scale_log2, -mref));
           acc_s[mi][n][2 * r] = p0;
           acc_s[mi][n][2 * r + 1] = p1;
           rs += p0 + p1;
@@ -469,26 +476,37 @@ __global__ void __launch_bounds__(NW * 32) us_attn_fwd_mma(
       }
     }
 
-    // ---- O_i += P V_j : P (rounded to T) as A fragments straight from the accumulators
+    // ---- P (rounded to T, as FlashAttention) packed into MMA A fragments first, so the
+    // float scores are dead before the P V product (fewer live registers).
+    unsigned pa[MT][BC / 16][4];
+#pragma unroll
+    for (int mi = 0; mi < MT; ++mi)
+#pragma unroll
+      for (int kk = 0; kk < BC / 16; ++kk) {
+        pa[mi][kk][0] = E::pack2(acc_s[mi][2 * kk][0], acc_s[mi][2 * kk][1]);
+        pa[mi][kk][1] = E::pack2(acc_s[mi][2 * kk][2], acc_s[mi][2 * kk][3]);
+        pa[mi][kk][2] = E::pack2(acc_s[mi][2 * kk + 1][0], acc_s[mi][2 * kk + 1][1]);
+        pa[mi][kk][3] = E::pack2(acc_s[mi][2 * kk + 1][2], acc_s[mi][2 * kk + 1][3]);
+      }
+
+    // ---- O_i += P V_j, V fragments by ldmatrix.trans, VG of them in flight per batch
+    constexpr int VG = (D / 16) < 4 ? (D / 16) : 4;
 #pragma unroll
     for (int kk = 0; kk < BC / 16; ++kk) {
-      unsigned pa[MT][4];
 #pragma unroll
-      for (int mi = 0; mi < MT; ++mi) {
-        pa[mi][0] = E::pack2(acc_s[mi][2 * kk][0], acc_s[mi][2 * kk][1]);
-        pa[mi][1] = E::pack2(acc_s[mi][2 * kk][2], acc_s[mi][2 * kk][3]);
-        pa[mi][2] = E::pack2(acc_s[mi][2 * kk + 1][0], acc_s[mi][2 * kk + 1][1]);
-        pa[mi][3] = E::pack2(acc_s[mi][2 * kk + 1][2], acc_s[mi][2 * kk + 1][3]);
-      }
+      for (int dg = 0; dg < D / 16; dg += VG) {
+        unsigned bv[VG][4];
 #pragma unroll
-      for (int dj = 0; dj < D / 16; ++dj) {
-        unsigned b0, b1, b2, b3;
-        ldsm_x4_t(b0, b1, b2, b3, smem_u32(Vt + swz<D>(kk * 16 + a_row, dj * 2 + a_ch)));
+        for (int x = 0; x < VG; ++x)
+          ldsm_x4_t(bv[x][0], bv[x][1], bv[x][2], bv[x][3],
+                    smem_u32(Vt + swz<D>(kk * 16 + a_row, (dg + x) * 2 + a_ch)));
 #pragma unroll
-        for (int mi = 0; mi < MT; ++mi) {
-          Mma<T>::run(acc_o[mi][2 * dj], pa[mi], b0, b1);
-          Mma<T>::run(acc_o[mi][2 * dj + 1], pa[mi], b2, b3);
-        }
+        for (int x = 0; x < VG; ++x)
+#pragma unroll
+          for (int mi = 0; mi < MT; ++mi) {
+            Mma<T>::run(acc_o[mi][2 * (dg + x)], pa[mi][kk], bv[x][0], bv[x][1]);
+            Mma<T>::run(acc_o[mi][2 * (dg + x) + 1], pa[mi][kk], bv[x][2], bv[x][3]);
+          }
       }
     }
     __syncthreads();  // all warps are done with buffer `buf` before iteration it+1 refills it
@@ -512,7 +530,322 @@ __global__ void __launch_bounds__(NW * 32) us_attn_fwd_mma(
         const unsigned pk = E::pack2(acc_o[mi][n][2 * r] * inv, acc_o[mi][n][2 * r + 1] * inv);
         *reinterpret_cast<unsigned*>(orow + n * 8 + 2 * tq) = pk;
       }
-      if (tq == 0) lse[bh * Nq + t] = l > 0.f ? m_i[mi][r] * US_LN2 + logf(l) : US_NEG_INF;
+      // m_i is in raw score units: lse = scale * m_i + log(l_i) = m_i * scale_log2 * ln 2 + log(l_i)
+      if (tq == 0) lse[bh * Nq + t] = l > 0.f ? m_i[mi][r] * scale_log2 * US_LN2 + logf(l) : US_NEG_INF;
     }
   }
+}
+
+// =============================================================================== v7 (sm_90a)
+// Hopper warpgroup MMA (wgmma.mma_async, the instruction FlashAttention-3 and cuDNN use).
+// A CTA of 2 warpgroups (8 warps) owns Br = 128 query rows, warpgroup w rows [64w, 64w+64).
+// Per key tile of Bc = 64 keys:
+//   S_ij = Q_i K_j^T   wgmma m64n64k16, A = Q and B = K both read by the tensor cores from
+//                      shared memory through matrix descriptors (K-major, 128-byte swizzle)
+//   online softmax     exactly as in v2-v6: the wgmma accumulator of a warp is the mma.sync
+//                      m16n8 C layout repeated along N, so m_i, l_i and the masks are the same
+//   O_i += P V_j       wgmma m64n{D}k16, A = P from registers (the mma.sync A-fragment layout),
+//                      B = V^T: V arrives as [key][d] by cp.async and is transposed into
+//                      shared memory as [d][key] (K-major) with ldmatrix.trans + 32-bit stores
+//                      while the tensor cores compute S_ij.
+// Shared tiles use the layout the 128-byte swizzle of the descriptors expects: [D/64][rows][64]
+// (each region 1024-byte aligned), 16-byte chunk c of row r at chunk c ^ (r & 7).
+// Compiled only for sm_90a (wgmma); elsewhere the body traps.
+namespace us_attn {
+__device__ __forceinline__ int swz128(int rows, int row, int c) {  // element offset, chunk c = d / 8
+  return (c >> 3) * rows * 64 + row * 64 + (((c & 7) ^ (row & 7)) << 3);
+}
+// Matrix descriptor: start address, LBO (unused with swizzling: 1), SBO = 1024 B between
+// 8-row groups, swizzle mode 1 = 128 B.
+__device__ __forceinline__ unsigned long long wg_desc(const void* p) {
+  const unsigned long long a = smem_u32(p);
+  return ((a & 0x3FFFFull) >> 4) | (1ull << 16) | ((1024ull >> 4) << 32) | (1ull << 62);
+}
+__device__ __forceinline__ void fence_async_smem() {
+  asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
+}
+__device__ __forceinline__ void wg_fence() { asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory"); }
+__device__ __forceinline__ void wg_commit() { asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory"); }
+__device__ __forceinline__ void wg_wait0() { asm volatile("wgmma.wait_group.sync.aligned 0;\n" ::: "memory"); }
+
+template <typename T, int D, int NT>
+__device__ __forceinline__ void load_tile128(T* sm, const T* g, int r0, int rows, int n) {
+  constexpr int CPR = D / 8;
+  for (int e = threadIdx.x; e < rows * CPR; e += NT) {
+    const int r = e / CPR, c = e % CPR;
+    const bool ok = r0 + r < n;
+    const T* src = ok ? g + (size_t)(r0 + r) * D + c * 8 : g;
+    cp_async16(sm + swz128(rows, r, c), src, ok);
+  }
+}
+
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
+#define US_HAVE_WGMMA 1
+template <typename T, int N> struct WgmmaSS;
+template <typename T, int N> struct WgmmaRS;
+template <> struct WgmmaSS<__half, 64> {
+  // D[64 x 64] (+)= A[64 x 16] (smem desc) * B[16 x 64] (smem desc, K-major)
+  static __device__ __forceinline__ void run(float* d, unsigned long long da, unsigned long long db, int accumulate) {
+    asm volatile(
+        "{\n.reg .pred p;\nsetp.ne.b32 p, %34, 0;\n"
+        "wgmma.mma_async.sync.aligned.m64n64k16.f32.f16.f16 {%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31}, %32, %33, p, 1, 1, 0, 0;\n}\n"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]), "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]), "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31])
+        : "l"(da), "l"(db), "r"(accumulate));
+  }
+};
+
+template <> struct WgmmaRS<__half, 64> {
+  // D[64 x 64] += A[64 x 16] (registers, mma.sync A-fragment layout per warp) * B[16 x 64] (smem desc, K-major)
+  static __device__ __forceinline__ void run(float* d, const unsigned* a, unsigned long long db) {
+    asm volatile(
+        "{\n.reg .pred p;\nsetp.ne.b32 p, %37, 0;\n"
+        "wgmma.mma_async.sync.aligned.m64n64k16.f32.f16.f16 {%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31}, {%32, %33, %34, %35}, %36, p, 1, 1, 0;\n}\n"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]), "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]), "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(db), "r"(1));
+  }
+};
+
+template <> struct WgmmaRS<__half, 128> {
+  // D[64 x 128] += A[64 x 16] (registers, mma.sync A-fragment layout per warp) * B[16 x 128] (smem desc, K-major)
+  static __device__ __forceinline__ void run(float* d, const unsigned* a, unsigned long long db) {
+    asm volatile(
+        "{\n.reg .pred p;\nsetp.ne.b32 p, %69, 0;\n"
+        "wgmma.mma_async.sync.aligned.m64n128k16.f32.f16.f16 {%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, %32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, %48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63}, {%64, %65, %66, %67}, %68, p, 1, 1, 0;\n}\n"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]), "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]), "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31]), "+f"(d[32]), "+f"(d[33]), "+f"(d[34]), "+f"(d[35]), "+f"(d[36]), "+f"(d[37]), "+f"(d[38]), "+f"(d[39]), "+f"(d[40]), "+f"(d[41]), "+f"(d[42]), "+f"(d[43]), "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47]), "+f"(d[48]), "+f"(d[49]), "+f"(d[50]), "+f"(d[51]), "+f"(d[52]), "+f"(d[53]), "+f"(d[54]), "+f"(d[55]), "+f"(d[56]), "+f"(d[57]), "+f"(d[58]), "+f"(d[59]), "+f"(d[60]), "+f"(d[61]), "+f"(d[62]), "+f"(d[63])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(db), "r"(1));
+  }
+};
+
+template <> struct WgmmaSS<__nv_bfloat16, 64> {
+  // D[64 x 64] (+)= A[64 x 16] (smem desc) * B[16 x 64] (smem desc, K-major)
+  static __device__ __forceinline__ void run(float* d, unsigned long long da, unsigned long long db, int accumulate) {
+    asm volatile(
+        "{\n.reg .pred p;\nsetp.ne.b32 p, %34, 0;\n"
+        "wgmma.mma_async.sync.aligned.m64n64k16.f32.bf16.bf16 {%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31}, %32, %33, p, 1, 1, 0, 0;\n}\n"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]), "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]), "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31])
+        : "l"(da), "l"(db), "r"(accumulate));
+  }
+};
+
+template <> struct WgmmaRS<__nv_bfloat16, 64> {
+  // D[64 x 64] += A[64 x 16] (registers, mma.sync A-fragment layout per warp) * B[16 x 64] (smem desc, K-major)
+  static __device__ __forceinline__ void run(float* d, const unsigned* a, unsigned long long db) {
+    asm volatile(
+        "{\n.reg .pred p;\nsetp.ne.b32 p, %37, 0;\n"
+        "wgmma.mma_async.sync.aligned.m64n64k16.f32.bf16.bf16 {%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31}, {%32, %33, %34, %35}, %36, p, 1, 1, 0;\n}\n"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]), "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]), "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(db), "r"(1));
+  }
+};
+
+template <> struct WgmmaRS<__nv_bfloat16, 128> {
+  // D[64 x 128] += A[64 x 16] (registers, mma.sync A-fragment layout per warp) * B[16 x 128] (smem desc, K-major)
+  static __device__ __forceinline__ void run(float* d, const unsigned* a, unsigned long long db) {
+    asm volatile(
+        "{\n.reg .pred p;\nsetp.ne.b32 p, %69, 0;\n"
+        "wgmma.mma_async.sync.aligned.m64n128k16.f32.bf16.bf16 {%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, %32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, %48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63}, {%64, %65, %66, %67}, %68, p, 1, 1, 0;\n}\n"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]), "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]), "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31]), "+f"(d[32]), "+f"(d[33]), "+f"(d[34]), "+f"(d[35]), "+f"(d[36]), "+f"(d[37]), "+f"(d[38]), "+f"(d[39]), "+f"(d[40]), "+f"(d[41]), "+f"(d[42]), "+f"(d[43]), "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47]), "+f"(d[48]), "+f"(d[49]), "+f"(d[50]), "+f"(d[51]), "+f"(d[52]), "+f"(d[53]), "+f"(d[54]), "+f"(d[55]), "+f"(d[56]), "+f"(d[57]), "+f"(d[58]), "+f"(d[59]), "+f"(d[60]), "+f"(d[61]), "+f"(d[62]), "+f"(d[63])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(db), "r"(1));
+  }
+};
+
+#endif
+}  // namespace us_attn
+
+template <typename T, int D>
+__global__ void __launch_bounds__(256) us_attn_fwd_wgmma(
+    const T* __restrict__ q, const T* __restrict__ k, const T* __restrict__ v,
+    const int* __restrict__ kv_counts, const int* __restrict__ kv_indices, const int* __restrict__ work,
+    T* __restrict__ out, float* __restrict__ lse,
+    int Hq, int Hkv, int Hm, int Nq, int Nk, int nQb, int idx_stride, int S, int c_h, int causal,
+    int n_qtiles, float scale_log2) {
+#if defined(US_HAVE_WGMMA)
+  using namespace us_attn;
+  using E = Elem<T>;
+  constexpr int NT = 256, BR = 128, BC = 64;
+  constexpr int KD = D / 16, NS = BC / 8, NO = D / 8;
+  static_assert(D % 64 == 0, "D must be 64 or 128");
+
+  extern __shared__ __align__(16) unsigned char smem_raw[];
+  // Swizzle atoms are 1024 bytes: align the tiles to 1024 (the launcher adds 1 KiB).
+  unsigned char* base = smem_raw + ((1024 - (smem_u32(smem_raw) & 1023)) & 1023);
+  T* Qs = reinterpret_cast<T*>(base);      // [D/64][Br][64]
+  T* Ks = Qs + BR * D;                     // [2][D/64][Bc][64]
+  T* Vs = Ks + 2 * BC * D;                 // [2][D/64][Bc][64] (staging, [key][d])
+  T* Vt = Vs + 2 * BC * D;                 // [1][D][64]       (V^T, [d][key])
+
+  const int w = work[blockIdx.x];
+  const int qt = w % n_qtiles;
+  const int h = (w / n_qtiles) % Hq;
+  const int b = (w / n_qtiles) / Hq;
+  const int q0 = qt * BR;
+  const int i = q0 / S;
+  const int G = Hq / Hkv;
+  const int hm = h / c_h, hkv = h / G;
+  const int shift = Nk - Nq;
+  const size_t bh = (size_t)b * Hq + h;
+  const T* qg = q + bh * (size_t)Nq * D;
+  const T* kg = k + ((size_t)b * Hkv + hkv) * (size_t)Nk * D;
+  const T* vg = v + ((size_t)b * Hkv + hkv) * (size_t)Nk * D;
+
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  const int g = lane >> 2, tq = lane & 3;
+  const int wg = warp / 4;        // warpgroup
+  const int wr0 = warp * 16;      // this warp's first row (warpgroup rows 64wg + 16 * (warp % 4))
+
+  const size_t row = ((size_t)b * Hm + hm) * nQb + i;
+  const int* idx = kv_indices + row * idx_stride;
+  const int cnt = kv_counts[row];
+  const int last_row = min(q0 + BR, Nq) - 1;
+  const int key_lim = causal ? min(Nk, last_row + shift + 1) : Nk;
+  const int nvis = visible_prefix(idx, cnt, S, key_lim);
+  const int SUB = S / BC;
+  int T_tiles = 0;
+  if (nvis > 0) {
+    const int l0 = idx[nvis - 1] * S;
+    T_tiles = (nvis - 1) * SUB + (min(l0 + S, key_lim) - l0 + BC - 1) / BC;
+  }
+
+  load_tile128<T, D, NT>(Qs, qg, q0, BR, Nq);
+  cp_async_commit();
+  if (T_tiles > 0) {
+    const int n0 = idx[0] * S;
+    load_tile128<T, D, NT>(Ks, kg, n0, BC, Nk);
+    load_tile128<T, D, NT>(Vs, vg, n0, BC, Nk);
+  }
+  cp_async_commit();
+
+  float acc_o[NO][4];
+#pragma unroll
+  for (int n = 0; n < NO; ++n)
+#pragma unroll
+    for (int e = 0; e < 4; ++e) acc_o[n][e] = 0.f;
+  float m_i[2] = {US_NEG_INF, US_NEG_INF}, l_i[2] = {0.f, 0.f};
+
+  for (int it = 0; it < T_tiles; ++it) {
+    const int buf = it & 1;
+    const int n0 = idx[it / SUB] * S + (it % SUB) * BC;
+    if (it + 1 < T_tiles) {  // prefetch tile it+1 while this one computes
+      const int n1 = idx[(it + 1) / SUB] * S + ((it + 1) % SUB) * BC;
+      load_tile128<T, D, NT>(Ks + (buf ^ 1) * BC * D, kg, n1, BC, Nk);
+      load_tile128<T, D, NT>(Vs + (buf ^ 1) * BC * D, vg, n1, BC, Nk);
+    }
+    cp_async_commit();
+    cp_async_wait<1>();
+    fence_async_smem();  // this thread's cp.async writes, seen by the tensor cores' async proxy
+    __syncthreads();     // every thread's part of Q and of tile it has landed
+    const T* Kt = Ks + buf * BC * D;
+    const T* Vst = Vs + buf * BC * D;
+
+    // ---- S_ij = Q_i K_j^T, issued asynchronously (KD chained k-steps)
+    float acc_s[NS][4];
+#pragma unroll
+    for (int n = 0; n < NS; ++n)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) acc_s[n][e] = 0.f;
+    wg_fence();
+#pragma unroll
+    for (int kk = 0; kk < KD; ++kk) {
+      const T* qa = Qs + (kk >> 2) * BR * 64 + (wg * 64) * 64 + (kk & 3) * 16;
+      const T* kb = Kt + (kk >> 2) * BC * 64 + (kk & 3) * 16;
+      WgmmaSS<T, BC>::run(&acc_s[0][0], wg_desc(qa), wg_desc(kb), kk > 0);
+    }
+    wg_commit();
+
+    // ---- meanwhile: V_j [key][d] -> V^T [d][key] (8x8 blocks: ldmatrix.trans, 32-bit stores)
+    {
+      constexpr int NBLK = (BC / 8) * (D / 8);       // 8x8 blocks of the tile
+      constexpr int PER_WARP = NBLK / 8;             // 8 warps
+#pragma unroll
+      for (int x = 0; x < PER_WARP / 4; ++x) {
+        const int blk = warp * PER_WARP + x * 4 + (lane >> 3);  // this lane's address block
+        const int kb8 = blk % (BC / 8), db8 = blk / (BC / 8);
+        unsigned r[4];
+        ldsm_x4_t(r[0], r[1], r[2], r[3], smem_u32(Vst + swz128(BC, kb8 * 8 + (lane & 7), db8)));
+#pragma unroll
+        for (int m = 0; m < 4; ++m) {  // matrix m of the x4: block warp*PER_WARP + x*4 + m
+          const int bm = warp * PER_WARP + x * 4 + m;
+          const int kbm = bm % (BC / 8), dbm = bm / (BC / 8);
+          // thread holds keys 8kbm + 2tq, +1 of head-dim row 8dbm + g
+          *reinterpret_cast<unsigned*>(Vt + swz128(D, dbm * 8 + g, kbm) + 2 * tq) = r[m];
+        }
+      }
+    }
+    fence_async_smem();  // the V^T stores, seen by the tensor cores' async proxy
+    wg_wait0();          // S_ij is in registers
+
+    const bool need_mask = (n0 + BC > Nk) || (causal && n0 + BC - 1 > q0 + wr0 + shift);
+    if (need_mask) {
+#pragma unroll
+      for (int n = 0; n < NS; ++n)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+          const int key = n0 + n * 8 + 2 * tq + (e & 1);
+          const int t = q0 + wr0 + g + 8 * (e >> 1);
+          if (key >= Nk || (causal && key > t + shift)) acc_s[n][e] = US_NEG_INF;
+        }
+    }
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+      float mx = m_i[r];
+#pragma unroll
+      for (int n = 0; n < NS; ++n) mx = fmaxf(mx, fmaxf(acc_s[n][2 * r], acc_s[n][2 * r + 1]));
+      mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
+      mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
+      const float mref = mx == US_NEG_INF ? 0.f : mx * scale_log2;
+      const float alpha = fast_exp2(m_i[r] * scale_log2 - mref);
+      float rs = 0.f;
+#pragma unroll
+      for (int n = 0; n < NS; ++n) {
+        const float p0 = fast_exp2(fmaf(acc_s[n][2 * r], scale_log2, -mref));
+        const float p1 = fast_exp2(fmaf(acc_s[n][2 * r + 1], scale_log2, -mref));
+        acc_s[n][2 * r] = p0;
+        acc_s[n][2 * r + 1] = p1;
+        rs += p0 + p1;
+      }
+      l_i[r] = l_i[r] * alpha + rs;
+      m_i[r] = mx;
+#pragma unroll
+      for (int n = 0; n < NO; ++n) {
+        acc_o[n][2 * r] *= alpha;
+        acc_o[n][2 * r + 1] *= alpha;
+      }
+    }
+    unsigned pa[BC / 16][4];
+#pragma unroll
+    for (int kk = 0; kk < BC / 16; ++kk) {
+      pa[kk][0] = E::pack2(acc_s[2 * kk][0], acc_s[2 * kk][1]);
+      pa[kk][1] = E::pack2(acc_s[2 * kk][2], acc_s[2 * kk][3]);
+      pa[kk][2] = E::pack2(acc_s[2 * kk + 1][0], acc_s[2 * kk + 1][1]);
+      pa[kk][3] = E::pack2(acc_s[2 * kk + 1][2], acc_s[2 * kk + 1][3]);
+    }
+    __syncthreads();  // V^T is complete (every warp's stores, fenced above) before any wgmma reads it
+
+    // ---- O_i += P V_j
+    wg_fence();
+#pragma unroll
+    for (int kk = 0; kk < BC / 16; ++kk) WgmmaRS<T, D>::run(&acc_o[0][0], pa[kk], wg_desc(Vt + kk * 16));
+    wg_commit();
+    wg_wait0();
+    __syncthreads();  // all warps are done with K/V buffer `buf` and V^T before they are refilled
+  }
+  cp_async_wait<0>();  // no copy may still target shared memory when the CTA exits
+
+#pragma unroll
+  for (int r = 0; r < 2; ++r) {
+    float l = l_i[r];
+    l += __shfl_xor_sync(0xffffffffu, l, 1);
+    l += __shfl_xor_sync(0xffffffffu, l, 2);
+    const int t = q0 + wr0 + g + 8 * r;
+    if (t >= Nq) continue;
+    const float inv = l > 0.f ? 1.f / l : 0.f;
+    T* orow = out + (bh * Nq + t) * D;
+#pragma unroll
+    for (int n = 0; n < NO; ++n)
+      *reinterpret_cast<unsigned*>(orow + n * 8 + 2 * tq) = E::pack2(acc_o[n][2 * r] * inv, acc_o[n][2 * r + 1] * inv);
+    if (tq == 0) lse[bh * Nq + t] = l > 0.f ? m_i[r] * scale_log2 * US_LN2 + logf(l) : US_NEG_INF;
+  }
+#else
+  __trap();  // built without sm_90a: the launcher never selects this kernel then
+#endif
 }

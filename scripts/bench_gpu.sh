@@ -14,7 +14,7 @@ export PYTHONUNBUFFERED=1
   echo "commit ${UNISPARSE_COMMIT:-$(git rev-parse HEAD 2>/dev/null || echo unknown)}"; } | tee "$OUTD/env.txt"
 case "$MODE" in
   check)
-    $PY -m pytest -q -p no:cacheprovider -x -n 6 tests/test_cupy_attention.py 2>&1 | tail -n 30 | tee "$OUTD/test.log"
+    $PY -m pytest -q -p no:cacheprovider -n 8 tests/test_cupy_attention.py 2>&1 | tail -n 40 | tee "$OUTD/test.log"
     $PY -m unisparse_ref bench --sizes 32768 --head-dims 128 --versions all --contenders ours,sdpa-flash,sdpa-cudnn \
       --densities 0.1 --no-ceilings --repeats 5 --input-sets 2 --out-dir "$OUTD/quick" 2>&1 | tee "$OUTD/quick.log"
     ;;

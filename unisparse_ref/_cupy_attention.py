@@ -26,6 +26,7 @@ from ._loader import CTYPES, KernelSpec
 __all__ = [
     "AttentionVersion",
     "DEFAULT_VERSION",
+    "FALLBACK_VERSION",
     "INSTANTIATIONS",
     "KERNEL_VERSIONS",
     "attention_forward",
@@ -67,10 +68,16 @@ class AttentionVersion:
     bc: int = 0
     sorted_work: bool = False
     q_in_regs: bool = True
+    wgmma: bool = False
 
     @property
     def tensor_core(self) -> bool:
         return self.warps > 0
+
+    @property
+    def options(self) -> tuple[str, ...]:
+        """Extra NVRTC options: the wgmma kernel needs the arch-specific sm_90a target."""
+        return ("-arch=sm_90a",) if self.wgmma else ()
 
     @property
     def head_dims(self) -> tuple[int, ...]:
@@ -87,6 +94,8 @@ class AttentionVersion:
     def name_expression(self, ctype: str, head_dim: int) -> str:
         if not self.tensor_core:
             return f"us_attn_fwd_v1<{ctype}, {head_dim}>"
+        if self.wgmma:
+            return f"us_attn_fwd_wgmma<{ctype}, {head_dim}>"
         b = lambda x: "true" if x else "false"  # noqa: E731
         return (
             f"us_attn_fwd_mma<{ctype}, {head_dim}, {self.warps}, {self.m_tiles}, {self.bc}, "
@@ -108,10 +117,17 @@ KERNEL_VERSIONS: dict[int, AttentionVersion] = {
                         warps=8, m_tiles=1, bc=64, sorted_work=True, q_in_regs=True),
     5: AttentionVersion(5, "v2 with the longest-first work list (Br=64)",
                         warps=4, m_tiles=1, bc=64, sorted_work=True, q_in_regs=True),
+    6: AttentionVersion(6, "v3 with Bc=64 (Br=128 as 4 warps x 32 rows, longest-first work list)",
+                        warps=4, m_tiles=2, bc=64, sorted_work=True, q_in_regs=False),
+    7: AttentionVersion(7, "Hopper wgmma (sm_90a): 2 warpgroups x 64 rows, Q/K/V^T from swizzled smem "
+                        "descriptors, P from registers, V transposed in smem; longest-first work list",
+                        warps=8, m_tiles=1, bc=64, sorted_work=True, q_in_regs=False, wgmma=True),
 }
 
 #: The version used when ``version=None`` (fp16/bf16; float32 always runs v1).
-DEFAULT_VERSION = 2
+DEFAULT_VERSION = 7
+#: The default where the default needs hardware this GPU lacks (wgmma: Hopper only).
+FALLBACK_VERSION = 3
 
 
 def attention_instantiations() -> list[KernelSpec]:
@@ -120,7 +136,7 @@ def attention_instantiations() -> list[KernelSpec]:
     for ver in KERNEL_VERSIONS.values():
         for dt in ver.dtypes():
             for d in ver.head_dims:
-                specs.append(KernelSpec(_FILE, ver.name_expression(CTYPES[dt], d)))
+                specs.append(KernelSpec(_FILE, ver.name_expression(CTYPES[dt], d), ver.options))
     return specs
 
 
@@ -165,7 +181,12 @@ def launch_config(
         return {"grid": (q_heads, n_qtiles, batch), "block": (br,), "shared_mem": 0, "br": br,
                 "n_qtiles": n_qtiles}
     threads = ver.warps * 32
-    smem = (br + 4 * ver.bc) * head_dim * itemsize  # Q [Br][D] + K, V [2][Bc][D]
+    if ver.wgmma:
+        # Q [Br][D] + K, V [2][Bc][D] + V^T [D][Bc], plus 1 KiB to align the tiles to the
+        # 1024-byte swizzle atom of the wgmma descriptors.
+        smem = (br + 5 * ver.bc) * head_dim * itemsize + 1024
+    else:
+        smem = (br + 4 * ver.bc) * head_dim * itemsize  # Q [Br][D] + K, V [2][Bc][D]
     if ver.sorted_work:
         grid: tuple[int, ...] = (batch * q_heads * n_qtiles,)
     else:
@@ -225,9 +246,17 @@ def dense_indices(batch: int, mask_heads: int, nq: int, nk: int, block_size: int
     return _DENSE_CACHE[key]
 
 
+def _has_sm90() -> bool:
+    import cupy as cp
+
+    return str(cp.cuda.Device().compute_capability) == "90"
+
+
 def _resolve_version(version: int | None, dtype: str, head_dim: int, block_size: int) -> AttentionVersion:
     if version is None:
         ver = KERNEL_VERSIONS[DEFAULT_VERSION]
+        if ver.wgmma and not _has_sm90():
+            ver = KERNEL_VERSIONS[FALLBACK_VERSION]
         if dtype not in ver.dtypes() or head_dim not in ver.head_dims or block_size % max(ver.br(block_size), ver.bc):
             ver = KERNEL_VERSIONS[1]  # float32, other head dims or small S: the scalar kernel
     else:
@@ -238,6 +267,8 @@ def _resolve_version(version: int | None, dtype: str, head_dim: int, block_size:
             raise TypeError(f"attention kernel v{version} supports {ver.dtypes()}, not {dtype} (use v1)")
     if head_dim not in ver.head_dims:
         raise ValueError(f"attention kernel v{ver.number} supports head dims {ver.head_dims}, got D={head_dim}")
+    if ver.wgmma and not _has_sm90():
+        raise ValueError(f"attention kernel v{ver.number} needs a Hopper GPU (compute capability 9.0)")
     if ver.tensor_core:
         need = max(ver.br(block_size), ver.bc)
         if block_size % need:
@@ -353,7 +384,7 @@ def attention_forward(
         work_arg = work
     else:
         work_arg = cp.zeros(1, dtype=cp.int32)  # unused by unsorted kernels
-    kernel = get_function(_FILE, ver.name_expression(CTYPES[dtype], D))
+    kernel = get_function(_FILE, ver.name_expression(CTYPES[dtype], D), ver.options)
     i32 = cp.int32
     args = (
         q, k, v, kv_counts, kv_indices, work_arg, out, lse,
