@@ -87,6 +87,13 @@ def test_evaluate_quick_cli(tmp_path, capsys):
     page = md.read_text()
     assert "Density at matched error" in page and "unisparse-ref evaluate --quick" in page
     assert "| workload | target error |" in capsys.readouterr().out
+    # Re-render from the JSON, with notes, without running again.
+    notes = tmp_path / "notes.md"
+    notes.write_text("UniSparse wins here and loses there.")
+    md2 = tmp_path / "page2.md"
+    assert main(["--from-json", str(tmp_path / "results.json"), "--markdown", str(md2), "--notes", str(notes)]) == 0
+    page2 = md2.read_text()
+    assert "## Findings" in page2 and "loses there" in page2 and "Density at matched error" in page2
 
 
 def test_evaluate_rejects_unknown_names(tmp_path, capsys):

@@ -55,6 +55,7 @@ __all__ = [
     "pareto_front",
     "density_at_error",
     "matched_table",
+    "load_results",
     "main",
 ]
 
@@ -524,8 +525,12 @@ def _machine() -> str:
     return f"{cpu}, {os.cpu_count()} cores, {platform.system()} {platform.release()}, Python {platform.python_version()}"
 
 
-def markdown_page(records: Sequence[Record], meta: dict[str, Any], command: str, plot_rel: str | None) -> str:
-    """The results page ``docs/layers/evaluation.md`` (MyST), generated from a run."""
+def markdown_page(records: Sequence[Record], meta: dict[str, Any], command: str, plot_rel: str | None,
+                  notes: str | None = None) -> str:
+    """The results page ``docs/layers/evaluation.md`` (MyST), generated from a run.
+
+    ``notes`` (Markdown written by a person who read the results) goes under *Findings*.
+    """
     s = meta["settings"]
     lines = [
         "# Evaluation: UniSparse's selection against other methods",
@@ -563,6 +568,18 @@ def markdown_page(records: Sequence[Record], meta: dict[str, Any], command: str,
         "they are not the authors' kernels, and the workloads are synthetic. The numbers compare",
         "*selection quality at equal block density*, not speed.",
         "",
+        "| workload | what it imitates |",
+        "| --- | --- |",
+        *[f"| `{k}` | {v} |" for k, v in meta.get("workloads", {}).items()],
+        "",
+        "| selector | source |",
+        "| --- | --- |",
+        *[f"| `{k}` | {v} |" for k, v in meta.get("selectors", {}).items()],
+        "",
+    ]
+    if notes:
+        lines += ["## Findings", "", notes.strip(), ""]
+    lines += [
         "## Density at matched error",
         "",
         "For each workload and target relative error, the block density each selector needs,",
@@ -612,8 +629,17 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--markdown", default=None, help="write a MyST results page here (e.g. docs/layers/evaluation.md)")
     p.add_argument("--markdown-plot", default=None,
                    help="path of the plot as referenced from the markdown page (default: relative path to --plot)")
+    p.add_argument("--notes", default=None, help="a Markdown file of findings to include in the --markdown page")
+    p.add_argument("--from-json", default=None,
+                   help="do not run: re-render the table, plot and --markdown page from a results.json")
     p.add_argument("--no-progress", action="store_true")
     args = p.parse_args(argv)
+    notes = None
+    if args.notes:
+        with open(args.notes) as f:
+            notes = f.read()
+    if args.from_json:
+        return _render_from_json(args.from_json, args.plot, args.markdown, args.markdown_plot, notes)
 
     st = EvalSettings.quick_settings() if args.quick else EvalSettings()
     xp_name = _array_module(args.backend)[1] if args.backend != "numpy" else "numpy"
@@ -655,8 +681,33 @@ def main(argv: list[str] | None = None) -> int:
         if rel is None and args.plot and have_plot:
             rel = os.path.relpath(os.path.abspath(args.plot), os.path.dirname(os.path.abspath(args.markdown)))
         with open(args.markdown, "w") as f:
-            f.write(markdown_page(records, meta, command, rel))
+            f.write(markdown_page(records, meta, command, rel, notes))
         print(f"wrote {args.markdown}")
+    return 0
+
+
+def load_results(path: str) -> tuple[list[Record], dict[str, Any]]:
+    """Records and metadata from a ``results.json`` written by :func:`write_json`."""
+    with open(path) as f:
+        doc = json.load(f)
+    recs = [Record(**{k: (float("nan") if v is None and k == "needle_hit" else v) for k, v in r.items()})
+            for r in doc["records"]]
+    return recs, doc["meta"]
+
+
+def _render_from_json(path: str, plot_path: str | None, markdown: str | None, markdown_plot: str | None,
+                      notes: str | None) -> int:
+    records, meta = load_results(path)
+    if plot_path:
+        plot(records, plot_path)
+    print(matched_markdown(records))
+    if markdown:
+        rel = markdown_plot
+        if rel is None and plot_path:
+            rel = os.path.relpath(os.path.abspath(plot_path), os.path.dirname(os.path.abspath(markdown)))
+        with open(markdown, "w") as f:
+            f.write(markdown_page(records, meta, meta.get("command", "unisparse-ref evaluate"), rel, notes))
+        print(f"wrote {markdown}")
     return 0
 
 
