@@ -61,6 +61,7 @@ __all__ = [
     "KernelSpec",
     "LaunchConfigError",
     "all_instantiations",
+    "cuda_include_dirs",
     "get_function",
     "get_module",
     "launch",
@@ -162,6 +163,27 @@ def source_files() -> list[str]:
     return sorted(n for n in names if n.endswith((".cu", ".cuh")))
 
 
+def cuda_include_dirs() -> list[str]:
+    """Include directories of the pip CUDA header wheels, if installed.
+
+    ``nvidia-cuda-runtime`` provides ``cuda_fp16.h`` and ``cuda_bf16.h``; ``nvidia-cuda-cccl``
+    provides ``nv/target`` that they include. Returns the existing ``.../nvidia/<x>/include``
+    directories holding either (CUDA 13 wheels share ``nvidia/cu13/include``).
+    """
+    import importlib.util
+
+    found: list[str] = []
+    spec = importlib.util.find_spec("nvidia")
+    roots = list(spec.submodule_search_locations or []) if spec is not None else []
+    for root in roots:
+        for sub in sorted(Path(root).iterdir()) if Path(root).is_dir() else []:
+            for inc in (sub / "include", sub / "include" / "cccl"):
+                if (inc / "cuda_fp16.h").is_file() or (inc / "nv" / "target").is_file():
+                    if str(inc) not in found:
+                        found.append(str(inc))
+    return found
+
+
 # ---------------------------------------------------------------------------- instantiations
 _TYPES = tuple(CTYPES.values())
 
@@ -169,7 +191,8 @@ _TYPES = tuple(CTYPES.values())
 INSTANTIATIONS: list[KernelSpec] = (
     [KernelSpec("pooling.cu", f"us_pool_seq<{t}>") for t in _TYPES]
     + [KernelSpec("scores.cu", "us_scores_rowstats"), KernelSpec("scores.cu", "us_scores_blocksum")]
-    + [KernelSpec("selection.cu", "us_select_topp"), KernelSpec("selection.cu", "us_mask_to_indices")]
+    + [KernelSpec("selection.cu", f"us_select_topp<{t}>") for t in ("float", "double")]
+    + [KernelSpec("selection.cu", "us_mask_to_indices")]
 )
 
 
@@ -218,8 +241,17 @@ def get_module(file: str, name_expressions: tuple[str, ...] | list[str], options
         with _LOCK:
             mod = _MODULES.get(key)
             if mod is None:
-                mod = cupy.RawModule(code=read_source(file), options=opts, name_expressions=names)
-                mod.compile()
+                code = read_source(file)
+                try:
+                    mod = cupy.RawModule(code=code, options=opts, name_expressions=names)
+                    mod.compile()
+                except cupy.cuda.compiler.CompileException as e:
+                    extra = tuple(f"-I{d}" for d in cuda_include_dirs())
+                    if "could not open source file" not in str(e) or not extra:
+                        raise
+                    # CuPy did not find cuda_fp16.h / cuda_bf16.h: use the pip CUDA headers.
+                    mod = cupy.RawModule(code=code, options=opts + extra, name_expressions=names)
+                    mod.compile()
                 _MODULES[key] = mod
     return mod
 

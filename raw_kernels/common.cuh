@@ -1,0 +1,39 @@
+// common.cuh: device helpers shared by the CuPy RawKernel sources of unisparse-ref.
+//
+// The loader (unisparse_ref/_loader.py) inlines this file where a .cu says
+// #include "common.cuh", so NVRTC needs no include path for it.
+//
+// Element types: every kernel that reads q, k or v is a template over T in
+// {__half, __nv_bfloat16, float}; bf16 travels from Python as the raw 16-bit pattern
+// (a uint16 CuPy array) and is read here as __nv_bfloat16. Arithmetic is float32.
+#pragma once
+#include <cuda_fp16.h>
+#include <cuda_bf16.h>
+
+// NVRTC has no <cmath>/<math.h> by default: +infinity as a bit pattern.
+#ifndef INFINITY
+#define INFINITY __int_as_float(0x7f800000)
+#endif
+
+namespace us {
+
+__device__ __forceinline__ float to_float(float x) { return x; }
+__device__ __forceinline__ float to_float(__half x) { return __half2float(x); }
+__device__ __forceinline__ float to_float(__nv_bfloat16 x) { return __bfloat162float(x); }
+__device__ __forceinline__ double to_double(float x) { return static_cast<double>(x); }
+__device__ __forceinline__ double to_double(double x) { return x; }
+
+template <typename T> __device__ __forceinline__ T from_float(float x);
+template <> __device__ __forceinline__ float from_float<float>(float x) { return x; }
+template <> __device__ __forceinline__ __half from_float<__half>(float x) { return __float2half_rn(x); }
+template <> __device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(float x) {
+    return __float2bfloat16_rn(x);
+}
+
+// ceil(a / b) for non-negative ints.
+__device__ __forceinline__ int cdiv(int a, int b) { return (a + b - 1) / b; }
+
+// SPEC 1: query row t sits at absolute position p(t) = t + (Nk - Nq) (bottom-right alignment).
+__device__ __forceinline__ long long qpos(long long t, int nq, int nk) { return t + (nk - nq); }
+
+}  // namespace us

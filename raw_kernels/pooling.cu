@@ -1,0 +1,49 @@
+// pooling.cu: composite tokens (SPEC section 3), the first stage of the CuPy layer.
+//
+// Computes, in float32 with float32 accumulation, for an input x [B, H, N, D] (C-contiguous,
+// element type T) and pooling factors c (sequence) and c_h (heads):
+//
+//   out[b, g, r, d] = (1/c_h) * sum_{h = g*c_h}^{(g+1)*c_h - 1}
+//                       (1/n_r) * sum_{t = r*c}^{min((r+1)*c, N) - 1} x[b, h, t, d]
+//
+// with n_r = min((r+1)*c, N) - r*c tokens in group r (the last group averages only the
+// tokens that exist), r < R = ceil(N/c), g < H/c_h. Queries use (c, c_h) = (c_q, c_h) and
+// give Qh [B, Hq/c_h, R, D]; keys use (c_k, 1) and give Kc [B, Hkv, C, D]. Sequence means
+// are taken first, then the head mean, as in the reference (the two means commute).
+//
+// Version table
+// | kernel          | T                               | thread mapping                         |
+// |-----------------|---------------------------------|----------------------------------------|
+// | us_pool_seq<T>  | __half, __nv_bfloat16, float    | one thread per output (r, d); grid.y = |
+// |                 |                                 | b*(H/c_h) + g; x over R*D / blockDim   |
+//
+// Tile defaults (override with -D): US_POOL_THREADS threads per block.
+#include "common.cuh"
+
+#ifndef US_POOL_THREADS
+#define US_POOL_THREADS 256
+#endif
+
+template <typename T>
+__global__ void __launch_bounds__(US_POOL_THREADS)
+us_pool_seq(const T* __restrict__ x, float* __restrict__ out, int H, int N, int D, int c, int c_h) {
+    const int R = us::cdiv(N, c);
+    const int Hout = H / c_h;
+    const int bg = blockIdx.y;              // b * Hout + g
+    const int b = bg / Hout, g = bg % Hout;
+    const long long idx = (long long)blockIdx.x * blockDim.x + threadIdx.x;  // r * D + d
+    if (idx >= (long long)R * D) return;
+    const int r = (int)(idx / D), d = (int)(idx % D);
+    const int t0 = r * c;
+    const int t1 = min(t0 + c, N);
+    const float inv_n = 1.0f / (float)(t1 - t0);
+    float acc = 0.0f;
+    for (int hh = 0; hh < c_h; ++hh) {
+        const int h = g * c_h + hh;
+        const T* row = x + (((long long)b * H + h) * N) * D + d;
+        float s = 0.0f;
+        for (int t = t0; t < t1; ++t) s += us::to_float(row[(long long)t * D]);
+        acc += s * inv_n;                    // sequence mean of head h
+    }
+    out[((long long)bg * R + r) * D + d] = acc / (float)c_h;   // head mean
+}

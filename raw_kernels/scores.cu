@@ -1,0 +1,242 @@
+// scores.cu: block importance scores from composite tokens (SPEC section 4), fused.
+//
+// Inputs (float32, C-contiguous, from pooling.cu): Qh = q_c [B, Hm, R, D] and
+// Kc = k_c [B, Hkv, C, D], Hm = Hq/c_h, composite head g reads KV head (g*c_h)/G.
+// For every composite query r of head (b, g):
+//
+//   x[r, c]   = scale * Qh[r] . Kc[c]                       (logits, float32 FMA over D)
+//   visible:    causal ? c*c_k <= p(last(r)) : true,  last(r) = min((r+1)*c_q, Nq) - 1
+//   m_r, l_r  = max and sum of exp(x[r, c] - m_r) over the visible c   (global row softmax)
+//   A[r, c]   = exp(x[r, c] - m_r) / l_r  (0 when not visible)
+//   scores[b, g, i, j] = (1/R_i) * sum_{r in query block i} sum_{c in key block j} A[r, c]
+//
+// with R_i the number of composite queries in query block i (RB = S/c_q per full block;
+// composite r lies in block r/RB, composite key c in key block c/KB, KB = S/c_k).
+// Nothing of size [R, C] is ever stored: two passes over C, as in a flash-attention
+// forward. Pass 1 (online softmax over C, tile by tile) keeps only m_r and l_r; pass 2
+// recomputes the logits tile by tile, normalises them with m_r, l_r and sums them into
+// blocks. Every sum is taken in a fixed order (no atomics): repeated runs are bit-identical.
+// Output scores are float32; each row sums to 1 up to float32 rounding.
+//
+// Version table
+// | kernel              | pass | grid                           | block    | shared             |
+// |---------------------|------|--------------------------------|----------|--------------------|
+// | us_scores_rowstats  | 1    | (ceil(R/TR), B*Hm)             | 16 x 16  | static, ~25 KiB    |
+// | us_scores_blocksum  | 2    | (ceil(R/RG), B*Hm), RG=max(TR,RB) | 16 x 16 | static 17 KiB +  |
+// |                     |      |                                |          | dynamic (see below)|
+// Pass 2 dynamic shared memory (floats): TR*(TC+1) + NQ*TC + NQ*(TC/min(KB,TC)),
+// NQ = RG/RB query blocks per thread block; computed by unisparse_ref/cupy_backend.py.
+//
+// Tiles (override with -D): TR composite rows x TC composite columns per tile, TD head-dim
+// slice staged in shared memory. Each of the 16 x 16 threads owns (TR/16) x (TC/16) logits:
+// rows ty + 16a, columns tx + 16b.
+#include "common.cuh"
+
+#ifndef US_SC_TR
+#define US_SC_TR 64
+#endif
+#ifndef US_SC_TC
+#define US_SC_TC 64
+#endif
+#ifndef US_SC_TD
+#define US_SC_TD 32
+#endif
+#define US_SC_T 16
+#define US_SC_THREADS (US_SC_T * US_SC_T)
+#define US_SC_MR (US_SC_TR / US_SC_T)
+#define US_SC_MC (US_SC_TC / US_SC_T)
+static_assert(US_SC_TR % US_SC_T == 0 && US_SC_TC % US_SC_T == 0, "TR and TC must be multiples of 16");
+static_assert((US_SC_TR & (US_SC_TR - 1)) == 0 && (US_SC_TC & (US_SC_TC - 1)) == 0,
+              "TR and TC must be powers of two (block sizes S/c are powers of two)");
+
+// Last composite key visible to composite query r (SPEC 4): max c with c*c_k <= p(last(r)).
+__device__ __forceinline__ int us_last_visible_key(int r, int R, int C, int nq, int nk, int c_q, int c_k,
+                                                   int causal) {
+    if (!causal) return C - 1;
+    r = min(r, R - 1);
+    const long long last = min((long long)(r + 1) * c_q, (long long)nq) - 1;
+    const long long p = us::qpos(last, nq, nk);
+    return (int)min((long long)(C - 1), p / c_k);
+}
+
+// acc[a][b] = Qh[r0 + ty + 16a] . Kc[c0 + tx + 16b] (rows >= R or columns >= C give 0).
+// q and k point at the (b, g) and (b, kv head) slices.
+__device__ __forceinline__ void us_logits_tile(const float* __restrict__ q, const float* __restrict__ k, int R,
+                                               int C, int D, int r0, int c0, float (*Qs)[US_SC_TD + 1],
+                                               float (*Ks)[US_SC_TD + 1], float acc[US_SC_MR][US_SC_MC]) {
+    const int tx = threadIdx.x, ty = threadIdx.y, tid = ty * US_SC_T + tx;
+#pragma unroll
+    for (int a = 0; a < US_SC_MR; ++a)
+#pragma unroll
+        for (int b = 0; b < US_SC_MC; ++b) acc[a][b] = 0.0f;
+    for (int d0 = 0; d0 < D; d0 += US_SC_TD) {
+        for (int e = tid; e < US_SC_TR * US_SC_TD; e += US_SC_THREADS) {
+            const int row = e / US_SC_TD, dd = e % US_SC_TD, r = r0 + row, d = d0 + dd;
+            Qs[row][dd] = (r < R && d < D) ? q[(long long)r * D + d] : 0.0f;
+        }
+        for (int e = tid; e < US_SC_TC * US_SC_TD; e += US_SC_THREADS) {
+            const int col = e / US_SC_TD, dd = e % US_SC_TD, c = c0 + col, d = d0 + dd;
+            Ks[col][dd] = (c < C && d < D) ? k[(long long)c * D + d] : 0.0f;
+        }
+        __syncthreads();  // the Q and K slices are complete before any thread reads them
+#pragma unroll 8
+        for (int dd = 0; dd < US_SC_TD; ++dd) {
+            float qa[US_SC_MR], kb[US_SC_MC];
+#pragma unroll
+            for (int a = 0; a < US_SC_MR; ++a) qa[a] = Qs[ty + US_SC_T * a][dd];
+#pragma unroll
+            for (int b = 0; b < US_SC_MC; ++b) kb[b] = Ks[tx + US_SC_T * b][dd];
+#pragma unroll
+            for (int a = 0; a < US_SC_MR; ++a)
+#pragma unroll
+                for (int b = 0; b < US_SC_MC; ++b) acc[a][b] = fmaf(qa[a], kb[b], acc[a][b]);
+        }
+        __syncthreads();  // every thread is done reading the slices before the next ones overwrite them
+    }
+}
+
+// Pass 1: m_r and l_r of every composite query row (online softmax over the visible C).
+// grid (ceil(R/TR), B*Hm), block (16, 16). row_max, row_sum: float32 [B, Hm, R].
+__global__ void __launch_bounds__(US_SC_THREADS)
+us_scores_rowstats(const float* __restrict__ qc, const float* __restrict__ kc, float* __restrict__ row_max,
+                   float* __restrict__ row_sum, int Hm, int Hkv, int R, int C, int D, int nq, int nk, int c_q,
+                   int c_k, int c_h, int G, int causal, float scale) {
+    __shared__ float Qs[US_SC_TR][US_SC_TD + 1];
+    __shared__ float Ks[US_SC_TC][US_SC_TD + 1];
+    __shared__ float red_m[US_SC_TR][US_SC_T];
+    __shared__ float red_l[US_SC_TR][US_SC_T];
+    const int tx = threadIdx.x, ty = threadIdx.y, tid = ty * US_SC_T + tx;
+    const int bh = blockIdx.y, b = bh / Hm, g = bh % Hm, kvh = (g * c_h) / G;
+    const float* q = qc + (long long)bh * R * D;
+    const float* k = kc + ((long long)b * Hkv + kvh) * C * D;
+    const int r0 = blockIdx.x * US_SC_TR;
+    const int cmax_tile = us_last_visible_key(min(r0 + US_SC_TR, R) - 1, R, C, nq, nk, c_q, c_k, causal);
+
+    float m[US_SC_MR], l[US_SC_MR];
+    int cmax[US_SC_MR];
+#pragma unroll
+    for (int a = 0; a < US_SC_MR; ++a) {
+        m[a] = -INFINITY;
+        l[a] = 0.0f;
+        const int r = r0 + ty + US_SC_T * a;
+        cmax[a] = (r < R) ? us_last_visible_key(r, R, C, nq, nk, c_q, c_k, causal) : -1;
+    }
+    float acc[US_SC_MR][US_SC_MC];
+    for (int c0 = 0; c0 <= cmax_tile; c0 += US_SC_TC) {
+        us_logits_tile(q, k, R, C, D, r0, c0, Qs, Ks, acc);
+#pragma unroll
+        for (int a = 0; a < US_SC_MR; ++a) {
+            float mt = -INFINITY;  // max of this thread's visible logits of row a in the tile
+#pragma unroll
+            for (int bb = 0; bb < US_SC_MC; ++bb)
+                if (c0 + tx + US_SC_T * bb <= cmax[a]) mt = fmaxf(mt, scale * acc[a][bb]);
+            if (mt == -INFINITY) continue;
+            if (mt > m[a]) {  // rescale the running sum to the new maximum (online softmax)
+                l[a] *= expf(m[a] - mt);
+                m[a] = mt;
+            }
+#pragma unroll
+            for (int bb = 0; bb < US_SC_MC; ++bb)
+                if (c0 + tx + US_SC_T * bb <= cmax[a]) l[a] += expf(scale * acc[a][bb] - m[a]);
+        }
+    }
+#pragma unroll
+    for (int a = 0; a < US_SC_MR; ++a) {
+        red_m[ty + US_SC_T * a][tx] = m[a];
+        red_l[ty + US_SC_T * a][tx] = l[a];
+    }
+    __syncthreads();  // all 16 partial (m, l) of every row are in shared memory before the merge
+    if (tid < US_SC_TR) {
+        const int r = r0 + tid;
+        float M = -INFINITY;
+        for (int t = 0; t < US_SC_T; ++t) M = fmaxf(M, red_m[tid][t]);
+        float L = 0.0f;
+        for (int t = 0; t < US_SC_T; ++t)  // fixed order: deterministic
+            if (red_m[tid][t] != -INFINITY) L += red_l[tid][t] * expf(red_m[tid][t] - M);
+        if (r < R) {
+            row_max[(long long)bh * R + r] = M;
+            row_sum[(long long)bh * R + r] = L;
+        }
+    }
+}
+
+// Pass 2: block sums of A. grid (ceil(R/RG), B*Hm), block (16, 16); one thread block owns
+// RG = max(TR, RB) composite rows, i.e. NQ = RG/RB whole query blocks, walked in RG/TR row
+// sub-tiles. scores: float32 [B, Hm, nQb, nKb], zero-initialised by the caller (blocks no
+// row sees are never written).
+__global__ void __launch_bounds__(US_SC_THREADS)
+us_scores_blocksum(const float* __restrict__ qc, const float* __restrict__ kc, const float* __restrict__ row_max,
+                   const float* __restrict__ row_sum, float* __restrict__ scores, int Hm, int Hkv, int R, int C,
+                   int D, int nq, int nk, int c_q, int c_k, int c_h, int G, int S, int causal, float scale) {
+    __shared__ float Qs[US_SC_TR][US_SC_TD + 1];
+    __shared__ float Ks[US_SC_TC][US_SC_TD + 1];
+    extern __shared__ float dyn[];
+    const int RB = S / c_q, KB = S / c_k;                // composite rows / columns per block
+    const int RG = max(US_SC_TR, RB), NQ = RG / RB;      // rows and query blocks per thread block
+    const int RBe = min(RB, US_SC_TR), KBe = min(KB, US_SC_TC);
+    const int NKS = US_SC_TC / KBe;                      // key-block pieces per column tile
+    float(*ptile)[US_SC_TC + 1] = reinterpret_cast<float(*)[US_SC_TC + 1]>(dyn);  // [TR][TC+1]
+    float* colsum = dyn + US_SC_TR * (US_SC_TC + 1);     // [NQ][TC]: sum over a block's rows
+    float* bacc = colsum + NQ * US_SC_TC;                // [NQ][NKS]: running block sums
+
+    const int tx = threadIdx.x, ty = threadIdx.y, tid = ty * US_SC_T + tx;
+    const int bh = blockIdx.y, b = bh / Hm, g = bh % Hm, kvh = (g * c_h) / G;
+    const float* q = qc + (long long)bh * R * D;
+    const float* k = kc + ((long long)b * Hkv + kvh) * C * D;
+    const float* mrow = row_max + (long long)bh * R;
+    const float* lrow = row_sum + (long long)bh * R;
+    const int nQb = us::cdiv(nq, S), nKb = us::cdiv(nk, S);
+    const int rg0 = blockIdx.x * RG;
+    if (rg0 >= R) return;
+    const int cmax_group = us_last_visible_key(min(rg0 + RG, R) - 1, R, C, nq, nk, c_q, c_k, causal);
+
+    float acc[US_SC_MR][US_SC_MC];
+    for (int c0 = 0; c0 <= cmax_group; c0 += US_SC_TC) {
+        for (int e = tid; e < NQ * US_SC_TC; e += US_SC_THREADS) colsum[e] = 0.0f;
+        if (KB <= US_SC_TC || c0 % KB == 0)  // a new key block starts in this tile
+            for (int e = tid; e < NQ * NKS; e += US_SC_THREADS) bacc[e] = 0.0f;
+        for (int r0 = rg0; r0 < rg0 + RG; r0 += US_SC_TR) {
+            us_logits_tile(q, k, R, C, D, r0, c0, Qs, Ks, acc);
+#pragma unroll
+            for (int a = 0; a < US_SC_MR; ++a) {
+                const int r = r0 + ty + US_SC_T * a;
+                const int cm = (r < R) ? us_last_visible_key(r, R, C, nq, nk, c_q, c_k, causal) : -1;
+                const float mr = (r < R) ? mrow[r] : 0.0f;
+                const float inv_l = (r < R) ? 1.0f / lrow[r] : 0.0f;
+#pragma unroll
+                for (int bb = 0; bb < US_SC_MC; ++bb) {
+                    const int c = c0 + tx + US_SC_T * bb;
+                    ptile[ty + US_SC_T * a][tx + US_SC_T * bb] =
+                        (c <= cm) ? expf(scale * acc[a][bb] - mr) * inv_l : 0.0f;  // A[r, c]
+                }
+            }
+            __syncthreads();  // the A tile is complete before the column sums read other threads' entries
+            // Sum each column over the rows of each query block in the sub-tile (fixed order).
+            for (int e = tid; e < (US_SC_TR / RBe) * US_SC_TC; e += US_SC_THREADS) {
+                const int qq = e / US_SC_TC, cc = e % US_SC_TC;
+                float s = 0.0f;
+                for (int a = 0; a < RBe; ++a) s += ptile[qq * RBe + a][cc];
+                colsum[(((r0 - rg0) + qq * RBe) / RB) * US_SC_TC + cc] += s;
+            }
+            __syncthreads();  // colsum holds this sub-tile and ptile may be overwritten
+        }
+        // Sum the column sums over the columns of each key block piece; accumulate.
+        const bool last_tile = c0 + US_SC_TC > cmax_group;
+        const bool block_done = KB <= US_SC_TC || (c0 + US_SC_TC) % KB == 0 || last_tile;
+        for (int e = tid; e < NQ * NKS; e += US_SC_THREADS) {
+            const int qq = e / NKS, kk = e % NKS;
+            float s = 0.0f;
+            for (int t = 0; t < KBe; ++t) s += colsum[qq * US_SC_TC + kk * KBe + t];
+            bacc[e] += s;
+            if (block_done) {
+                const int i = rg0 / RB + qq;
+                const int j = (c0 + kk * KBe) / KB;
+                if (i < nQb && j < nKb) {
+                    const int Ri = min(RB, R - i * RB);  // composite queries in block i
+                    scores[((long long)bh * nQb + i) * nKb + j] = bacc[e] / (float)Ri;
+                }
+            }
+        }
+        __syncthreads();  // colsum and bacc are read before the next column tile resets them
+    }
+}
