@@ -11,7 +11,7 @@ key             meaning                                                      dty
 ``nq, nk``      lengths                                                      int64
 ``q_c, k_c``    composite tokens (SPEC 3)                                    float64
 ``scores``      block scores ``[B,Hm,nQb,nKb]`` (SPEC 4)                     float64
-``margin``      selection margin ``[B,Hm,nQb]`` (``inf``: cannot flip)      float64
+``margin``      selection margin ``[B,Hm,nQb]`` (``inf``: cannot flip)       float64
 ``mask``        selected blocks ``[B,Hm,nQb,nKb]`` (SPEC 5)                  bool
 ``kv_counts``   ``[B,Hm,nQb]``, ``kv_indices`` ``[B,Hm,nQb,nKb]``            int32
 ``out, lse``    block-sparse attention (SPEC 6)                              f64, f32
