@@ -49,9 +49,10 @@ class NumbaBackend:
     def __init__(self) -> None:
         from numba import cuda
 
-        from .numba_kernels import attention, pooling, scores, selection
+        from .numba_kernels import attention, pooling, scores, selection, simulator_launch
 
         self._cuda = cuda
+        self._simulator_launch = simulator_launch
         self._pooling, self._scores, self._selection, self._attention = pooling, scores, selection, attention
 
     # ------------------------------------------------------------------ arrays
@@ -151,9 +152,10 @@ class NumbaBackend:
         mask = cuda.device_array(s.shape, dtype=np.uint8)
         grid, block = self._selection.selection_geometry(B, Hm, nqb)
         P = float(config.threshold)
-        self._selection.select_kernel[grid, block](
-            cuda.to_device(s), cuda.to_device(visible), cuda.to_device(forced), P, P >= 1.0, order, mask
-        )
+        with self._simulator_launch():
+            self._selection.select_kernel[grid, block](
+                cuda.to_device(s), cuda.to_device(visible), cuda.to_device(forced), P, P >= 1.0, order, mask
+            )
         return BlockMask(mask.copy_to_host().astype(bool), S, config.c_h, nq, nk, config.causal)
 
     # ------------------------------------------------------------------ stage 4

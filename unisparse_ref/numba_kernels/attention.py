@@ -35,17 +35,23 @@ from __future__ import annotations
 import math
 
 import numpy as np
-from numba import cuda, float32
+from numba import cuda
 from numba import types as nbtypes
+from numpy import float32  # a conversion in kernels; cheaper than numba.float32 in the simulator
 
 from ..geometry import cdiv
+from . import SIMULATOR, simulator_launch
 
 #: Largest head dimension the kernel accepts (tiles must fit the static shared memory).
 MAX_HEAD_DIM = 256
 #: Static shared memory available to one block without opt-in (bytes).
 SHARED_BUDGET = 48 * 1024
 #: Output dims owned by one thread at most (float32 registers of O_i).
-MAX_DIMS_PER_THREAD = 64
+MAX_DIMS_PER_THREAD = 32
+#: Tile columns owned by one thread at most (float32 registers of S_ij).
+MAX_COLUMNS_PER_THREAD = 16
+#: Thread blocks per SM the compiler is asked to fit (registers <= 64K / (2 * threads)).
+MIN_BLOCKS_PER_SM = 2
 #: Candidate (Br, Bc) tiles, largest first.
 _TILE_CANDIDATES = ((64, 64), (64, 32), (32, 32), (32, 16), (16, 16), (16, 8))
 
@@ -59,7 +65,7 @@ def shared_bytes(br: int, bc: int, d: int, tpr: int, itemsize: int) -> int:
 
 
 def threads_per_row(d: int) -> int:
-    """``TPR``: threads sharing a query row, so that each owns at most 64 output dims."""
+    """``TPR``: threads sharing a query row, so that each owns at most 32 output dims."""
     return max(2, cdiv(d, MAX_DIMS_PER_THREAD))
 
 
@@ -80,7 +86,8 @@ def choose_tiles(d: int, dtype: np.dtype, block_size: int) -> tuple[int, int, in
     tpr = threads_per_row(d)
     for br, bc in _TILE_CANDIDATES:
         br, bc = min(br, block_size), min(bc, block_size)
-        if bc >= tpr and shared_bytes(br, bc, d, tpr, itemsize) <= SHARED_BUDGET:
+        fits = shared_bytes(br, bc, d, tpr, itemsize) <= SHARED_BUDGET
+        if tpr <= bc <= tpr * MAX_COLUMNS_PER_THREAD and fits:
             return br, bc, tpr
     raise ValueError(f"no tile fits {SHARED_BUDGET} bytes of shared memory for D={d}, dtype {dtype}")
 
@@ -109,7 +116,11 @@ def _make_kernel(D: int, BR: int, BC: int, TPR: int, storage, itemsize: int):
     DP = D + 4 // itemsize  # padded row length of the Q, K, V tiles
     BCP = BC + 4 // itemsize  # padded row length of the P tile
 
-    @cuda.jit
+    # Launch bounds let the compiler budget registers for MIN_BLOCKS_PER_SM resident blocks
+    # (the simulator takes no such option).
+    options = {} if SIMULATOR else {"launch_bounds": (THREADS, MIN_BLOCKS_PER_SM)}
+
+    @cuda.jit(**options)
     def block_sparse_attention_kernel(q, k, v, kv_counts, kv_indices, S, heads_per_mask, group,
                                       causal, scale, out, lse):
         nq = q.shape[2]
@@ -173,20 +184,22 @@ def _make_kernel(D: int, BR: int, BC: int, TPR: int, storage, itemsize: int):
                         sV[cc, dd] = 0
                 cuda.syncthreads()  # sK, sV (and sQ, on the first tile) are complete before use
 
+                # Row t has work in this tile iff it exists and (causal) the tile's first key is visible.
+                live = t < nq and (not causal or kv0 <= pos)
+
                 # S_ij = scale * Q_i K_j^T for my columns, masked; then my part of rowmax.
                 for kc in range(CPT):
                     s_loc[kc] = float32(0.0)
-                for d in range(D):
-                    qd = float32(sQ[row, d])
-                    for kc in range(CPT):
-                        c = lane + TPR * kc
-                        if c < BC:
-                            s_loc[kc] += qd * float32(sK[c, d])
+                if live:
+                    for d in range(D):
+                        qd = float32(sQ[row, d])
+                        for kc in range(CPT):  # c = lane + TPR*kc < Bc: Bc and TPR are powers of two
+                            s_loc[kc] += qd * float32(sK[lane + TPR * kc, d])
                 m_part = float32(-math.inf)
                 for kc in range(CPT):
                     c = lane + TPR * kc
                     s = kv0 + c  # key position
-                    if c < BC and s < nk and t < nq and (not causal or s <= pos):
+                    if live and s < nk and (not causal or s <= pos):
                         s_loc[kc] = scale * s_loc[kc]
                     else:
                         s_loc[kc] = float32(-math.inf)
@@ -205,8 +218,7 @@ def _make_kernel(D: int, BR: int, BC: int, TPR: int, storage, itemsize: int):
                     c = lane + TPR * kc
                     p = math.exp(s_loc[kc] - shift)  # masked entries: exp(-inf) = 0
                     l_part += p
-                    if c < BC:
-                        sP[row, c] = p  # rounded to the input dtype here, before P V
+                    sP[row, c] = p  # rounded to the input dtype here, before P V
                 s_sum[row, lane] = l_part
                 cuda.syncthreads()  # the P tile and the partial row sums are complete before use
 
@@ -217,12 +229,13 @@ def _make_kernel(D: int, BR: int, BC: int, TPR: int, storage, itemsize: int):
                 m_i = m_new
                 for kd in range(DPT):
                     acc[kd] *= alpha
-                for c in range(BC):  # O_i += P_ij V_j
-                    p = float32(sP[row, c])
-                    for kd in range(DPT):
-                        d = lane + TPR * kd
-                        if d < D:
-                            acc[kd] += p * float32(sV[c, d])
+                if live:  # O_i += P_ij V_j (a dead row's P is 0)
+                    for c in range(BC):
+                        p = float32(sP[row, c])
+                        for kd in range(DPT):
+                            d = lane + TPR * kd
+                            if d < D:
+                                acc[kd] += p * float32(sV[c, d])
 
         if t < nq:
             if l_i > float32(0.0):
@@ -261,6 +274,7 @@ def block_sparse_attention(q, k, v, kv_counts, kv_indices, block_size: int, head
     lse = cuda.device_array((B, Hq, nq), dtype=np.float32)
     grid, block = launch_geometry(B, Hq, nq, br, tpr)
     kernel = get_kernel(D, br, bc, tpr, dtype)
-    kernel[grid, block](q, k, v, kv_counts, kv_indices, block_size, heads_per_mask, Hq // Hkv,
-                        causal, np.float32(scale), out, lse)
+    with simulator_launch():
+        kernel[grid, block](q, k, v, kv_counts, kv_indices, block_size, heads_per_mask, Hq // Hkv,
+                            causal, np.float32(scale), out, lse)
     return out, lse

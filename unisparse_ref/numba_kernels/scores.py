@@ -12,9 +12,8 @@ For composite head ``g`` (KV head ``(g*c_h) // G``) and composite query ``r``:
 
 Two kernels, so that no block-sized scratch of the whole ``[R, C]`` matrix is ever stored:
 
-1. :func:`row_stats_kernel`, one thread block per ``(b, g, r)``: every thread runs an
-   online softmax (running max and sum) over a strided share of the row's keys, then a
-   tree reduction in shared memory combines the ``THREADS`` partial ``(M, L)`` pairs.
+1. :func:`row_stats_kernel`, one thread per ``(b, g, r)``: an online softmax (running max
+   ``M`` and sum ``L``, rescaled when the max grows) along the row's visible keys.
 2. :func:`block_scores_kernel`, one thread block per ``(b, g, i)``: thread ``tid`` owns the
    key blocks ``j = tid, tid + THREADS, ...`` and sums ``A[r, c]`` over its ``R_i x S/c_k``
    entries, recomputing the logits. One thread per output, fixed summation order: no
@@ -28,18 +27,20 @@ from __future__ import annotations
 
 import math
 
-from numba import cuda, float32
+from numba import cuda
+from numpy import float32  # a conversion in kernels; cheaper than numba.float32 in the simulator
 
+from ..geometry import cdiv
 from . import SIMULATOR
 
-#: Threads per block of both scoring kernels, a power of two (the tree reduction halves it);
+#: Threads per block of both scoring kernels;
 #: one warp in the simulator, where every thread is a Python thread and idle ones cost time.
 THREADS = 32 if SIMULATOR else 128
 
 
 def row_stats_geometry(B: int, Hm: int, R: int) -> tuple[tuple[int, int, int], int]:
-    """``(grid, block)`` of :func:`row_stats_kernel`: one block per composite query ``(r, g, b)``."""
-    return (R, Hm, B), THREADS
+    """``(grid, block)`` of :func:`row_stats_kernel`: one thread per composite query ``r`` of ``(g, b)``."""
+    return (cdiv(R, THREADS), Hm, B), THREADS
 
 
 def block_scores_geometry(B: int, Hm: int, nqb: int) -> tuple[tuple[int, int, int], int]:
@@ -68,44 +69,25 @@ def composite_logit(q_c, k_c, b, g, r, kvh, c, scale):
 @cuda.jit
 def row_stats_kernel(q_c, k_c, scale, c_q, c_k, c_h, group, nq, nk, causal, row_max, row_sum):
     """``row_max[b, g, r] = M_r`` and ``row_sum[b, g, r] = L_r`` of every compressed row."""
-    r = cuda.blockIdx.x
+    r = cuda.grid(1)  # this thread's composite query
     g = cuda.blockIdx.y
     b = cuda.blockIdx.z
-    tid = cuda.threadIdx.x
-    s_max = cuda.shared.array(THREADS, float32)
-    s_sum = cuda.shared.array(THREADS, float32)
+    if r >= q_c.shape[2]:
+        return
     kvh = (g * c_h) // group  # composite head g scores against KV head (g*c_h)//G
     n_vis = visible_composites(r, c_q, c_k, nq, nk, k_c.shape[2], causal)
-
-    # Online softmax over this thread's keys c = tid, tid + THREADS, ...
+    # Online softmax along the row: the threads of a warp read the same Kc[c] (a broadcast).
     m = float32(-math.inf)
     l = float32(0.0)
-    for c in range(tid, n_vis, THREADS):
+    for c in range(n_vis):
         x = composite_logit(q_c, k_c, b, g, r, kvh, c, scale)
         if x > m:
-            l = l * math.exp(m - x) + float32(1.0)  # exp(-inf) = 0 on the first key
+            l = l * math.exp(m - x) + float32(1.0)  # rescale the sum to the new max; exp(-inf) = 0
             m = x
         else:
             l += math.exp(x - m)
-    s_max[tid] = m
-    s_sum[tid] = l
-    cuda.syncthreads()  # every partial (M, L) is in shared memory before the reduction reads it
-
-    # Tree reduction: (m1, l1) + (m2, l2) = (M, l1*exp(m1-M) + l2*exp(m2-M)), M = max(m1, m2).
-    step = THREADS // 2
-    while step > 0:
-        if tid < step:
-            m1, l1 = s_max[tid], s_sum[tid]
-            m2, l2 = s_max[tid + step], s_sum[tid + step]
-            mm = max(m1, m2)
-            if mm != -math.inf:  # a thread with no key holds (-inf, 0); two of them stay so
-                s_sum[tid] = l1 * math.exp(m1 - mm) + l2 * math.exp(m2 - mm)
-                s_max[tid] = mm
-        cuda.syncthreads()  # this level's results are written before the next level reads them
-        step //= 2
-    if tid == 0:
-        row_max[b, g, r] = s_max[0]
-        row_sum[b, g, r] = s_sum[0]
+    row_max[b, g, r] = m
+    row_sum[b, g, r] = l
 
 
 @cuda.jit
