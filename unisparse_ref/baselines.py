@@ -125,16 +125,20 @@ def _slash_block_mask(deltas: np.ndarray, nq: int, nk: int, S: int) -> np.ndarra
     out = np.zeros((nqb, nkb), dtype=bool)
     if deltas.size == 0:
         return out
-    first = np.arange(nqb) * S + (nk - nq)
+    first = np.arange(nqb) * S + (nk - nq)  # position of the first query of each block
     last = geometry.last_query_position_of_blocks(nq, nk, S)
-    for i in range(nqb):
-        lo = np.clip(first[i] - deltas, 0, nk - 1)
-        hi = last[i] - deltas
-        ok = (hi >= 0) & (first[i] - deltas <= nk - 1)
-        lo, hi = lo[ok] // S, np.minimum(hi[ok], nk - 1) // S
-        for a, b in zip(lo, hi, strict=True):
-            out[i, a : b + 1] = True
-    return out
+    # Key range of each (i, delta): [first_i - delta, last_i - delta] clipped to [0, nk-1];
+    # mark its blocks with a difference array (+1 at the first block, -1 past the last).
+    lo = first[:, None] - deltas[None, :]
+    hi = last[:, None] - deltas[None, :]
+    ok = (hi >= 0) & (lo <= nk - 1)
+    lo_b = np.clip(lo, 0, nk - 1) // S
+    hi_b = np.clip(hi, 0, nk - 1) // S
+    diff = np.zeros((nqb, nkb + 1), dtype=np.int64)
+    rows = np.broadcast_to(np.arange(nqb)[:, None], lo.shape)
+    np.add.at(diff, (rows[ok], lo_b[ok]), 1)
+    np.add.at(diff, (rows[ok], hi_b[ok] + 1), -1)
+    return np.cumsum(diff, axis=1)[:, :nkb] > 0
 
 
 # ---------------------------------------------------------------------------- dense block mass
