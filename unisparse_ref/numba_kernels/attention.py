@@ -48,6 +48,8 @@ MAX_HEAD_DIM = 256
 SHARED_BUDGET = 48 * 1024
 #: Output dims owned by one thread at most (float32 registers of O_i).
 MAX_DIMS_PER_THREAD = 32
+#: Threads per block at most (the launch bounds ask for two resident blocks per SM).
+MAX_THREADS = 256
 #: Tile columns owned by one thread at most (float32 registers of S_ij).
 MAX_COLUMNS_PER_THREAD = 16
 #: Thread blocks per SM the compiler is asked to fit (registers <= 64K / (2 * threads)).
@@ -65,8 +67,11 @@ def shared_bytes(br: int, bc: int, d: int, tpr: int, itemsize: int) -> int:
 
 
 def threads_per_row(d: int) -> int:
-    """``TPR``: threads sharing a query row, so that each owns at most 32 output dims."""
-    return max(2, cdiv(d, MAX_DIMS_PER_THREAD))
+    """``TPR``: threads sharing a query row, a power of two, so that each owns at most 32 output dims."""
+    tpr = 2
+    while tpr * MAX_DIMS_PER_THREAD < d:
+        tpr *= 2
+    return tpr
 
 
 def choose_tiles(d: int, dtype: np.dtype, block_size: int) -> tuple[int, int, int]:
@@ -87,7 +92,7 @@ def choose_tiles(d: int, dtype: np.dtype, block_size: int) -> tuple[int, int, in
     for br, bc in _TILE_CANDIDATES:
         br, bc = min(br, block_size), min(bc, block_size)
         fits = shared_bytes(br, bc, d, tpr, itemsize) <= SHARED_BUDGET
-        if tpr <= bc <= tpr * MAX_COLUMNS_PER_THREAD and fits:
+        if tpr <= bc <= tpr * MAX_COLUMNS_PER_THREAD and br * tpr <= MAX_THREADS and fits:
             return br, bc, tpr
     raise ValueError(f"no tile fits {SHARED_BUDGET} bytes of shared memory for D={d}, dtype {dtype}")
 

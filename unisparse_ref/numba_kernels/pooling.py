@@ -10,13 +10,14 @@ Two elementwise kernels, one thread per output element (grid-stride loop):
   ``Qh[b, g, r, d] = mean(Qc[b, h, r, d] for h in [g*c_h, (g+1)*c_h))``.
 
 Consecutive threads handle consecutive ``d``, so every load and store is coalesced along
-the head dimension. Sums are formed in float32, whatever the input dtype.
+the head dimension. Sums are formed in float64 whatever the input dtype
+(the scoring works in float64: see :mod:`.scores`).
 """
 
 from __future__ import annotations
 
 from numba import cuda
-from numpy import float32  # a conversion in kernels; cheaper than numba.float32 in the simulator
+from numpy import float64  # a conversion in kernels; cheaper than numba.float64 in the simulator
 
 from ..geometry import cdiv
 from . import SIMULATOR
@@ -48,10 +49,10 @@ def pool_sequence_kernel(x, c, out):
         b = idx // (D * R * H)
         t0 = r * c
         t1 = min(t0 + c, N)  # the last group may be short
-        acc = float32(0.0)
+        acc = float64(0.0)
         for t in range(t0, t1):
-            acc += float32(x[b, h, t, d])
-        out[b, h, r, d] = acc / float32(t1 - t0)
+            acc += float64(x[b, h, t, d])
+        out[b, h, r, d] = acc / float64(t1 - t0)
 
 
 @cuda.jit
@@ -64,25 +65,25 @@ def pool_heads_kernel(x, c_h, out):
         r = (idx // D) % R
         g = (idx // (D * R)) % Hm
         b = idx // (D * R * Hm)
-        acc = float32(0.0)
+        acc = float64(0.0)
         for h in range(g * c_h, (g + 1) * c_h):
             acc += x[b, h, r, d]
-        out[b, g, r, d] = acc / float32(c_h)
+        out[b, g, r, d] = acc / float64(c_h)
 
 
 def pool_sequence(x, c: int):
-    """Launch :func:`pool_sequence_kernel` on device array ``x [B,H,N,D]``; float32 ``[B,H,ceil(N/c),D]``."""
+    """Launch :func:`pool_sequence_kernel` on device array ``x [B,H,N,D]``; float64 ``[B,H,ceil(N/c),D]``."""
     B, H, N, D = x.shape
-    out = cuda.device_array((B, H, cdiv(N, c), D), dtype="float32")
+    out = cuda.device_array((B, H, cdiv(N, c), D), dtype="float64")
     grid, block = launch_geometry(out.size)
     pool_sequence_kernel[grid, block](x, c, out)
     return out
 
 
 def pool_heads(x, c_h: int):
-    """Launch :func:`pool_heads_kernel` on float32 device array ``x [B,H,R,D]``; ``[B,H/c_h,R,D]``."""
+    """Launch :func:`pool_heads_kernel` on float64 device array ``x [B,H,R,D]``; ``[B,H/c_h,R,D]``."""
     B, H, R, D = x.shape
-    out = cuda.device_array((B, H // c_h, R, D), dtype="float32")
+    out = cuda.device_array((B, H // c_h, R, D), dtype="float64")
     grid, block = launch_geometry(out.size)
     pool_heads_kernel[grid, block](x, c_h, out)
     return out
