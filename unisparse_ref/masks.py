@@ -4,7 +4,7 @@
 to be read (block size, heads per mask head, lengths, causality). This module converts it to
 and from the layouts other systems use:
 
-=================================================  ================================================
+==========================================  ================================================
 layout                                      functions
 ==========================================  ================================================
 dense token mask ``[B, H, Nq, Nk]``         :func:`to_token_mask`, :func:`from_token_mask`
