@@ -4,16 +4,16 @@
 to be read (block size, heads per mask head, lengths, causality). This module converts it to
 and from the layouts other systems use:
 
-==========================================  ================================================
-layout                                      functions
-==========================================  ================================================
-dense token mask ``[B, H, Nq, Nk]``         :func:`to_token_mask`, :func:`from_token_mask`
-FlexAttention ``(kv_num_blocks,             :func:`to_flex_indices`, :func:`from_flex_indices`
-kv_indices)``                               (the :meth:`BlockMask.to_indices` convention)
-PyTorch ``flex_attention.BlockMask``        :func:`to_flex_block_mask` (needs PyTorch; lazy)
-MIT Block-Sparse-Attention                  :func:`to_mit_bsa`, :func:`from_mit_bsa`,
-(``base_blockmask``, ``head_mask_type``)    :func:`mit_bsa_row_indices`
-==========================================  ================================================
+==================================================  ====================================================
+layout                                              functions
+==================================================  ====================================================
+dense token mask ``[B, H, Nq, Nk]``                 :func:`to_token_mask`, :func:`from_token_mask`
+FlexAttention ``(kv_num_blocks, kv_indices)``       :func:`to_flex_indices`, :func:`from_flex_indices`
+                                                    (the :meth:`BlockMask.to_indices` convention)
+PyTorch ``flex_attention.BlockMask``                :func:`to_flex_block_mask` (needs PyTorch; lazy)
+MIT Block-Sparse-Attention (``base_blockmask``,     :func:`to_mit_bsa`, :func:`from_mit_bsa`,
+``head_mask_type``)                                 :func:`mit_bsa_row_indices`
+==================================================  ====================================================
 
 All functions take and return NumPy arrays (CuPy masks are copied to the host).
 """
