@@ -538,7 +538,9 @@ __global__ void __launch_bounds__(NW * 32) us_attn_fwd_mma(
 
 // =============================================================================== v7 (sm_90a)
 // Hopper warpgroup MMA (wgmma.mma_async, the instruction FlashAttention-3 and cuDNN use).
-// A CTA of 2 warpgroups (8 warps) owns Br = 128 query rows, warpgroup w rows [64w, 64w+64).
+// A CTA of NWG warpgroups owns Br = 64 * NWG query rows, warpgroup w rows [64w, 64w+64);
+// __launch_bounds__ keeps registers low enough for 2 (NWG = 2) or 3 (NWG = 1) CTAs per SM, so
+// one CTA's softmax overlaps another's tensor-core work.
 // Per key tile of Bc = 64 keys:
 //   S_ij = Q_i K_j^T   wgmma m64n64k16, A = Q and B = K both read by the tensor cores from
 //                      shared memory through matrix descriptors (K-major, 128-byte swizzle)
@@ -652,8 +654,8 @@ template <> struct WgmmaRS<__nv_bfloat16, 128> {
 #endif
 }  // namespace us_attn
 
-template <typename T, int D>
-__global__ void __launch_bounds__(256) us_attn_fwd_wgmma(
+template <typename T, int D, int NWG>
+__global__ void __launch_bounds__(NWG * 128, NWG == 2 ? 2 : 3) us_attn_fwd_wgmma(
     const T* __restrict__ q, const T* __restrict__ k, const T* __restrict__ v,
     const int* __restrict__ kv_counts, const int* __restrict__ kv_indices, const int* __restrict__ work,
     T* __restrict__ out, float* __restrict__ lse,
@@ -662,7 +664,7 @@ __global__ void __launch_bounds__(256) us_attn_fwd_wgmma(
 #if defined(US_HAVE_WGMMA)
   using namespace us_attn;
   using E = Elem<T>;
-  constexpr int NT = 256, BR = 128, BC = 64;
+  constexpr int NT = NWG * 128, BR = NWG * 64, BC = 64;
   constexpr int KD = D / 16, NS = BC / 8, NO = D / 8;
   static_assert(D % 64 == 0, "D must be 64 or 128");
 
@@ -670,9 +672,9 @@ __global__ void __launch_bounds__(256) us_attn_fwd_wgmma(
   // Swizzle atoms are 1024 bytes: align the tiles to 1024 (the launcher adds 1 KiB).
   unsigned char* base = smem_raw + ((1024 - (smem_u32(smem_raw) & 1023)) & 1023);
   T* Qs = reinterpret_cast<T*>(base);      // [D/64][Br][64]
-  T* Ks = Qs + BR * D;                     // [2][D/64][Bc][64]
-  T* Vs = Ks + 2 * BC * D;                 // [2][D/64][Bc][64] (staging, [key][d])
-  T* Vt = Vs + 2 * BC * D;                 // [1][D][64]       (V^T, [d][key])
+  T* Ks = Qs + BR * D;                     // [2][D/64][Bc][64] double buffer
+  T* Vs = Ks + 2 * BC * D;                 // [D/64][Bc][64]    (staging, [key][d]; single buffer)
+  T* Vt = Vs + BC * D;                     // [1][D][64]        (V^T, [d][key])
 
   const int w = work[blockIdx.x];
   const int qt = w % n_qtiles;
@@ -706,13 +708,12 @@ __global__ void __launch_bounds__(256) us_attn_fwd_wgmma(
     T_tiles = (nvis - 1) * SUB + (min(l0 + S, key_lim) - l0 + BC - 1) / BC;
   }
 
+  // cp.async groups, in issue order: {Q, K_0}, {V_0}, then per tile it: {K_it+1} at the top,
+  // {V_it+1} once V_it has been transposed (each possibly empty, so the counts below hold).
   load_tile128<T, D, NT>(Qs, qg, q0, BR, Nq);
+  if (T_tiles > 0) load_tile128<T, D, NT>(Ks, kg, idx[0] * S, BC, Nk);
   cp_async_commit();
-  if (T_tiles > 0) {
-    const int n0 = idx[0] * S;
-    load_tile128<T, D, NT>(Ks, kg, n0, BC, Nk);
-    load_tile128<T, D, NT>(Vs, vg, n0, BC, Nk);
-  }
+  if (T_tiles > 0) load_tile128<T, D, NT>(Vs, vg, idx[0] * S, BC, Nk);
   cp_async_commit();
 
   float acc_o[NO][4];
@@ -725,17 +726,14 @@ __global__ void __launch_bounds__(256) us_attn_fwd_wgmma(
   for (int it = 0; it < T_tiles; ++it) {
     const int buf = it & 1;
     const int n0 = idx[it / SUB] * S + (it % SUB) * BC;
-    if (it + 1 < T_tiles) {  // prefetch tile it+1 while this one computes
-      const int n1 = idx[(it + 1) / SUB] * S + ((it + 1) % SUB) * BC;
-      load_tile128<T, D, NT>(Ks + (buf ^ 1) * BC * D, kg, n1, BC, Nk);
-      load_tile128<T, D, NT>(Vs + (buf ^ 1) * BC * D, vg, n1, BC, Nk);
-    }
+    const int n1 = it + 1 < T_tiles ? idx[(it + 1) / SUB] * S + ((it + 1) % SUB) * BC : -1;
+    if (n1 >= 0) load_tile128<T, D, NT>(Ks + (buf ^ 1) * BC * D, kg, n1, BC, Nk);  // prefetch K_it+1
     cp_async_commit();
-    cp_async_wait<1>();
+    cp_async_wait<2>();  // all but the 2 newest groups ({V_it}, {K_it+1}): K_it (and Q) landed
     fence_async_smem();  // this thread's cp.async writes, seen by the tensor cores' async proxy
-    __syncthreads();     // every thread's part of Q and of tile it has landed
+    __syncthreads();     // every thread's part of Q and K_it has landed
     const T* Kt = Ks + buf * BC * D;
-    const T* Vst = Vs + buf * BC * D;
+    const T* Vst = Vs;
 
     // ---- S_ij = Q_i K_j^T, issued asynchronously (KD chained k-steps)
     float acc_s[NS][4];
@@ -752,10 +750,13 @@ __global__ void __launch_bounds__(256) us_attn_fwd_wgmma(
     }
     wg_commit();
 
+    cp_async_wait<1>();  // all but {K_it+1}: V_it landed (this thread's part)
+    __syncthreads();     // ... and every other thread's part, before the transpose reads it
+
     // ---- meanwhile: V_j [key][d] -> V^T [d][key] (8x8 blocks: ldmatrix.trans, 32-bit stores)
     {
       constexpr int NBLK = (BC / 8) * (D / 8);       // 8x8 blocks of the tile
-      constexpr int PER_WARP = NBLK / 8;             // 8 warps
+      constexpr int PER_WARP = NBLK / (NT / 32);     // per warp
 #pragma unroll
       for (int x = 0; x < PER_WARP / 4; ++x) {
         const int blk = warp * PER_WARP + x * 4 + (lane >> 3);  // this lane's address block
@@ -819,7 +820,9 @@ __global__ void __launch_bounds__(256) us_attn_fwd_wgmma(
       pa[kk][2] = E::pack2(acc_s[2 * kk + 1][0], acc_s[2 * kk + 1][1]);
       pa[kk][3] = E::pack2(acc_s[2 * kk + 1][2], acc_s[2 * kk + 1][3]);
     }
-    __syncthreads();  // V^T is complete (every warp's stores, fenced above) before any wgmma reads it
+    __syncthreads();  // V^T is complete (every warp's stores, fenced above) and V_it fully read
+    if (n1 >= 0) load_tile128<T, D, NT>(Vs, vg, n1, BC, Nk);  // prefetch V_it+1 into the free staging tile
+    cp_async_commit();
 
     // ---- O_i += P V_j
     wg_fence();

@@ -2,8 +2,8 @@
 # Attention kernels on a GPU machine, in one invocation:
 #   bash scripts/bench_gpu.sh check   # GPU tests of every kernel version + a quick timing of all versions
 #   bash scripts/bench_gpu.sh full    # the benchmark of docs/performance.md (CSV, JSON, plot)
-#   bash scripts/bench_gpu.sh ncu     # Nsight Compute profile of the default kernel (dense 32K, D=128)
-# Logs and results go to $OUT (or ./bench_out).
+#   bash scripts/bench_gpu.sh ncu     # Nsight Compute profile of the default kernel (sparse 10%, 32K, D=128)
+# Logs and results go to $OUT (or ./bench_out). UNISPARSE_ATTN_VERSIONS=7,8 narrows the tests.
 set -u
 MODE=${1:-check}
 OUTD=${OUT:-bench_out}
@@ -19,8 +19,10 @@ case "$MODE" in
       --densities 0.1 --no-ceilings --repeats 5 --input-sets 2 --out-dir "$OUTD/quick" 2>&1 | tee "$OUTD/quick.log"
     ;;
   full)
-    $PY -m unisparse_ref bench --sizes 8192,16384,32768,65536,131072 --head-dims 128,64 --d64-sizes 32768,131072 \
-      --pipeline-sizes 8192,32768,131072 --contenders ours,sdpa-flash,sdpa-cudnn,flex,pipeline \
+    $PY -m pytest -q -p no:cacheprovider -n 8 tests/test_cupy_attention.py 2>&1 | tail -n 5 | tee "$OUTD/test.log"
+    $PY -m unisparse_ref bench --sizes 8192,32768,131072 --head-dims 128,64 --d64-sizes 32768 \
+      --versions ${VERSIONS:-default} --pipeline-sizes 8192,32768,131072 \
+      --contenders ours,sdpa-flash,sdpa-cudnn,flex,pipeline --repeats 5 --warmup 1 --input-sets 2 --budget-s 1.0 \
       --out-dir "$OUTD" 2>&1 | tee "$OUTD/bench.log"
     ;;
   ncu)

@@ -8,6 +8,8 @@ and not; repeated runs are bit-identical. Skipped without CuPy and a CUDA GPU.
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import pytest
 
@@ -36,7 +38,9 @@ from unisparse_ref._cupy_attention import (  # noqa: E402
     dense_indices,
 )
 
-VERSIONS = sorted(KERNEL_VERSIONS)
+#: ``UNISPARSE_ATTN_VERSIONS=7,8`` narrows the versions tested (default: all).
+_ONLY = [int(x) for x in os.environ.get("UNISPARSE_ATTN_VERSIONS", "").split(",") if x.strip()]
+VERSIONS = [v for v in sorted(KERNEL_VERSIONS) if not _ONLY or v in _ONLY]
 TC_VERSIONS = [n for n in VERSIONS if KERNEL_VERSIONS[n].tensor_core]
 
 

@@ -95,7 +95,7 @@ class AttentionVersion:
         if not self.tensor_core:
             return f"us_attn_fwd_v1<{ctype}, {head_dim}>"
         if self.wgmma:
-            return f"us_attn_fwd_wgmma<{ctype}, {head_dim}>"
+            return f"us_attn_fwd_wgmma<{ctype}, {head_dim}, {self.warps // 4}>"
         b = lambda x: "true" if x else "false"  # noqa: E731
         return (
             f"us_attn_fwd_mma<{ctype}, {head_dim}, {self.warps}, {self.m_tiles}, {self.bc}, "
@@ -119,9 +119,11 @@ KERNEL_VERSIONS: dict[int, AttentionVersion] = {
                         warps=4, m_tiles=1, bc=64, sorted_work=True, q_in_regs=True),
     6: AttentionVersion(6, "v3 with Bc=64 (Br=128 as 4 warps x 32 rows, longest-first work list)",
                         warps=4, m_tiles=2, bc=64, sorted_work=True, q_in_regs=False),
-    7: AttentionVersion(7, "Hopper wgmma (sm_90a): 2 warpgroups x 64 rows, Q/K/V^T from swizzled smem "
-                        "descriptors, P from registers, V transposed in smem; longest-first work list",
+    7: AttentionVersion(7, "Hopper wgmma (sm_90a): 2 warpgroups x 64 rows (Br=128), Q/K/V^T from swizzled smem "
+                        "descriptors, P from registers, V transposed in smem, 2 CTAs/SM; longest-first work list",
                         warps=8, m_tiles=1, bc=64, sorted_work=True, q_in_regs=False, wgmma=True),
+    8: AttentionVersion(8, "v7 with 1 warpgroup per CTA (Br=64), 2-3 CTAs/SM",
+                        warps=4, m_tiles=1, bc=64, sorted_work=True, q_in_regs=False, wgmma=True),
 }
 
 #: The version used when ``version=None`` (fp16/bf16; float32 always runs v1).
@@ -182,9 +184,9 @@ def launch_config(
                 "n_qtiles": n_qtiles}
     threads = ver.warps * 32
     if ver.wgmma:
-        # Q [Br][D] + K, V [2][Bc][D] + V^T [D][Bc], plus 1 KiB to align the tiles to the
-        # 1024-byte swizzle atom of the wgmma descriptors.
-        smem = (br + 5 * ver.bc) * head_dim * itemsize + 1024
+        # Q [Br][D] + K [2][Bc][D] + V staging [Bc][D] + V^T [D][Bc], plus 1 KiB to align the
+        # tiles to the 1024-byte swizzle atom of the wgmma descriptors.
+        smem = (br + 4 * ver.bc) * head_dim * itemsize + 1024
     else:
         smem = (br + 4 * ver.bc) * head_dim * itemsize  # Q [Br][D] + K, V [2][Bc][D]
     if ver.sorted_work:

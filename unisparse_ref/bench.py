@@ -261,7 +261,7 @@ class _Torch:
         if self._flex is None:
             from torch.nn.attention.flex_attention import flex_attention
 
-            self._flex = self.torch.compile(flex_attention, dynamic=False)
+            self._flex = self.torch.compile(flex_attention)
         return self._flex
 
     def flex_block_mask(self, mask: np.ndarray, nq: int, nk: int, S: int, causal: bool) -> Any:
@@ -384,6 +384,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         if t is not None:
             row.update(ms=t["ms"], tflops=4 * D * pairs / (t["ms"] * 1e-3) / 1e12, n=t["n"])
         rows.append(row)
+        with open(out_dir / "bench_rows.jsonl", "a") as f:  # partial results survive a killed run
+            f.write(json.dumps(row) + "\n")
         ms = f"{row['ms']:.3f} ms" if row["ms"] is not None else "   -    "
         tf = f"{row['tflops']:.1f} TFLOP/s" if row["tflops"] is not None else note
         print(f"  N={N:>6} D={D:>3} {mode:<10} {contender:<16} {ms:>12}  {tf}", flush=True)
@@ -414,6 +416,10 @@ def main(argv: Sequence[str] | None = None) -> int:
                         *s, counts, idx, nq=N, nk=N, block_size=S, heads_per_mask=1, causal=causal,
                         softmax_scale=None, version=ver) for s in sets]
                     guarded(N, D, "dense", name, dense_pairs, 1.0, lambda calls=calls: time_calls(calls, **kw))
+            if th is not None and th.torch is not None and "ours" in want:
+                _spot_check(th, att, sets[0], N, S, causal, dt, versions, record_note=lambda msg, N=N, D=D:
+                            rows.append({"N": N, "D": D, "mode": "dense", "contender": "check", "density": 1.0,
+                                         "ms": None, "tflops": None, "note": msg}) or print(f"  {msg}"))
             if th is not None and th.torch is not None:
                 tsets = [tuple(_to_torch(x, dt) for x in s) for s in sets]
                 for be in ("flash", "cudnn"):
@@ -463,6 +469,28 @@ def main(argv: Sequence[str] | None = None) -> int:
     return 0
 
 
+def _spot_check(th: _Torch, att: Any, s: Any, N: int, S: int, causal: bool, dt: str,
+                versions: list[int | None], record_note: Callable[[str], Any]) -> None:
+    """max|ours - SDPA flash| on one input set (a guard against timing a wrong kernel)."""
+    torch = th.torch
+    try:
+        tq, tk, tv = (_to_torch(x, dt) for x in s)
+        ref = th.sdpa("flash")(tq, tk, tv, causal).float()
+        B, Hq = s[0].shape[:2]
+        counts, idx = att.dense_indices(B, Hq, N, N, S, causal)
+        for ver in versions:
+            out, _ = att.attention_forward(*s, counts, idx, nq=N, nk=N, block_size=S, heads_per_mask=1,
+                                           causal=causal, softmax_scale=None, version=ver)
+            o = _to_torch(out, dt).float()
+            diff = float((o - ref).abs().max())
+            record_note(f"check v{ver or att.DEFAULT_VERSION}: max|ours - sdpa_flash| = {diff:.3e} "
+                        f"(max|ref| = {float(ref.abs().max()):.3e})")
+        del ref
+        torch.cuda.empty_cache()
+    except Exception as e:
+        record_note(f"check failed: {type(e).__name__}: {e}"[:200])
+
+
 def _time_numba(sets: Any, mask: np.ndarray, N: int, S: int, causal: bool, dt: str, kw: dict[str, Any]) -> dict[str, float]:
     from .backends import get_backend
     from .blockmask import BlockMask
@@ -494,7 +522,9 @@ def _bench_pipeline(N: int, D: int, B: int, Hq: int, Hkv: int, S: int, dt: str, 
 
     def dev(x: np.ndarray) -> Any:
         if dt == "bfloat16":
-            return cp.asarray(x.astype(BFLOAT16).view(np.uint16))
+            from .cupy_backend import as_bfloat16
+
+            return as_bfloat16(cp.asarray(x.astype(BFLOAT16).view(np.uint16)))
         return cp.asarray(x.astype(dt))
 
     q, k, v = dev(wl.q), dev(wl.k), dev(wl.v)
