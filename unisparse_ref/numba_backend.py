@@ -155,7 +155,7 @@ class NumbaBackend:
         P = float(config.threshold)
         with self._simulator_launch():
             self._selection.select_kernel[grid, block](
-                cuda.to_device(s), cuda.to_device(visible), cuda.to_device(forced), P, P >= 1.0, order, mask
+                cuda.to_device(np.ascontiguousarray(s)), cuda.to_device(visible), cuda.to_device(forced), P, P >= 1.0, order, mask
             )
         return BlockMask(mask.copy_to_host().astype(bool), S, config.c_h, nq, nk, config.causal)
 
