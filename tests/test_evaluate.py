@@ -99,3 +99,12 @@ def test_evaluate_quick_cli(tmp_path, capsys):
 def test_evaluate_rejects_unknown_names(tmp_path, capsys):
     assert main(["--quick", "--out", str(tmp_path), "--workloads", "nope", "--no-progress"]) == 2
     assert "nope" in capsys.readouterr().err
+
+
+def test_evaluate_with_backend_kernels(tmp_path):
+    rc = main(["--quick", "--out", str(tmp_path), "--no-progress", "--workloads", "rope_sinks",
+               "--selectors", "unisparse,sink_local", "--kernels", "numpy"])
+    assert rc == 0
+    meta = json.loads((tmp_path / "results.json").read_text())["meta"]
+    gap = float(meta["attention_outputs"].split("= ")[1].rstrip(")"))
+    assert gap <= 1e-12  # the reference kernels and the one-pass evaluator agree

@@ -300,8 +300,20 @@ def run_evaluation(
     selectors: Sequence[str] | None = None,
     backend: str = "auto",
     progress: bool = True,
+    kernels: str | None = None,
 ) -> tuple[list[Record], dict[str, Any]]:
-    """Run the sweep; return the records and metadata (sizes, backend, timings)."""
+    """Run the sweep; return the records and metadata (sizes, backend, timings).
+
+    Parameters
+    ----------
+    backend : ``"auto"``, ``"numpy"`` or ``"cupy"``
+        Array module of the dense pass (:class:`DenseEvaluator`).
+    kernels : str, optional
+        A backend name (``"cupy"``, ``"numba"``, ``"numpy"``): also run that backend's
+        ``dense_attention`` and ``block_sparse_attention`` on every mask, report *their*
+        errors, and record in the metadata how far they are from the evaluator's outputs
+        (``kernel_vs_evaluator``, the largest difference of relative errors).
+    """
     workloads = list(WORKLOADS) if workloads is None else list(workloads)
     selectors = list(SELECTORS) if selectors is None else list(selectors)
     for w in workloads:
@@ -319,6 +331,12 @@ def run_evaluation(
             us_backend = get_backend("cupy")
         except Exception:  # noqa: BLE001 - fall back to the reference selection
             us_backend = None
+    kernel_be = None
+    if kernels is not None:
+        from .backends import get_backend
+
+        kernel_be = get_backend(kernels)  # raises BackendUnavailable with the reason
+    kernel_gap = 0.0
     values = {s: (SELECTORS[s].quick_values if settings.quick else SELECTORS[s].values) for s in selectors}
     n_points = sum(len(v) for v in values.values())
     bar = _Progress(len(workloads) * (n_points + 2), progress)
@@ -348,6 +366,10 @@ def run_evaluation(
                 meta.append((sname, sel.param, float(val), time.time() - ts))
                 bar.step(f"{wname}: {sname} {sel.param}={val}")
         res = ev.evaluate(masks)
+        if kernel_be is not None:
+            errs, rerrs = _kernel_errors(kernel_be, w, cfg, masks)
+            kernel_gap = max(kernel_gap, float(np.max(np.abs(errs - res["rel_error"]), initial=0.0)))
+            res["rel_error"], res["row_error"] = errs, rerrs
         bar.step(f"{wname}: sparse outputs")
         for bm, (sname, param, val, dt), err, rec, rerr in zip(masks, meta, res["rel_error"], res["recall"],
                                                               res["row_error"], strict=True):
@@ -359,11 +381,29 @@ def run_evaluation(
         "settings": dataclasses.asdict(s0),
         "array_backend": xp_name,
         "unisparse_selection": "cupy backend" if us_backend is not None else "NumPy reference",
+        "attention_outputs": (f"{kernel_be.name} backend kernels (kernel_vs_evaluator = {kernel_gap:.2e})"
+                              if kernel_be is not None else "DenseEvaluator (one dense pass, exact)"),
         "workloads": {w: WORKLOADS[w].__doc__.strip().splitlines()[0] for w in workloads},
         "selectors": {s: SELECTORS[s].paper for s in selectors},
         "seconds_per_workload": timing,
     }
     return records, meta_out
+
+
+def _kernel_errors(be: Any, w: Workload, cfg: UniSparseConfig, masks: Sequence[BlockMask]
+                   ) -> tuple[np.ndarray, np.ndarray]:
+    """Relative and mean row errors of ``be.block_sparse_attention`` against ``be.dense_attention``."""
+    from ._arrays import to_numpy
+
+    dense = to_numpy(be.dense_attention(w.q, w.k, w.v, cfg.causal, cfg.softmax_scale)[0]).astype(np.float64)
+    dn = np.linalg.norm(dense)
+    row_n = np.maximum(np.linalg.norm(dense, axis=-1), 1e-30)
+    errs, rerrs = np.zeros(len(masks)), np.zeros(len(masks))
+    for a, bm in enumerate(masks):
+        out = to_numpy(be.block_sparse_attention(w.q, w.k, w.v, bm, cfg)[0]).astype(np.float64)
+        errs[a] = np.linalg.norm(out - dense) / max(dn, 1e-300)
+        rerrs[a] = float((np.linalg.norm(out - dense, axis=-1) / row_n).mean())
+    return errs, rerrs
 
 
 # ============================================================================ Pareto and matching
@@ -546,7 +586,8 @@ def markdown_page(records: Sequence[Record], meta: dict[str, Any], command: str,
         f"- **machine**: {meta['machine']}",
         f"- **commit**: `{meta['commit']}`",
         f"- **command**: `{command}`",
-        f"- **array backend**: {meta['array_backend']}; UniSparse selection: {meta['unisparse_selection']}",
+        f"- **array backend**: {meta['array_backend']}; UniSparse selection: {meta['unisparse_selection']}; "
+        f"attention outputs: {meta.get('attention_outputs', 'DenseEvaluator (one dense pass, exact)')}",
         f"- **sizes**: N = {s['n']} tokens, B = {s['batch']}, Hq = {s['q_heads']}, Hkv = {s['kv_heads']}, "
         f"D = {s['head_dim']}, S = {s['block_size']}, c_q = {s['c_q']}, c_k = {s['c_k']}, seed {s['seed']}",
         "- **wall time per workload (s)**: "
@@ -636,6 +677,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--selectors", default=",".join(SELECTORS), help="comma-separated subset of: " + ", ".join(SELECTORS))
     p.add_argument("--backend", default="auto", choices=["auto", "numpy", "cupy"],
                    help="array backend of the dense pass (auto: cupy when a GPU works)")
+    p.add_argument("--kernels", default="auto", choices=["auto", "none", "numpy", "numba", "cupy"],
+                   help="also compute every output with this backend's dense and block-sparse attention "
+                        "kernels and report their errors (auto: the cupy backend when the dense pass runs "
+                        "on the GPU and it is available, else none)")
     p.add_argument("--out", default="eval_results", help="directory for results.csv, results.json, pareto.png")
     p.add_argument("--plot", default=None, help="also write the plot here")
     p.add_argument("--markdown", default=None, help="write a MyST results page here (e.g. docs/layers/evaluation.md)")
@@ -664,13 +709,18 @@ def main(argv: list[str] | None = None) -> int:
     st.seed = args.seed
     if st.block_size % st.c_q or st.block_size < st.c_q:
         st.c_q = st.c_k = max(1, st.block_size // 8)
+    kernels: str | None = None if args.kernels in ("auto", "none") else args.kernels
+    if args.kernels == "auto" and xp_name == "cupy":
+        from .backends import backend_status
+
+        kernels = "cupy" if backend_status().get("cupy") is None else None
     if xp_name == "numpy" and st.n > 8192:
         print(f"note: N={st.n} on the CPU is slow (the dense pass is O(N^2)); 8192 is the CPU default",
               file=sys.stderr)
     try:
         records, meta = run_evaluation(st, [w for w in args.workloads.split(",") if w],
                                        [s for s in args.selectors.split(",") if s], args.backend,
-                                       progress=not args.no_progress)
+                                       progress=not args.no_progress, kernels=kernels)
     except (ValueError, RuntimeError) as e:
         print(f"unisparse-ref evaluate: {e}", file=sys.stderr)
         return 2
