@@ -3,16 +3,16 @@
 Every stage of the pipeline is a CUDA C++ kernel in ``raw_kernels/`` compiled by NVRTC
 through :class:`cupy.RawModule` (see :mod:`unisparse_ref._loader`):
 
-============================  ===========================================  =====================
-method                        kernels                                      source
-============================  ===========================================  =====================
-``compress``                  ``us_pool_seq<T>`` (q: c_q and c_h; k: c_k)  ``pooling.cu``
+============================  ==============================================  =====================
+method                        kernels                                         source
+============================  ==============================================  =====================
+``compress``                  ``us_pool_seq<T>`` (q: c_q and c_h; k: c_k)     ``pooling.cu``
 ``block_scores``              ``us_scores_rowstats``, ``us_scores_blocksum``  ``scores.cu``
-``select_blocks``             ``us_select_topp<float|double>``             ``selection.cu``
-``block_sparse_attention``    ``us_mask_to_indices`` + attention kernels   ``selection.cu``,
-                                                                           ``attention.cu``
-``dense_attention``           the same with every visible block selected   ``attention.cu``
-============================  ===========================================  =====================
+``select_blocks``             ``us_select_topp<float|double>``                ``selection.cu``
+``block_sparse_attention``    ``us_mask_to_indices`` + attention kernels      ``selection.cu``,
+                                                                              ``attention.cu``
+``dense_attention``           the same with every visible block selected      ``attention.cu``
+============================  ==============================================  =====================
 
 Inputs
 ------
