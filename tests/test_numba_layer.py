@@ -17,7 +17,7 @@ import pytest
 
 import unisparse_ref as us
 from tests.conftest import SIM, assert_attention_matches_reference, random_qkv
-from unisparse_ref import BlockMask, UniSparseConfig, geometry
+from unisparse_ref import BlockMask, UniSparseConfig
 from unisparse_ref import reference as ref
 from unisparse_ref.tolerance import compare_selection
 

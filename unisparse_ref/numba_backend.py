@@ -118,15 +118,23 @@ class NumbaBackend:
         nqb, nkb = geometry.num_blocks(nq, S), geometry.num_blocks(nk, S)
         scale = np.float64(config.scale_for(D))
         cuda, ks = self._cuda, self._scores
+        C = dk.shape[2]
+        q_t = cuda.device_array((B, Hm, D, R), dtype=np.float64)  # [B, H, D, n] layouts: coalesced
+        k_t = cuda.device_array((B, Hkv, D, C), dtype=np.float64)
+        for x, x_t in ((dq, q_t), (dk, k_t)):
+            grid, block = ks.transpose_geometry(x.size)
+            ks.transpose_kernel[grid, block](x, x_t)
         row_max = cuda.device_array((B, Hm, R), dtype=np.float64)
         row_sum = cuda.device_array((B, Hm, R), dtype=np.float64)
         grid, block = ks.row_stats_geometry(B, Hm, R)
-        ks.row_stats_kernel[grid, block](dq, dk, scale, config.c_q, config.c_k, config.c_h, G, nq, nk,
+        ks.row_stats_kernel[grid, block](q_t, k_t, scale, config.c_q, config.c_k, config.c_h, G, nq, nk,
                                          config.causal, row_max, row_sum)
+        colsum = cuda.device_array((B, Hm, nqb, C), dtype=np.float64)
         out = cuda.device_array((B, Hm, nqb, nkb), dtype=np.float64)
         grid, block = ks.block_scores_geometry(B, Hm, nqb)
-        ks.block_scores_kernel[grid, block](dq, dk, row_max, row_sum, scale, S, config.c_q, config.c_k,
-                                            config.c_h, G, nq, nk, config.causal, out)
+        with self._simulator_launch():
+            ks.block_scores_kernel[grid, block](dq, k_t, row_max, row_sum, scale, S, config.c_q, config.c_k,
+                                                config.c_h, G, nq, nk, config.causal, colsum, out)
         return out
 
     # ------------------------------------------------------------------ stage 3

@@ -10,13 +10,18 @@ For composite head ``g`` (KV head ``(g*c_h) // G``) and composite query ``r``:
   (``M_r`` the row max, ``L_r`` the row sum of ``exp(x - M_r)``);
 * ``scores[i, j] = (1/R_i) * sum(A[r, c] for r in query block i, c in key block j)``.
 
-Two kernels, so that no block-sized scratch of the whole ``[R, C]`` matrix is ever stored:
+Three kernels; the ``[R, C]`` matrix ``A`` is never stored:
 
-1. :func:`row_stats_kernel`, one thread per ``(b, g, r)``: an online softmax (running max
-   ``M`` and sum ``L``, rescaled when the max grows) along the row's visible keys.
-2. :func:`block_scores_kernel`, one thread block per ``(b, g, i)``: thread ``tid`` owns the
-   key blocks ``j = tid, tid + THREADS, ...`` and sums ``A[r, c]`` over its ``R_i x S/c_k``
-   entries, recomputing the logits. One thread per output, fixed summation order: no
+1. :func:`transpose_kernel` copies ``Qh`` and ``Kc`` to ``[B, H, D, n]`` layouts, so that
+   threads that differ in the token index read consecutive addresses (coalesced).
+2. :func:`row_stats_kernel`, one thread per ``(b, g, r)``: an online softmax (running max
+   ``M`` and sum ``L``, rescaled when the max grows) along the row's visible keys. The
+   threads of a warp hold consecutive ``r`` and read the same ``Kc[c]`` (a broadcast).
+3. :func:`block_scores_kernel`, one thread block per query block ``(b, g, i)``. First each
+   thread takes composite keys ``c = tid, tid + THREADS, ...`` and sums the column
+   ``a[c] = sum(A[r, c] for r in block i)``, recomputing the logits; then, after a barrier,
+   thread ``j`` adds up ``a[c]`` over the ``S/c_k`` composite keys of key block ``j`` in
+   order and divides by ``R_i``. One thread per output and fixed summation orders: no
    atomics, bit-reproducible.
 
 Everything is float64 (composite tokens, logits, exponentials, sums), like the reference:
@@ -37,9 +42,16 @@ from numpy import float64  # a conversion in kernels; cheaper than numba.float64
 from ..geometry import cdiv
 from . import SIMULATOR
 
-#: Threads per block of both scoring kernels;
+#: Threads per block of the scoring kernels;
 #: one warp in the simulator, where every thread is a Python thread and idle ones cost time.
 THREADS = 32 if SIMULATOR else 128
+#: Largest grid (x) of the transpose; its grid-stride loop covers the rest.
+MAX_BLOCKS = 65535
+
+
+def transpose_geometry(total: int) -> tuple[int, int]:
+    """``(grid, block)`` of :func:`transpose_kernel` over ``total`` elements."""
+    return max(1, min(cdiv(total, THREADS), MAX_BLOCKS)), THREADS
 
 
 def row_stats_geometry(B: int, Hm: int, R: int) -> tuple[tuple[int, int, int], int]:
@@ -52,6 +64,18 @@ def block_scores_geometry(B: int, Hm: int, nqb: int) -> tuple[tuple[int, int, in
     return (nqb, Hm, B), THREADS
 
 
+@cuda.jit
+def transpose_kernel(x, out):
+    """``out[b, h, d, n] = x[b, h, n, d]`` (consecutive threads write consecutive ``n``)."""
+    B, H, D, N = out.shape
+    for idx in range(cuda.grid(1), B * H * D * N, cuda.gridsize(1)):
+        n = idx % N
+        d = (idx // N) % D
+        h = (idx // (N * D)) % H
+        b = idx // (N * D * H)
+        out[b, h, d, n] = x[b, h, n, d]
+
+
 @cuda.jit(device=True, inline=True)
 def visible_composites(r, c_q, c_k, nq, nk, C, causal):
     """``n_vis(r)``: composite keys ``c < n_vis(r)`` are visible to composite query ``r``."""
@@ -61,30 +85,24 @@ def visible_composites(r, c_q, c_k, nq, nk, C, causal):
     return min(C, last_pos // c_k + 1)
 
 
-@cuda.jit(device=True, inline=True)
-def composite_logit(q_c, k_c, b, g, r, kvh, c, scale):
-    """``scale * Qh[b, g, r] . Kc[b, kvh, c]`` in float64."""
-    acc = float64(0.0)
-    for d in range(q_c.shape[3]):
-        acc += q_c[b, g, r, d] * k_c[b, kvh, c, d]
-    return scale * acc
-
-
 @cuda.jit
-def row_stats_kernel(q_c, k_c, scale, c_q, c_k, c_h, group, nq, nk, causal, row_max, row_sum):
-    """``row_max[b, g, r] = M_r`` and ``row_sum[b, g, r] = L_r`` of every compressed row."""
+def row_stats_kernel(q_t, k_t, scale, c_q, c_k, c_h, group, nq, nk, causal, row_max, row_sum):
+    """``row_max[b, g, r] = M_r``, ``row_sum[b, g, r] = L_r``; ``q_t [B,Hm,D,R]``, ``k_t [B,Hkv,D,C]``."""
     r = cuda.grid(1)  # this thread's composite query
     g = cuda.blockIdx.y
     b = cuda.blockIdx.z
-    if r >= q_c.shape[2]:
+    if r >= q_t.shape[3]:
         return
+    D = q_t.shape[2]
     kvh = (g * c_h) // group  # composite head g scores against KV head (g*c_h)//G
-    n_vis = visible_composites(r, c_q, c_k, nq, nk, k_c.shape[2], causal)
-    # Online softmax along the row: the threads of a warp read the same Kc[c] (a broadcast).
+    n_vis = visible_composites(r, c_q, c_k, nq, nk, k_t.shape[3], causal)
     m = float64(-math.inf)
     l = float64(0.0)
     for c in range(n_vis):
-        x = composite_logit(q_c, k_c, b, g, r, kvh, c, scale)
+        acc = float64(0.0)
+        for d in range(D):  # q_t: the warp reads consecutive r; k_t: one address (broadcast)
+            acc += q_t[b, g, d, r] * k_t[b, kvh, d, c]
+        x = scale * acc
         if x > m:
             l = l * math.exp(m - x) + float64(1.0)  # rescale the sum to the new max; exp(-inf) = 0
             m = x
@@ -95,26 +113,39 @@ def row_stats_kernel(q_c, k_c, scale, c_q, c_k, c_h, group, nq, nk, causal, row_
 
 
 @cuda.jit
-def block_scores_kernel(q_c, k_c, row_max, row_sum, scale, S, c_q, c_k, c_h, group, nq, nk, causal, scores):
-    """``scores[b, g, i, j] = (1/R_i) sum_{r in i, c in j} exp(x[r, c] - M_r) / L_r``."""
+def block_scores_kernel(q_c, k_t, row_max, row_sum, scale, S, c_q, c_k, c_h, group, nq, nk, causal,
+                        colsum, scores):
+    """``scores[b, g, i, j] = (1/R_i) sum_{c in j} sum_{r in i} exp(x[r, c] - M_r) / L_r``.
+
+    ``q_c [B,Hm,R,D]``, ``k_t [B,Hkv,D,C]``; ``colsum [B,Hm,nQb,C]`` is scratch.
+    """
     i = cuda.blockIdx.x
     g = cuda.blockIdx.y
     b = cuda.blockIdx.z
     tid = cuda.threadIdx.x
     R = q_c.shape[2]
-    C = k_c.shape[2]
+    D = q_c.shape[3]
+    C = k_t.shape[3]
     nkb = scores.shape[3]
     kvh = (g * c_h) // group
     r_lo = i * (S // c_q)  # composite queries of query block i (c_q divides S)
     r_hi = min(r_lo + S // c_q, R)
-    for j in range(tid, nkb, THREADS):  # this thread owns key block j: no other thread writes it
-        c_lo = j * (S // c_k)  # composite keys of key block j
-        c_hi = min(c_lo + S // c_k, C)
-        acc = float64(0.0)
+
+    # Column sums a[c] over the rows of block i (rows that do not see c add nothing).
+    for c in range(tid, C, THREADS):
+        a = float64(0.0)
         for r in range(r_lo, r_hi):
-            m = row_max[b, g, r]
-            l = row_sum[b, g, r]
-            c_end = min(c_hi, visible_composites(r, c_q, c_k, nq, nk, C, causal))
-            for c in range(c_lo, c_end):
-                acc += math.exp(composite_logit(q_c, k_c, b, g, r, kvh, c, scale) - m) / l
+            if c < visible_composites(r, c_q, c_k, nq, nk, C, causal):
+                acc = float64(0.0)
+                for d in range(D):  # q_c: one address for the warp; k_t: consecutive c
+                    acc += q_c[b, g, r, d] * k_t[b, kvh, d, c]
+                a += math.exp(scale * acc - row_max[b, g, r]) / row_sum[b, g, r]
+        colsum[b, g, i, c] = a
+    cuda.syncthreads()  # every a[c] of this block is written before the block sums read them
+
+    # Block sums: thread j adds the S/c_k columns of key block j in ascending c.
+    for j in range(tid, nkb, THREADS):
+        acc = float64(0.0)
+        for c in range(j * (S // c_k), min((j + 1) * (S // c_k), C)):
+            acc += colsum[b, g, i, c]
         scores[b, g, i, j] = acc / float64(r_hi - r_lo)  # divide by R_i
