@@ -121,11 +121,6 @@ def _make_kernel(D: int, BR: int, BC: int, TPR: int, storage, itemsize: int):
     DP = D + 4 // itemsize  # padded row length of the Q, K, V tiles
     BCP = BC + 4 // itemsize  # padded row length of the P tile
 
-    # Launch bounds let the compiler budget registers for MIN_BLOCKS_PER_SM resident blocks
-    # (the simulator takes no such option).
-    options = {} if SIMULATOR else {"launch_bounds": (THREADS, MIN_BLOCKS_PER_SM)}
-
-    @cuda.jit(**options)
     def block_sparse_attention_kernel(q, k, v, kv_counts, kv_indices, S, heads_per_mask, group,
                                       causal, scale, out, lse):
         nq = q.shape[2]
@@ -259,7 +254,21 @@ def _make_kernel(D: int, BR: int, BC: int, TPR: int, storage, itemsize: int):
                 if lane == 0:
                     lse[b, h, t] = float32(-math.inf)
 
-    return block_sparse_attention_kernel
+    return _jit_with_launch_bounds(block_sparse_attention_kernel, THREADS)
+
+
+def _jit_with_launch_bounds(fn, threads: int):
+    """``cuda.jit(fn)`` with launch bounds ``(threads, MIN_BLOCKS_PER_SM)``.
+
+    The bounds let the compiler budget registers for two resident blocks per SM. The
+    simulator, and numba-cuda releases older than the option, compile without them.
+    """
+    if SIMULATOR:
+        return cuda.jit(fn)
+    try:
+        return cuda.jit(launch_bounds=(threads, MIN_BLOCKS_PER_SM))(fn)
+    except TypeError:
+        return cuda.jit(fn)
 
 
 @cuda.jit(device=True, inline=True)
