@@ -51,8 +51,10 @@
 // Kernel arguments (identical for every version, so the launcher builds one tuple):
 //   q, k, v, kv_counts, kv_indices, work, out, lse,
 //   Hq, Hkv, Hm, Nq, Nk, nQb, idx_stride, S, c_h, causal, n_qtiles, scale_log2
-// `work` is a list of packed CTA tasks ((b * Hq + h) * n_qtiles + qtile) for the sorted
-// versions (nullptr otherwise, then blockIdx = (h, reversed qtile, b)).
+// `work` is an optional list of packed CTA tasks ((b * Hq + h) * n_qtiles + qtile), sorted by
+// row length, for the 1-D-grid versions; nullptr gives the fixed order "batch, query tiles
+// last-first, heads fastest" (causal rows grow with the tile index, so this is longest-first
+// for causal masks without a sort). v2 uses the 3-D grid (h, reversed qtile, b).
 
 #include <cuda_fp16.h>
 #include <cuda_bf16.h>
@@ -298,8 +300,14 @@ __global__ void __launch_bounds__(NW * 32) us_attn_fwd_mma(
 
   // ---- which (b, h, query tile) this CTA computes
   int b, h, qt;
-  if (SORTED) {
-    const int w = work[blockIdx.x];
+  if (SORTED) {  // 1-D grid: a sorted work list, or (work == nullptr) the fixed longest-first order
+    int w;
+    if (work != nullptr) {
+      w = work[blockIdx.x];
+    } else {
+      const int x = blockIdx.x, r = x / Hq;
+      w = ((r / n_qtiles) * Hq + x % Hq) * n_qtiles + (n_qtiles - 1 - r % n_qtiles);
+    }
     qt = w % n_qtiles;
     const int bh_ = w / n_qtiles;
     h = bh_ % Hq;
@@ -676,7 +684,16 @@ __global__ void __launch_bounds__(NWG * 128, NWG == 2 ? 2 : 3) us_attn_fwd_wgmma
   T* Vs = Ks + 2 * BC * D;                 // [D/64][Bc][64]    (staging, [key][d]; single buffer)
   T* Vt = Vs + BC * D;                     // [1][D][64]        (V^T, [d][key])
 
-  const int w = work[blockIdx.x];
+  // Task of this CTA: from the sorted work list, or (work == nullptr) in the fixed order
+  // batch, then query tiles last-first (longest causal rows first), heads fastest (GQA
+  // siblings run together and share K/V tiles through L2).
+  int w;
+  if (work != nullptr) {
+    w = work[blockIdx.x];
+  } else {
+    const int x = blockIdx.x, r = x / Hq;
+    w = ((r / n_qtiles) * Hq + x % Hq) * n_qtiles + (n_qtiles - 1 - r % n_qtiles);
+  }
   const int qt = w % n_qtiles;
   const int h = (w / n_qtiles) % Hq;
   const int b = (w / n_qtiles) / Hq;

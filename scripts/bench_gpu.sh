@@ -21,7 +21,8 @@ case "$MODE" in
   full)
     $PY -m pytest -q -p no:cacheprovider -n 8 tests/test_cupy_attention.py 2>&1 | tail -n 5 | tee "$OUTD/test.log"
     $PY -m unisparse_ref bench --sizes 8192,32768,131072 --head-dims 128,64 --d64-sizes 32768 \
-      --versions ${VERSIONS:-default} --pipeline-sizes 8192,32768,131072 \
+      --versions ${VERSIONS:-default} --pipeline-sizes 8192,32768,131072 --pipeline-head-dims 128 \
+      --pipeline-dtype ${PIPELINE_DTYPE:-bfloat16} \
       --contenders ours,sdpa-flash,sdpa-cudnn,flex,pipeline --repeats 5 --warmup 1 --input-sets 2 --budget-s 1.0 \
       --out-dir "$OUTD" 2>&1 | tee "$OUTD/bench.log"
     ;;

@@ -129,7 +129,7 @@ KERNEL_VERSIONS: dict[int, AttentionVersion] = {
 #: The version used when ``version=None`` (fp16/bf16; float32 always runs v1).
 DEFAULT_VERSION = 7
 #: The default where the default needs hardware this GPU lacks (wgmma: Hopper only).
-FALLBACK_VERSION = 3
+FALLBACK_VERSION = 6
 
 
 def attention_instantiations() -> list[KernelSpec]:
@@ -298,6 +298,7 @@ def attention_forward(
     causal: bool,
     softmax_scale: float | None,
     version: int | None = None,
+    sort_work: bool = False,
     work: Any = None,
 ) -> tuple[Any, Any]:
     """Block-sparse attention forward on the GPU (SPEC section 6).
@@ -320,8 +321,13 @@ def attention_forward(
     version : int, optional
         A key of :data:`KERNEL_VERSIONS`; ``None`` picks :data:`DEFAULT_VERSION` (v1 for
         float32 or shapes the tensor-core kernels do not take).
+    sort_work : bool
+        1-D-grid versions (v3-v8): order the CTAs by the length of their mask row (a device
+        sort of ``kv_counts``, longest first) instead of the fixed order "query tiles
+        last-first, heads fastest", which is already longest-first for causal masks. Costs a
+        sort per call; worth it for masks whose row densities differ wildly.
     work : cupy.ndarray int32, optional
-        A precomputed work list for sorted versions (otherwise built from ``kv_counts``).
+        A precomputed work list for those versions (overrides ``sort_work``).
 
     Returns
     -------
@@ -329,6 +335,7 @@ def attention_forward(
     lse : cupy.ndarray float32 ``[B, Hq, Nq]``
     """
     import cupy as cp
+    import numpy as np
 
     from ._loader import get_function, launch
 
@@ -379,13 +386,10 @@ def attention_forward(
 
     cfg = launch_config(ver, batch=B, q_heads=Hq, nq=Nq, block_size=block_size, head_dim=D,
                         itemsize=q.dtype.itemsize)
-    if ver.sorted_work:
-        if work is None:
-            work = _work_list(kv_counts, batch=B, q_heads=Hq, heads_per_mask=heads_per_mask,
-                              n_qtiles=cfg["n_qtiles"], br=cfg["br"], block_size=block_size)
-        work_arg = work
-    else:
-        work_arg = cp.zeros(1, dtype=cp.int32)  # unused by unsorted kernels
+    if ver.sorted_work and work is None and sort_work:
+        work = _work_list(kv_counts, batch=B, q_heads=Hq, heads_per_mask=heads_per_mask,
+                          n_qtiles=cfg["n_qtiles"], br=cfg["br"], block_size=block_size)
+    work_arg = work if (ver.sorted_work and work is not None) else np.uint64(0)  # nullptr: fixed order
     kernel = get_function(_FILE, ver.name_expression(CTYPES[dtype], D), ver.options)
     i32 = cp.int32
     args = (

@@ -323,6 +323,9 @@ def _parse(argv: Sequence[str]) -> argparse.Namespace:
     p.add_argument("--contenders", default="all",
                    help="comma list from ours,sdpa-flash,sdpa-cudnn,flex,pipeline,numba (or 'all')")
     p.add_argument("--pipeline-sizes", default=None, help="sizes for the whole pipeline (default: --sizes)")
+    p.add_argument("--pipeline-head-dims", default=None, help="head dims for the pipeline (default: --head-dims)")
+    p.add_argument("--pipeline-dtype", default=None, choices=["bfloat16", "float16"],
+                   help="dtype of the pipeline run (default: --dtype)")
     p.add_argument("--numba-max", type=int, default=4096, help="largest N for the numba prototype")
     p.add_argument("--no-ceilings", action="store_true")
     p.add_argument("--out-dir", default="bench_out")
@@ -454,15 +457,21 @@ def main(argv: Sequence[str] | None = None) -> int:
                         return time_calls(calls, events="torch", **kw)
 
                     guarded(N, D, mode, "flex", pairs, real, flex_run)
+                    if "ours" in want and dens == densities[0]:
+                        _flex_check(th, att, sets[0], mask, N, S, causal, dt, Hq != Hkv,
+                                    lambda msg, N=N, D=D, mode=mode: rows.append(
+                                        {"N": N, "D": D, "mode": mode, "contender": "check", "density": 0.0,
+                                         "ms": None, "tflops": None, "note": msg}) or print(f"  {msg}"))
                 if "numba" in want and N <= args.numba_max:
                     guarded(N, D, mode, "numba", pairs, real,
                             lambda mask=mask, N=N, sets=sets: _time_numba(sets, mask, N, S, causal, dt, kw))
             cp.get_default_memory_pool().free_all_blocks()
         # ---- whole pipeline on the structured workload
-        if "pipeline" in want:
+        pdims = _ints(args.pipeline_head_dims) if args.pipeline_head_dims else head_dims
+        if "pipeline" in want and D in pdims:
             psizes = _ints(args.pipeline_sizes) if args.pipeline_sizes else sizes
             for N in psizes:
-                _bench_pipeline(N, D, B, Hq, Hkv, S, dt, causal, kw, record)
+                _bench_pipeline(N, D, B, Hq, Hkv, S, args.pipeline_dtype or dt, causal, kw, record)
 
     _write(out_dir, rows, meta)
     _summary(rows)
@@ -489,6 +498,26 @@ def _spot_check(th: _Torch, att: Any, s: Any, N: int, S: int, causal: bool, dt: 
         torch.cuda.empty_cache()
     except Exception as e:
         record_note(f"check failed: {type(e).__name__}: {e}"[:200])
+
+
+def _flex_check(th: _Torch, att: Any, s: Any, mask: np.ndarray, N: int, S: int, causal: bool, dt: str,
+                gqa: bool, record_note: Callable[[str], Any]) -> None:
+    """max|ours - FlexAttention| on the same block mask (default version)."""
+    import cupy as cp
+
+    from .blockmask import BlockMask
+
+    try:
+        fbm = th.flex_block_mask(mask, N, N, S, causal)
+        ref = th.flex()(*(_to_torch(x, dt) for x in s), block_mask=fbm, enable_gqa=gqa).float()
+        counts, idx = BlockMask(cp.asarray(mask), S, 1, N, N, causal).to_indices()
+        out, _ = att.attention_forward(*s, counts, idx, nq=N, nk=N, block_size=S, heads_per_mask=1,
+                                       causal=causal, softmax_scale=None)
+        diff = float((_to_torch(out, dt).float() - ref).abs().max())
+        record_note(f"check v{att.DEFAULT_VERSION} sparse: max|ours - flex| = {diff:.3e} "
+                    f"(max|ref| = {float(ref.abs().max()):.3e})")
+    except Exception as e:
+        record_note(f"flex check failed: {type(e).__name__}: {e}"[:200])
 
 
 def _time_numba(sets: Any, mask: np.ndarray, N: int, S: int, causal: bool, dt: str, kw: dict[str, Any]) -> dict[str, float]:
@@ -552,9 +581,10 @@ def _bench_pipeline(N: int, D: int, B: int, Hq: int, Hkv: int, S: int, dt: str, 
         mask = cp.asnumpy(bm.mask) if not isinstance(bm.mask, np.ndarray) else bm.mask
         pairs = allowed_pairs(mask, N, N, S, causal, bm.heads_per_mask)
         dens = float(bm.density)
-        record(N, D, "pipeline", "ours-pipeline", t_all, pairs, dens)
-        record(N, D, "pipeline", "ours-estimate", t_est, pairs, dens)
-        record(N, D, "pipeline", "ours-attend", t_att, pairs, dens)
+        note = f"{dt}; estimator {100 * t_est['ms'] / t_all['ms']:.1f}% of the pipeline"
+        record(N, D, "pipeline", "ours-pipeline", t_all, pairs, dens, note=note)
+        record(N, D, "pipeline", "ours-estimate", t_est, pairs, dens, note=dt)
+        record(N, D, "pipeline", "ours-attend", t_att, pairs, dens, note=dt)
     except Exception as e:
         record(N, D, "pipeline", "ours-pipeline", None, 0.0, 0.0, note=f"failed ({type(e).__name__}: {e})"[:200])
 
