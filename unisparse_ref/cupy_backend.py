@@ -265,9 +265,8 @@ def _count_nonfinite(arr: Any, dtype: np.dtype) -> int:
 
 
 def _check_finite(name: str, arr: Any, dtype: np.dtype) -> None:
-    n = _count_nonfinite(arr, dtype)
-    if n:
-        raise ValueError(f"{name} holds {n} non-finite value(s) (NaN or infinity)")
+    if _count_nonfinite(arr, dtype):
+        raise ValueError(f"{name} holds non-finite values (NaN or infinity)")
 
 
 def _check_config(config: Any) -> UniSparseConfig:
