@@ -55,7 +55,7 @@ from .backends import BackendUnavailable
 from .blockmask import BlockMask
 from .config import UniSparseConfig
 
-__all__ = ["BFloat16Array", "CupyBackend", "as_bfloat16", "make_backend"]
+__all__ = ["BFloat16Array", "CupyBackend", "as_bfloat16", "make_backend", "scores_launch_config"]
 
 #: Input dtypes of this backend.
 SUPPORTED_DTYPES: tuple[np.dtype, ...] = (np.dtype(np.float16), BFLOAT16, np.dtype(np.float32))
@@ -304,6 +304,33 @@ def _scores_options() -> tuple[str, ...]:
     return (f"-DUS_SC_TR={_SC_TR}", f"-DUS_SC_TC={_SC_TC}")
 
 
+def scores_launch_config(batch: int, mask_heads: int, R: int, config: UniSparseConfig) -> dict[str, Any]:
+    """Grid, block and shared memory of the two scoring passes (pure Python, no GPU needed).
+
+    Pass 1 (``us_scores_rowstats``): one thread block per ``TR`` composite rows of one
+    ``(b, g)``, static shared memory only. Pass 2 (``us_scores_blocksum``): one thread block
+    per ``RG = max(TR, RB)`` rows (``NQ = RG / RB`` whole query blocks), with dynamic shared
+    memory for the ``[TR, TC+1]`` tile of ``A``, the ``[NQ, TC]`` column sums and the
+    ``[NQ, TC / min(KB, TC)]`` running block sums (float32 each).
+
+    Returns
+    -------
+    dict with ``grid1``, ``grid2``, ``block``, ``shared2`` (bytes) and the tile numbers.
+    """
+    RB, KB = config.block_size // config.c_q, config.block_size // config.c_k
+    RG = max(_SC_TR, RB)
+    NQ = RG // RB
+    NKS = _SC_TC // min(KB, _SC_TC)
+    return {
+        "grid1": (geometry.cdiv(R, _SC_TR), batch * mask_heads, 1),
+        "grid2": (geometry.cdiv(R, RG), batch * mask_heads, 1),
+        "block": _SC_BLOCK,
+        "shared1": 0,
+        "shared2": 4 * (_SC_TR * (_SC_TC + 1) + NQ * _SC_TC + NQ * NKS),
+        "TR": _SC_TR, "TC": _SC_TC, "RB": RB, "KB": KB, "RG": RG, "NQ": NQ,
+    }
+
+
 def _launch_scores(q_c: Any, k_c: Any, config: UniSparseConfig, nq: int, nk: int) -> Any:
     """``us_scores_rowstats`` then ``us_scores_blocksum`` (two passes over C, SPEC 4)."""
     cp = _cupy()
@@ -319,25 +346,14 @@ def _launch_scores(q_c: Any, k_c: Any, config: UniSparseConfig, nq: int, nk: int
     row_max = cp.empty((B, Hm, R), dtype=cp.float32)
     row_sum = cp.empty((B, Hm, R), dtype=cp.float32)
     scores = cp.zeros((B, Hm, nqb, nkb), dtype=cp.float32)
-
-    # Pass 1: one thread block per TR composite rows of one (b, g); static shared memory only.
+    lc = scores_launch_config(B, Hm, R, config)
     k1 = _loader.get_function("scores.cu", "us_scores_rowstats", _scores_options())
-    grid1 = (geometry.cdiv(R, _SC_TR), B * Hm, 1)
-    _loader.launch(k1, grid1, _SC_BLOCK, (q_c, k_c, row_max, row_sum) + common + (causal, scale), shared_mem=0)
-
-    # Pass 2: one thread block per RG = max(TR, RB) rows (NQ whole query blocks).
-    RB, KB = S // c_q, S // c_k
-    RG = max(_SC_TR, RB)
-    NQ = RG // RB
-    NKS = _SC_TC // min(KB, _SC_TC)
-    shared2 = 4 * (_SC_TR * (_SC_TC + 1) + NQ * _SC_TC + NQ * NKS)  # ptile + colsum + block sums
+    _loader.launch(k1, lc["grid1"], lc["block"], (q_c, k_c, row_max, row_sum) + common + (causal, scale),
+                   shared_mem=lc["shared1"])
     k2 = _loader.get_function("scores.cu", "us_scores_blocksum", _scores_options())
-    grid2 = (geometry.cdiv(R, RG), B * Hm, 1)
-    _loader.launch(
-        k2, grid2, _SC_BLOCK,
-        (q_c, k_c, row_max, row_sum, scores) + common + (_i32(S), causal, scale),
-        shared_mem=shared2,
-    )
+    _loader.launch(k2, lc["grid2"], lc["block"],
+                   (q_c, k_c, row_max, row_sum, scores) + common + (_i32(S), causal, scale),
+                   shared_mem=lc["shared2"])
     return scores
 
 
