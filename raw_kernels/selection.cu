@@ -65,7 +65,7 @@ __global__ void __launch_bounds__(US_SEL_THREADS)
 us_select_topp(const T* __restrict__ scores, bool* __restrict__ mask, int* __restrict__ kv_counts,
                int* __restrict__ kv_indices, int nQb, int nKb, int nq, int nk, int S, int n_sink, int n_local,
                int causal, double P) {
-    extern __shared__ unsigned char dyn_raw[];
+    extern __shared__ __align__(16) unsigned char dyn_raw[];  // 16-aligned: holds double keys
     int NP = 1;
     while (NP < nKb) NP <<= 1;
     T* key = reinterpret_cast<T*>(dyn_raw);                          // [NP] score, or -1 for non-candidates
