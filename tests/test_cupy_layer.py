@@ -290,7 +290,6 @@ def test_131072_tokens_bf16_causal_sampled_against_reference() -> None:
         bits = (x.view(cp.uint32) + cp.uint32(0x7FFF) + ((x.view(cp.uint32) >> 16) & 1)) >> 16  # RNE
         return cb.as_bfloat16(bits.astype(cp.uint16))
 
-    # Keys with a shared direction per head make attention peaked (sparse selection).
     q, k, v = bf16((1, Hq, N, D), 1.0), bf16((1, Hkv, N, D), 1.0), bf16((1, Hkv, N, D))
     res = us.unisparse_attention(q, k, v, cfg, backend=BACKEND, return_details=True)
     cp.cuda.Device().synchronize()
