@@ -36,14 +36,31 @@
 // |     |                           |     |    |       | (GQA siblings share K/V through L2),  |
 // |     |                           |     |    |       | last query tiles (longest causal      |
 // |     |                           |     |    |       | rows) launched first                  |
-// | v3  | us_attn_fwd_mma<T,D,4,2,  | 128 | 64 | 4     | 32 rows per warp: every K/V fragment  |
-// |     |   64,true,false>          |     |    |       | read from smem feeds two MMAs (half   |
+// | v3  | us_attn_fwd_mma<T,D,4,2,  | 128 | 32 | 4     | 32 rows per warp: every K/V fragment  |
+// |     |   32,true,false>          |     |    |       | read from smem feeds two MMAs (half   |
 // |     |                           |     |    |       | the smem traffic per FLOP); a work    |
-// |     |                           |     |    |       | list sorted by row length (longest    |
-// |     |                           |     |    |       | first) so SMs stay busy when rows'    |
-// |     |                           |     |    |       | densities differ; Q re-read from smem |
+// |     |                           |     |    |       | 1-D grid, longest rows first (or a    |
+// |     |                           |     |    |       | work list sorted by row length) so    |
+// |     |                           |     |    |       | SMs stay busy; Q re-read from smem    |
 // | v4  | us_attn_fwd_mma<T,D,8,1,  | 128 | 64 | 8     | Br = 128 with 8 warps of 16 rows, Q   |
-// |     |   64,true,true>           |     |    |       | in registers, sorted work list        |
+// |     |   64,true,true>           |     |    |       | in registers, 1-D longest-first grid  |
+// | v5  | us_attn_fwd_mma<T,D,4,1,  | 64  | 64 | 4     | v2 on the 1-D longest-first grid      |
+// |     |   64,true,true>           |     |    |       |                                       |
+// | v6  | us_attn_fwd_mma<T,D,4,2,  | 128 | 64 | 4     | v3 with Bc = 64 (fastest mma.sync     |
+// |     |   64,true,false>          |     |    |       | version; the fallback off Hopper)     |
+// | v7  | us_attn_fwd_wgmma<T,D,2>  | 128 | 64 | 8     | Hopper wgmma (sm_90a): Q, K, V^T from |
+// |     |                           |     |    |       | 128B-swizzled smem via descriptors,   |
+// |     |                           |     |    |       | P from registers, V transposed in     |
+// |     |                           |     |    |       | smem while S computes; <= 128 regs so |
+// |     |                           |     |    |       | 2 CTAs/SM overlap softmax and MMA.    |
+// |     |                           |     |    |       | DEFAULT on Hopper                     |
+// | v8  | us_attn_fwd_wgmma<T,D,1>  | 64  | 64 | 4     | v7 with one warpgroup per CTA         |
+// Measured on an H200 (bf16, B=1, Hq=32, Hkv=8, causal, 32K, D=128; docs/performance.md):
+// v2 187, v3 257, v4 240, v5 226 (run 2), v6 274, v7 340 (run 4), v8 228 (run 3) TFLOP/s;
+// SDPA-FlashAttention-2 333-348.
+// The 1-D-grid versions (v3-v8) run CTAs in the order "batch, query tiles last-first, heads
+// fastest" (longest causal rows first, GQA siblings together), or from a work list sorted by
+// mask-row length when the launcher is asked to (sort_work=True).
 // float32 inputs always run v1 (tensor-core versions are fp16/bf16 only). The tensor-core
 // versions need D in {64, 128} and S a multiple of Br and Bc; the launcher refuses others
 // with a clear error (or falls back to v1 when asked for the default version).

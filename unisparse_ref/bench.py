@@ -329,6 +329,8 @@ def _parse(argv: Sequence[str]) -> argparse.Namespace:
     p.add_argument("--numba-max", type=int, default=4096, help="largest N for the numba prototype")
     p.add_argument("--no-ceilings", action="store_true")
     p.add_argument("--out-dir", default="bench_out")
+    p.add_argument("--replot", default=None, metavar="JSON",
+                   help="only redraw bench.png (into --out-dir) from a bench.json; no GPU needed")
     return p.parse_args(list(argv))
 
 
@@ -339,6 +341,12 @@ def _ints(s: str | None) -> list[int]:
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the benchmark; returns a process exit code."""
     args = _parse(sys.argv[1:] if argv is None else argv)
+    if args.replot:
+        data = json.loads(Path(args.replot).read_text())
+        Path(args.out_dir).mkdir(parents=True, exist_ok=True)
+        _plot(Path(args.out_dir), data["rows"], data["meta"])
+        print(f"wrote {Path(args.out_dir) / 'bench.png'}")
+        return 0
     try:
         import cupy as cp
 
@@ -615,32 +623,48 @@ def _write(out_dir: Path, rows: list[dict[str, Any]], meta: dict[str, Any]) -> N
 
 
 def _plot(out_dir: Path, rows: list[dict[str, Any]], meta: dict[str, Any]) -> None:
+    """Time vs N (log-log) and speedup of ours vs N, one row of panels per head dim.
+
+    Colour = contender, line style = mode. The speedup panel shows each contender's time over
+    ours in the same mode, and the whole pipeline against SDPA-FlashAttention dense.
+    """
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    styles = {"dense": "-", "sparse10": "--", "sparse30": ":", "pipeline": "-."}
+    contenders = sorted({r["contender"] for r in rows if r["ms"] is not None})
+    cmap = plt.get_cmap("tab10")
+    color = {c: cmap(i % 10) for i, c in enumerate(contenders)}
     dims = sorted({r["D"] for r in rows})
-    fig, axes = plt.subplots(len(dims), 2, figsize=(12, 4.2 * len(dims)), squeeze=False)
+    fig, axes = plt.subplots(len(dims), 2, figsize=(13, 4.6 * len(dims)), squeeze=False)
     for ax_row, D in zip(axes, dims, strict=True):
-        series: dict[str, list[tuple[int, float, float | None]]] = {}
+        series: dict[tuple[str, str], list[tuple[int, float, float | None]]] = {}
         for r in rows:
-            if r["D"] != D or r["ms"] is None or r["contender"] in ("ours-estimate", "ours-attend"):
+            if r["D"] != D or r["ms"] is None or r["contender"] in ("ours-estimate", "ours-attend", "check"):
                 continue
-            series.setdefault(f"{r['mode']}:{r['contender']}", []).append((r["N"], r["ms"], r["ratio_vs_ours"]))
-        for name, pts in sorted(series.items()):
+            series.setdefault((r["mode"], r["contender"]), []).append((r["N"], r["ms"], r.get("ratio_vs_ours")))
+        for (mode, con), pts in sorted(series.items()):
             pts.sort()
-            ns = [p[0] for p in pts]
-            ax_row[0].plot(ns, [p[1] for p in pts], marker="o", label=name)
-            if not name.split(":")[1].startswith("ours"):
+            kw = {"color": color[con], "ls": styles.get(mode, "-"), "marker": "o", "label": f"{mode}: {con}"}
+            ax_row[0].plot([p[0] for p in pts], [p[1] for p in pts], **kw)
+            if not con.startswith("ours"):
                 rs = [(p[0], p[2]) for p in pts if p[2]]
                 if rs:
-                    ax_row[1].plot([x for x, _ in rs], [y for _, y in rs], marker="o", label=name)
-        ax_row[0].set(xscale="log", yscale="log", xlabel="sequence length N", ylabel="ms",
-                      title=f"time, D={D} ({meta['gpu']})")
+                    ax_row[1].plot([x for x, _ in rs], [y for _, y in rs], **kw)
+        # The pipeline against dense SDPA-FlashAttention (the "4x" target of the docs).
+        fa = {N: ms for (m, c), pts in series.items() if (m, c) == ("dense", "sdpa-flash") for N, ms, _ in pts}
+        pipe = sorted(p for (m, c), pts in series.items() if c == "ours-pipeline" for p in pts)
+        sp = [(N, fa[N] / ms) for N, ms, _ in pipe if N in fa]
+        if sp:
+            ax_row[1].plot([x for x, _ in sp], [y for _, y in sp], color="k", ls="-.", marker="s",
+                           label="sdpa-flash dense / ours-pipeline")
+        ax_row[0].set(xscale="log", yscale="log", xlabel="sequence length N", ylabel="ms (median)",
+                      title=f"time, D={D} ({meta.get('gpu', '')}, {meta.get('date', '')[:10]})")
         ax_row[1].axhline(1.0, color="k", lw=0.8)
         ax_row[1].set(xscale="log", xlabel="sequence length N", ylabel="contender time / ours",
-                      title=f"speedup of ours (>1: ours faster), D={D}")
+                      title=f"speedup of ours (> 1: ours faster), D={D}")
         for ax in ax_row:
             ax.legend(fontsize=7)
             ax.grid(True, which="both", alpha=0.3)
