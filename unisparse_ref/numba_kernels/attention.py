@@ -118,6 +118,7 @@ def _make_kernel(D: int, BR: int, BC: int, TPR: int, storage, itemsize: int):
     THREADS = BR * TPR
     CPT = cdiv(BC, TPR)  # tile columns per thread
     DPT = cdiv(D, TPR)  # output dims per thread
+    D_EXACT = D % TPR == 0  # every d = lane + TPR*kd < D: the guard folds away at compile time
     DP = D + 4 // itemsize  # padded row length of the Q, K, V tiles
     BCP = BC + 4 // itemsize  # padded row length of the P tile
 
@@ -234,7 +235,7 @@ def _make_kernel(D: int, BR: int, BC: int, TPR: int, storage, itemsize: int):
                         p = float32(sP[row, c])
                         for kd in range(DPT):
                             d = lane + TPR * kd
-                            if d < D:
+                            if D_EXACT or d < D:
                                 acc[kd] += p * float32(sV[c, d])
 
         if t < nq:
@@ -242,14 +243,14 @@ def _make_kernel(D: int, BR: int, BC: int, TPR: int, storage, itemsize: int):
                 inv_l = float32(1.0) / l_i
                 for kd in range(DPT):
                     d = lane + TPR * kd
-                    if d < D:
+                    if D_EXACT or d < D:
                         out[b, h, t, d] = acc[kd] * inv_l
                 if lane == 0:
                     lse[b, h, t] = m_i + math.log(l_i)
             else:  # no allowed key: out 0, lse -inf (never NaN)
                 for kd in range(DPT):
                     d = lane + TPR * kd
-                    if d < D:
+                    if D_EXACT or d < D:
                         out[b, h, t, d] = 0
                 if lane == 0:
                     lse[b, h, t] = float32(-math.inf)
