@@ -28,6 +28,8 @@ CASES = [
     (1, 4, 1, 30, 30, 24, UniSparseConfig(block_size=32, c_q=8, c_k=8, c_h=4, n_sink_blocks=0,
                                           n_local_blocks=0, threshold=0.3)),
     (1, 2, 2, 40, 19, 16, UniSparseConfig(block_size=16, c_q=2, c_k=4, causal=False, threshold=0.7)),
+    # S = 128 > Br = 64 > Bc = 32: several query and key tiles per block, Nq < Nk.
+    (1, 2, 1, 150, 300, 32, UniSparseConfig(threshold=0.7)),
 ]
 if not SIM:
     CASES += [
