@@ -208,3 +208,236 @@ def test_layer_kernels_do_not_spill_on_sm90(file: str) -> None:
     for n, low in lowered.items():
         r = info[low]
         assert r["spill_stores"] == 0 and r["spill_loads"] == 0, f"{file}: {n} spills {r}"
+
+
+# ---------------------------------------------------------------------------- host emulation
+# The kernels of pooling.cu, scores.cu and selection.cu also run on the CPU: a small
+# emulation of the CUDA execution model (one thread block at a time, one std::thread per
+# CUDA thread, __syncthreads() as a std::barrier, __shared__ as block-wide statics) lets g++
+# build the very same source, which is then checked against the NumPy reference. This
+# checks the kernels' arithmetic and indexing without a GPU (not their speed, and not
+# races that real hardware could expose: compute-sanitizer's racecheck does that on a GPU).
+_PRELUDE = r"""// Host emulation of the CUDA execution model: one block at a time, one std::thread per CUDA
+// thread, __syncthreads() = std::barrier. __shared__ -> static (shared by the block's threads).
+#include <algorithm>
+#include <barrier>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <functional>
+#include <thread>
+#include <vector>
+struct dim3_ { unsigned x = 1, y = 1, z = 1; };
+static thread_local dim3_ threadIdx;
+static dim3_ blockIdx, blockDim, gridDim;
+static std::barrier<>* g_bar = nullptr;
+alignas(16) static unsigned char g_dyn[256 * 1024];
+inline void __syncthreads() { g_bar->arrive_and_wait(); }
+#define __global__
+#define __device__
+#define __forceinline__ inline
+#define __launch_bounds__(...)
+#define __restrict__
+#define __shared__ static
+#define __align__(n) alignas(n)
+template <class A, class B> inline auto min(A a, B b) -> decltype(a + b) { return a < b ? a : b; }
+template <class A, class B> inline auto max(A a, B b) -> decltype(a + b) { return a < b ? b : a; }
+struct __half { uint16_t x; };
+struct __nv_bfloat16 { uint16_t x; };
+inline float __bfloat162float(__nv_bfloat16 b) { uint32_t u = uint32_t(b.x) << 16; float f; memcpy(&f, &u, 4); return f; }
+inline float __half2float(__half h) {
+  uint32_t s = (h.x >> 15) & 1, e = (h.x >> 10) & 31, m = h.x & 1023; float v;
+  if (e == 0) v = std::ldexp((float)m, -24); else if (e == 31) v = m ? NAN : INFINITY; else v = std::ldexp((float)(m | 1024), (int)e - 25);
+  return s ? -v : v; }
+inline __half __float2half_rn(float) { return __half{0}; }
+inline __nv_bfloat16 __float2bfloat16_rn(float) { return __nv_bfloat16{0}; }
+template <class F> void emu_launch(dim3_ grid, dim3_ block, F kernel) {
+  gridDim = grid; blockDim = block;
+  unsigned n = block.x * block.y * block.z;
+  for (unsigned bz = 0; bz < grid.z; ++bz) for (unsigned by = 0; by < grid.y; ++by) for (unsigned bx = 0; bx < grid.x; ++bx) {
+    blockIdx = {bx, by, bz};
+    std::barrier<> bar(n); g_bar = &bar;
+    memset(g_dyn, 0xCD, sizeof g_dyn);  // garbage, like real shared memory
+    std::vector<std::thread> ts;
+    for (unsigned t = 0; t < n; ++t) ts.emplace_back([&, t] {
+      threadIdx = {t % block.x, (t / block.x) % block.y, t / (block.x * block.y)};
+      kernel(); });
+    for (auto& th : ts) th.join();
+  }
+}
+"""
+
+_WRAPPERS = {
+"pooling.cu": '''
+extern "C" void emu_pool_f(const float* x, float* out, int B, int H, int N, int D, int c, int ch, int thr) {
+  int R = (N + c - 1) / c; int Ho = H / ch;
+  emu_launch({(unsigned)((R * D + thr - 1) / thr), (unsigned)(B * Ho), 1}, {(unsigned)thr, 1, 1}, [&] { us_pool_seq<float>(x, out, H, N, D, c, ch); }); }
+extern "C" void emu_pool_bf(const __nv_bfloat16* x, float* out, int B, int H, int N, int D, int c, int ch, int thr) {
+  int R = (N + c - 1) / c; int Ho = H / ch;
+  emu_launch({(unsigned)((R * D + thr - 1) / thr), (unsigned)(B * Ho), 1}, {(unsigned)thr, 1, 1}, [&] { us_pool_seq<__nv_bfloat16>(x, out, H, N, D, c, ch); }); }
+extern "C" void emu_pool_h(const __half* x, float* out, int B, int H, int N, int D, int c, int ch, int thr) {
+  int R = (N + c - 1) / c; int Ho = H / ch;
+  emu_launch({(unsigned)((R * D + thr - 1) / thr), (unsigned)(B * Ho), 1}, {(unsigned)thr, 1, 1}, [&] { us_pool_seq<__half>(x, out, H, N, D, c, ch); }); }
+''',
+"scores.cu": '''
+extern "C" void emu_rowstats(const float* qc, const float* kc, float* m, float* l, unsigned gx, unsigned gy, int Hm, int Hkv, int R, int C, int D, int nq, int nk, int cq, int ck, int ch, int G, int causal, float scale) {
+  emu_launch({gx, gy, 1}, {16, 16, 1}, [&] { us_scores_rowstats(qc, kc, m, l, Hm, Hkv, R, C, D, nq, nk, cq, ck, ch, G, causal, scale); }); }
+extern "C" void emu_blocksum(const float* qc, const float* kc, const float* m, const float* l, float* sc, unsigned gx, unsigned gy, int Hm, int Hkv, int R, int C, int D, int nq, int nk, int cq, int ck, int ch, int G, int S, int causal, float scale) {
+  emu_launch({gx, gy, 1}, {16, 16, 1}, [&] { us_scores_blocksum(qc, kc, m, l, sc, Hm, Hkv, R, C, D, nq, nk, cq, ck, ch, G, S, causal, scale); }); }
+''',
+"selection.cu": '''
+extern "C" void emu_select_d(const double* s, bool* mask, int* cnt, int* idx, unsigned rows, int nQb, int nKb, int nq, int nk, int S, int ns, int nl, int causal, double P) {
+  emu_launch({rows, 1, 1}, {US_SEL_THREADS, 1, 1}, [&] { us_select_topp<double>(s, mask, cnt, idx, nQb, nKb, nq, nk, S, ns, nl, causal, P); }); }
+extern "C" void emu_select_f(const float* s, bool* mask, int* cnt, int* idx, unsigned rows, int nQb, int nKb, int nq, int nk, int S, int ns, int nl, int causal, double P) {
+  emu_launch({rows, 1, 1}, {US_SEL_THREADS, 1, 1}, [&] { us_select_topp<float>(s, mask, cnt, idx, nQb, nKb, nq, nk, S, ns, nl, causal, P); }); }
+extern "C" void emu_m2i(const bool* mask, int* cnt, int* idx, unsigned rows, int nKb) {
+  emu_launch({rows, 1, 1}, {US_SEL_THREADS, 1, 1}, [&] { us_mask_to_indices(mask, cnt, idx, nKb); }); }
+''',
+}
+
+
+def _host_source(file: str) -> str:
+    s = _loader.read_source(file)
+    s = re.sub(r"#include <cuda_(fp16|bf16)\.h>", "", s).replace("#pragma once", "")
+    # extern dynamic shared arrays -> a pointer into the emulator's buffer
+    s = re.sub(r"extern __shared__ (?:__align__\(\d+\) )?([\w ]+?) (\w+)\[\];",
+               r"\1* \2 = reinterpret_cast<\1*>(g_dyn);", s)
+    return _PRELUDE + s + _WRAPPERS[file]
+
+
+@pytest.fixture(scope="module")
+def host_kernels(tmp_path_factory: pytest.TempPathFactory):
+    """The three files built as host shared libraries with g++ (skipped without a C++20 g++)."""
+    import ctypes
+    import shutil
+    import subprocess
+
+    gxx = shutil.which("g++")
+    if gxx is None:
+        pytest.skip("g++ is not installed: the host emulation of the kernels is skipped")
+    d = tmp_path_factory.mktemp("hostemu")
+    libs = {}
+    for file in _WRAPPERS:
+        cpp = d / (file.replace(".cu", ".cpp"))
+        cpp.write_text(_host_source(file))
+        so = d / ("lib" + file.replace(".cu", ".so"))
+        r = subprocess.run([gxx, "-std=c++20", "-O1", "-fPIC", "-shared", "-pthread", "-w", "-DUS_SEL_THREADS=32", str(cpp), "-o", str(so)],
+                           capture_output=True, text=True, timeout=300)
+        if r.returncode != 0 and "barrier" in r.stderr and "No such file" in r.stderr:
+            pytest.skip("g++ lacks C++20 <barrier>")
+        assert r.returncode == 0, f"g++ failed on {file}:\n{r.stderr[-3000:]}"
+        libs[file] = ctypes.CDLL(str(so))
+    return libs
+
+
+def _ptr(a):
+    import ctypes
+
+    return a.ctypes.data_as(ctypes.c_void_p)
+
+
+def test_host_emulated_pooling(host_kernels) -> None:
+    import ctypes
+
+    import numpy as np
+
+    from unisparse_ref import BFLOAT16
+    from unisparse_ref import reference as ref
+    from unisparse_ref.tolerance import attention_tolerance
+
+    lib = host_kernels["pooling.cu"]
+    rng = np.random.default_rng(0)
+    for dt, fn in ((np.float32, lib.emu_pool_f), (BFLOAT16, lib.emu_pool_bf), (np.float16, lib.emu_pool_h)):
+        for B, H, N, D, c, ch in [(2, 4, 77, 32, 16, 2), (1, 6, 33, 16, 4, 3)]:
+            x = rng.standard_normal((B, H, N, D)).astype(dt)
+            out = np.zeros((B, H // ch, -(-N // c), D), np.float32)
+            xin = np.ascontiguousarray(x if dt == np.float32 else x.view(np.uint16))
+            fn(_ptr(xin), _ptr(out), *(ctypes.c_int(v) for v in (B, H, N, D, c, ch, 64)))
+            want = ref.pool_heads(ref.pool_sequence(x, c), ch)
+            tol, _ = attention_tolerance(want, None, np.float32)
+            assert np.abs(out - want).max() <= tol, (np.dtype(dt), B, H, N, D, c, ch)
+
+
+# The same cases as the GPU test of the scores (tests/test_cupy_layer.py).
+_SCORE_CASES = [
+    (1, 4, 4, 1, 512, 512, 64, 128, 16, 16, True), (2, 8, 2, 2, 300, 1000, 32, 64, 16, 8, True),
+    (1, 2, 1, 1, 260, 260, 64, 128, 1, 1, True), (1, 2, 2, 1, 200, 333, 16, 16, 16, 16, False),
+    (1, 3, 1, 1, 129, 700, 40, 32, 2, 32, True), (1, 2, 1, 1, 1000, 300, 32, 64, 8, 4, False),
+]
+
+
+@pytest.mark.parametrize("case", _SCORE_CASES, ids=[f"case{i}" for i in range(len(_SCORE_CASES))])
+def test_host_emulated_scores(host_kernels, case) -> None:
+    """Both passes of scores.cu, launched with the backend's launch configuration."""
+    import ctypes
+
+    import numpy as np
+
+    from unisparse_ref import UniSparseConfig, geometry
+    from unisparse_ref import cupy_backend as cb
+    from unisparse_ref import reference as ref
+
+    B, Hq, Hkv, c_h, Nq, Nk, D, S, c_q, c_k, causal = case
+    lib = host_kernels["scores.cu"]
+    rng = np.random.default_rng(1)
+    q = 1.5 * rng.standard_normal((B, Hq, Nq, D))
+    k = 1.5 * rng.standard_normal((B, Hkv, Nk, D))
+    cfg = UniSparseConfig(block_size=S, c_q=c_q, c_k=c_k, c_h=c_h, causal=causal)
+    rq, rk = ref.compress(q, k, cfg)
+    want = ref.block_scores(rq, rk, cfg, Nq, Nk)
+    qc, kc = np.ascontiguousarray(rq, np.float32), np.ascontiguousarray(rk, np.float32)
+    Hm, R, C = qc.shape[1], qc.shape[2], kc.shape[2]
+    lc = cb.scores_launch_config(B, Hm, R, cfg)
+    assert lc["shared2"] <= 256 * 1024
+    m = np.zeros((B, Hm, R), np.float32)
+    lsum = np.zeros_like(m)
+    got = np.zeros((B, Hm, geometry.num_blocks(Nq, S), geometry.num_blocks(Nk, S)), np.float32)
+    ints = [ctypes.c_int(v) for v in (Hm, Hkv, R, C, D, Nq, Nk, c_q, c_k, c_h, Hq // Hkv)]
+    scale = ctypes.c_float(cfg.scale_for(D))
+    g1, g2 = lc["grid1"], lc["grid2"]
+    lib.emu_rowstats(_ptr(qc), _ptr(kc), _ptr(m), _ptr(lsum), ctypes.c_uint(g1[0]), ctypes.c_uint(g1[1]), *ints,
+                     ctypes.c_int(int(causal)), scale)
+    lib.emu_blocksum(_ptr(qc), _ptr(kc), _ptr(m), _ptr(lsum), _ptr(got), ctypes.c_uint(g2[0]), ctypes.c_uint(g2[1]),
+                     *ints, ctypes.c_int(S), ctypes.c_int(int(causal)), scale)
+    err = float(np.abs(got - want).max())
+    assert err <= cb.CupyBackend.score_eps, f"max |scores - ref| = {err:.2e}"
+
+
+@pytest.mark.parametrize("score_dtype", ["float64", "float32"])
+def test_host_emulated_selection(host_kernels, score_dtype) -> None:
+    """selection.cu gives the reference's mask and index form on the same scores (ties included)."""
+    import ctypes
+
+    import numpy as np
+
+    from unisparse_ref import BlockMask, UniSparseConfig, geometry
+    from unisparse_ref import reference as ref
+
+    lib = host_kernels["selection.cu"]
+    fn = lib.emu_select_d if score_dtype == "float64" else lib.emu_select_f
+    rng = np.random.default_rng(2)
+    for Nq, Nk, S, P, ns, nl, causal in [(1024, 1024, 64, 0.9, 1, 1, True), (500, 2000, 32, 0.5, 2, 3, True),
+                                          (300, 300, 16, 1.0, 1, 1, True), (700, 200, 32, 0.7, 1, 2, False),
+                                          (2000, 2000, 16, 0.95, 0, 0, True)]:
+        cfg = UniSparseConfig(block_size=S, c_q=S // 4, c_k=S // 4, threshold=P, n_sink_blocks=ns,
+                              n_local_blocks=nl, causal=causal)
+        nqb, nkb = geometry.num_blocks(Nq, S), geometry.num_blocks(Nk, S)
+        raw = rng.exponential(size=(1, 2, nqb, nkb)) ** 3
+        raw[0, 0] = np.round(raw[0, 0], 1) + 0.1  # many exact ties
+        raw = np.where(geometry.visible_blocks(Nq, Nk, S, causal), raw, 0.0)
+        scores = np.ascontiguousarray((raw / raw.sum(-1, keepdims=True)).astype(score_dtype))
+        want = ref.select_blocks(scores, cfg, Nq, Nk)
+        mask = np.zeros(scores.shape, np.bool_)
+        cnt = np.zeros(scores.shape[:3], np.int32)
+        idx = np.zeros(scores.shape, np.int32)
+        fn(_ptr(scores), _ptr(mask), _ptr(cnt), _ptr(idx), ctypes.c_uint(2 * nqb),
+           *(ctypes.c_int(v) for v in (nqb, nkb, Nq, Nk, S, ns, nl, int(causal))), ctypes.c_double(P))
+        assert np.array_equal(mask, want.mask), (Nq, Nk, S, P, causal)
+        wc, wi = want.to_indices()
+        assert np.array_equal(cnt, wc) and np.array_equal(idx, wi)
+    m = rng.random((2, 3, 5, 300)) < 0.3
+    cnt = np.zeros((2, 3, 5), np.int32)
+    idx = np.zeros((2, 3, 5, 300), np.int32)
+    lib.emu_m2i(_ptr(m), _ptr(cnt), _ptr(idx), ctypes.c_uint(30), ctypes.c_int(300))
+    wc, wi = BlockMask(m, 16, 1, 80, 4800, causal=False).to_indices()
+    assert np.array_equal(cnt, wc) and np.array_equal(idx, wi)
