@@ -61,7 +61,7 @@ def run(q, k, v, bm: BlockMask, version, softmax_scale=None):
     out, lse = attention_forward(
         to_device(q), to_device(k), to_device(v), cp.asarray(counts), cp.asarray(idx),
         nq=bm.nq, nk=bm.nk, block_size=bm.block_size, heads_per_mask=bm.heads_per_mask,
-        causal=bm.causal, softmax_scale=softmax_scale, version=version,
+        causal=bm.causal, softmax_scale=softmax_scale, version=version, validate=True,
     )
     cp.cuda.Device().synchronize()
     return from_device(out, q.dtype), cp.asnumpy(lse)

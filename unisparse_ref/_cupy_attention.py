@@ -31,6 +31,7 @@ __all__ = [
     "KERNEL_VERSIONS",
     "attention_forward",
     "attention_instantiations",
+    "check_index_form",
     "dense_indices",
     "launch_config",
 ]
@@ -248,6 +249,38 @@ def dense_indices(batch: int, mask_heads: int, nq: int, nk: int, block_size: int
     return _DENSE_CACHE[key]
 
 
+def check_index_form(kv_counts: Any, kv_indices: Any, nkb: int) -> None:
+    """Raise ``ValueError`` unless the index form is valid (NumPy or CuPy arrays).
+
+    Valid: ``0 <= kv_counts <= W`` (``W`` the last dim of ``kv_indices``), and the first
+    ``kv_counts`` entries of each row strictly ascending block indices in ``[0, nkb)``.
+    One pass over the arrays on their device; one scalar comes back to the host.
+    """
+    xp = _array_module(kv_indices)
+    W = kv_indices.shape[-1]
+    counts = kv_counts.astype(xp.int64)
+    idx = kv_indices.astype(xp.int64)
+    if bool(((counts < 0) | (counts > W)).any()):
+        raise ValueError(f"kv_counts must lie in [0, {W}] (the last dim of kv_indices)")
+    used = xp.arange(W)[None, None, None, :] < counts[..., None]
+    bad_range = used & ((idx < 0) | (idx >= nkb))
+    bad_order = used[..., 1:] & (idx[..., 1:] <= idx[..., :-1])
+    if bool(bad_range.any()):
+        raise ValueError(f"kv_indices holds a block index outside [0, {nkb}) among the counted entries")
+    if bool(bad_order.any()):
+        raise ValueError("kv_indices must be strictly ascending within the counted entries of each row")
+
+
+def _array_module(a: Any) -> Any:
+    if type(a).__module__.split(".")[0] == "cupy":
+        import cupy
+
+        return cupy
+    import numpy
+
+    return numpy
+
+
 def _has_sm90() -> bool:
     import cupy as cp
 
@@ -300,6 +333,7 @@ def attention_forward(
     version: int | None = None,
     sort_work: bool = False,
     work: Any = None,
+    validate: bool = False,
 ) -> tuple[Any, Any]:
     """Block-sparse attention forward on the GPU (SPEC section 6).
 
@@ -328,6 +362,11 @@ def attention_forward(
         sort per call; worth it for masks whose row densities differ wildly.
     work : cupy.ndarray int32, optional
         A precomputed work list for those versions (overrides ``sort_work``).
+    validate : bool
+        Check the index form on the device first (:func:`check_index_form`; costs a pass
+        over it and a synchronisation). Off by default: the kernels trust ``kv_counts`` and
+        ``kv_indices`` (the backends build them from a :class:`~unisparse_ref.BlockMask`), and
+        an index out of range there is an illegal memory access.
 
     Returns
     -------
@@ -372,6 +411,8 @@ def attention_forward(
         )
     if kv_indices.shape[3] > nkb or kv_indices.shape[3] < 1:
         raise ValueError(f"kv_indices' last dim must be in [1, nKb={nkb}], got {kv_indices.shape[3]}")
+    if validate:
+        check_index_form(kv_counts, kv_indices, nkb)
     dtype = _dtype_name(q)
     ver = _resolve_version(version, dtype, D, block_size)
     scale = 1.0 / math.sqrt(D) if softmax_scale is None else float(softmax_scale)
