@@ -57,7 +57,8 @@ class AttentionVersion:
         Tensor-core versions: ``Br = warps * m_tiles * 16`` query rows per CTA, ``Bc`` keys
         per tile. ``0`` for v1 (``Br = min(64, S)`` threads, ``Bc = 16``).
     sorted_work : bool
-        CTAs take tasks from a work list sorted by row length (longest first).
+        1-D grid in the fixed longest-first order "query tiles last-first, heads fastest"
+        (or, with ``sort_work=True``, a work list sorted by mask-row length).
     q_in_regs : bool
         Q fragments held in registers (else re-read from shared memory every tile).
     """
@@ -113,15 +114,15 @@ KERNEL_VERSIONS: dict[int, AttentionVersion] = {
     2: AttentionVersion(2, "mma.sync + ldmatrix, cp.async double buffer, swizzled smem, Br=64, Q in registers",
                         warps=4, m_tiles=1, bc=64, sorted_work=False, q_in_regs=True),
     3: AttentionVersion(3, "v2 with Br=128 as 4 warps x 32 rows (K/V fragments reused twice), Bc=32, "
-                        "longest-first work list", warps=4, m_tiles=2, bc=32, sorted_work=True, q_in_regs=False),
-    4: AttentionVersion(4, "v2 with Br=128 as 8 warps x 16 rows, longest-first work list",
+                        "1-D longest-first grid", warps=4, m_tiles=2, bc=32, sorted_work=True, q_in_regs=False),
+    4: AttentionVersion(4, "v2 with Br=128 as 8 warps x 16 rows, 1-D longest-first grid",
                         warps=8, m_tiles=1, bc=64, sorted_work=True, q_in_regs=True),
-    5: AttentionVersion(5, "v2 with the longest-first work list (Br=64)",
+    5: AttentionVersion(5, "v2 on the 1-D longest-first grid (Br=64)",
                         warps=4, m_tiles=1, bc=64, sorted_work=True, q_in_regs=True),
-    6: AttentionVersion(6, "v3 with Bc=64 (Br=128 as 4 warps x 32 rows, longest-first work list)",
+    6: AttentionVersion(6, "v3 with Bc=64 (Br=128 as 4 warps x 32 rows); the fastest mma.sync version",
                         warps=4, m_tiles=2, bc=64, sorted_work=True, q_in_regs=False),
     7: AttentionVersion(7, "Hopper wgmma (sm_90a): 2 warpgroups x 64 rows (Br=128), Q/K/V^T from swizzled smem "
-                        "descriptors, P from registers, V transposed in smem, 2 CTAs/SM; longest-first work list",
+                        "descriptors, P from registers, V transposed in smem, 2 CTAs/SM; 1-D longest-first grid",
                         warps=8, m_tiles=1, bc=64, sorted_work=True, q_in_regs=False, wgmma=True),
     8: AttentionVersion(8, "v7 with 1 warpgroup per CTA (Br=64), 2-3 CTAs/SM",
                         warps=4, m_tiles=1, bc=64, sorted_work=True, q_in_regs=False, wgmma=True),
@@ -174,7 +175,8 @@ def launch_config(
     -------
     dict
         ``grid``, ``block``, ``shared_mem`` (bytes), ``br`` (rows per CTA), ``n_qtiles``.
-        Sorted versions use a 1-D grid over the work list (``n_tasks`` CTAs); the others
+        Versions with ``sorted_work`` (v3-v8) use a 1-D grid of ``B * Hq * n_qtiles`` CTAs in
+        the longest-first order (or over a sorted work list); v1 and v2 the 3-D grid
         ``(Hq, n_qtiles, B)`` with heads fastest.
     """
     br = ver.br(block_size)
