@@ -259,8 +259,11 @@ def _count_nonfinite(arr: Any, dtype: np.dtype) -> int:
     cp = _cupy()
     kind = "bf16" if dtype == BFLOAT16 else "float"
     if kind not in _NONFINITE:
-        expr = "((x & 0x7F80) == 0x7F80) ? 1 : 0" if kind == "bf16" else "isfinite((float)x) ? 0 : 1"
-        _NONFINITE[kind] = cp.ReductionKernel("T x", "int64 y", expr, "a + b", "y = a", "0", f"us_nonfinite_{kind}")
+        # bf16 bits: exponent all ones (0x7F80 = 32640) means inf or NaN. Decimal on purpose:
+        # CuPy rewrites the parameter name inside the expression, which would mangle a
+        # hexadecimal literal that contains it.
+        expr = "((v & 32640) == 32640) ? 1 : 0" if kind == "bf16" else "isfinite((float)v) ? 0 : 1"
+        _NONFINITE[kind] = cp.ReductionKernel("T v", "int64 y", expr, "a + b", "y = a", "0", f"us_nonfinite_{kind}")
     return int(_NONFINITE[kind](arr))
 
 
