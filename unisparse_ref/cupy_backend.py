@@ -565,7 +565,9 @@ class CupyBackend:
         for name, a in (("q", qd), ("k", kd), ("v", vd)):
             _check_finite(name, a, dt)
         S = config.block_size
-        bm = BlockMask.full(B, 1, Nq, Nk, block_size=S, heads_per_mask=Hq, causal=causal)
+        # One mask head per KV head (heads_per_mask = G): the smallest index form the attention takes.
+        G = Hq // Hkv
+        bm = BlockMask.full(B, Hkv, Nq, Nk, block_size=S, heads_per_mask=G, causal=causal)
         mask = cp.asarray(bm.mask)
         counts, indices = _launch_mask_to_indices(mask)
         return self._attend(qd, kd, vd, dt, counts, indices, bm, config.scale_for(D))
