@@ -5,29 +5,33 @@
 #   1. environment report;
 #   2. the shared suite for every backend (numpy, numba, cupy) at GPU sizes (HYPOTHESIS_PROFILE=gpu);
 #   3. the numba pipeline at Nq = Nk = 32768 against the reference on sampled query blocks;
-#   4. the cupy layer's GPU script (sanitizers, big case) when present.
+#   4. the cupy layer's GPU script (its suite, sanitizers, the 131072-token case) when present.
+# Each step has a time limit (NUMBA_LIMIT, CUPY_LIMIT, SUITE_LIMIT seconds) so one slow step
+# cannot starve the others inside a lease.
 set -u
 MODE=${1:-full}
 LOG=${OUT:-gpu_logs}
 mkdir -p "$LOG"
 PY=${PY:-python3}
 status=0
-step() {  # step NAME COMMAND...: run, tee the log, remember failures
-  local name=$1; shift
+step() {  # step NAME SECONDS COMMAND...: run with a time limit, keep the log, remember failures
+  local name=$1 limit=$2; shift 2
   echo "=== $name: $*"
   local t0=$(date +%s)
-  if "$@" > "$LOG/$name.log" 2>&1; then r=0; else r=$?; status=1; fi
+  if timeout --kill-after=10 "$limit" "$@" > "$LOG/$name.log" 2>&1; then r=0; else r=$?; status=1; fi
   tail -n 25 "$LOG/$name.log"
   echo "=== $name: exit $r in $(( $(date +%s) - t0 )) s"
   echo "$name exit=$r seconds=$(( $(date +%s) - t0 ))" >> "$LOG/summary.txt"
 }
 { date -u; nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader; \
   echo "commit ${UNISPARSE_COMMIT:-$(git rev-parse HEAD 2>/dev/null || echo unknown)}"; } > "$LOG/summary.txt"
-step info $PY -m unisparse_ref info
-step suite env HYPOTHESIS_PROFILE=gpu $PY -m pytest -q -p no:cacheprovider -m "not slow" tests
+step info 60 $PY -m unisparse_ref info
 if [ "$MODE" = full ]; then
-  [ -f scripts/gpu_numba.py ] && step numba_32k $PY scripts/gpu_numba.py
-  [ -f scripts/gpu_cupy.sh ] && step cupy bash scripts/gpu_cupy.sh
+  [ -f scripts/gpu_numba.py ] && step numba_32k ${NUMBA_LIMIT:-170} $PY scripts/gpu_numba.py
+  [ -f scripts/gpu_cupy.sh ] && step cupy ${CUPY_LIMIT:-200} bash scripts/gpu_cupy.sh full
 fi
+# The shared suite for every backend (test_cupy_layer.py already ran in the cupy step).
+step suite ${SUITE_LIMIT:-900} env HYPOTHESIS_PROFILE=gpu $PY -m pytest -q -p no:cacheprovider -rfEs \
+  -m "not slow" --deselect tests/test_cupy_layer.py tests
 cat "$LOG/summary.txt"
 exit $status
