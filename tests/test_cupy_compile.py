@@ -8,6 +8,11 @@ tests check and print (``pytest -s`` shows the table). No driver or GPU is neede
 ``cuda-bindings`` (``from cuda.bindings import nvrtc``), the pip ``nvidia-cuda-nvrtc``
 library, and the CUDA headers from the pip ``nvidia-cuda-runtime`` (``cuda_fp16.h``,
 ``cuda_bf16.h``) and ``nvidia-cuda-cccl`` (``nv/target``) wheels.
+
+Further down, still without a GPU: the same sources of pooling, scores and selection are built
+with g++ under a host emulation of the CUDA execution model and checked against the NumPy
+reference, and ``CupyBackend``'s Python glue runs on a NumPy stand-in for CuPy that launches
+those emulated kernels with the backend's own grid, block and arguments.
 """
 
 from __future__ import annotations
@@ -269,6 +274,14 @@ template <class F> void emu_launch(dim3_ grid, dim3_ block, F kernel) {
 
 _WRAPPERS = {
 "pooling.cu": '''
+#define US_G dim3_{gx, gy, 1}
+#define US_B dim3_{bx, by, 1}
+extern "C" void emk_pool_f(unsigned gx, unsigned gy, unsigned bx, unsigned by, const float* x, float* o, int H, int N, int D, int c, int ch) {
+  emu_launch(US_G, US_B, [&] { us_pool_seq<float>(x, o, H, N, D, c, ch); }); }
+extern "C" void emk_pool_h(unsigned gx, unsigned gy, unsigned bx, unsigned by, const __half* x, float* o, int H, int N, int D, int c, int ch) {
+  emu_launch(US_G, US_B, [&] { us_pool_seq<__half>(x, o, H, N, D, c, ch); }); }
+extern "C" void emk_pool_bf(unsigned gx, unsigned gy, unsigned bx, unsigned by, const __nv_bfloat16* x, float* o, int H, int N, int D, int c, int ch) {
+  emu_launch(US_G, US_B, [&] { us_pool_seq<__nv_bfloat16>(x, o, H, N, D, c, ch); }); }
 extern "C" void emu_pool_f(const float* x, float* out, int B, int H, int N, int D, int c, int ch, int thr) {
   int R = (N + c - 1) / c; int Ho = H / ch;
   emu_launch({(unsigned)((R * D + thr - 1) / thr), (unsigned)(B * Ho), 1}, {(unsigned)thr, 1, 1}, [&] { us_pool_seq<float>(x, out, H, N, D, c, ch); }); }
@@ -280,12 +293,26 @@ extern "C" void emu_pool_h(const __half* x, float* out, int B, int H, int N, int
   emu_launch({(unsigned)((R * D + thr - 1) / thr), (unsigned)(B * Ho), 1}, {(unsigned)thr, 1, 1}, [&] { us_pool_seq<__half>(x, out, H, N, D, c, ch); }); }
 ''',
 "scores.cu": '''
+#define US_G dim3_{gx, gy, 1}
+#define US_B dim3_{bx, by, 1}
+extern "C" void emk_rowstats(unsigned gx, unsigned gy, unsigned bx, unsigned by, const float* qc, const float* kc, float* m, float* l, int Hm, int Hkv, int R, int C, int D, int nq, int nk, int cq, int ck, int ch, int G, int causal, float scale) {
+  emu_launch(US_G, US_B, [&] { us_scores_rowstats(qc, kc, m, l, Hm, Hkv, R, C, D, nq, nk, cq, ck, ch, G, causal, scale); }); }
+extern "C" void emk_blocksum(unsigned gx, unsigned gy, unsigned bx, unsigned by, const float* qc, const float* kc, const float* m, const float* l, float* sc, int Hm, int Hkv, int R, int C, int D, int nq, int nk, int cq, int ck, int ch, int G, int S, int causal, float scale) {
+  emu_launch(US_G, US_B, [&] { us_scores_blocksum(qc, kc, m, l, sc, Hm, Hkv, R, C, D, nq, nk, cq, ck, ch, G, S, causal, scale); }); }
 extern "C" void emu_rowstats(const float* qc, const float* kc, float* m, float* l, unsigned gx, unsigned gy, int Hm, int Hkv, int R, int C, int D, int nq, int nk, int cq, int ck, int ch, int G, int causal, float scale) {
   emu_launch({gx, gy, 1}, {16, 16, 1}, [&] { us_scores_rowstats(qc, kc, m, l, Hm, Hkv, R, C, D, nq, nk, cq, ck, ch, G, causal, scale); }); }
 extern "C" void emu_blocksum(const float* qc, const float* kc, const float* m, const float* l, float* sc, unsigned gx, unsigned gy, int Hm, int Hkv, int R, int C, int D, int nq, int nk, int cq, int ck, int ch, int G, int S, int causal, float scale) {
   emu_launch({gx, gy, 1}, {16, 16, 1}, [&] { us_scores_blocksum(qc, kc, m, l, sc, Hm, Hkv, R, C, D, nq, nk, cq, ck, ch, G, S, causal, scale); }); }
 ''',
 "selection.cu": '''
+#define US_G dim3_{gx, gy, 1}
+#define US_B dim3_{bx, by, 1}
+extern "C" void emk_select_f(unsigned gx, unsigned gy, unsigned bx, unsigned by, const float* s, bool* mask, int* cnt, int* idx, int nQb, int nKb, int nq, int nk, int S, int ns, int nl, int causal, double P) {
+  emu_launch(US_G, US_B, [&] { us_select_topp<float>(s, mask, cnt, idx, nQb, nKb, nq, nk, S, ns, nl, causal, P); }); }
+extern "C" void emk_select_d(unsigned gx, unsigned gy, unsigned bx, unsigned by, const double* s, bool* mask, int* cnt, int* idx, int nQb, int nKb, int nq, int nk, int S, int ns, int nl, int causal, double P) {
+  emu_launch(US_G, US_B, [&] { us_select_topp<double>(s, mask, cnt, idx, nQb, nKb, nq, nk, S, ns, nl, causal, P); }); }
+extern "C" void emk_m2i(unsigned gx, unsigned gy, unsigned bx, unsigned by, const bool* mask, int* cnt, int* idx, int nKb) {
+  emu_launch(US_G, US_B, [&] { us_mask_to_indices(mask, cnt, idx, nKb); }); }
 extern "C" void emu_select_d(const double* s, bool* mask, int* cnt, int* idx, unsigned rows, int nQb, int nKb, int nq, int nk, int S, int ns, int nl, int causal, double P) {
   emu_launch({rows, 1, 1}, {US_SEL_THREADS, 1, 1}, [&] { us_select_topp<double>(s, mask, cnt, idx, nQb, nKb, nq, nk, S, ns, nl, causal, P); }); }
 extern "C" void emu_select_f(const float* s, bool* mask, int* cnt, int* idx, unsigned rows, int nQb, int nKb, int nq, int nk, int S, int ns, int nl, int causal, double P) {
@@ -441,3 +468,224 @@ def test_host_emulated_selection(host_kernels, score_dtype) -> None:
     lib.emu_m2i(_ptr(m), _ptr(cnt), _ptr(idx), ctypes.c_uint(30), ctypes.c_int(300))
     wc, wi = BlockMask(m, 16, 1, 80, 4800, causal=False).to_indices()
     assert np.array_equal(cnt, wc) and np.array_equal(idx, wi)
+
+
+# ---------------------------------------------------------------------------- backend glue
+# CupyBackend's Python (input conversion, bf16 carriage, launch configuration, argument lists,
+# BlockMask and index form, error messages) run against a stand-in "cupy" made of NumPy whose
+# kernels are the host-emulated ones above, launched with the grid and block the backend
+# computes; the attention launcher is replaced by the reference (its kernels need a GPU).
+_KERNEL_TABLE = {
+    ("pooling.cu", "us_pool_seq<float>"): "emk_pool_f", ("pooling.cu", "us_pool_seq<__half>"): "emk_pool_h",
+    ("pooling.cu", "us_pool_seq<__nv_bfloat16>"): "emk_pool_bf",
+    ("scores.cu", "us_scores_rowstats"): "emk_rowstats", ("scores.cu", "us_scores_blocksum"): "emk_blocksum",
+    ("selection.cu", "us_select_topp<float>"): "emk_select_f", ("selection.cu", "us_select_topp<double>"): "emk_select_d",
+    ("selection.cu", "us_mask_to_indices"): "emk_m2i",
+}
+
+
+def _fake_cupy(host_kernels):
+    import ctypes
+    import types
+
+    import numpy as np
+
+    fake = types.ModuleType("cupy")
+
+    class ndarray(np.ndarray):
+        def get(self):
+            return np.array(self.view(np.ndarray))
+
+        @property
+        def data(self):
+            return types.SimpleNamespace(ptr=self.ctypes.data)
+
+    ndarray.__module__ = "cupy"
+
+    def asarray(x, dtype=None):
+        return np.array(np.asarray(x), dtype=dtype, copy=True, order="C").view(ndarray)
+
+    def wrap(fn):
+        return lambda *a, **k: np.asarray(fn(*a, **k)).view(ndarray)
+
+    for name in ("float16", "float32", "float64", "uint16", "uint32", "int32", "int64", "bool_", "uintp"):
+        setattr(fake, name, getattr(np, name))
+    fake.ndarray = ndarray
+    fake.asarray = asarray
+    fake.empty = wrap(np.empty)
+    fake.zeros = wrap(np.zeros)
+    fake.ascontiguousarray = wrap(np.ascontiguousarray)
+    fake.isfinite = wrap(np.isfinite)
+    fake.where, fake.sort, fake.arange = wrap(np.where), wrap(np.sort), wrap(np.arange)
+    fake.from_dlpack = lambda x: np.from_dlpack(x).view(ndarray)
+
+    class ReductionKernel:  # only the backend's non-finite counter
+        def __init__(self, in_params, out_params, map_expr, *rest):
+            self.bits = "32640" in map_expr
+
+        def __call__(self, a):
+            a = np.asarray(a)
+            return int(((a & 32640) == 32640).sum()) if self.bits else int((~np.isfinite(a)).sum())
+
+    fake.ReductionKernel = ReductionKernel
+
+    class Device:
+        id = 0
+        attributes = {"MaxSharedMemoryPerBlockOptin": 227 * 1024}
+
+        def __init__(self, *a):
+            pass
+
+    fake.cuda = types.SimpleNamespace(Device=Device)
+
+    class Kernel:
+        def __init__(self, file, name):
+            self.lib = host_kernels[file]
+            self.fn = getattr(self.lib, _KERNEL_TABLE[(file, name)])
+            self.name = name
+            self.max_dynamic_shared_size_bytes = 0
+
+        launched: set[str] = set()
+
+        def __call__(self, grid, block, args, shared_mem=0):
+            assert shared_mem <= 256 * 1024
+            Kernel.launched.add(self.fn.__name__)
+            conv = []
+            for a in args:
+                if isinstance(a, np.ndarray):
+                    assert a.flags.c_contiguous
+                    conv.append(ctypes.c_void_p(a.ctypes.data))
+                elif isinstance(a, np.float64):
+                    conv.append(ctypes.c_double(a))
+                elif isinstance(a, np.float32):
+                    conv.append(ctypes.c_float(a))
+                elif isinstance(a, np.uint64):
+                    conv.append(ctypes.c_void_p(int(a) or None))
+                elif isinstance(a, np.int32):
+                    conv.append(ctypes.c_int(int(a)))
+                else:
+                    raise TypeError(f"unexpected kernel argument {a!r} ({type(a)})")
+            self.fn(*(ctypes.c_uint(int(x)) for x in (grid[0], grid[1], block[0], block[1])), *conv)
+
+    return fake, Kernel
+
+
+def _reference_attention_module():
+    import types
+
+    import numpy as np
+
+    from unisparse_ref import BFLOAT16, BlockMask
+    from unisparse_ref import reference as ref
+
+    mod = types.ModuleType("unisparse_ref._cupy_attention")
+
+    def attention_forward(q, k, v, kv_counts, kv_indices, *, nq, nk, block_size, heads_per_mask, causal,
+                          softmax_scale):
+        import cupy as cp  # the stand-in
+
+        for x in (q, k, v, kv_counts, kv_indices):
+            assert isinstance(x, cp.ndarray) and x.flags.c_contiguous
+        bf16 = q.dtype == np.uint16
+        host = [x.get().view(BFLOAT16) if bf16 else x.get() for x in (q, k, v)]
+        bm = BlockMask.from_indices(kv_counts.get(), kv_indices.get(), block_size=block_size, nq=nq, nk=nk,
+                                    heads_per_mask=heads_per_mask, causal=causal)
+        cfg = us_config(block_size, causal, softmax_scale)
+        dt = host[0].dtype
+        out, lse = ref.block_sparse_attention(*host, bm, cfg, precision=dt)
+        out = out.astype(dt)
+        return cp.asarray(out.view(np.uint16) if bf16 else out), cp.asarray(lse)
+
+    def us_config(S, causal, scale):
+        from unisparse_ref import UniSparseConfig
+
+        return UniSparseConfig(block_size=S, c_q=S, c_k=S, causal=causal, softmax_scale=scale)
+
+    mod.attention_forward = attention_forward
+    return mod
+
+
+@pytest.mark.parametrize("bf16_native", [True, False], ids=["cupy-bf16", "BFloat16Array"])
+def test_backend_glue_on_host_emulation(host_kernels, monkeypatch, bf16_native) -> None:
+    import sys
+
+    import numpy as np
+
+    import unisparse_ref as us
+    from unisparse_ref import BFLOAT16, BlockMask, UniSparseConfig
+    from unisparse_ref import cupy_backend as cb
+    from unisparse_ref import reference as ref
+    from unisparse_ref.tolerance import check_attention, eps_valid_rows
+
+    fake, Kernel = _fake_cupy(host_kernels)
+    monkeypatch.setitem(sys.modules, "cupy", fake)
+    monkeypatch.setitem(sys.modules, "unisparse_ref._cupy_attention", _reference_attention_module())
+    monkeypatch.setattr(cb, "_BF16_NATIVE", bf16_native)
+    monkeypatch.setattr(cb, "_NONFINITE", {})
+    monkeypatch.setattr(cb, "_SEL_THREADS", 32)  # the emulator was built with -DUS_SEL_THREADS=32
+    monkeypatch.setattr(_loader, "_SHARED_OPTIN", {})
+    monkeypatch.setattr(_loader, "get_function", lambda file, name, options=(): Kernel(file, name))
+    be = cb.CupyBackend("host emulation")
+    rng = np.random.default_rng(9)
+    for dt in (np.float16, BFLOAT16, np.float32):
+        B, Hq, Hkv, Nq, Nk, D = 2, 4, 2, 150, 200, 32
+        q = rng.standard_normal((B, Hq, Nq, D)).astype(dt)
+        k = rng.standard_normal((B, Hkv, Nk, D)).astype(dt)
+        v = rng.standard_normal((B, Hkv, Nk, D)).astype(dt)
+        cfg = UniSparseConfig(block_size=32, c_q=8, c_k=4, c_h=2, threshold=0.8)
+        res = us.unisparse_attention(q, k, v, cfg, backend=be, return_details=True)
+        rq, rk = ref.compress(q, k, cfg)
+        assert np.abs(us.to_numpy(res.q_c) - rq).max() < 1e-5 and np.abs(us.to_numpy(res.k_c) - rk).max() < 1e-5
+        want_scores = ref.block_scores(rq, rk, cfg, Nq, Nk)
+        assert np.abs(us.to_numpy(res.scores) - want_scores).max() <= be.score_eps
+        assert eps_valid_rows(res.block_mask, want_scores, cfg, Nq, Nk, be.score_eps).all()
+        assert np.array_equal(us.to_numpy(res.block_mask.mask), ref.select_blocks(res.scores.get(), cfg, Nq, Nk).mask)
+        out = us.to_numpy(res.out)
+        assert out.dtype == np.dtype(dt), (out.dtype, dt)
+        if dt == BFLOAT16:
+            assert isinstance(res.out, cb.BFloat16Array) != bf16_native
+        bm = res.block_mask.numpy()
+        ref64, _ = ref.block_sparse_attention(q, k, v, bm, cfg)
+        lp, _ = ref.block_sparse_attention(q, k, v, bm, cfg, precision=dt) if dt != np.float32 else (None, None)
+        assert check_attention(out, ref64, lp, dt).ok
+        sel64 = be.select_blocks(want_scores, cfg, Nq, Nk)  # float64 scores: the double instantiation
+        assert np.array_equal(us.to_numpy(sel64.mask), ref.select_blocks(want_scores, cfg, Nq, Nk).mask)
+        bm2, counts, idx = be.select_blocks_indices(res.scores, cfg, Nq, Nk)
+        wc, wi = bm.to_indices()
+        assert np.array_equal(us.to_numpy(counts), wc) and np.array_equal(us.to_numpy(idx), wi)
+        # dense attention: every visible block, one mask head per KV head
+        out_d, lse_d = be.dense_attention(q, k, v, causal=True)
+        full = BlockMask.full(B, Hq, Nq, Nk, block_size=32)
+        r64, _ = ref.block_sparse_attention(q, k, v, full, UniSparseConfig(block_size=32))
+        lpd, _ = (ref.block_sparse_attention(q, k, v, full, UniSparseConfig(block_size=32), precision=dt)
+                  if dt != np.float32 else (None, None))
+        assert check_attention(us.to_numpy(out_d), r64, lpd, dt).ok
+        assert us.to_numpy(lse_d).dtype == np.float32
+    # inputs given as device arrays, bf16 bits wrapped, and the errors
+    qd = fake.asarray(q.view(np.uint16) if q.dtype == BFLOAT16 else q)
+    a, _ = be.compress(qd, k, cfg)
+    bits = fake.asarray(rng.standard_normal((1, 2, 64, 32)).astype(BFLOAT16).view(np.uint16))
+    assert us.to_numpy(cb.as_bfloat16(bits)).dtype == BFLOAT16
+    with pytest.raises(TypeError, match="as_bfloat16"):
+        be.compress(bits, bits, UniSparseConfig(block_size=32))
+    be.compress(cb.as_bfloat16(bits), cb.as_bfloat16(bits), UniSparseConfig(block_size=32))
+    with pytest.raises(TypeError, match="q has dtype float64"):
+        be.compress(q.astype(np.float64), k.astype(np.float64), cfg)
+    bad = q.copy()
+    bad[0, 0, 3, 1] = np.inf
+    with pytest.raises(ValueError, match="non-finite"):
+        be.compress(bad, k, cfg)
+    badb = rng.standard_normal((1, 2, 64, 32)).astype(BFLOAT16)
+    badb[0, 1, 7, 2] = np.nan
+    with pytest.raises(ValueError, match="non-finite"):
+        be.dense_attention(badb, badb[:, :1], badb[:, :1])
+    with pytest.raises(ValueError, match="scores must"):
+        be.select_blocks(-np.ones((1, 2, 5, 7)), cfg, Nq, Nk)
+    with pytest.raises(TypeError, match="must be a CuPy or NumPy array"):
+        be.compress([[1.0]], k, cfg)
+    # non-contiguous input: copied, same result
+    qt = fake.asarray(np.swapaxes(np.asarray(qd), 1, 2)).swapaxes(1, 2)  # a strided view
+    assert isinstance(qt, fake.ndarray) and not qt.flags.c_contiguous
+    b_, _ = be.compress(qt if q.dtype != BFLOAT16 else cb.as_bfloat16(qt), k, cfg)
+    assert np.array_equal(us.to_numpy(a), us.to_numpy(b_))
+    assert set(Kernel.launched) == set(_KERNEL_TABLE.values()), f"not every kernel ran: {Kernel.launched}"
