@@ -586,6 +586,12 @@ def _reference_attention_module():
 
         for x in (q, k, v, kv_counts, kv_indices):
             assert isinstance(x, cp.ndarray) and x.flags.c_contiguous
+        # the real launcher's argument checks (unisparse_ref/_cupy_attention.py)
+        G = q.shape[1] // k.shape[1]
+        assert heads_per_mask >= 1 and G % heads_per_mask == 0, "heads_per_mask must divide G"
+        assert kv_counts.dtype == np.int32 and kv_indices.dtype == np.int32
+        assert kv_counts.shape == (q.shape[0], q.shape[1] // heads_per_mask, -(-nq // block_size))
+        assert q.dtype == k.dtype == v.dtype and q.dtype in (np.float16, np.float32, np.uint16)
         bf16 = q.dtype == np.uint16
         host = [x.get().view(BFLOAT16) if bf16 else x.get() for x in (q, k, v)]
         bm = BlockMask.from_indices(kv_counts.get(), kv_indices.get(), block_size=block_size, nq=nq, nk=nk,
