@@ -19,11 +19,11 @@
 // Output scores are float32; each row sums to 1 up to float32 rounding.
 //
 // Version table
-// | kernel              | pass | grid                           | block    | shared             |
-// |---------------------|------|--------------------------------|----------|--------------------|
-// | us_scores_rowstats  | 1    | (ceil(R/TR), B*Hm)             | 16 x 16  | static, ~25 KiB    |
-// | us_scores_blocksum  | 2    | (ceil(R/RG), B*Hm), RG=max(TR,RB) | 16 x 16 | static 17 KiB +  |
-// |                     |      |                                |          | dynamic (see below)|
+// | kernel              | pass | grid               | block   | shared memory                     |
+// |---------------------|------|--------------------|---------|-----------------------------------|
+// | us_scores_rowstats  | 1    | (ceil(R/TR), B*Hm) | 16 x 16 | static, ~25 KiB                   |
+// | us_scores_blocksum  | 2    | (ceil(R/RG), B*Hm) | 16 x 16 | static ~17 KiB + dynamic (below)  |
+// RG = max(TR, RB) composite rows per thread block of pass 2.
 // Pass 2 dynamic shared memory (floats): TR*(TC+1) + NQ*TC + NQ*(TC/min(KB,TC)),
 // NQ = RG/RB query blocks per thread block; computed by unisparse_ref/cupy_backend.py.
 //
