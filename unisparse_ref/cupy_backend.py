@@ -149,18 +149,13 @@ def _wrap_output(arr: Any, dtype: np.dtype) -> Any:
 def _from_foreign(name: str, x: Any) -> tuple[Any, np.dtype]:
     """A CuPy view of a DLPack / CUDA-array-interface object (zero-copy), and its dtype."""
     cp = _cupy()
-    is_torch = type(x).__module__.split(".")[0] == "torch"
-    if is_torch and str(x.dtype) == "torch.bfloat16" and not _cupy_has_bf16():
-        if x.device.type != "cuda":
-            return cp.asarray(np.asarray(x.detach().view(sys.modules["torch"].int16).cpu().numpy())).view(
-                cp.uint16
-            ), BFLOAT16
-        return cp.from_dlpack(x.detach().view(sys.modules["torch"].int16)).view(cp.uint16), BFLOAT16
-    if is_torch and x.device.type != "cuda":
-        x = x.detach()
-        if str(x.dtype) == "torch.bfloat16":
-            return cp.asarray(x.view(sys.modules["torch"].int16).numpy()).view(cp.uint16), BFLOAT16
-        return cp.asarray(x.numpy()), np.dtype(x.numpy().dtype)
+    if type(x).__module__.split(".")[0] == "torch":  # PyTorch is already imported by the caller
+        t = x.detach()
+        bf16 = str(t.dtype) == "torch.bfloat16"
+        if bf16:  # an int16 view of the same memory: works whether or not CuPy has bf16
+            t = t.view(sys.modules["torch"].int16)
+        arr = cp.from_dlpack(t) if t.device.type == "cuda" else cp.asarray(t.numpy())
+        return (arr.view(cp.uint16), BFLOAT16) if bf16 else (arr, np.dtype(arr.dtype))
     try:
         arr = cp.from_dlpack(x) if hasattr(x, "__dlpack__") else cp.asarray(x)
     except (TypeError, BufferError, RuntimeError, ValueError) as e:
