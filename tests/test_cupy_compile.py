@@ -614,6 +614,7 @@ def _reference_attention_module():
 @pytest.mark.parametrize("bf16_native", [True, False], ids=["cupy-bf16", "BFloat16Array"])
 def test_backend_glue_on_host_emulation(host_kernels, monkeypatch, bf16_native) -> None:
     import sys
+    import types
 
     import numpy as np
 
@@ -695,3 +696,47 @@ def test_backend_glue_on_host_emulation(host_kernels, monkeypatch, bf16_native) 
     b_, _ = be.compress(qt if q.dtype != BFLOAT16 else cb.as_bfloat16(qt), k, cfg)
     assert np.array_equal(us.to_numpy(a), us.to_numpy(b_))
     assert set(Kernel.launched) == set(_KERNEL_TABLE.values()), f"not every kernel ran: {Kernel.launched}"
+    # objects seen only through __dlpack__, and a (stand-in) PyTorch CPU bf16 tensor
+    class DLPackOnly:
+        def __init__(self, a):
+            self._a = a
+
+        def __dlpack__(self, **kw):
+            return self._a.__dlpack__(**kw)
+
+        def __dlpack_device__(self):
+            return self._a.__dlpack_device__()
+
+    x32 = rng.standard_normal((1, 2, 16, 8)).astype(np.float32)
+    arr, dt = cb._device_input("q", DLPackOnly(x32))
+    assert dt == np.float32 and np.array_equal(np.asarray(arr), x32)
+    fake_torch = types.ModuleType("torch")
+    fake_torch.int16 = "int16"
+    xb = rng.standard_normal((1, 2, 16, 8)).astype(BFLOAT16)
+
+    class Tensor:
+        dtype = "torch.bfloat16"
+        device = types.SimpleNamespace(type="cpu")
+
+        def __init__(self, a):
+            self._a = a
+
+        def detach(self):
+            return self
+
+        def view(self, dtype):
+            assert dtype == "int16"
+            t = Tensor(self._a.view(np.int16))
+            t.dtype = "torch.int16"
+            return t
+
+        def numpy(self):
+            return self._a
+
+        def __dlpack__(self, **kw):  # present on real tensors; the backend goes through .view/.numpy
+            raise AssertionError("a bf16 tensor must not be passed through DLPack directly")
+
+    Tensor.__module__ = "torch.tensor"
+    monkeypatch.setitem(sys.modules, "torch", fake_torch)
+    arr, dt = cb._device_input("q", Tensor(xb))
+    assert dt == BFLOAT16 and arr.dtype == np.uint16 and np.array_equal(np.asarray(arr), xb.view(np.uint16))
