@@ -521,11 +521,15 @@ def _fake_cupy(host_kernels):
 
     class ReductionKernel:  # only the backend's non-finite counter
         def __init__(self, in_params, out_params, map_expr, *rest):
-            self.bits = "32640" in map_expr
+            self.expr = map_expr
 
         def __call__(self, a):
             a = np.asarray(a)
-            return int(((a & 32640) == 32640).sum()) if self.bits else int((~np.isfinite(a)).sum())
+            if "32640" in self.expr:
+                return int(((a & 32640) == 32640).sum())
+            if "v < 0" in self.expr:
+                return int(((a < 0) | ~np.isfinite(a)).sum())
+            return int((~np.isfinite(a)).sum())
 
     fake.ReductionKernel = ReductionKernel
 

@@ -248,23 +248,42 @@ def _composite_input(name: str, x: Any) -> Any:
 
 _NONFINITE: dict[str, Any] = {}
 
+# Elementwise "is bad" tests, summed by a cupy.ReductionKernel without temporaries. The
+# parameter is called v and literals are decimal on purpose: CuPy rewrites the parameter name
+# inside the expression, which mangled a hexadecimal literal containing it (0x7F80 with x).
+_BAD_EXPR = {
+    "bf16": "((v & 32640) == 32640) ? 1 : 0",  # bf16 bits: exponent all ones (0x7F80) = inf or NaN
+    "float": "isfinite((float)v) ? 0 : 1",
+    "score": "(v < 0 || !isfinite((double)v)) ? 1 : 0",  # scores must be finite and >= 0
+}
+
+
+def _bad_count_device(arr: Any, kind: str) -> Any:
+    """A 0-d device array: how many entries of ``arr`` fail the test ``kind`` (no host sync)."""
+    cp = _cupy()
+    if kind not in _NONFINITE:
+        _NONFINITE[kind] = cp.ReductionKernel("T v", "int64 y", _BAD_EXPR[kind], "a + b", "y = a", "0",
+                                              f"us_bad_{kind}")
+    return _NONFINITE[kind](arr)
+
 
 def _count_nonfinite(arr: Any, dtype: np.dtype) -> int:
-    """Number of NaN/inf entries of a device array (bf16 given as uint16 bits); no temporaries."""
-    cp = _cupy()
-    kind = "bf16" if dtype == BFLOAT16 else "float"
-    if kind not in _NONFINITE:
-        # bf16 bits: exponent all ones (0x7F80 = 32640) means inf or NaN. Decimal on purpose:
-        # CuPy rewrites the parameter name inside the expression, which would mangle a
-        # hexadecimal literal that contains it.
-        expr = "((v & 32640) == 32640) ? 1 : 0" if kind == "bf16" else "isfinite((float)v) ? 0 : 1"
-        _NONFINITE[kind] = cp.ReductionKernel("T v", "int64 y", expr, "a + b", "y = a", "0", f"us_nonfinite_{kind}")
-    return int(_NONFINITE[kind](arr))
+    """Number of NaN/inf entries of a device array (bf16 given as uint16 bits)."""
+    return int(_bad_count_device(arr, "bf16" if dtype == BFLOAT16 else "float"))
 
 
-def _check_finite(name: str, arr: Any, dtype: np.dtype) -> None:
-    if _count_nonfinite(arr, dtype):
-        raise ValueError(f"{name} holds non-finite values (NaN or infinity)")
+def _check_finite(*items: tuple[str, Any, np.dtype]) -> None:
+    """Raise ``ValueError`` naming the first of ``(name, array, dtype)`` holding NaN or infinity.
+
+    All counts are summed on the device and read back once (one synchronisation).
+    """
+    counts = [_bad_count_device(a, "bf16" if dt == BFLOAT16 else "float") for _, a, dt in items]
+    total = counts[0]
+    for c in counts[1:]:
+        total = total + c
+    if int(total):
+        bad = next(name for (name, _, _), c in zip(items, counts, strict=True) if int(c))
+        raise ValueError(f"{bad} holds non-finite values (NaN or infinity)")
 
 
 def _check_config(config: Any) -> UniSparseConfig:
@@ -433,8 +452,7 @@ class CupyBackend:
         q_c = _launch_pool(qd, dt, config.c_q, config.c_h)
         k_c = _launch_pool(kd, dt, config.c_k, 1)
         # Pooled means are non-finite iff some input in their group is: a cheap full check.
-        _check_finite("q", q_c, np.dtype(np.float32))
-        _check_finite("k", k_c, np.dtype(np.float32))
+        _check_finite(("q", q_c, np.dtype(np.float32)), ("k", k_c, np.dtype(np.float32)))
         return q_c, k_c
 
     # -------------------------------------------------------------- stage 2
@@ -481,7 +499,7 @@ class CupyBackend:
                 f"scores must have shape [B, Hm, nQb={want[0]}, nKb={want[1]}] for nq={nq}, nk={nk}, "
                 f"block_size={S}; got {tuple(s.shape)}"
             )
-        if s.size and (not bool(cp.isfinite(s).all()) or bool((s < 0).any())):
+        if s.size and int(_bad_count_device(s, "score")):
             raise ValueError("scores must be finite and non-negative")
         return s
 
@@ -527,8 +545,7 @@ class CupyBackend:
             raise TypeError(f"block_mask must be a BlockMask, got {type(block_mask)!r}")
         (qd, kd, vd), dt, (B, Hq, Hkv, Nq, Nk, D) = _qkv_inputs(q, k, v, block_mask.causal)
         _check_mask_against(block_mask, B, Hq, Hkv, Nq, Nk, config)
-        for name, a in (("q", qd), ("k", kd), ("v", vd)):
-            _check_finite(name, a, dt)
+        _check_finite(("q", qd, dt), ("k", kd, dt), ("v", vd, dt))
         mask = block_mask.mask
         mask = cp.ascontiguousarray(cp.asarray(mask, dtype=cp.bool_))
         counts, indices = _launch_mask_to_indices(mask)
@@ -557,8 +574,7 @@ class CupyBackend:
             raise TypeError(f"causal must be a bool, got {causal!r}")
         (qd, kd, vd), dt, (B, Hq, Hkv, Nq, Nk, D) = _qkv_inputs(q, k, v, causal)
         config = UniSparseConfig(causal=causal, softmax_scale=softmax_scale)  # validates the scale
-        for name, a in (("q", qd), ("k", kd), ("v", vd)):
-            _check_finite(name, a, dt)
+        _check_finite(("q", qd, dt), ("k", kd, dt), ("v", vd, dt))
         S = config.block_size
         # One mask head per KV head (heads_per_mask = G): the smallest index form the attention takes.
         G = Hq // Hkv
