@@ -24,12 +24,17 @@
 // | us_scores_rowstats  | 1    | (ceil(R/TR), B*Hm) | 16 x 16 | static, ~25 KiB                   |
 // | us_scores_blocksum  | 2    | (ceil(R/RG), B*Hm) | 16 x 16 | static ~17 KiB + dynamic (below)  |
 // RG = max(TR, RB) composite rows per thread block of pass 2.
+// | US_SC_VERSION | logits micro-kernel (both passes)                                          |
+// |---------------|-----------------------------------------------------------------------------|
+// | 1 (default)   | rows ty+16a, cols tx+16b; Q/K slices [row][d]; 8 scalar LDS per 16 FMA      |
+// | 2             | rows 4ty+a, cols 4tx+b; slices [d][row]; 2 float4 LDS per 16 FMA (not yet   |
+// |               | timed on a GPU: correct in the host emulation, opt-in)                      |
 // Pass 2 dynamic shared memory (floats): TR*(TC+1) + NQ*TC + NQ*(TC/min(KB,TC)),
 // NQ = RG/RB query blocks per thread block; computed by unisparse_ref/cupy_backend.py.
 //
 // Tiles (override with -D): TR composite rows x TC composite columns per tile, TD head-dim
-// slice staged in shared memory. Each of the 16 x 16 threads owns (TR/16) x (TC/16) logits:
-// rows ty + 16a, columns tx + 16b.
+// slice staged in shared memory. Each of the 16 x 16 threads owns (TR/16) x (TC/16) logits,
+// at rows US_ROW(a) and columns US_COL(b) of the tile (which depend on US_SC_VERSION).
 #include "common.cuh"
 
 #ifndef US_SC_TR
@@ -49,6 +54,28 @@ static_assert(US_SC_TR % US_SC_T == 0 && US_SC_TC % US_SC_T == 0, "TR and TC mus
 static_assert((US_SC_TR & (US_SC_TR - 1)) == 0 && (US_SC_TC & (US_SC_TC - 1)) == 0,
               "TR and TC must be powers of two (block sizes S/c are powers of two)");
 
+// US_SC_VERSION picks the logits micro-kernel (see the version table):
+//   1: thread (ty, tx) owns rows ty + 16a and columns tx + 16b; Q and K slices stored
+//      [row][d] (padded), 8 scalar shared loads per 16 FMA.
+//   2: thread (ty, tx) owns rows 4ty + a and columns 4tx + b; slices stored transposed
+//      [d][row] (padded by 4 floats, 16-byte aligned), 2 float4 shared loads per 16 FMA.
+#ifndef US_SC_VERSION
+#define US_SC_VERSION 1
+#endif
+#if US_SC_VERSION == 1
+#define US_ROW(a) (ty + US_SC_T * (a))
+#define US_COL(b) (tx + US_SC_T * (b))
+#elif US_SC_VERSION == 2
+#define US_ROW(a) (ty * US_SC_MR + (a))
+#define US_COL(b) (tx * US_SC_MC + (b))
+static_assert(US_SC_MR == 4 && US_SC_MC == 4, "v2 reads 4 rows and 4 columns as one float4 (TR = TC = 64)");
+#else
+#error "US_SC_VERSION must be 1 or 2"
+#endif
+#ifndef US_LDS4  // a 16-byte shared-memory load (the host emulation substitutes an alignment-checked one)
+#define US_LDS4(p) (*reinterpret_cast<const float4*>(p))
+#endif
+
 // Last composite key visible to composite query r (SPEC 4): max c with c*c_k <= p(last(r)).
 __device__ __forceinline__ int us_last_visible_key(int r, int R, int C, int nq, int nk, int c_q, int c_k,
                                                    int causal) {
@@ -59,33 +86,57 @@ __device__ __forceinline__ int us_last_visible_key(int r, int R, int C, int nq, 
     return (int)min((long long)(C - 1), p / c_k);
 }
 
-// acc[a][b] = Qh[r0 + ty + 16a] . Kc[c0 + tx + 16b] (rows >= R or columns >= C give 0).
-// q and k point at the (b, g) and (b, kv head) slices.
+// acc[a][b] = Qh[r0 + US_ROW(a)] . Kc[c0 + US_COL(b)] (rows >= R or columns >= C give 0).
+// q and k point at the (b, g) and (b, kv head) slices. The staging buffers are this
+// function's own shared arrays (one set per thread block).
 __device__ __forceinline__ void us_logits_tile(const float* __restrict__ q, const float* __restrict__ k, int R,
-                                               int C, int D, int r0, int c0, float (*Qs)[US_SC_TD + 1],
-                                               float (*Ks)[US_SC_TD + 1], float acc[US_SC_MR][US_SC_MC]) {
+                                               int C, int D, int r0, int c0, float acc[US_SC_MR][US_SC_MC]) {
     const int tx = threadIdx.x, ty = threadIdx.y, tid = ty * US_SC_T + tx;
+#if US_SC_VERSION == 1
+    __shared__ float Qs[US_SC_TR][US_SC_TD + 1];  // [row][d], +1 pad: conflict-free column reads
+    __shared__ float Ks[US_SC_TC][US_SC_TD + 1];
+#else
+    __shared__ __align__(16) float QsT[US_SC_TD][US_SC_TR + 4];  // [d][row], +4 keeps rows 16-byte aligned
+    __shared__ __align__(16) float KsT[US_SC_TD][US_SC_TC + 4];
+#endif
 #pragma unroll
     for (int a = 0; a < US_SC_MR; ++a)
 #pragma unroll
         for (int b = 0; b < US_SC_MC; ++b) acc[a][b] = 0.0f;
     for (int d0 = 0; d0 < D; d0 += US_SC_TD) {
-        for (int e = tid; e < US_SC_TR * US_SC_TD; e += US_SC_THREADS) {
+        for (int e = tid; e < US_SC_TR * US_SC_TD; e += US_SC_THREADS) {  // coalesced along d
             const int row = e / US_SC_TD, dd = e % US_SC_TD, r = r0 + row, d = d0 + dd;
-            Qs[row][dd] = (r < R && d < D) ? q[(long long)r * D + d] : 0.0f;
+            const float val = (r < R && d < D) ? q[(long long)r * D + d] : 0.0f;
+#if US_SC_VERSION == 1
+            Qs[row][dd] = val;
+#else
+            QsT[dd][row] = val;
+#endif
         }
         for (int e = tid; e < US_SC_TC * US_SC_TD; e += US_SC_THREADS) {
             const int col = e / US_SC_TD, dd = e % US_SC_TD, c = c0 + col, d = d0 + dd;
-            Ks[col][dd] = (c < C && d < D) ? k[(long long)c * D + d] : 0.0f;
+            const float val = (c < C && d < D) ? k[(long long)c * D + d] : 0.0f;
+#if US_SC_VERSION == 1
+            Ks[col][dd] = val;
+#else
+            KsT[dd][col] = val;
+#endif
         }
         __syncthreads();  // the Q and K slices are complete before any thread reads them
 #pragma unroll 8
         for (int dd = 0; dd < US_SC_TD; ++dd) {
             float qa[US_SC_MR], kb[US_SC_MC];
+#if US_SC_VERSION == 1
 #pragma unroll
-            for (int a = 0; a < US_SC_MR; ++a) qa[a] = Qs[ty + US_SC_T * a][dd];
+            for (int a = 0; a < US_SC_MR; ++a) qa[a] = Qs[US_ROW(a)][dd];
 #pragma unroll
-            for (int b = 0; b < US_SC_MC; ++b) kb[b] = Ks[tx + US_SC_T * b][dd];
+            for (int b = 0; b < US_SC_MC; ++b) kb[b] = Ks[US_COL(b)][dd];
+#else
+            const float4 q4 = US_LDS4(&QsT[dd][ty * US_SC_MR]);  // rows 4ty .. 4ty+3 (broadcast in the warp)
+            const float4 k4 = US_LDS4(&KsT[dd][tx * US_SC_MC]);  // columns 4tx .. 4tx+3
+            qa[0] = q4.x; qa[1] = q4.y; qa[2] = q4.z; qa[3] = q4.w;
+            kb[0] = k4.x; kb[1] = k4.y; kb[2] = k4.z; kb[3] = k4.w;
+#endif
 #pragma unroll
             for (int a = 0; a < US_SC_MR; ++a)
 #pragma unroll
@@ -101,8 +152,6 @@ __global__ void __launch_bounds__(US_SC_THREADS)
 us_scores_rowstats(const float* __restrict__ qc, const float* __restrict__ kc, float* __restrict__ row_max,
                    float* __restrict__ row_sum, int Hm, int Hkv, int R, int C, int D, int nq, int nk, int c_q,
                    int c_k, int c_h, int G, int causal, float scale) {
-    __shared__ float Qs[US_SC_TR][US_SC_TD + 1];
-    __shared__ float Ks[US_SC_TC][US_SC_TD + 1];
     __shared__ float red_m[US_SC_TR][US_SC_T];
     __shared__ float red_l[US_SC_TR][US_SC_T];
     const int tx = threadIdx.x, ty = threadIdx.y, tid = ty * US_SC_T + tx;
@@ -118,18 +167,18 @@ us_scores_rowstats(const float* __restrict__ qc, const float* __restrict__ kc, f
     for (int a = 0; a < US_SC_MR; ++a) {
         m[a] = -INFINITY;
         l[a] = 0.0f;
-        const int r = r0 + ty + US_SC_T * a;
+        const int r = r0 + US_ROW(a);
         cmax[a] = (r < R) ? us_last_visible_key(r, R, C, nq, nk, c_q, c_k, causal) : -1;
     }
     float acc[US_SC_MR][US_SC_MC];
     for (int c0 = 0; c0 <= cmax_tile; c0 += US_SC_TC) {
-        us_logits_tile(q, k, R, C, D, r0, c0, Qs, Ks, acc);
+        us_logits_tile(q, k, R, C, D, r0, c0, acc);
 #pragma unroll
         for (int a = 0; a < US_SC_MR; ++a) {
             float mt = -INFINITY;  // max of this thread's visible logits of row a in the tile
 #pragma unroll
             for (int bb = 0; bb < US_SC_MC; ++bb)
-                if (c0 + tx + US_SC_T * bb <= cmax[a]) mt = fmaxf(mt, scale * acc[a][bb]);
+                if (c0 + US_COL(bb) <= cmax[a]) mt = fmaxf(mt, scale * acc[a][bb]);
             if (mt == -INFINITY) continue;
             if (mt > m[a]) {  // rescale the running sum to the new maximum (online softmax)
                 l[a] *= expf(m[a] - mt);
@@ -137,13 +186,13 @@ us_scores_rowstats(const float* __restrict__ qc, const float* __restrict__ kc, f
             }
 #pragma unroll
             for (int bb = 0; bb < US_SC_MC; ++bb)
-                if (c0 + tx + US_SC_T * bb <= cmax[a]) l[a] += expf(scale * acc[a][bb] - m[a]);
+                if (c0 + US_COL(bb) <= cmax[a]) l[a] += expf(scale * acc[a][bb] - m[a]);
         }
     }
 #pragma unroll
     for (int a = 0; a < US_SC_MR; ++a) {
-        red_m[ty + US_SC_T * a][tx] = m[a];
-        red_l[ty + US_SC_T * a][tx] = l[a];
+        red_m[US_ROW(a)][tx] = m[a];
+        red_l[US_ROW(a)][tx] = l[a];
     }
     __syncthreads();  // all 16 partial (m, l) of every row are in shared memory before the merge
     if (tid < US_SC_TR) {
@@ -168,8 +217,6 @@ __global__ void __launch_bounds__(US_SC_THREADS)
 us_scores_blocksum(const float* __restrict__ qc, const float* __restrict__ kc, const float* __restrict__ row_max,
                    const float* __restrict__ row_sum, float* __restrict__ scores, int Hm, int Hkv, int R, int C,
                    int D, int nq, int nk, int c_q, int c_k, int c_h, int G, int S, int causal, float scale) {
-    __shared__ float Qs[US_SC_TR][US_SC_TD + 1];
-    __shared__ float Ks[US_SC_TC][US_SC_TD + 1];
     extern __shared__ float dyn[];
     const int RB = S / c_q, KB = S / c_k;                // composite rows / columns per block
     const int RG = max(US_SC_TR, RB), NQ = RG / RB;      // rows and query blocks per thread block
@@ -196,17 +243,17 @@ us_scores_blocksum(const float* __restrict__ qc, const float* __restrict__ kc, c
         if (KB <= US_SC_TC || c0 % KB == 0)  // a new key block starts in this tile
             for (int e = tid; e < NQ * NKS; e += US_SC_THREADS) bacc[e] = 0.0f;
         for (int r0 = rg0; r0 < rg0 + RG; r0 += US_SC_TR) {
-            us_logits_tile(q, k, R, C, D, r0, c0, Qs, Ks, acc);
+            us_logits_tile(q, k, R, C, D, r0, c0, acc);
 #pragma unroll
             for (int a = 0; a < US_SC_MR; ++a) {
-                const int r = r0 + ty + US_SC_T * a;
+                const int r = r0 + US_ROW(a);
                 const int cm = (r < R) ? us_last_visible_key(r, R, C, nq, nk, c_q, c_k, causal) : -1;
                 const float mr = (r < R) ? mrow[r] : 0.0f;
                 const float inv_l = (r < R) ? 1.0f / lrow[r] : 0.0f;
 #pragma unroll
                 for (int bb = 0; bb < US_SC_MC; ++bb) {
-                    const int c = c0 + tx + US_SC_T * bb;
-                    ptile[ty + US_SC_T * a][tx + US_SC_T * bb] =
+                    const int c = c0 + US_COL(bb);
+                    ptile[US_ROW(a)][US_COL(bb)] =
                         (c <= cm) ? expf(scale * acc[a][bb] - mr) * inv_l : 0.0f;  // A[r, c]
                 }
             }

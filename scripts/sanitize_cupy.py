@@ -5,7 +5,7 @@
 
 CuPy's memory pool is switched off so that every array is its own cudaMalloc and an
 out-of-bounds access is caught at the array's edge rather than inside a pooled chunk.
-Covers: us_pool_seq<half|bf16|float>; us_scores_rowstats and us_scores_blocksum with
+Covers: us_pool_seq<half|bf16|float>; us_scores_rowstats and us_scores_blocksum (versions 1 and 2) with
 RB < TR, RB > TR, KB > TC, RB = KB = 1 (opt-in dynamic shared memory) and ragged lengths;
 us_select_topp<float|double> with and without the index form; us_mask_to_indices; the
 attention kernels through the backend (float16/bfloat16 default version, float32 v1).
@@ -28,6 +28,7 @@ from unisparse_ref import reference as ref
 def main() -> int:
     cp.cuda.set_allocator(None)  # plain cudaMalloc per array: memcheck sees every edge
     be = cb.make_backend()
+    be2 = cb.CupyBackend(be.device_name, scores_version=2)
     rng = np.random.default_rng(0)
     failures = []
     cases = [
@@ -46,6 +47,9 @@ def main() -> int:
             cfg = UniSparseConfig(block_size=S, c_q=c_q, c_k=c_k, c_h=c_h, causal=causal, threshold=0.7)
             q_c, k_c = be.compress(q, k, cfg)
             scores = be.block_scores(q_c, k_c, cfg, Nq, Nk)
+            scores2 = be2.block_scores(q_c, k_c, cfg, Nq, Nk)  # the opt-in float4 version of scores.cu
+            if not np.allclose(us.to_numpy(scores2), us.to_numpy(scores), rtol=0, atol=be.score_eps):
+                failures.append(f"scores v2 differs from v1 beyond score_eps, S={S}")
             bm, counts, idx = be.select_blocks_indices(scores, cfg, Nq, Nk)
             bm64 = be.select_blocks(cp.asarray(scores, dtype=cp.float64), cfg, Nq, Nk)
             rq, rk = ref.compress(q, k, cfg)

@@ -124,6 +124,19 @@ def test_instantiation_list_is_complete() -> None:
     assert len({(s.file, s.name_expression, s.options) for s in specs}) == len(specs), "duplicate instantiations"
 
 
+def test_backend_compiles_what_the_list_names() -> None:
+    """cupy_backend launches exactly the (file, name, options) the compile test builds."""
+    from unisparse_ref import cupy_backend as cb
+
+    specs = {(s.file, s.name_expression, s.options) for s in _loader.INSTANTIATIONS}
+    want = {("pooling.cu", f"us_pool_seq<{t}>", cb._pool_options()) for t in _loader.CTYPES.values()}
+    want |= {("scores.cu", n, cb._scores_options(v)) for v in cb.SCORES_VERSIONS
+             for n in ("us_scores_rowstats", "us_scores_blocksum")}
+    want |= {("selection.cu", f"us_select_topp<{t}>", cb._select_options()) for t in ("float", "double")}
+    want |= {("selection.cu", "us_mask_to_indices", cb._select_options())}
+    assert want == specs
+
+
 def test_sources_start_with_a_version_table() -> None:
     """House rule: every .cu opens with what it computes and a version table of its kernels."""
     for name in _loader.source_files():
@@ -204,10 +217,14 @@ def test_nvrtc_compiles(group: tuple[str, tuple[str, ...], str]) -> None:
               f"spill st/ld {r['spill_stores']}/{r['spill_loads']} B")
 
 
-@pytest.mark.parametrize("file", ["pooling.cu", "scores.cu", "selection.cu"])
-def test_layer_kernels_do_not_spill_on_sm90(file: str) -> None:
+_LAYER_SM90 = sorted(g for g in GROUPS if g[0] in ("pooling.cu", "scores.cu", "selection.cu") and g[2] == "sm_90")
+
+
+@pytest.mark.parametrize("group", _LAYER_SM90, ids=[f"{g[0]}-{'-'.join(g[1])}" for g in _LAYER_SM90])
+def test_layer_kernels_do_not_spill_on_sm90(group) -> None:
     """Pooling, scores and selection fit in registers on Hopper (no local-memory spills)."""
-    ok, log, _, lowered = _compile((file, (), "sm_90"))
+    file = group[0]
+    ok, log, _, lowered = _compile(group)
     assert ok
     info = _parse_ptxas(log)
     for n, low in lowered.items():
@@ -228,6 +245,8 @@ _PRELUDE = r"""// Host emulation of the CUDA execution model: one block at a tim
 #include <barrier>
 #include <cmath>
 #include <cstdint>
+#include <cstdio>
+#include <cstdlib>
 #include <cstring>
 #include <functional>
 #include <thread>
@@ -244,7 +263,7 @@ inline void __syncthreads() { g_bar->arrive_and_wait(); }
 #define __launch_bounds__(...)
 #define __restrict__
 #define __shared__ static
-#define __align__(n) alignas(n)
+#define __align__(n) __attribute__((aligned(n)))
 template <class A, class B> inline auto min(A a, B b) -> decltype(a + b) { return a < b ? a : b; }
 template <class A, class B> inline auto max(A a, B b) -> decltype(a + b) { return a < b ? b : a; }
 struct __half { uint16_t x; };
@@ -256,6 +275,11 @@ inline float __half2float(__half h) {
   return s ? -v : v; }
 inline __half __float2half_rn(float) { return __half{0}; }
 inline __nv_bfloat16 __float2bfloat16_rn(float) { return __nv_bfloat16{0}; }
+struct float4 { float x, y, z, w; };
+inline float4 us_checked_lds4(const float* p) {  // a misaligned vector load faults on a GPU: abort here too
+  if (reinterpret_cast<uintptr_t>(p) & 15) { fprintf(stderr, "misaligned float4 load\\n"); abort(); }
+  float4 r; memcpy(&r, p, 16); return r; }
+#define US_LDS4(p) us_checked_lds4(p)
 template <class F> void emu_launch(dim3_ grid, dim3_ block, F kernel) {
   gridDim = grid; blockDim = block;
   unsigned n = block.x * block.y * block.z;
@@ -344,16 +368,19 @@ def host_kernels(tmp_path_factory: pytest.TempPathFactory):
         pytest.skip("g++ is not installed: the host emulation of the kernels is skipped")
     d = tmp_path_factory.mktemp("hostemu")
     libs = {}
-    for file in _WRAPPERS:
-        cpp = d / (file.replace(".cu", ".cpp"))
+    builds = [("pooling.cu", "pooling.cu", []), ("scores.cu", "scores.cu", ["-DUS_SC_VERSION=1"]),
+              ("scores.cu@2", "scores.cu", ["-DUS_SC_VERSION=2"]), ("selection.cu", "selection.cu", [])]
+    for key, file, flags in builds:
+        stem = key.replace(".cu", "").replace("@", "_v")
+        cpp = d / f"{stem}.cpp"
         cpp.write_text(_host_source(file))
-        so = d / ("lib" + file.replace(".cu", ".so"))
-        r = subprocess.run([gxx, "-std=c++20", "-O1", "-fPIC", "-shared", "-pthread", "-w", "-DUS_SEL_THREADS=32", str(cpp), "-o", str(so)],
-                           capture_output=True, text=True, timeout=300)
+        so = d / f"lib{stem}.so"
+        r = subprocess.run([gxx, "-std=c++20", "-O1", "-fPIC", "-shared", "-pthread", "-w", "-DUS_SEL_THREADS=32",
+                            *flags, str(cpp), "-o", str(so)], capture_output=True, text=True, timeout=300)
         if r.returncode != 0 and "barrier" in r.stderr and "No such file" in r.stderr:
             pytest.skip("g++ lacks C++20 <barrier>")
         assert r.returncode == 0, f"g++ failed on {file}:\n{r.stderr[-3000:]}"
-        libs[file] = ctypes.CDLL(str(so))
+        libs[key] = ctypes.CDLL(str(so))
     return libs
 
 
@@ -393,8 +420,9 @@ _SCORE_CASES = [
 ]
 
 
+@pytest.mark.parametrize("version", [1, 2])
 @pytest.mark.parametrize("case", _SCORE_CASES, ids=[f"case{i}" for i in range(len(_SCORE_CASES))])
-def test_host_emulated_scores(host_kernels, case) -> None:
+def test_host_emulated_scores(host_kernels, case, version) -> None:
     """Both passes of scores.cu, launched with the backend's launch configuration."""
     import ctypes
 
@@ -405,7 +433,7 @@ def test_host_emulated_scores(host_kernels, case) -> None:
     from unisparse_ref import reference as ref
 
     B, Hq, Hkv, c_h, Nq, Nk, D, S, c_q, c_k, causal = case
-    lib = host_kernels["scores.cu"]
+    lib = host_kernels["scores.cu" if version == 1 else "scores.cu@2"]
     rng = np.random.default_rng(1)
     q = 1.5 * rng.standard_normal((B, Hq, Nq, D))
     k = 1.5 * rng.standard_normal((B, Hkv, Nk, D))
@@ -543,8 +571,9 @@ def _fake_cupy(host_kernels):
     fake.cuda = types.SimpleNamespace(Device=Device)
 
     class Kernel:
-        def __init__(self, file, name):
-            self.lib = host_kernels[file]
+        def __init__(self, file, name, options=()):
+            key = "scores.cu@2" if file == "scores.cu" and "-DUS_SC_VERSION=2" in options else file
+            self.lib = host_kernels[key]
             self.fn = getattr(self.lib, _KERNEL_TABLE[(file, name)])
             self.name = name
             self.max_dynamic_shared_size_bytes = 0
@@ -635,7 +664,7 @@ def test_backend_glue_on_host_emulation(host_kernels, monkeypatch, bf16_native) 
     monkeypatch.setattr(cb, "_NONFINITE", {})
     monkeypatch.setattr(cb, "_SEL_THREADS", 32)  # the emulator was built with -DUS_SEL_THREADS=32
     monkeypatch.setattr(_loader, "_SHARED_OPTIN", {})
-    monkeypatch.setattr(_loader, "get_function", lambda file, name, options=(): Kernel(file, name))
+    monkeypatch.setattr(_loader, "get_function", lambda file, name, options=(): Kernel(file, name, options))
     be = cb.CupyBackend("host emulation")
     rng = np.random.default_rng(9)
     for dt in (np.float16, BFLOAT16, np.float32):
@@ -649,6 +678,8 @@ def test_backend_glue_on_host_emulation(host_kernels, monkeypatch, bf16_native) 
         assert np.abs(us.to_numpy(res.q_c) - rq).max() < 1e-5 and np.abs(us.to_numpy(res.k_c) - rk).max() < 1e-5
         want_scores = ref.block_scores(rq, rk, cfg, Nq, Nk)
         assert np.abs(us.to_numpy(res.scores) - want_scores).max() <= be.score_eps
+        s2 = cb.CupyBackend("host emulation", scores_version=2).block_scores(res.q_c, res.k_c, cfg, Nq, Nk)
+        assert np.abs(us.to_numpy(s2) - want_scores).max() <= be.score_eps
         assert eps_valid_rows(res.block_mask, want_scores, cfg, Nq, Nk, be.score_eps).all()
         assert np.array_equal(us.to_numpy(res.block_mask.mask), ref.select_blocks(res.scores.get(), cfg, Nq, Nk).mask)
         out = us.to_numpy(res.out)

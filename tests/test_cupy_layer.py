@@ -90,15 +90,16 @@ SCORE_CASES = [
 ]
 
 
+@pytest.mark.parametrize("version", cb.SCORES_VERSIONS, ids=lambda v: f"v{v}")
 @pytest.mark.parametrize("case", SCORE_CASES, ids=[f"case{i}" for i in range(len(SCORE_CASES))])
-def test_block_scores_match_reference(case) -> None:
+def test_block_scores_match_reference(case, version) -> None:
     B, Hq, Hkv, c_h, Nq, Nk, D, S, c_q, c_k, causal = case
     rng = np.random.default_rng(1)
     q, k, _ = random_qkv(rng, B, Hq, Hkv, Nq, Nk, D, np.float32, scale=1.5)
     cfg = UniSparseConfig(block_size=S, c_q=c_q, c_k=c_k, c_h=c_h, causal=causal)
     rq, rk = ref.compress(q, k, cfg)
     want = ref.block_scores(rq, rk, cfg, Nq, Nk)
-    got = BACKEND.block_scores(rq, rk, cfg, Nq, Nk)
+    got = cb.CupyBackend(BACKEND.device_name, scores_version=version).block_scores(rq, rk, cfg, Nq, Nk)
     assert got.dtype == cp.float32 and tuple(got.shape) == want.shape
     err = float(np.max(np.abs(_np(got) - want)))
     assert err <= BACKEND.score_eps, f"max |scores - ref| = {err:.3e} > score_eps {BACKEND.score_eps:.1e}"

@@ -187,12 +187,14 @@ def cuda_include_dirs() -> list[str]:
 # ---------------------------------------------------------------------------- instantiations
 _TYPES = tuple(CTYPES.values())
 
-#: Kernel instantiations of pooling.cu, scores.cu and selection.cu (see their version tables).
+#: Kernel instantiations of pooling.cu, scores.cu and selection.cu (see their version tables),
+#: with exactly the options ``cupy_backend`` compiles them with (a test checks they agree).
 INSTANTIATIONS: list[KernelSpec] = (
-    [KernelSpec("pooling.cu", f"us_pool_seq<{t}>") for t in _TYPES]
-    + [KernelSpec("scores.cu", "us_scores_rowstats"), KernelSpec("scores.cu", "us_scores_blocksum")]
-    + [KernelSpec("selection.cu", f"us_select_topp<{t}>") for t in ("float", "double")]
-    + [KernelSpec("selection.cu", "us_mask_to_indices")]
+    [KernelSpec("pooling.cu", f"us_pool_seq<{t}>", ("-DUS_POOL_THREADS=256",)) for t in _TYPES]
+    + [KernelSpec("scores.cu", n, ("-DUS_SC_TR=64", "-DUS_SC_TC=64", f"-DUS_SC_VERSION={v}"))
+       for v in (1, 2) for n in ("us_scores_rowstats", "us_scores_blocksum")]
+    + [KernelSpec("selection.cu", f"us_select_topp<{t}>", ("-DUS_SEL_THREADS=256",)) for t in ("float", "double")]
+    + [KernelSpec("selection.cu", "us_mask_to_indices", ("-DUS_SEL_THREADS=256",))]
 )
 
 

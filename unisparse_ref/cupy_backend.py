@@ -44,6 +44,7 @@ This module imports without CuPy; CuPy is imported by :func:`make_backend` and t
 from __future__ import annotations
 
 import importlib
+import os
 import sys
 from typing import Any
 
@@ -308,17 +309,29 @@ def _launch_pool(x: Any, dtype: np.dtype, c: int, c_h: int) -> Any:
     B, H, N, D = (int(s) for s in x.shape)
     R, Hout = geometry.cdiv(N, c), H // c_h
     out = cp.empty((B, Hout, R, D), dtype=cp.float32)
-    kernel = _loader.get_function(
-        "pooling.cu", f"us_pool_seq<{_loader.CTYPES[str(dtype)]}>", (f"-DUS_POOL_THREADS={_POOL_THREADS}",)
-    )
+    kernel = _loader.get_function("pooling.cu", f"us_pool_seq<{_loader.CTYPES[str(dtype)]}>", _pool_options())
     grid = (geometry.cdiv(R * D, _POOL_THREADS), B * Hout, 1)
     block = (_POOL_THREADS, 1, 1)
     _loader.launch(kernel, grid, block, (x, out, _i32(H), _i32(N), _i32(D), _i32(c), _i32(c_h)), shared_mem=0)
     return out
 
 
-def _scores_options() -> tuple[str, ...]:
-    return (f"-DUS_SC_TR={_SC_TR}", f"-DUS_SC_TC={_SC_TC}")
+#: Versions of the scores kernels' logits micro-kernel (see the table in scores.cu).
+SCORES_VERSIONS = (1, 2)
+#: The version used unless ``CupyBackend(scores_version=...)`` or ``UNISPARSE_SCORES_VERSION`` says otherwise.
+DEFAULT_SCORES_VERSION = 1
+
+
+def _scores_options(version: int = DEFAULT_SCORES_VERSION) -> tuple[str, ...]:
+    return (f"-DUS_SC_TR={_SC_TR}", f"-DUS_SC_TC={_SC_TC}", f"-DUS_SC_VERSION={version}")
+
+
+def _pool_options() -> tuple[str, ...]:
+    return (f"-DUS_POOL_THREADS={_POOL_THREADS}",)
+
+
+def _select_options() -> tuple[str, ...]:
+    return (f"-DUS_SEL_THREADS={_SEL_THREADS}",)
 
 
 def scores_launch_config(batch: int, mask_heads: int, R: int, config: UniSparseConfig) -> dict[str, Any]:
@@ -348,7 +361,8 @@ def scores_launch_config(batch: int, mask_heads: int, R: int, config: UniSparseC
     }
 
 
-def _launch_scores(q_c: Any, k_c: Any, config: UniSparseConfig, nq: int, nk: int) -> Any:
+def _launch_scores(q_c: Any, k_c: Any, config: UniSparseConfig, nq: int, nk: int,
+                   version: int = DEFAULT_SCORES_VERSION) -> Any:
     """``us_scores_rowstats`` then ``us_scores_blocksum`` (two passes over C, SPEC 4)."""
     cp = _cupy()
     B, Hm, R, D = (int(s) for s in q_c.shape)
@@ -364,10 +378,10 @@ def _launch_scores(q_c: Any, k_c: Any, config: UniSparseConfig, nq: int, nk: int
     row_sum = cp.empty((B, Hm, R), dtype=cp.float32)
     scores = cp.zeros((B, Hm, nqb, nkb), dtype=cp.float32)
     lc = scores_launch_config(B, Hm, R, config)
-    k1 = _loader.get_function("scores.cu", "us_scores_rowstats", _scores_options())
+    k1 = _loader.get_function("scores.cu", "us_scores_rowstats", _scores_options(version))
     _loader.launch(k1, lc["grid1"], lc["block"], (q_c, k_c, row_max, row_sum) + common + (causal, scale),
                    shared_mem=lc["shared1"])
-    k2 = _loader.get_function("scores.cu", "us_scores_blocksum", _scores_options())
+    k2 = _loader.get_function("scores.cu", "us_scores_blocksum", _scores_options(version))
     _loader.launch(k2, lc["grid2"], lc["block"],
                    (q_c, k_c, row_max, row_sum, scores) + common + (_i32(S), causal, scale),
                    shared_mem=lc["shared2"])
@@ -390,7 +404,7 @@ def _launch_select(scores: Any, config: UniSparseConfig, nq: int, nk: int, with_
         cptr = iptr = np.uintp(0)  # null pointers: the kernel skips the index form
     np2 = 1 << max(0, (nkb - 1).bit_length())
     shared = np2 * (scores.dtype.itemsize + 8)  # sort keys + block ids + keep flags
-    kernel = _loader.get_function("selection.cu", f"us_select_topp<{ctype}>", (f"-DUS_SEL_THREADS={_SEL_THREADS}",))
+    kernel = _loader.get_function("selection.cu", f"us_select_topp<{ctype}>", _select_options())
     _loader.launch(
         kernel, (rows, 1, 1), (_SEL_THREADS, 1, 1),
         (scores, mask, cptr, iptr, _i32(nqb), _i32(nkb), _i32(nq), _i32(nk), _i32(config.block_size),
@@ -407,7 +421,7 @@ def _launch_mask_to_indices(mask: Any) -> tuple[Any, Any]:
     B, Hm, nqb, nkb = (int(s) for s in mask.shape)
     counts = cp.empty((B, Hm, nqb), dtype=cp.int32)
     indices = cp.empty((B, Hm, nqb, nkb), dtype=cp.int32)
-    kernel = _loader.get_function("selection.cu", "us_mask_to_indices", (f"-DUS_SEL_THREADS={_SEL_THREADS}",))
+    kernel = _loader.get_function("selection.cu", "us_mask_to_indices", _select_options())
     _loader.launch(kernel, (B * Hm * nqb, 1, 1), (_SEL_THREADS, 1, 1), (mask, counts, indices, _i32(nkb)),
                    shared_mem=4 * nkb)
     return counts, indices
@@ -426,8 +440,14 @@ class CupyBackend:
     supported_dtypes = SUPPORTED_DTYPES
     score_eps = 1e-6
 
-    def __init__(self, device_name: str = "") -> None:
+    def __init__(self, device_name: str = "", scores_version: int | None = None) -> None:
         self.device_name = device_name
+        if scores_version is None:
+            scores_version = int(os.environ.get("UNISPARSE_SCORES_VERSION", DEFAULT_SCORES_VERSION))
+        if scores_version not in SCORES_VERSIONS:
+            raise ValueError(f"scores_version must be one of {SCORES_VERSIONS}, got {scores_version!r}")
+        #: Logits micro-kernel of scores.cu (1: default; 2: float4 shared loads, opt-in).
+        self.scores_version = scores_version
 
     # -------------------------------------------------------------- stage 1
     def compress(self, q: Any, k: Any, config: UniSparseConfig) -> tuple[Any, Any]:
@@ -478,7 +498,7 @@ class CupyBackend:
                 f"q_c has {qc.shape[1]} composite heads (Hq = {Hq} with c_h={config.c_h}), "
                 f"incompatible with {kc.shape[1]} KV heads"
             )
-        return _launch_scores(qc, kc, config, nq, nk)
+        return _launch_scores(qc, kc, config, nq, nk, self.scores_version)
 
     # -------------------------------------------------------------- stage 3
     def _scores_input(self, scores: Any, config: UniSparseConfig, nq: int, nk: int) -> Any:
