@@ -314,12 +314,15 @@ def launch(kernel: Any, grid: Any, block: Any, args: tuple[Any, ...], shared_mem
     shared_mem = int(shared_mem)
     if shared_mem < 0:
         raise LaunchConfigError(f"shared_mem must be >= 0, got {shared_mem}")
-    if shared_mem > DEFAULT_SHARED_LIMIT:
+    # The 48 KiB default covers static plus dynamic shared memory: past it the kernel must opt
+    # in, even when the dynamic part alone is small (a kernel with a static tile, say).
+    static = int(getattr(kernel, "shared_size_bytes", 0) or 0)
+    if shared_mem + static > DEFAULT_SHARED_LIMIT:
         limit = max_dynamic_shared_memory()
-        if shared_mem > limit:
+        if shared_mem + static > limit:
             raise LaunchConfigError(
-                f"kernel {getattr(kernel, 'name', kernel)!r} needs {shared_mem} bytes of dynamic shared memory; "
-                f"the device allows at most {limit} per block (choose smaller tiles)"
+                f"kernel {getattr(kernel, 'name', kernel)!r} needs {shared_mem} bytes of dynamic plus {static} "
+                f"bytes of static shared memory; the device allows at most {limit} per block (choose smaller tiles)"
             )
         if getattr(kernel, "max_dynamic_shared_size_bytes", 0) < shared_mem:
             kernel.max_dynamic_shared_size_bytes = shared_mem

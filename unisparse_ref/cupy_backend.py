@@ -168,9 +168,12 @@ def _from_foreign(name: str, x: Any) -> tuple[Any, np.dtype]:
     return arr, np.dtype(arr.dtype)
 
 
-def _from_numpy(a: np.ndarray) -> tuple[Any, np.dtype]:
+def _from_numpy(a: np.ndarray, name: str = "input") -> tuple[Any, np.dtype]:
     cp = _cupy()
     dt = np.dtype(a.dtype)
+    if dt not in SUPPORTED_DTYPES:  # before the copy: CuPy itself cannot hold e.g. float128
+        allowed = ", ".join(str(d) for d in SUPPORTED_DTYPES)
+        raise TypeError(f"{name} has dtype {dt}; the cupy backend accepts {allowed}")
     if dt == BFLOAT16:
         return cp.asarray(np.ascontiguousarray(a).view(np.uint16)), BFLOAT16
     return cp.asarray(a), dt
@@ -195,7 +198,7 @@ def _device_input(name: str, x: Any) -> tuple[Any, np.dtype]:
                 f"unisparse_ref.cupy_backend.as_bfloat16({name})"
             )
     elif isinstance(x, np.ndarray):
-        arr, dt = _from_numpy(x)
+        arr, dt = _from_numpy(x, name)
     elif hasattr(x, "__dlpack__") or hasattr(x, "__cuda_array_interface__"):
         arr, dt = _from_foreign(name, x)
     else:
@@ -293,6 +296,21 @@ def _check_config(config: Any) -> UniSparseConfig:
     if not isinstance(config, UniSparseConfig):
         raise TypeError(f"config must be a UniSparseConfig, got {type(config)!r}")
     return config
+
+
+#: Head dims the attention kernels are built for; other D <= 128 are zero-padded up to the next.
+_KERNEL_HEAD_DIMS = (32, 64, 128)
+
+
+def _padded_head_dim(D: int) -> int:
+    """The kernel head dim used for ``D``: the smallest of 32, 64, 128 that holds it."""
+    for d in _KERNEL_HEAD_DIMS:
+        if D <= d:
+            return d
+    raise ValueError(
+        f"the cupy backend supports head dims up to {_KERNEL_HEAD_DIMS[-1]}, got D={D} "
+        "(the numpy and numba backends take up to 256)"
+    )
 
 
 def _i32(x: int) -> np.int32:
@@ -438,6 +456,8 @@ class CupyBackend:
 
     name = "cupy"
     supported_dtypes = SUPPORTED_DTYPES
+    #: Any D up to 128 (the kernels run 32, 64 and 128; smaller D are zero-padded).
+    supported_head_dims = tuple(range(1, _KERNEL_HEAD_DIMS[-1] + 1))
     score_eps = 1e-6
 
     def __init__(self, device_name: str = "", scores_version: int | None = None) -> None:
@@ -579,10 +599,20 @@ class CupyBackend:
             raise NotImplementedError(
                 "the CuPy attention launcher (unisparse_ref/_cupy_attention.py) is not part of this installation"
             ) from e
+        cp = _cupy()
+        D = int(qd.shape[3])
+        Dp = _padded_head_dim(D)
+        if Dp != D:
+            # Zero columns change no dot product q.k and give zero output columns, which are
+            # cut off again; the scale stays that of the true D (passed explicitly).
+            widths = ((0, 0), (0, 0), (0, 0), (0, Dp - D))
+            qd, kd, vd = (cp.pad(a, widths) for a in (qd, kd, vd))
         out, lse = att.attention_forward(
             qd, kd, vd, counts, indices, nq=bm.nq, nk=bm.nk, block_size=bm.block_size,
             heads_per_mask=bm.heads_per_mask, causal=bm.causal, softmax_scale=float(scale),
         )
+        if Dp != D:
+            out = cp.ascontiguousarray(out[..., :D])
         return _wrap_output(out, dt), lse
 
     def dense_attention(
