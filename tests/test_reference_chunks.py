@@ -4,9 +4,9 @@ import numpy as np
 import pytest
 
 import unisparse_ref as us
+from tests.conftest import random_qkv
 from unisparse_ref import UniSparseConfig
 from unisparse_ref import reference as ref
-from tests.conftest import random_qkv
 
 
 @pytest.mark.parametrize("chunk", [1, 4096, 1 << 14])
