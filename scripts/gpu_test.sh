@@ -30,8 +30,9 @@ if [ "$MODE" = full ]; then
   [ -f scripts/gpu_numba.py ] && step numba_32k ${NUMBA_LIMIT:-170} $PY scripts/gpu_numba.py
   [ -f scripts/gpu_cupy.sh ] && step cupy ${CUPY_LIMIT:-200} bash scripts/gpu_cupy.sh full
 fi
-# The shared suite for every backend (test_cupy_layer.py already ran in the cupy step).
-step suite ${SUITE_LIMIT:-900} env HYPOTHESIS_PROFILE=gpu $PY -m pytest -q -p no:cacheprovider -rfEs \
+# The shared suite for every backend (test_cupy_layer.py already ran in the cupy step); -v so that
+# the log names every test as it finishes, even when the time limit stops the step.
+step suite ${SUITE_LIMIT:-900} env HYPOTHESIS_PROFILE=gpu $PY -m pytest -v --tb=short -p no:cacheprovider -rfEs \
   -m "not slow" --ignore=tests/test_cupy_layer.py tests
 cat "$LOG/summary.txt"
 exit $status
