@@ -543,6 +543,7 @@ def _fake_cupy(host_kernels):
     fake.empty = wrap(np.empty)
     fake.zeros = wrap(np.zeros)
     fake.ascontiguousarray = wrap(np.ascontiguousarray)
+    fake.pad = wrap(np.pad)
     fake.isfinite = wrap(np.isfinite)
     fake.where, fake.sort, fake.arange = wrap(np.where), wrap(np.sort), wrap(np.arange)
     fake.from_dlpack = lambda x: np.from_dlpack(x).view(ndarray)
@@ -625,6 +626,7 @@ def _reference_attention_module():
         assert kv_counts.dtype == np.int32 and kv_indices.dtype == np.int32
         assert kv_counts.shape == (q.shape[0], q.shape[1] // heads_per_mask, -(-nq // block_size))
         assert q.dtype == k.dtype == v.dtype and q.dtype in (np.float16, np.float32, np.uint16)
+        assert q.shape[3] in (32, 64, 128), "the kernels are built for head dims 32, 64, 128"
         bf16 = q.dtype == np.uint16
         host = [x.get().view(BFLOAT16) if bf16 else x.get() for x in (q, k, v)]
         bm = BlockMask.from_indices(kv_counts.get(), kv_indices.get(), block_size=block_size, nq=nq, nk=nk,
@@ -703,6 +705,19 @@ def test_backend_glue_on_host_emulation(host_kernels, monkeypatch, bf16_native) 
                   if dt != np.float32 else (None, None))
         assert check_attention(us.to_numpy(out_d), r64, lpd, dt).ok
         assert us.to_numpy(lse_d).dtype == np.float32
+        # head dims the kernels are not built for are zero-padded by the backend
+        for D2 in (8, 48):
+            q2, k2, v2 = (rng.standard_normal((1, 2, 40, D2)).astype(dt) for _ in range(3))
+            cfg2 = UniSparseConfig(block_size=16, c_q=4, c_k=4)
+            o2, l2 = be.dense_attention(q2, k2, v2, causal=True)
+            full2 = BlockMask.full(1, 2, 40, 40, block_size=16)
+            r2, rl2 = ref.block_sparse_attention(q2, k2, v2, full2, cfg2)
+            lp2, _ = (ref.block_sparse_attention(q2, k2, v2, full2, cfg2, precision=dt)
+                      if dt != np.float32 else (None, None))
+            assert us.to_numpy(o2).shape == (1, 2, 40, D2)
+            assert check_attention(us.to_numpy(o2), r2, lp2, dt).ok  # scale 1/sqrt(D2), not of the padded D
+    with pytest.raises(ValueError, match="head dims up to 128"):
+        be.dense_attention(*(rng.standard_normal((1, 1, 16, 160)).astype(np.float32) for _ in range(3)))
     # inputs given as device arrays, bf16 bits wrapped, and the errors
     qd = fake.asarray(q.view(np.uint16) if q.dtype == BFLOAT16 else q)
     a, _ = be.compress(qd, k, cfg)
@@ -775,3 +790,28 @@ def test_backend_glue_on_host_emulation(host_kernels, monkeypatch, bf16_native) 
     monkeypatch.setitem(sys.modules, "torch", fake_torch)
     arr, dt = cb._device_input("q", Tensor(xb))
     assert dt == BFLOAT16 and arr.dtype == np.uint16 and np.array_equal(np.asarray(arr), xb.view(np.uint16))
+
+
+def test_launch_opts_in_when_static_plus_dynamic_shared_memory_passes_48k(monkeypatch) -> None:
+    """A kernel with a static tile needs the opt-in even when its dynamic part is small."""
+
+    class FakeKernel:
+        name = "k"
+        shared_size_bytes = 16896  # static, as us_scores_blocksum
+        max_dynamic_shared_size_bytes = 0
+
+        def __init__(self):
+            self.calls = []
+
+        def __call__(self, grid, block, args, shared_mem=0):
+            self.calls.append(shared_mem)
+
+    monkeypatch.setattr(_loader, "max_dynamic_shared_memory", lambda device_id=None: 232448)
+    k = FakeKernel()
+    _loader.launch(k, (1,), (256,), (), shared_mem=34048)  # 34048 + 16896 > 48 KiB
+    assert k.max_dynamic_shared_size_bytes == 34048 and k.calls == [34048]
+    small = FakeKernel()
+    _loader.launch(small, (1,), (256,), (), shared_mem=1024)  # fits the default: no opt-in
+    assert small.max_dynamic_shared_size_bytes == 0
+    with pytest.raises(_loader.LaunchConfigError, match="static shared memory"):
+        _loader.launch(FakeKernel(), (1,), (256,), (), shared_mem=232448)
