@@ -15,6 +15,7 @@ __all__ = [
     "check_dtype",
     "check_qkv",
     "check_finite",
+    "check_composite_shapes",
 ]
 
 #: NumPy's bfloat16, from ml_dtypes.
@@ -155,3 +156,38 @@ def check_qkv(
             f"causal attention needs Nq <= Nk (queries are the last Nq positions), got Nq={Nq}, Nk={Nk}"
         )
     return B, Hq, Hkv, Nq, Nk, D
+
+
+def check_composite_shapes(q_c: Any, k_c: Any, config: Any, nq: Any, nk: Any) -> None:
+    """Validate composite tokens for ``block_scores`` (SPEC sections 3 and 4), shapes only.
+
+    Works for any array type with ``.shape`` (no host copy). ``config`` is a
+    :class:`~unisparse_ref.UniSparseConfig`.
+
+    Raises
+    ------
+    ValueError
+        Wrong rank, non-positive or non-integer ``nq``/``nk``, ``nq > nk`` when causal, a
+        composite length other than ``ceil(nq/c_q)`` / ``ceil(nk/c_k)``, batch or head-dim
+        mismatch, or composite heads incompatible with the KV heads and ``c_h``.
+    """
+    for name, x in (("q_c", q_c), ("k_c", k_c)):
+        if not hasattr(x, "shape") or len(x.shape) != 4:
+            raise ValueError(f"q_c and k_c must have rank 4, got {name} {getattr(x, 'shape', type(x))}")
+    if not (isinstance(nq, (int, np.integer)) and isinstance(nk, (int, np.integer))) or nq < 1 or nk < 1:
+        raise ValueError(f"nq and nk must be positive ints, got {nq!r}, {nk!r}")
+    if config.causal and nq > nk:
+        raise ValueError(f"causal scoring needs nq <= nk, got nq={nq}, nk={nk}")
+    qs, ks = tuple(int(s) for s in q_c.shape), tuple(int(s) for s in k_c.shape)
+    R, C = -(-int(nq) // config.c_q), -(-int(nk) // config.c_k)
+    if qs[2] != R:
+        raise ValueError(f"q_c has {qs[2]} composite queries, expected ceil(nq/c_q) = {R}")
+    if ks[2] != C:
+        raise ValueError(f"k_c has {ks[2]} composite keys, expected ceil(nk/c_k) = {C}")
+    if qs[0] != ks[0] or qs[3] != ks[3]:
+        raise ValueError(f"q_c {qs} and k_c {ks} must agree in batch and head dim")
+    Hq = qs[1] * config.c_h
+    if Hq % ks[1] != 0 or (Hq // ks[1]) % config.c_h != 0:
+        raise ValueError(
+            f"q_c has {qs[1]} composite heads (Hq = {Hq} with c_h={config.c_h}), incompatible with {ks[1]} KV heads"
+        )

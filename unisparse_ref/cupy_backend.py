@@ -51,7 +51,7 @@ from typing import Any
 import numpy as np
 
 from . import _loader, geometry
-from ._arrays import BFLOAT16, check_qkv
+from ._arrays import BFLOAT16, check_composite_shapes, check_qkv
 from .backends import BackendUnavailable
 from .blockmask import BlockMask
 from .config import UniSparseConfig
@@ -500,24 +500,8 @@ class CupyBackend:
         """Block scores (SPEC 4): cupy float32 ``[B, Hq/c_h, nQb, nKb]``, rows summing to 1."""
         config = _check_config(config)
         qc, kc = _composite_input("q_c", q_c), _composite_input("k_c", k_c)
-        if not isinstance(nq, (int, np.integer)) or not isinstance(nk, (int, np.integer)) or nq < 1 or nk < 1:
-            raise ValueError(f"nq and nk must be positive ints, got {nq!r}, {nk!r}")
+        check_composite_shapes(qc, kc, config, nq, nk)
         nq, nk = int(nq), int(nk)
-        if config.causal and nq > nk:
-            raise ValueError(f"causal scoring needs nq <= nk, got nq={nq}, nk={nk}")
-        R, C = geometry.cdiv(nq, config.c_q), geometry.cdiv(nk, config.c_k)
-        if qc.shape[2] != R:
-            raise ValueError(f"q_c has {qc.shape[2]} composite queries, expected ceil(nq/c_q) = {R}")
-        if kc.shape[2] != C:
-            raise ValueError(f"k_c has {kc.shape[2]} composite keys, expected ceil(nk/c_k) = {C}")
-        if qc.shape[0] != kc.shape[0] or qc.shape[3] != kc.shape[3]:
-            raise ValueError(f"q_c {tuple(qc.shape)} and k_c {tuple(kc.shape)} must agree in batch and head dim")
-        Hq = int(qc.shape[1]) * config.c_h
-        if Hq % kc.shape[1] != 0 or (Hq // kc.shape[1]) % config.c_h != 0:
-            raise ValueError(
-                f"q_c has {qc.shape[1]} composite heads (Hq = {Hq} with c_h={config.c_h}), "
-                f"incompatible with {kc.shape[1]} KV heads"
-            )
         return _launch_scores(qc, kc, config, nq, nk, self.scores_version)
 
     # -------------------------------------------------------------- stage 3

@@ -25,7 +25,7 @@ from typing import Any
 import numpy as np
 
 from . import geometry
-from ._arrays import check_finite, check_qkv, dtype_name, to_numpy
+from ._arrays import check_composite_shapes, check_finite, check_qkv, dtype_name, to_numpy
 from .backends import BackendUnavailable
 from .blockmask import BlockMask
 from .config import UniSparseConfig
@@ -108,7 +108,7 @@ class NumbaBackend:
     def block_scores(self, q_c: Any, k_c: Any, config: UniSparseConfig, nq: int, nk: int) -> Any:
         """Block scores, float64 device array ``[B, Hm, nQb, nKb]`` (rows sum to 1)."""
         config = _check_config(config)
-        _check_composite_shapes(q_c, k_c, config, nq, nk)
+        check_composite_shapes(q_c, k_c, config, nq, nk)
         dq = self._device_float("q_c", q_c, np.float64)
         dk = self._device_float("k_c", k_c, np.float64)
         B, Hm, R, D = dq.shape
@@ -195,30 +195,6 @@ class NumbaBackend:
 
     def __repr__(self) -> str:
         return "NumbaBackend()"
-
-
-def _check_composite_shapes(q_c: Any, k_c: Any, config: UniSparseConfig, nq: int, nk: int) -> None:
-    """The shape checks of :func:`unisparse_ref.reference.block_scores`, without a host copy."""
-    for name, x in (("q_c", q_c), ("k_c", k_c)):
-        if not hasattr(x, "shape") or len(x.shape) != 4:
-            raise ValueError(f"q_c and k_c must have rank 4, got {name} {getattr(x, 'shape', type(x))}")
-    if not (isinstance(nq, (int, np.integer)) and isinstance(nk, (int, np.integer))) or nq < 1 or nk < 1:
-        raise ValueError(f"nq and nk must be positive ints, got {nq!r}, {nk!r}")
-    if config.causal and nq > nk:
-        raise ValueError(f"causal scoring needs nq <= nk, got nq={nq}, nk={nk}")
-    qs, ks = tuple(int(s) for s in q_c.shape), tuple(int(s) for s in k_c.shape)
-    R, C = geometry.cdiv(nq, config.c_q), geometry.cdiv(nk, config.c_k)
-    if qs[2] != R:
-        raise ValueError(f"q_c has {qs[2]} composite queries, expected ceil(nq/c_q) = {R}")
-    if ks[2] != C:
-        raise ValueError(f"k_c has {ks[2]} composite keys, expected ceil(nk/c_k) = {C}")
-    if qs[0] != ks[0] or qs[3] != ks[3]:
-        raise ValueError(f"q_c {qs} and k_c {ks} must agree in batch and head dim")
-    Hq = qs[1] * config.c_h
-    if Hq % ks[1] != 0 or (Hq // ks[1]) % config.c_h != 0:
-        raise ValueError(
-            f"q_c has {qs[1]} composite heads (Hq = {Hq} with c_h={config.c_h}), incompatible with {ks[1]} KV heads"
-        )
 
 
 def make_backend() -> NumbaBackend:

@@ -23,7 +23,7 @@ from typing import Any
 import numpy as np
 
 from . import geometry
-from ._arrays import check_dtype, check_finite, check_qkv, to_numpy
+from ._arrays import check_composite_shapes, check_dtype, check_finite, check_qkv, to_numpy
 from .blockmask import BlockMask
 from .config import UniSparseConfig
 
@@ -133,25 +133,7 @@ def compress(q: Any, k: Any, config: UniSparseConfig | None = None) -> tuple[np.
 def _check_composite(q_c: Any, k_c: Any, config: UniSparseConfig, nq: int, nk: int) -> tuple[np.ndarray, np.ndarray]:
     q_c = np.asarray(to_numpy(q_c), dtype=np.float64)
     k_c = np.asarray(to_numpy(k_c), dtype=np.float64)
-    if q_c.ndim != 4 or k_c.ndim != 4:
-        raise ValueError(f"q_c and k_c must have rank 4, got {q_c.shape} and {k_c.shape}")
-    if not (isinstance(nq, (int, np.integer)) and isinstance(nk, (int, np.integer))) or nq < 1 or nk < 1:
-        raise ValueError(f"nq and nk must be positive ints, got {nq!r}, {nk!r}")
-    if config.causal and nq > nk:
-        raise ValueError(f"causal scoring needs nq <= nk, got nq={nq}, nk={nk}")
-    R, C = geometry.cdiv(nq, config.c_q), geometry.cdiv(nk, config.c_k)
-    if q_c.shape[2] != R:
-        raise ValueError(f"q_c has {q_c.shape[2]} composite queries, expected ceil(nq/c_q) = {R}")
-    if k_c.shape[2] != C:
-        raise ValueError(f"k_c has {k_c.shape[2]} composite keys, expected ceil(nk/c_k) = {C}")
-    if q_c.shape[0] != k_c.shape[0] or q_c.shape[3] != k_c.shape[3]:
-        raise ValueError(f"q_c {q_c.shape} and k_c {k_c.shape} must agree in batch and head dim")
-    Hq = q_c.shape[1] * config.c_h
-    if Hq % k_c.shape[1] != 0 or (Hq // k_c.shape[1]) % config.c_h != 0:
-        raise ValueError(
-            f"q_c has {q_c.shape[1]} composite heads (Hq = {Hq} with c_h={config.c_h}), "
-            f"incompatible with {k_c.shape[1]} KV heads"
-        )
+    check_composite_shapes(q_c, k_c, config, nq, nk)
     return q_c, k_c
 
 
