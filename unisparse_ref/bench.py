@@ -589,12 +589,75 @@ def _bench_pipeline(N: int, D: int, B: int, Hq: int, Hkv: int, S: int, dt: str, 
         mask = cp.asnumpy(bm.mask) if not isinstance(bm.mask, np.ndarray) else bm.mask
         pairs = allowed_pairs(mask, N, N, S, causal, bm.heads_per_mask)
         dens = float(bm.density)
-        note = f"{dt}; estimator {100 * t_est['ms'] / t_all['ms']:.1f}% of the pipeline"
+        err = _pipeline_error(be, q, k, v, bm, cfg)
+        note = (f"{dt}; estimator {100 * t_est['ms'] / t_all['ms']:.1f}% of the pipeline; "
+                f"||out - dense|| / ||dense|| = {err:.3e}")
         record(N, D, "pipeline", "ours-pipeline", t_all, pairs, dens, note=note)
         record(N, D, "pipeline", "ours-estimate", t_est, pairs, dens, note=dt)
         record(N, D, "pipeline", "ours-attend", t_att, pairs, dens, note=dt)
+        for name, t, stage_note in _estimator_stages(be, q, k, cfg, N, kw):
+            record(N, D, "pipeline", name, t, pairs, dens, note=f"{dt}; {stage_note}")
     except Exception as e:
         record(N, D, "pipeline", "ours-pipeline", None, 0.0, 0.0, note=f"failed ({type(e).__name__}: {e})"[:200])
+
+
+def _as_float32(x: Any) -> Any:
+    """A CuPy float32 copy of a CuPy fp16 / fp32 / bf16 array (bf16: bits shifted into float32)."""
+    import cupy as cp
+
+    from ._arrays import BFLOAT16
+    from .cupy_backend import BFloat16Array
+
+    if isinstance(x, BFloat16Array):
+        bits = x.data
+    elif np.dtype(x.dtype) == BFLOAT16:
+        bits = x.view(cp.uint16)
+    else:
+        return x.astype(cp.float32)
+    return (bits.astype(cp.uint32) << 16).view(cp.float32)
+
+
+def _pipeline_error(be: Any, q: Any, k: Any, v: Any, bm: Any, cfg: Any) -> float:
+    """``||out - dense|| / ||dense||`` (Frobenius) of the sparse output against our dense mode.
+
+    Both come from the same kernel in the same precision, so the difference is the error the
+    block selection causes: the number the demo reports for the reference (against float64).
+    """
+    import cupy as cp
+
+    out = _as_float32(be.block_sparse_attention(q, k, v, bm, cfg)[0])
+    dense = _as_float32(be.dense_attention(q, k, v, cfg.causal, cfg.softmax_scale)[0])
+    num = float(cp.linalg.norm((out - dense).ravel()))
+    return num / max(float(cp.linalg.norm(dense.ravel())), 1e-30)
+
+
+def _estimator_stages(be: Any, q: Any, k: Any, cfg: Any, N: int, kw: dict[str, Any]
+                      ) -> list[tuple[str, dict[str, float], str]]:
+    """The estimator split by stage: pooling, scores (both versions), selection.
+
+    Scores version 2 (the float4 micro-kernel, opt-in) is timed on the same composite tokens and
+    its largest difference from version 1 reported; the default stays version 1.
+    """
+    import cupy as cp
+
+    from .cupy_backend import CupyBackend
+
+    qc, kc = be.compress(q, k, cfg)
+    sc = be.block_scores(qc, kc, cfg, N, N)
+    out = [("ours-est-compress", time_calls([lambda: be.compress(q, k, cfg)], **kw), "pooling (q and k)"),
+           ("ours-est-scores", time_calls([lambda: be.block_scores(qc, kc, cfg, N, N)], **kw),
+            f"scores v{be.scores_version}")]
+    try:
+        be2 = CupyBackend(be.device_name, scores_version=2)
+        sc2 = be2.block_scores(qc, kc, cfg, N, N)
+        diff = float(cp.abs(cp.asarray(sc2) - cp.asarray(sc)).max())
+        out.append(("ours-est-scores-v2", time_calls([lambda: be2.block_scores(qc, kc, cfg, N, N)], **kw),
+                    f"scores v2 (opt-in); max|v2 - v1| = {diff:.2e}"))
+    except Exception as e:  # noqa: BLE001 - the opt-in version is reported, not fatal
+        print(f"  scores v2 not timed: {type(e).__name__}: {e}"[:200])
+    out.append(("ours-est-select", time_calls([lambda: be.select_blocks(sc, cfg, N, N)], **kw),
+                "selection (mask form)"))
+    return out
 
 
 def _write(out_dir: Path, rows: list[dict[str, Any]], meta: dict[str, Any]) -> None:
@@ -642,7 +705,8 @@ def _plot(out_dir: Path, rows: list[dict[str, Any]], meta: dict[str, Any]) -> No
     for ax_row, D in zip(axes, dims, strict=True):
         series: dict[tuple[str, str], list[tuple[int, float, float | None]]] = {}
         for r in rows:
-            if r["D"] != D or r["ms"] is None or r["contender"] in ("ours-estimate", "ours-attend", "check"):
+            if r["D"] != D or r["ms"] is None or (r["contender"] in ("ours-estimate", "ours-attend", "check")
+                                                    or r["contender"].startswith("ours-est-")):
                 continue
             series.setdefault((r["mode"], r["contender"]), []).append((r["N"], r["ms"], r.get("ratio_vs_ours")))
         for (mode, con), pts in sorted(series.items()):
