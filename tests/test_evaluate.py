@@ -49,6 +49,60 @@ def test_evaluator_outputs_equal_reference(causal, nq, nk):
     assert r["rel_error"][0] <= 1e-12 and abs(r["recall"][0] - 1) <= 1e-12
 
 
+def _naive_metrics(q, k, v, cfg, bm):
+    """One mask, directly: the reference's block-sparse output against dense, and the dense mass kept."""
+    dense, _ = ref.dense_attention(q, k, v, cfg.causal)
+    out, _ = ref.block_sparse_attention(q, k, v, bm, cfg)
+    B, Hq, nq, D = q.shape
+    nk, S = k.shape[2], cfg.block_size
+    kk = np.repeat(k, Hq // k.shape[1], axis=1)
+    logits = cfg.scale_for(D) * (q @ np.swapaxes(kk, -1, -2))
+    logits = np.where(geometry.token_causal_mask(np.arange(nq), nq, nk, cfg.causal), logits, -np.inf)
+    p = np.exp(logits - logits.max(axis=-1, keepdims=True))
+    p /= p.sum(axis=-1, keepdims=True)
+    sel = np.repeat(np.asarray(bm.mask), bm.heads_per_mask, axis=1)  # [B, Hq, nQb, nKb]
+    tok = np.repeat(np.repeat(sel, S, axis=2), S, axis=3)[:, :, :nq, :nk]
+    recall = float((p * tok).sum() / (B * Hq * nq))
+    rel = np.linalg.norm(out - dense) / np.linalg.norm(dense)
+    rows = np.linalg.norm(out - dense, axis=-1) / np.maximum(np.linalg.norm(dense, axis=-1), 1e-30)
+    return rel, float(rows.mean()), recall
+
+
+@pytest.mark.parametrize("causal, nq, nk", [(True, 70, 150), (False, 90, 60)])
+def test_evaluator_batched_masks_equal_per_mask(causal, nq, nk):
+    """Masks are combined ``mask_chunk`` at a time; every chunking equals the mask-by-mask reference."""
+    rng = np.random.default_rng(1)
+    q = rng.standard_normal((2, 4, nq, 16))
+    k, v = rng.standard_normal((2, 2, nk, 16)), rng.standard_normal((2, 2, nk, 16))
+    cfg = UniSparseConfig(block_size=16, c_q=4, c_k=4, c_h=2, causal=causal)
+    nqb, nkb = geometry.num_blocks(nq, 16), geometry.num_blocks(nk, 16)
+    ms = [BlockMask(rng.random((2, 4 // h, nqb, nkb)) < p, 16, h, nq, nk, causal)
+          for h, p in ((1, 0.2), (2, 0.5), (4, 0.8), (1, 1.0))]  # mixed heads_per_mask
+    ms.append(BlockMask(np.zeros((2, 2, nqb, nkb), dtype=bool), 16, 2, nq, nk, causal))  # nothing selected
+    ev = DenseEvaluator(q, k, v, cfg)
+    results = [ev.evaluate(ms, return_outputs=True, mask_chunk=c) for c in (1, 2, 32)]
+    for key in ("rel_error", "row_error", "recall"):
+        for r in results[1:]:
+            np.testing.assert_allclose(r[key], results[0][key], rtol=1e-12, atol=1e-15)
+    for r in results[1:]:
+        for a, b in zip(r["outputs"], results[0]["outputs"], strict=True):
+            np.testing.assert_allclose(a, b, rtol=0, atol=1e-12)
+    res = results[-1]
+    for a, bm in enumerate(ms):
+        rel, row, rec = _naive_metrics(q, k, v, cfg, bm)
+        assert math.isclose(res["rel_error"][a], rel, rel_tol=1e-9, abs_tol=1e-12)
+        assert math.isclose(res["row_error"][a], row, rel_tol=1e-9, abs_tol=1e-12)
+        assert math.isclose(res["recall"][a], rec, rel_tol=1e-9, abs_tol=1e-12)
+    assert not res["outputs"][-1].any() and res["rel_error"][-1] == 1.0 and res["recall"][-1] == 0.0
+    assert res["rel_error"][3] == 0.0 and res["row_error"][3] == 0.0  # the full mask: exactly the dense rows
+    assert abs(res["recall"][3] - 1) <= 1e-12
+    with pytest.raises(ValueError, match="mask_chunk"):
+        ev.evaluate(ms, mask_chunk=0)
+    other = BlockMask.full(2, 4, nq + 16, nk, block_size=16, causal=causal)
+    with pytest.raises(ValueError, match="does not match"):
+        ev.evaluate([ms[0], other])
+
+
 def test_pareto_and_interpolation():
     pts = [(0.2, 0.3), (0.4, 0.1), (0.5, 0.2), (0.8, 0.01), (1.0, 0.0)]
     assert pareto_front(pts) == [(0.2, 0.3), (0.4, 0.1), (0.8, 0.01), (1.0, 0.0)]
