@@ -157,7 +157,7 @@ def test_evaluate_rejects_unknown_names(tmp_path, capsys):
 
 def test_evaluate_with_backend_kernels(tmp_path):
     rc = main(["--quick", "--out", str(tmp_path), "--no-progress", "--workloads", "rope_sinks",
-               "--selectors", "unisparse,sink_local", "--kernels", "numpy"])
+               "--selectors", "unisparse,sink_local", "--kernels", "numpy", "--backend", "numpy"])
     assert rc == 0
     meta = json.loads((tmp_path / "results.json").read_text())["meta"]
     gap = float(meta["attention_outputs"].split("= ")[1].rstrip(")"))
