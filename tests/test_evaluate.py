@@ -162,3 +162,12 @@ def test_evaluate_with_backend_kernels(tmp_path):
     meta = json.loads((tmp_path / "results.json").read_text())["meta"]
     gap = float(meta["attention_outputs"].split("= ")[1].rstrip(")"))
     assert gap <= 1e-12  # the reference kernels and the one-pass evaluator agree
+
+
+def test_commit_from_environment(monkeypatch):
+    """A copied tree (the GPU machine's) may carry stale git metadata: UNISPARSE_COMMIT wins."""
+    from unisparse_ref.evaluate import _git_commit, _machine
+
+    monkeypatch.setenv("UNISPARSE_COMMIT", "abc1234")
+    assert _git_commit() == "abc1234"
+    assert "cores" in _machine()

@@ -573,6 +573,9 @@ def plot(records: Sequence[Record], path: str) -> bool:
 
 
 def _git_commit() -> str:
+    """``UNISPARSE_COMMIT`` when set (a copied tree's git metadata can be stale), else ``git rev-parse``."""
+    if os.environ.get("UNISPARSE_COMMIT"):
+        return os.environ["UNISPARSE_COMMIT"]
     try:
         here = os.path.dirname(os.path.abspath(__file__))
         return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=here, capture_output=True,
@@ -591,7 +594,20 @@ def _machine() -> str:
                     break
     except OSError:
         pass
-    return f"{cpu}, {os.cpu_count()} cores, {platform.system()} {platform.release()}, Python {platform.python_version()}"
+    host = f"{cpu}, {os.cpu_count()} cores, {platform.system()} {platform.release()}, Python {platform.python_version()}"
+    gpu = _gpu_name()
+    return f"{gpu} + {host}" if gpu else host
+
+
+def _gpu_name() -> str | None:
+    """The name of the CUDA device CuPy would use, if CuPy is imported and a GPU works."""
+    cp = sys.modules.get("cupy")
+    if cp is None:
+        return None
+    try:
+        return str(cp.cuda.runtime.getDeviceProperties(cp.cuda.Device().id)["name"].decode())
+    except Exception:  # noqa: BLE001 - no GPU: the host alone is the machine
+        return None
 
 
 def markdown_page(records: Sequence[Record], meta: dict[str, Any], command: str, plot_rel: str | None,
