@@ -633,28 +633,32 @@ def _pipeline_error(be: Any, q: Any, k: Any, v: Any, bm: Any, cfg: Any) -> float
 
 def _estimator_stages(be: Any, q: Any, k: Any, cfg: Any, N: int, kw: dict[str, Any]
                       ) -> list[tuple[str, dict[str, float], str]]:
-    """The estimator split by stage: pooling, scores (both versions), selection.
+    """The estimator split by stage: pooling, scores (every version), selection.
 
-    Scores version 2 (the float4 micro-kernel, opt-in) is timed on the same composite tokens and
-    its largest difference from version 1 reported; the default stays version 1.
+    The scores versions other than the backend's are timed on the same composite tokens, with
+    their largest difference from the backend's version.
     """
     import cupy as cp
 
-    from .cupy_backend import CupyBackend
+    from .cupy_backend import SCORES_VERSIONS, CupyBackend
 
     qc, kc = be.compress(q, k, cfg)
     sc = be.block_scores(qc, kc, cfg, N, N)
     out = [("ours-est-compress", time_calls([lambda: be.compress(q, k, cfg)], **kw), "pooling (q and k)"),
            ("ours-est-scores", time_calls([lambda: be.block_scores(qc, kc, cfg, N, N)], **kw),
             f"scores v{be.scores_version}")]
-    try:
-        be2 = CupyBackend(be.device_name, scores_version=2)
-        sc2 = be2.block_scores(qc, kc, cfg, N, N)
-        diff = float(cp.abs(cp.asarray(sc2) - cp.asarray(sc)).max())
-        out.append(("ours-est-scores-v2", time_calls([lambda: be2.block_scores(qc, kc, cfg, N, N)], **kw),
-                    f"scores v2 (opt-in); max|v2 - v1| = {diff:.2e}"))
-    except Exception as e:  # noqa: BLE001 - the opt-in version is reported, not fatal
-        print(f"  scores v2 not timed: {type(e).__name__}: {e}"[:200])
+    for ver in SCORES_VERSIONS:
+        if ver == be.scores_version:
+            continue
+        try:
+            other = CupyBackend(be.device_name, scores_version=ver)
+            sc_o = other.block_scores(qc, kc, cfg, N, N)
+            diff = float(cp.abs(cp.asarray(sc_o) - cp.asarray(sc)).max())
+            t = time_calls([lambda other=other: other.block_scores(qc, kc, cfg, N, N)], **kw)
+            out.append((f"ours-est-scores-v{ver}", t,
+                        f"scores v{ver}; max|v{ver} - v{be.scores_version}| = {diff:.2e}"))
+        except Exception as e:  # noqa: BLE001 - another version is reported, not fatal
+            print(f"  scores v{ver} not timed: {type(e).__name__}: {e}"[:200])
     out.append(("ours-est-select", time_calls([lambda: be.select_blocks(sc, cfg, N, N)], **kw),
                 "selection (mask form)"))
     return out
