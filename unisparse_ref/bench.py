@@ -664,6 +664,12 @@ def _estimator_stages(be: Any, q: Any, k: Any, cfg: Any, N: int, kw: dict[str, A
     return out
 
 
+def _stage_row(r: dict[str, Any]) -> bool:
+    """Rows that split the pipeline into parts (not plotted as contenders)."""
+    c = r["contender"]
+    return c in ("ours-estimate", "ours-attend", "check") or c.startswith("ours-est-")
+
+
 def _write(out_dir: Path, rows: list[dict[str, Any]], meta: dict[str, Any]) -> None:
     import csv
 
@@ -701,7 +707,8 @@ def _plot(out_dir: Path, rows: list[dict[str, Any]], meta: dict[str, Any]) -> No
     import matplotlib.pyplot as plt
 
     styles = {"dense": "-", "sparse10": "--", "sparse30": ":", "pipeline": "-."}
-    contenders = sorted({r["contender"] for r in rows if r["ms"] is not None})
+    # Only the plotted contenders get colours (the estimator's stage rows would wrap tab10 around).
+    contenders = sorted({r["contender"] for r in rows if r["ms"] is not None and not _stage_row(r)})
     cmap = plt.get_cmap("tab10")
     color = {c: cmap(i % 10) for i, c in enumerate(contenders)}
     dims = sorted({r["D"] for r in rows})
@@ -709,8 +716,7 @@ def _plot(out_dir: Path, rows: list[dict[str, Any]], meta: dict[str, Any]) -> No
     for ax_row, D in zip(axes, dims, strict=True):
         series: dict[tuple[str, str], list[tuple[int, float, float | None]]] = {}
         for r in rows:
-            if r["D"] != D or r["ms"] is None or (r["contender"] in ("ours-estimate", "ours-attend", "check")
-                                                    or r["contender"].startswith("ours-est-")):
+            if r["D"] != D or r["ms"] is None or _stage_row(r):
                 continue
             series.setdefault((r["mode"], r["contender"]), []).append((r["N"], r["ms"], r.get("ratio_vs_ours")))
         for (mode, con), pts in sorted(series.items()):
