@@ -5,8 +5,9 @@
 
 CuPy's memory pool is switched off so that every array is its own cudaMalloc and an
 out-of-bounds access is caught at the array's edge rather than inside a pooled chunk.
-Covers: us_pool_seq<half|bf16|float>; us_scores_rowstats and us_scores_blocksum (versions 1 and 2) with
-RB < TR, RB > TR, KB > TC, RB = KB = 1 (opt-in dynamic shared memory) and ragged lengths;
+Covers: us_pool_seq<half|bf16|float>; us_scores_rowstats and us_scores_blocksum (versions 1 and 2) and
+us_scores_onepass (version 3, also in chunks of one head) with RB < TR, RB > TR, KB > TC,
+RB = KB = 1 (opt-in dynamic shared memory) and ragged lengths;
 us_select_topp<float|double> with and without the index form; us_mask_to_indices; the
 attention kernels through the backend (float16/bfloat16 default version, float32 v1).
 Exits non-zero if any result disagrees with the NumPy reference.
@@ -29,6 +30,7 @@ def main() -> int:
     cp.cuda.set_allocator(None)  # plain cudaMalloc per array: memcheck sees every edge
     be = cb.make_backend()
     be2 = cb.CupyBackend(be.device_name, scores_version=2)
+    be3 = cb.CupyBackend(be.device_name, scores_version=3)
     rng = np.random.default_rng(0)
     failures = []
     cases = [
@@ -50,6 +52,16 @@ def main() -> int:
             scores2 = be2.block_scores(q_c, k_c, cfg, Nq, Nk)  # the opt-in float4 version of scores.cu
             if not np.allclose(us.to_numpy(scores2), us.to_numpy(scores), rtol=0, atol=be.score_eps):
                 failures.append(f"scores v2 differs from v1 beyond score_eps, S={S}")
+            scores3 = be3.block_scores(q_c, k_c, cfg, Nq, Nk)  # the opt-in one-pass version
+            if not np.allclose(us.to_numpy(scores3), us.to_numpy(scores), rtol=0, atol=be.score_eps):
+                failures.append(f"scores v3 differs from v1 beyond score_eps, S={S}")
+            saved, cb._SC3_SCRATCH_BYTES = cb._SC3_SCRATCH_BYTES, 1  # one head per launch
+            try:
+                scores3c = be3.block_scores(q_c, k_c, cfg, Nq, Nk)
+            finally:
+                cb._SC3_SCRATCH_BYTES = saved
+            if not np.array_equal(us.to_numpy(scores3c), us.to_numpy(scores3)):
+                failures.append(f"scores v3 in chunks of one head differs from one launch, S={S}")
             bm, counts, idx = be.select_blocks_indices(scores, cfg, Nq, Nk)
             bm64 = be.select_blocks(cp.asarray(scores, dtype=cp.float64), cfg, Nq, Nk)
             rq, rk = ref.compress(q, k, cfg)

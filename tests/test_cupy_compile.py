@@ -130,8 +130,7 @@ def test_backend_compiles_what_the_list_names() -> None:
 
     specs = {(s.file, s.name_expression, s.options) for s in _loader.INSTANTIATIONS}
     want = {("pooling.cu", f"us_pool_seq<{t}>", cb._pool_options()) for t in _loader.CTYPES.values()}
-    want |= {("scores.cu", n, cb._scores_options(v)) for v in cb.SCORES_VERSIONS
-             for n in ("us_scores_rowstats", "us_scores_blocksum")}
+    want |= {("scores.cu", n, cb._scores_options(v)) for v in cb.SCORES_VERSIONS for n in cb._scores_kernels(v)}
     want |= {("selection.cu", f"us_select_topp<{t}>", cb._select_options()) for t in ("float", "double")}
     want |= {("selection.cu", "us_mask_to_indices", cb._select_options())}
     assert want == specs
@@ -327,6 +326,8 @@ extern "C" void emu_rowstats(const float* qc, const float* kc, float* m, float* 
   emu_launch({gx, gy, 1}, {16, 16, 1}, [&] { us_scores_rowstats(qc, kc, m, l, Hm, Hkv, R, C, D, nq, nk, cq, ck, ch, G, causal, scale); }); }
 extern "C" void emu_blocksum(const float* qc, const float* kc, const float* m, const float* l, float* sc, unsigned gx, unsigned gy, int Hm, int Hkv, int R, int C, int D, int nq, int nk, int cq, int ck, int ch, int G, int S, int causal, float scale) {
   emu_launch({gx, gy, 1}, {16, 16, 1}, [&] { us_scores_blocksum(qc, kc, m, l, sc, Hm, Hkv, R, C, D, nq, nk, cq, ck, ch, G, S, causal, scale); }); }
+extern "C" void emk_onepass(unsigned gx, unsigned gy, unsigned bx, unsigned by, const float* qc, const float* kc, float* sc, float* part, float* tmax, int bh0, int Hm, int Hkv, int R, int C, int D, int nq, int nk, int cq, int ck, int ch, int G, int S, int causal, float scale) {
+  emu_launch(US_G, US_B, [&] { us_scores_onepass(qc, kc, sc, part, tmax, bh0, Hm, Hkv, R, C, D, nq, nk, cq, ck, ch, G, S, causal, scale); }); }
 ''',
 "selection.cu": '''
 #define US_G dim3_{gx, gy, 1}
@@ -369,7 +370,9 @@ def host_kernels(tmp_path_factory: pytest.TempPathFactory):
     d = tmp_path_factory.mktemp("hostemu")
     libs = {}
     builds = [("pooling.cu", "pooling.cu", []), ("scores.cu", "scores.cu", ["-DUS_SC_VERSION=1"]),
-              ("scores.cu@2", "scores.cu", ["-DUS_SC_VERSION=2"]), ("selection.cu", "selection.cu", [])]
+              ("scores.cu@2", "scores.cu", ["-DUS_SC_VERSION=2"]), ("scores.cu@3", "scores.cu", ["-DUS_SC_VERSION=3"]),
+              ("scores.cu@3l1", "scores.cu", ["-DUS_SC_VERSION=3", "-DUS_SC_LOGITS=1"]),  # v3 on v1's micro-kernel
+              ("selection.cu", "selection.cu", [])]
     for key, file, flags in builds:
         stem = key.replace(".cu", "").replace("@", "_v")
         cpp = d / f"{stem}.cpp"
@@ -420,20 +423,64 @@ _SCORE_CASES = [
 ]
 
 
-@pytest.mark.parametrize("version", [1, 2])
-@pytest.mark.parametrize("case", _SCORE_CASES, ids=[f"case{i}" for i in range(len(_SCORE_CASES))])
-def test_host_emulated_scores(host_kernels, case, version) -> None:
-    """Both passes of scores.cu, launched with the backend's launch configuration."""
+def _emu_scores(lib, version, qc, kc, cfg, Nq, Nk, G, scratch_bytes=None, fill=0.0):
+    """Launch the scores kernels of ``version`` in the host emulation as the backend does."""
     import ctypes
 
     import numpy as np
 
-    from unisparse_ref import UniSparseConfig, geometry
+    from unisparse_ref import cupy_backend as cb
+    from unisparse_ref import geometry
+
+    B, Hm, R, D = qc.shape
+    Hkv, C = kc.shape[1], kc.shape[2]
+    S = cfg.block_size
+    lc = cb.scores_launch_config(B, Hm, R, cfg, C, scratch_bytes=scratch_bytes)
+    got = np.zeros((B, Hm, geometry.num_blocks(Nq, S), geometry.num_blocks(Nk, S)), np.float32)
+    ints = [ctypes.c_int(v) for v in (Hm, Hkv, R, C, D, Nq, Nk, cfg.c_q, cfg.c_k, cfg.c_h, G)]
+    scale = ctypes.c_float(cfg.scale_for(D))
+    causal = ctypes.c_int(int(cfg.causal))
+    if version == 3:
+        assert lc["shared3"] <= 256 * 1024
+        chunk = lc["heads_per_chunk3"]
+        # scratch filled with garbage (NaN or a value): every entry read must have been written
+        part = np.full((chunk, lc["ntiles"], R, lc["NKS"]), fill, np.float32)
+        tmax = np.full((chunk, lc["ntiles"], R), fill, np.float32)
+        assert part.nbytes + tmax.nbytes == chunk * lc["scratch3_per_head"]
+        for bh0 in range(0, B * Hm, chunk):
+            lib.emk_onepass(*(ctypes.c_uint(v) for v in (lc["grid3"][0], min(chunk, B * Hm - bh0), 16, 16)),
+                            _ptr(qc), _ptr(kc), _ptr(got), _ptr(part), _ptr(tmax), ctypes.c_int(bh0), *ints,
+                            ctypes.c_int(S), causal, scale)
+        return got, lc
+    assert lc["shared2"] <= 256 * 1024
+    m = np.zeros((B, Hm, R), np.float32)
+    lsum = np.zeros_like(m)
+    g1, g2 = lc["grid1"], lc["grid2"]
+    lib.emu_rowstats(_ptr(qc), _ptr(kc), _ptr(m), _ptr(lsum), ctypes.c_uint(g1[0]), ctypes.c_uint(g1[1]), *ints,
+                     causal, scale)
+    lib.emu_blocksum(_ptr(qc), _ptr(kc), _ptr(m), _ptr(lsum), _ptr(got), ctypes.c_uint(g2[0]), ctypes.c_uint(g2[1]),
+                     *ints, ctypes.c_int(S), causal, scale)
+    return got, lc
+
+
+_SCORE_LIBS = {1: "scores.cu", 2: "scores.cu@2", 3: "scores.cu@3", "3l1": "scores.cu@3l1"}
+
+
+@pytest.mark.parametrize("version", [1, 2, 3, "3l1"], ids=lambda v: f"v{v}")
+@pytest.mark.parametrize("case", _SCORE_CASES, ids=[f"case{i}" for i in range(len(_SCORE_CASES))])
+def test_host_emulated_scores(host_kernels, case, version) -> None:
+    """scores.cu (both passes, or version 3's one pass), launched with the backend's launch
+    configuration; version 3 also in chunks of one head, twice (bit-identical), with NaN and
+    finite garbage in its scratch ("3l1": version 3 on version 1's logits micro-kernel)."""
+    import numpy as np
+
+    from unisparse_ref import UniSparseConfig
     from unisparse_ref import cupy_backend as cb
     from unisparse_ref import reference as ref
 
     B, Hq, Hkv, c_h, Nq, Nk, D, S, c_q, c_k, causal = case
-    lib = host_kernels["scores.cu" if version == 1 else "scores.cu@2"]
+    lib = host_kernels[_SCORE_LIBS[version]]
+    v = 3 if version == "3l1" else version
     rng = np.random.default_rng(1)
     q = 1.5 * rng.standard_normal((B, Hq, Nq, D))
     k = 1.5 * rng.standard_normal((B, Hkv, Nk, D))
@@ -441,21 +488,16 @@ def test_host_emulated_scores(host_kernels, case, version) -> None:
     rq, rk = ref.compress(q, k, cfg)
     want = ref.block_scores(rq, rk, cfg, Nq, Nk)
     qc, kc = np.ascontiguousarray(rq, np.float32), np.ascontiguousarray(rk, np.float32)
-    Hm, R, C = qc.shape[1], qc.shape[2], kc.shape[2]
-    lc = cb.scores_launch_config(B, Hm, R, cfg)
-    assert lc["shared2"] <= 256 * 1024
-    m = np.zeros((B, Hm, R), np.float32)
-    lsum = np.zeros_like(m)
-    got = np.zeros((B, Hm, geometry.num_blocks(Nq, S), geometry.num_blocks(Nk, S)), np.float32)
-    ints = [ctypes.c_int(v) for v in (Hm, Hkv, R, C, D, Nq, Nk, c_q, c_k, c_h, Hq // Hkv)]
-    scale = ctypes.c_float(cfg.scale_for(D))
-    g1, g2 = lc["grid1"], lc["grid2"]
-    lib.emu_rowstats(_ptr(qc), _ptr(kc), _ptr(m), _ptr(lsum), ctypes.c_uint(g1[0]), ctypes.c_uint(g1[1]), *ints,
-                     ctypes.c_int(int(causal)), scale)
-    lib.emu_blocksum(_ptr(qc), _ptr(kc), _ptr(m), _ptr(lsum), _ptr(got), ctypes.c_uint(g2[0]), ctypes.c_uint(g2[1]),
-                     *ints, ctypes.c_int(S), ctypes.c_int(int(causal)), scale)
+    got, lc = _emu_scores(lib, v, qc, kc, cfg, Nq, Nk, Hq // Hkv, fill=np.nan)
     err = float(np.abs(got - want).max())
+    print(f"\nscores v{version} case {case}: max |scores - ref| = {err:.2e}")
     assert err <= cb.CupyBackend.score_eps, f"max |scores - ref| = {err:.2e}"
+    if v == 3:
+        heads = B * qc.shape[1]
+        assert lc["heads_per_chunk3"] == heads  # these shapes fit the default budget in one launch
+        again, lc1 = _emu_scores(lib, v, qc, kc, cfg, Nq, Nk, Hq // Hkv, scratch_bytes=1, fill=7.0)
+        assert lc1["heads_per_chunk3"] == 1 and lc1["grid3"][1] == 1
+        assert np.array_equal(again, got), "version 3 is not bit-identical across runs and chunkings"
 
 
 @pytest.mark.parametrize("score_dtype", ["float64", "float32"])
@@ -507,6 +549,7 @@ _KERNEL_TABLE = {
     ("pooling.cu", "us_pool_seq<float>"): "emk_pool_f", ("pooling.cu", "us_pool_seq<__half>"): "emk_pool_h",
     ("pooling.cu", "us_pool_seq<__nv_bfloat16>"): "emk_pool_bf",
     ("scores.cu", "us_scores_rowstats"): "emk_rowstats", ("scores.cu", "us_scores_blocksum"): "emk_blocksum",
+    ("scores.cu", "us_scores_onepass"): "emk_onepass",
     ("selection.cu", "us_select_topp<float>"): "emk_select_f", ("selection.cu", "us_select_topp<double>"): "emk_select_d",
     ("selection.cu", "us_mask_to_indices"): "emk_m2i",
 }
@@ -573,7 +616,10 @@ def _fake_cupy(host_kernels):
 
     class Kernel:
         def __init__(self, file, name, options=()):
-            key = "scores.cu@2" if file == "scores.cu" and "-DUS_SC_VERSION=2" in options else file
+            key = file
+            for v in (2, 3):
+                if file == "scores.cu" and f"-DUS_SC_VERSION={v}" in options:
+                    key = f"scores.cu@{v}"
             self.lib = host_kernels[key]
             self.fn = getattr(self.lib, _KERNEL_TABLE[(file, name)])
             self.name = name
@@ -682,6 +728,12 @@ def test_backend_glue_on_host_emulation(host_kernels, monkeypatch, bf16_native) 
         assert np.abs(us.to_numpy(res.scores) - want_scores).max() <= be.score_eps
         s2 = cb.CupyBackend("host emulation", scores_version=2).block_scores(res.q_c, res.k_c, cfg, Nq, Nk)
         assert np.abs(us.to_numpy(s2) - want_scores).max() <= be.score_eps
+        s3 = cb.CupyBackend("host emulation", scores_version=3).block_scores(res.q_c, res.k_c, cfg, Nq, Nk)
+        assert np.abs(us.to_numpy(s3) - want_scores).max() <= be.score_eps
+        with monkeypatch.context() as mp:  # version 3 in chunks of one head: the same bits
+            mp.setattr(cb, "_SC3_SCRATCH_BYTES", 1)
+            s3c = cb.CupyBackend("host emulation", scores_version=3).block_scores(res.q_c, res.k_c, cfg, Nq, Nk)
+        assert np.array_equal(us.to_numpy(s3c), us.to_numpy(s3))
         assert eps_valid_rows(res.block_mask, want_scores, cfg, Nq, Nk, be.score_eps).all()
         assert np.array_equal(us.to_numpy(res.block_mask.mask), ref.select_blocks(res.scores.get(), cfg, Nq, Nk).mask)
         out = us.to_numpy(res.out)

@@ -110,6 +110,22 @@ def test_block_scores_match_reference(case, version) -> None:
     assert np.all(_np(got)[..., ~vis] == 0.0)
 
 
+@pytest.mark.parametrize("case", SCORE_CASES[:3], ids=[f"case{i}" for i in range(3)])
+def test_block_scores_v3_repeats_and_chunks_are_bit_identical(case, monkeypatch) -> None:
+    """Version 3 (one pass, global scratch): the same bits on every run and in chunks of one head."""
+    B, Hq, Hkv, c_h, Nq, Nk, D, S, c_q, c_k, causal = case
+    rng = np.random.default_rng(3)
+    q, k, _ = random_qkv(rng, B, Hq, Hkv, Nq, Nk, D, np.float32, scale=1.5)
+    cfg = UniSparseConfig(block_size=S, c_q=c_q, c_k=c_k, c_h=c_h, causal=causal)
+    rq, rk = ref.compress(q, k, cfg)
+    be3 = cb.CupyBackend(BACKEND.device_name, scores_version=3)
+    runs = [_np(be3.block_scores(rq, rk, cfg, Nq, Nk)) for _ in range(2)]
+    monkeypatch.setattr(cb, "_SC3_SCRATCH_BYTES", 1)  # one mask head per launch
+    runs.append(_np(be3.block_scores(rq, rk, cfg, Nq, Nk)))
+    for r in runs[1:]:
+        assert r.tobytes() == runs[0].tobytes()
+
+
 # ---------------------------------------------------------------------------- stage 3
 SELECT_CASES = [
     # Nq, Nk, S, P, n_sink, n_local, causal

@@ -193,6 +193,7 @@ INSTANTIATIONS: list[KernelSpec] = (
     [KernelSpec("pooling.cu", f"us_pool_seq<{t}>", ("-DUS_POOL_THREADS=256",)) for t in _TYPES]
     + [KernelSpec("scores.cu", n, ("-DUS_SC_TR=64", "-DUS_SC_TC=64", f"-DUS_SC_VERSION={v}"))
        for v in (1, 2) for n in ("us_scores_rowstats", "us_scores_blocksum")]
+    + [KernelSpec("scores.cu", "us_scores_onepass", ("-DUS_SC_TR=64", "-DUS_SC_TC=64", "-DUS_SC_VERSION=3"))]
     + [KernelSpec("selection.cu", f"us_select_topp<{t}>", ("-DUS_SEL_THREADS=256",)) for t in ("float", "double")]
     + [KernelSpec("selection.cu", "us_mask_to_indices", ("-DUS_SEL_THREADS=256",))]
 )

@@ -8,6 +8,7 @@ method                        kernels                                         so
 ============================  ==============================================  =====================
 ``compress``                  ``us_pool_seq<T>`` (q: c_q and c_h; k: c_k)     ``pooling.cu``
 ``block_scores``              ``us_scores_rowstats``, ``us_scores_blocksum``  ``scores.cu``
+                              (opt-in version 3: ``us_scores_onepass``)
 ``select_blocks``             ``us_select_topp<float|double>``                ``selection.cu``
 ``block_sparse_attention``    ``us_mask_to_indices`` + attention kernels      ``selection.cu``,
                                                                               ``attention.cu``
@@ -334,10 +335,19 @@ def _launch_pool(x: Any, dtype: np.dtype, c: int, c_h: int) -> Any:
     return out
 
 
-#: Versions of the scores kernels' logits micro-kernel (see the table in scores.cu).
-SCORES_VERSIONS = (1, 2)
+#: Versions of scores.cu (see its version table): 1 and 2 take two passes over C (2 with a
+#: float4 logits micro-kernel); 3 takes one pass with a global float32 scratch buffer.
+SCORES_VERSIONS = (1, 2, 3)
 #: The version used unless ``CupyBackend(scores_version=...)`` or ``UNISPARSE_SCORES_VERSION`` says otherwise.
 DEFAULT_SCORES_VERSION = 1
+#: Most bytes of scratch version 3 may hold at once; above it the launch is split into chunks of
+#: mask heads (at least one head per chunk). At 131072 tokens with 32 heads it needs 1.1 GiB.
+_SC3_SCRATCH_BYTES = 2 * 1024**3
+
+
+def _scores_kernels(version: int = DEFAULT_SCORES_VERSION) -> tuple[str, ...]:
+    """The kernels of scores.cu one version launches, in order."""
+    return ("us_scores_onepass",) if version == 3 else ("us_scores_rowstats", "us_scores_blocksum")
 
 
 def _scores_options(version: int = DEFAULT_SCORES_VERSION) -> tuple[str, ...]:
@@ -352,36 +362,70 @@ def _select_options() -> tuple[str, ...]:
     return (f"-DUS_SEL_THREADS={_SEL_THREADS}",)
 
 
-def scores_launch_config(batch: int, mask_heads: int, R: int, config: UniSparseConfig) -> dict[str, Any]:
-    """Grid, block and shared memory of the two scoring passes (pure Python, no GPU needed).
+def scores_launch_config(batch: int, mask_heads: int, R: int, config: UniSparseConfig, C: int | None = None,
+                         scratch_bytes: int | None = None) -> dict[str, Any]:
+    """Grid, block, shared memory and scratch of the scoring kernels (pure Python, no GPU needed).
 
-    Pass 1 (``us_scores_rowstats``): one thread block per ``TR`` composite rows of one
-    ``(b, g)``, static shared memory only. Pass 2 (``us_scores_blocksum``): one thread block
-    per ``RG = max(TR, RB)`` rows (``NQ = RG / RB`` whole query blocks), with dynamic shared
-    memory for the ``[TR, TC+1]`` tile of ``A``, the ``[NQ, TC]`` column sums and the
-    ``[NQ, TC / min(KB, TC)]`` running block sums (float32 each).
+    Versions 1 and 2. Pass 1 (``us_scores_rowstats``): one thread block per ``TR`` composite
+    rows of one ``(b, g)``, static shared memory only. Pass 2 (``us_scores_blocksum``): one
+    thread block per ``RG = max(TR, RB)`` rows (``NQ = RG / RB`` whole query blocks), with
+    dynamic shared memory for the ``[TR, TC+1]`` tile of ``A``, the ``[NQ, TC]`` column sums
+    and the ``[NQ, TC / min(KB, TC)]`` running block sums (float32 each).
+
+    Version 3 (``us_scores_onepass``): the thread blocks of pass 2, walking C once. Dynamic
+    shared memory: the ``[TR, TC+1]`` exp tile, ``[TR, 16]`` partial row maxima, ``[TR, NKS]``
+    piece sums, ``[TR]`` tile maxima, ``[TR]`` last visible columns (int32) and the running
+    ``m_r``, ``l_r`` of ``RG`` rows (4 bytes each). Global float32 scratch per mask head:
+    ``ntiles * R * NKS`` piece sums and ``ntiles * R`` tile maxima (``ntiles = ceil(C / TC)``,
+    ``NKS = TC / min(KB, TC)``). When ``B * Hm`` heads of
+    scratch exceed ``scratch_bytes`` (default ``_SC3_SCRATCH_BYTES``, 2 GiB) the kernel is
+    launched once per chunk of ``heads_per_chunk3`` heads (grid y), reusing one buffer. A
+    chunk holds at least one head, so one head's scratch alone may exceed the budget (with
+    ``c_q = c_k = 1`` at 131072 tokens it is 5 GiB): rows are not chunked.
+
+    Parameters
+    ----------
+    batch, mask_heads, R : int
+        ``B``, ``Hm = Hq / c_h`` and the composite query count.
+    config : UniSparseConfig
+    C : int, optional
+        Composite key count (version 3's scratch); defaults to ``R``.
+    scratch_bytes : int, optional
+        Scratch budget of version 3 in bytes; defaults to ``_SC3_SCRATCH_BYTES``.
 
     Returns
     -------
-    dict with ``grid1``, ``grid2``, ``block``, ``shared2`` (bytes) and the tile numbers.
+    dict with ``grid1``, ``grid2``, ``block``, ``shared1``, ``shared2`` (bytes), version 3's
+    ``grid3`` (one chunk), ``shared3``, ``ntiles``, ``NKS``, ``scratch3_per_head`` (bytes),
+    ``heads_per_chunk3``, and the tile numbers.
     """
     RB, KB = config.block_size // config.c_q, config.block_size // config.c_k
     RG = max(_SC_TR, RB)
     NQ = RG // RB
     NKS = _SC_TC // min(KB, _SC_TC)
+    C = R if C is None else int(C)
+    budget = _SC3_SCRATCH_BYTES if scratch_bytes is None else int(scratch_bytes)
+    heads = batch * mask_heads
+    ntiles = geometry.cdiv(C, _SC_TC)
+    per_head = 4 * ntiles * R * (NKS + 1)
+    chunk = max(1, min(heads, budget // max(1, per_head)))
     return {
-        "grid1": (geometry.cdiv(R, _SC_TR), batch * mask_heads, 1),
-        "grid2": (geometry.cdiv(R, RG), batch * mask_heads, 1),
+        "grid1": (geometry.cdiv(R, _SC_TR), heads, 1),
+        "grid2": (geometry.cdiv(R, RG), heads, 1),
+        "grid3": (geometry.cdiv(R, RG), chunk, 1),
         "block": _SC_BLOCK,
         "shared1": 0,
         "shared2": 4 * (_SC_TR * (_SC_TC + 1) + NQ * _SC_TC + NQ * NKS),
+        "shared3": 4 * (_SC_TR * (_SC_TC + 1) + _SC_TR * _SC_BLOCK[0] + _SC_TR * NKS + 2 * _SC_TR + 2 * RG),
+        "ntiles": ntiles, "NKS": NKS, "scratch3_per_head": per_head, "heads_per_chunk3": chunk,
         "TR": _SC_TR, "TC": _SC_TC, "RB": RB, "KB": KB, "RG": RG, "NQ": NQ,
     }
 
 
 def _launch_scores(q_c: Any, k_c: Any, config: UniSparseConfig, nq: int, nk: int,
                    version: int = DEFAULT_SCORES_VERSION) -> Any:
-    """``us_scores_rowstats`` then ``us_scores_blocksum`` (two passes over C, SPEC 4)."""
+    """Versions 1, 2: ``us_scores_rowstats`` then ``us_scores_blocksum`` (two passes over C,
+    SPEC 4). Version 3: ``us_scores_onepass`` (one pass, global scratch), per chunk of heads."""
     cp = _cupy()
     B, Hm, R, D = (int(s) for s in q_c.shape)
     Hkv, C = int(k_c.shape[1]), int(k_c.shape[2])
@@ -392,10 +436,21 @@ def _launch_scores(q_c: Any, k_c: Any, config: UniSparseConfig, nq: int, nk: int
     causal = np.int32(1 if config.causal else 0)
     common = (_i32(Hm), _i32(Hkv), _i32(R), _i32(C), _i32(D), _i32(nq), _i32(nk), _i32(c_q), _i32(c_k),
               _i32(c_h), _i32(G))
+    scores = cp.zeros((B, Hm, nqb, nkb), dtype=cp.float32)
+    lc = scores_launch_config(B, Hm, R, config, C)
+    if version == 3:
+        chunk, ntiles, NKS = lc["heads_per_chunk3"], lc["ntiles"], lc["NKS"]
+        part = cp.empty((chunk, ntiles, R, NKS), dtype=cp.float32)  # piece sums e
+        tmax = cp.empty((chunk, ntiles, R), dtype=cp.float32)       # tile maxima M, then weights w
+        k3 = _loader.get_function("scores.cu", "us_scores_onepass", _scores_options(version))
+        for bh0 in range(0, B * Hm, chunk):
+            grid = (lc["grid3"][0], min(chunk, B * Hm - bh0), 1)
+            _loader.launch(k3, grid, lc["block"],
+                           (q_c, k_c, scores, part, tmax, _i32(bh0)) + common + (_i32(S), causal, scale),
+                           shared_mem=lc["shared3"])
+        return scores
     row_max = cp.empty((B, Hm, R), dtype=cp.float32)
     row_sum = cp.empty((B, Hm, R), dtype=cp.float32)
-    scores = cp.zeros((B, Hm, nqb, nkb), dtype=cp.float32)
-    lc = scores_launch_config(B, Hm, R, config)
     k1 = _loader.get_function("scores.cu", "us_scores_rowstats", _scores_options(version))
     _loader.launch(k1, lc["grid1"], lc["block"], (q_c, k_c, row_max, row_sum) + common + (causal, scale),
                    shared_mem=lc["shared1"])
@@ -466,7 +521,8 @@ class CupyBackend:
             scores_version = int(os.environ.get("UNISPARSE_SCORES_VERSION", DEFAULT_SCORES_VERSION))
         if scores_version not in SCORES_VERSIONS:
             raise ValueError(f"scores_version must be one of {SCORES_VERSIONS}, got {scores_version!r}")
-        #: Logits micro-kernel of scores.cu (1: default; 2: float4 shared loads, opt-in).
+        #: Version of scores.cu (1: default, two passes; 2: two passes with float4 shared loads;
+        #: 3: one pass with a global scratch buffer; 2 and 3 are opt-in).
         self.scores_version = scores_version
 
     # -------------------------------------------------------------- stage 1
