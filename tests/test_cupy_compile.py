@@ -722,6 +722,14 @@ def test_backend_glue_on_host_emulation(host_kernels, monkeypatch, bf16_native) 
         v = rng.standard_normal((B, Hkv, Nk, D)).astype(dt)
         cfg = UniSparseConfig(block_size=32, c_q=8, c_k=4, c_h=2, threshold=0.8)
         res = us.unisparse_attention(q, k, v, cfg, backend=be, return_details=True)
+        # the backend's own pipeline gives the bits of the four stage calls
+        qc_s, kc_s = be.compress(q, k, cfg)
+        sc_s = be.block_scores(qc_s, kc_s, cfg, Nq, Nk)
+        bm_s = be.select_blocks(sc_s, cfg, Nq, Nk)
+        out_s, lse_s = be.block_sparse_attention(q, k, v, bm_s, cfg)
+        for a_, b_ in ((res.q_c, qc_s), (res.k_c, kc_s), (res.scores, sc_s), (res.block_mask.mask, bm_s.mask),
+                       (res.out, out_s), (res.lse, lse_s)):
+            assert np.array_equal(us.to_numpy(a_), us.to_numpy(b_), equal_nan=False)
         rq, rk = ref.compress(q, k, cfg)
         assert np.abs(us.to_numpy(res.q_c) - rq).max() < 1e-5 and np.abs(us.to_numpy(res.k_c) - rk).max() < 1e-5
         want_scores = ref.block_scores(rq, rk, cfg, Nq, Nk)

@@ -206,6 +206,24 @@ def test_pipeline_masks_are_eps_valid(dtype) -> None:
     assert_attention_matches_reference(res.out, res.lse, q, k, v, res.block_mask.numpy(), cfg)
 
 
+def test_fused_pipeline_equals_the_four_stages() -> None:
+    """CupyBackend.unisparse_attention (one input check, the selection's index form) = the stage calls."""
+    rng = np.random.default_rng(12)
+    q, k, v = random_qkv(rng, 2, 8, 2, 1500, 1700, 128, BFLOAT16)
+    cfg = UniSparseConfig(block_size=64, c_q=8, c_k=16, c_h=2, threshold=0.85)
+    out, lse, bm, sc, qc, kc = BACKEND.unisparse_attention(q, k, v, cfg)
+    qc2, kc2 = BACKEND.compress(q, k, cfg)
+    sc2 = BACKEND.block_scores(qc2, kc2, cfg, 1500, 1700)
+    bm2 = BACKEND.select_blocks(sc2, cfg, 1500, 1700)
+    out2, lse2 = BACKEND.block_sparse_attention(q, k, v, bm2, cfg)
+    for a, b in ((qc, qc2), (kc, kc2), (sc, sc2), (bm.mask, bm2.mask), (out, out2), (lse, lse2)):
+        assert np.array_equal(us.to_numpy(a), us.to_numpy(b))
+    bad = us.to_numpy(v).copy()
+    bad[1, 0, 5, 3] = np.nan
+    with pytest.raises(ValueError, match="v holds non-finite"):
+        BACKEND.unisparse_attention(q, k, bad, cfg)
+
+
 def test_repeat_runs_are_bit_identical() -> None:
     rng = np.random.default_rng(6)
     q, k, v = random_qkv(rng, 1, 8, 2, 1000, 1000, 64, BFLOAT16)

@@ -56,6 +56,11 @@ def unisparse_attention(
     return_details : bool
         Return a :class:`UniSparseResult` instead of ``out`` alone.
 
+    A backend may provide its own ``unisparse_attention(q, k, v, config)`` returning
+    ``(out, lse, block_mask, scores, q_c, k_c)``: the same four stages with less work between
+    them (the CuPy backend checks its inputs once and passes the selection's index form
+    straight to the attention). Otherwise the four stage methods run one after the other.
+
     Returns
     -------
     out : ``[B, Hq, Nq, D]``, or a :class:`UniSparseResult`.
@@ -64,11 +69,15 @@ def unisparse_attention(
     if not isinstance(config, UniSparseConfig):
         raise TypeError(f"config must be a UniSparseConfig, got {type(config)!r}")
     be = get_backend(backend) if isinstance(backend, str) else backend
-    nq, nk = int(q.shape[2]), int(k.shape[2])
-    q_c, k_c = be.compress(q, k, config)
-    scores = be.block_scores(q_c, k_c, config, nq, nk)
-    block_mask = be.select_blocks(scores, config, nq, nk)
-    out, lse = be.block_sparse_attention(q, k, v, block_mask, config)
+    fused = getattr(be, "unisparse_attention", None)
+    if fused is not None:  # a backend's own pipeline: the same stages with less host work between them
+        out, lse, block_mask, scores, q_c, k_c = fused(q, k, v, config)
+    else:
+        nq, nk = int(q.shape[2]), int(k.shape[2])
+        q_c, k_c = be.compress(q, k, config)
+        scores = be.block_scores(q_c, k_c, config, nq, nk)
+        block_mask = be.select_blocks(scores, config, nq, nk)
+        out, lse = be.block_sparse_attention(q, k, v, block_mask, config)
     if return_details:
         return UniSparseResult(out, lse, block_mask, scores, q_c, k_c)
     return out

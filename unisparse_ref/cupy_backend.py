@@ -7,8 +7,9 @@ through :class:`cupy.RawModule` (see :mod:`unisparse_ref._loader`):
 method                        kernels                                         source
 ============================  ==============================================  =====================
 ``compress``                  ``us_pool_seq<T>`` (q: c_q and c_h; k: c_k)     ``pooling.cu``
-``block_scores``              ``us_scores_rowstats``, ``us_scores_blocksum``  ``scores.cu``
-                              (opt-in version 3: ``us_scores_onepass``)
+``block_scores``              ``us_scores_onepass`` (default version 3;       ``scores.cu``
+                              versions 1, 2: ``us_scores_rowstats``,
+                              ``us_scores_blocksum``)
 ``select_blocks``             ``us_select_topp<float|double>``                ``selection.cu``
 ``block_sparse_attention``    ``us_mask_to_indices`` + attention kernels      ``selection.cu``,
                                                                               ``attention.cu``
@@ -339,7 +340,7 @@ def _launch_pool(x: Any, dtype: np.dtype, c: int, c_h: int) -> Any:
 #: float4 logits micro-kernel); 3 takes one pass with a global float32 scratch buffer.
 SCORES_VERSIONS = (1, 2, 3)
 #: The version used unless ``CupyBackend(scores_version=...)`` or ``UNISPARSE_SCORES_VERSION`` says otherwise.
-DEFAULT_SCORES_VERSION = 1
+DEFAULT_SCORES_VERSION = 3  # one pass: 2.0x faster than v1 on the H200 (docs/performance.md)
 #: Most bytes of scratch version 3 may hold at once; above it the launch is split into chunks of
 #: mask heads (at least one head per chunk). At 131072 tokens with 32 heads it needs 1.1 GiB.
 _SC3_SCRATCH_BYTES = 2 * 1024**3
@@ -521,8 +522,8 @@ class CupyBackend:
             scores_version = int(os.environ.get("UNISPARSE_SCORES_VERSION", DEFAULT_SCORES_VERSION))
         if scores_version not in SCORES_VERSIONS:
             raise ValueError(f"scores_version must be one of {SCORES_VERSIONS}, got {scores_version!r}")
-        #: Version of scores.cu (1: default, two passes; 2: two passes with float4 shared loads;
-        #: 3: one pass with a global scratch buffer; 2 and 3 are opt-in).
+        #: Version of scores.cu (1: two passes; 2: two passes with float4 shared loads;
+        #: 3, the default: one pass with a global scratch buffer).
         self.scores_version = scores_version
 
     # -------------------------------------------------------------- stage 1
@@ -674,6 +675,38 @@ class CupyBackend:
         return self._attend(qd, kd, vd, dt, counts, indices, bm, config.scale_for(D))
 
     # -------------------------------------------------------------- pipeline
+    def unisparse_attention(
+        self, q: Any, k: Any, v: Any, config: UniSparseConfig
+    ) -> tuple[Any, Any, BlockMask, Any, Any, Any]:
+        """The whole pipeline (SPEC 3-6) in one call, for :func:`unisparse_ref.unisparse_attention`.
+
+        The same kernels and results as ``compress`` -> ``block_scores`` -> ``select_blocks`` ->
+        ``block_sparse_attention``, with less host work between them: ``q``, ``k``, ``v`` are
+        checked once (one host synchronisation for their finiteness), the intermediate arrays
+        are not re-checked (they come from our own kernels), and the attention reads the index
+        form that the selection kernel writes instead of converting the mask again. At 8K
+        tokens, where every kernel is short, the stage-by-stage calls spend a noticeable part of
+        the pipeline's time in those checks and launches.
+
+        Returns
+        -------
+        out, lse, block_mask, scores, q_c, k_c
+            As :class:`unisparse_ref.UniSparseResult` (CuPy arrays).
+        """
+        config = _check_config(config)
+        (qd, kd, vd), dt, (_, Hq, Hkv, Nq, Nk, D) = _qkv_inputs(q, k, v, config.causal)
+        G = Hq // Hkv
+        if G % config.c_h != 0:
+            raise ValueError(f"config.c_h={config.c_h} must divide the GQA group size G = Hq/Hkv = {G}")
+        _check_finite(("q", qd, dt), ("k", kd, dt), ("v", vd, dt))
+        q_c = _launch_pool(qd, dt, config.c_q, config.c_h)
+        k_c = _launch_pool(kd, dt, config.c_k, 1)
+        scores = _launch_scores(q_c, k_c, config, Nq, Nk, self.scores_version)
+        mask, counts, indices = _launch_select(scores, config, Nq, Nk, with_indices=True)
+        bm = BlockMask(mask, config.block_size, config.c_h, Nq, Nk, config.causal)
+        out, lse = self._attend(qd, kd, vd, dt, counts, indices, bm, config.scale_for(D))
+        return out, lse, bm, scores, q_c, k_c
+
     def __repr__(self) -> str:
         return f"CupyBackend({self.device_name!r})"
 
