@@ -45,6 +45,11 @@ def unisparse_attention(
 ) -> Any:
     """UniSparse attention: compress, score, select, then exact block-sparse attention.
 
+    A backend may provide its own ``unisparse_attention(q, k, v, config)`` returning
+    ``(out, lse, block_mask, scores, q_c, k_c)``: the same four stages with less work between
+    them (the CuPy backend checks its inputs once and passes the selection's index form
+    straight to the attention). Otherwise the four stage methods run one after the other.
+
     Parameters
     ----------
     q : array, shape ``[B, Hq, Nq, D]``
@@ -55,11 +60,6 @@ def unisparse_attention(
         ``"numpy"`` (the reference), ``"numba"`` or ``"cupy"``.
     return_details : bool
         Return a :class:`UniSparseResult` instead of ``out`` alone.
-
-    A backend may provide its own ``unisparse_attention(q, k, v, config)`` returning
-    ``(out, lse, block_mask, scores, q_c, k_c)``: the same four stages with less work between
-    them (the CuPy backend checks its inputs once and passes the selection's index form
-    straight to the attention). Otherwise the four stage methods run one after the other.
 
     Returns
     -------
