@@ -158,6 +158,13 @@ def check_qkv(
     return B, Hq, Hkv, Nq, Nk, D
 
 
+def check_head_pooling(Hq: int, Hkv: int, c_h: int) -> None:
+    """Raise ``ValueError`` unless ``c_h`` divides the GQA group size ``G = Hq // Hkv`` (SPEC 3)."""
+    G = Hq // Hkv
+    if G % c_h != 0:
+        raise ValueError(f"config.c_h={c_h} must divide the GQA group size G = Hq/Hkv = {G}")
+
+
 def check_composite_shapes(q_c: Any, k_c: Any, config: Any, nq: Any, nk: Any) -> None:
     """Validate composite tokens for ``block_scores`` (SPEC sections 3 and 4), shapes only.
 

@@ -53,7 +53,7 @@ from typing import Any
 import numpy as np
 
 from . import _loader, geometry
-from ._arrays import BFLOAT16, check_composite_shapes, check_qkv
+from ._arrays import BFLOAT16, check_composite_shapes, check_head_pooling, check_qkv
 from .backends import BackendUnavailable
 from .blockmask import BlockMask
 from .config import UniSparseConfig
@@ -543,9 +543,7 @@ class CupyBackend:
         """
         config = _check_config(config)
         (qd, kd), dt, (_, Hq, Hkv, _, _, _) = _qkv_inputs(q, k, None, config.causal)
-        G = Hq // Hkv
-        if G % config.c_h != 0:
-            raise ValueError(f"config.c_h={config.c_h} must divide the GQA group size G = Hq/Hkv = {G}")
+        check_head_pooling(Hq, Hkv, config.c_h)
         q_c = _launch_pool(qd, dt, config.c_q, config.c_h)
         k_c = _launch_pool(kd, dt, config.c_k, 1)
         # Pooled means are non-finite iff some input in their group is: a cheap full check.
@@ -695,9 +693,7 @@ class CupyBackend:
         """
         config = _check_config(config)
         (qd, kd, vd), dt, (_, Hq, Hkv, Nq, Nk, D) = _qkv_inputs(q, k, v, config.causal)
-        G = Hq // Hkv
-        if G % config.c_h != 0:
-            raise ValueError(f"config.c_h={config.c_h} must divide the GQA group size G = Hq/Hkv = {G}")
+        check_head_pooling(Hq, Hkv, config.c_h)
         _check_finite(("q", qd, dt), ("k", kd, dt), ("v", vd, dt))
         q_c = _launch_pool(qd, dt, config.c_q, config.c_h)
         k_c = _launch_pool(kd, dt, config.c_k, 1)

@@ -25,7 +25,7 @@ from typing import Any
 import numpy as np
 
 from . import geometry
-from ._arrays import check_composite_shapes, check_finite, check_qkv, dtype_name, to_numpy
+from ._arrays import check_composite_shapes, check_finite, check_head_pooling, check_qkv, dtype_name, to_numpy
 from .backends import BackendUnavailable
 from .blockmask import BlockMask
 from .config import UniSparseConfig
@@ -95,9 +95,7 @@ class NumbaBackend:
         """Composite tokens: ``q_c`` float64 ``[B, Hq/c_h, R, D]``, ``k_c`` float64 ``[B, Hkv, C, D]``."""
         config = _check_config(config)
         dq, dk, _, (_, Hq, Hkv, _, _, _) = self._qkv(q, k, k, config.causal)
-        G = Hq // Hkv
-        if G % config.c_h != 0:
-            raise ValueError(f"config.c_h={config.c_h} must divide the GQA group size G = Hq/Hkv = {G}")
+        check_head_pooling(Hq, Hkv, config.c_h)
         q_c = self._pooling.pool_sequence(dq, config.c_q)
         if config.c_h > 1:
             q_c = self._pooling.pool_heads(q_c, config.c_h)

@@ -23,7 +23,14 @@ from typing import Any
 import numpy as np
 
 from . import geometry
-from ._arrays import check_composite_shapes, check_dtype, check_finite, check_qkv, to_numpy
+from ._arrays import (
+    check_composite_shapes,
+    check_dtype,
+    check_finite,
+    check_head_pooling,
+    check_qkv,
+    to_numpy,
+)
 from .blockmask import BlockMask
 from .config import UniSparseConfig
 
@@ -121,9 +128,7 @@ def compress(q: Any, k: Any, config: UniSparseConfig | None = None) -> tuple[np.
     config = _check_config(config)
     q, k = _as_input("q", q), _as_input("k", k)
     _, Hq, Hkv, _, _, _ = check_qkv(q, k, k, causal=config.causal)
-    G = Hq // Hkv
-    if G % config.c_h != 0:
-        raise ValueError(f"config.c_h={config.c_h} must divide the GQA group size G = Hq/Hkv = {G}")
+    check_head_pooling(Hq, Hkv, config.c_h)
     q_c = pool_heads(pool_sequence(q, config.c_q), config.c_h)
     k_c = pool_sequence(k, config.c_k)
     return q_c, k_c
