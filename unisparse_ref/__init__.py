@@ -2,16 +2,21 @@
 
 UniSparse pools queries and keys into composite tokens, scores attention in that
 compressed space, keeps the top-P key blocks of every query block and computes exact
-attention over those blocks only. See ``SPEC.md`` and the documentation.
+attention over those blocks only. See the specification (``docs/spec.md``) and the documentation.
+
+Layout: :mod:`unisparse_ref.reference` (NumPy, the oracle), :mod:`unisparse_ref.numba_backend`
+(Numba CUDA prototypes) and :mod:`unisparse_ref.cupy_backend` (CUDA C++ through CuPy) hold the
+same four stage modules (``pooling``, ``scores``, ``selection``, ``attention``);
+:mod:`unisparse_ref.oracle` checks implementations against the reference and
+:mod:`unisparse_ref.evaluation` compares selection methods.
 """
 
 from __future__ import annotations
 
-from ._arrays import BFLOAT16, SUPPORTED_DTYPES, to_numpy
+from ._convert import BFLOAT16, SUPPORTED_DTYPES, to_numpy
 from .api import UniSparseResult, unisparse_attention
 from .backends import (
     Backend,
-    BackendUnavailable,
     available_backends,
     backend_status,
     get_backend,
@@ -19,6 +24,7 @@ from .backends import (
 )
 from .blockmask import BlockMask
 from .config import UniSparseConfig
+from .errors import BackendUnavailable
 
 __version__ = "0.1.0"
 

@@ -1,11 +1,23 @@
-"""Array conversion and input validation shared by every backend."""
+"""Array conversion and every input check shared by the layers.
+
+The reference, the Numba layer and the CuPy layer all validate their inputs with the
+functions here (SPEC sections 1 to 6), so an input is refused with the same message whatever
+backend runs it. Everything below works on shapes and dtypes only, except where a docstring
+says it looks at values (:func:`check_finite`, :func:`as_checked_numpy`, :func:`check_scores`).
+
+It imports only the bottom modules :mod:`unisparse_ref._convert` (array conversion, re-exported
+here), :mod:`unisparse_ref.config` and :mod:`unisparse_ref.blockmask`.
+"""
 
 from __future__ import annotations
 
 from typing import Any
 
-import ml_dtypes
 import numpy as np
+
+from ._convert import BFLOAT16, SUPPORTED_DTYPES, dtype_name, to_numpy
+from .blockmask import BlockMask
+from .config import UniSparseConfig
 
 __all__ = [
     "BFLOAT16",
@@ -16,79 +28,13 @@ __all__ = [
     "check_qkv",
     "check_finite",
     "check_composite_shapes",
+    "check_config",
+    "check_head_pooling",
+    "check_mask_against",
+    "check_scores",
+    "as_checked_numpy",
+    "check_scores_shape",
 ]
-
-#: NumPy's bfloat16, from ml_dtypes.
-BFLOAT16 = np.dtype(ml_dtypes.bfloat16)
-
-#: Input dtypes every backend accepts (a backend may accept fewer and says so).
-SUPPORTED_DTYPES: tuple[np.dtype, ...] = (
-    np.dtype(np.float16),
-    BFLOAT16,
-    np.dtype(np.float32),
-    np.dtype(np.float64),
-)
-
-
-def dtype_name(dtype: Any) -> str:
-    """A short name for a dtype: ``float16``, ``bfloat16``, ``float32`` or ``float64``."""
-    return str(np.dtype(dtype))
-
-
-def to_numpy(x: Any) -> np.ndarray:
-    """Convert any backend's array to a NumPy array (a copy off the device when needed).
-
-    Accepts NumPy arrays, CuPy arrays, Numba device arrays, and any object with
-    ``__cuda_array_interface__`` or ``__dlpack__`` (PyTorch and JAX tensors, CPU or CUDA),
-    without importing PyTorch or JAX. bfloat16 comes back as ``ml_dtypes.bfloat16``.
-
-    Parameters
-    ----------
-    x : array-like
-        The array to convert.
-
-    Returns
-    -------
-    numpy.ndarray
-    """
-    if isinstance(x, np.ndarray):
-        return x
-    if isinstance(x, (np.generic, int, float, bool, list, tuple)):
-        return np.asarray(x)
-    mod = type(x).__module__.split(".")[0]
-    if mod == "cupy":
-        return x.get()
-    if hasattr(x, "copy_to_host"):  # numba device array
-        return x.copy_to_host()
-    if mod == "torch":
-        t = x.detach()
-        if str(t.dtype) == "torch.bfloat16":
-            return to_numpy(t.view(_torch_int16(t))).view(BFLOAT16)
-        return t.cpu().numpy()
-    if hasattr(x, "__cuda_array_interface__"):
-        try:
-            import cupy
-
-            return cupy.asarray(x).get()
-        except ImportError:  # pragma: no cover - only without CuPy
-            from numba import cuda
-
-            return cuda.as_cuda_array(x).copy_to_host()
-    if hasattr(x, "__dlpack__"):
-        try:
-            return np.from_dlpack(x)
-        except (RuntimeError, BufferError, TypeError):
-            import cupy
-
-            return cupy.from_dlpack(x).get()
-    return np.asarray(x)
-
-
-def _torch_int16(t: Any) -> Any:
-    import sys
-
-    return sys.modules["torch"].int16
-
 
 def check_dtype(name: str, dtype: Any) -> np.dtype:
     """Raise ``TypeError`` naming ``name`` unless ``dtype`` is one of :data:`SUPPORTED_DTYPES`."""
@@ -198,3 +144,76 @@ def check_composite_shapes(q_c: Any, k_c: Any, config: Any, nq: Any, nk: Any) ->
         raise ValueError(
             f"q_c has {qs[1]} composite heads (Hq = {Hq} with c_h={config.c_h}), incompatible with {ks[1]} KV heads"
         )
+
+
+def check_config(config: Any) -> UniSparseConfig:
+    """``config``, or ``UniSparseConfig()`` for ``None``; ``TypeError`` for anything else."""
+    if config is None:
+        return UniSparseConfig()
+    if not isinstance(config, UniSparseConfig):
+        raise TypeError(f"config must be a UniSparseConfig, got {type(config)!r}")
+    return config
+
+
+def as_checked_numpy(name: str, x: Any) -> np.ndarray:
+    """``x`` as a NumPy array of a supported dtype, checked for NaN and infinity (looks at values)."""
+    a = to_numpy(x)
+    check_dtype(name, a.dtype)
+    check_finite(name, a)
+    return a
+
+
+def check_scores(scores: Any) -> np.ndarray:
+    """Block scores as a float64 NumPy array ``[B, Hm, nQb, nKb]``, checked finite and non-negative.
+
+    Raises
+    ------
+    ValueError
+        Wrong rank, or a negative or non-finite score.
+    """
+    s = np.asarray(to_numpy(scores), dtype=np.float64)
+    if s.ndim != 4:
+        raise ValueError(f"scores must have rank 4 [B, Hm, nQb, nKb], got shape {s.shape}")
+    if not np.isfinite(s).all() or (s < 0).any():
+        raise ValueError("scores must be finite and non-negative")
+    return s
+
+
+def check_scores_shape(shape: tuple[int, ...], config: UniSparseConfig, nq: int, nk: int) -> None:
+    """``ValueError`` unless ``shape`` is ``[B, Hm, nQb, nKb]`` for ``nq``, ``nk`` and the block size."""
+    S = config.block_size
+    want = (-(-int(nq) // S), -(-int(nk) // S))
+    if len(shape) != 4 or tuple(int(x) for x in shape[2:]) != want:
+        raise ValueError(
+            f"scores must have shape [B, Hm, nQb={want[0]}, nKb={want[1]}] for nq={nq}, nk={nk}, "
+            f"block_size={S}; got {tuple(shape)}"
+        )
+    if config.causal and nq > nk:
+        raise ValueError(f"causal selection needs nq <= nk, got nq={nq}, nk={nk}")
+
+
+def check_mask_against(bm: Any, B: int, Hq: int, Hkv: int, Nq: int, Nk: int, config: UniSparseConfig) -> None:
+    """Raise unless the :class:`~unisparse_ref.BlockMask` ``bm`` fits inputs of these sizes and ``config``.
+
+    Raises
+    ------
+    TypeError
+        ``bm`` is not a BlockMask.
+    ValueError
+        Lengths, block size, causality, mask heads or batch disagree.
+    """
+    if not isinstance(bm, BlockMask):
+        raise TypeError(f"block_mask must be a BlockMask, got {type(bm)!r}")
+    if (bm.nq, bm.nk) != (Nq, Nk):
+        raise ValueError(f"block_mask is for nq={bm.nq}, nk={bm.nk} but the inputs have Nq={Nq}, Nk={Nk}")
+    if bm.block_size != config.block_size:
+        raise ValueError(f"block_mask.block_size={bm.block_size} differs from config.block_size={config.block_size}")
+    if bm.causal != config.causal:
+        raise ValueError(f"block_mask.causal={bm.causal} differs from config.causal={config.causal}")
+    if Hq % bm.heads_per_mask != 0 or bm.mask.shape[1] != Hq // bm.heads_per_mask:
+        raise ValueError(
+            f"block_mask has {bm.mask.shape[1]} mask heads with heads_per_mask={bm.heads_per_mask}; "
+            f"expected Hq/heads_per_mask = {Hq}/{bm.heads_per_mask}"
+        )
+    if bm.mask.shape[0] != B:
+        raise ValueError(f"block_mask has batch {bm.mask.shape[0]} but q has batch {B}")

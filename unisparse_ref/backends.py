@@ -2,8 +2,10 @@
 
 A backend exposes ``compress``, ``block_scores``, ``select_blocks``,
 ``block_sparse_attention`` and ``dense_attention`` with the shapes and semantics of SPEC
-sections 3 to 6 (see :class:`Backend`). ``"numpy"`` is the reference and always available;
-the GPU layers register themselves here by module path and are loaded only when asked for.
+sections 3 to 6 (see :class:`Backend`). ``"numpy"`` is the reference
+(:mod:`unisparse_ref.reference`) and always available; the GPU layers
+(:mod:`unisparse_ref.numba_backend`, :mod:`unisparse_ref.cupy_backend`) are named here by
+module path and imported only when asked for.
 """
 
 from __future__ import annotations
@@ -11,10 +13,10 @@ from __future__ import annotations
 import importlib
 from typing import Any, Protocol, runtime_checkable
 
-from . import reference
-from ._arrays import SUPPORTED_DTYPES
 from .blockmask import BlockMask
 from .config import UniSparseConfig
+from .errors import BackendUnavailable
+from .reference import NumpyBackend
 
 __all__ = [
     "Backend",
@@ -25,10 +27,6 @@ __all__ = [
     "get_backend",
     "register_backend",
 ]
-
-
-class BackendUnavailable(RuntimeError):
-    """A known backend cannot run on this machine; the message says why."""
 
 
 @runtime_checkable
@@ -74,40 +72,6 @@ class Backend(Protocol):
         ...
 
 
-class NumpyBackend:
-    """The float64 NumPy reference as a backend (:mod:`unisparse_ref.reference`).
-
-    Accepts any array :func:`unisparse_ref.to_numpy` converts; returns float64 NumPy arrays
-    (``lse`` float32).
-    """
-
-    name = "numpy"
-    supported_dtypes = SUPPORTED_DTYPES
-    score_eps = 0.0
-
-    def compress(self, q: Any, k: Any, config: UniSparseConfig) -> tuple[Any, Any]:
-        return reference.compress(q, k, config)
-
-    def block_scores(self, q_c: Any, k_c: Any, config: UniSparseConfig, nq: int, nk: int) -> Any:
-        return reference.block_scores(q_c, k_c, config, nq, nk)
-
-    def select_blocks(self, scores: Any, config: UniSparseConfig, nq: int, nk: int) -> BlockMask:
-        return reference.select_blocks(scores, config, nq, nk)
-
-    def block_sparse_attention(
-        self, q: Any, k: Any, v: Any, block_mask: BlockMask, config: UniSparseConfig
-    ) -> tuple[Any, Any]:
-        return reference.block_sparse_attention(q, k, v, block_mask, config)
-
-    def dense_attention(
-        self, q: Any, k: Any, v: Any, causal: bool = True, softmax_scale: float | None = None
-    ) -> tuple[Any, Any]:
-        return reference.dense_attention(q, k, v, causal, softmax_scale)
-
-    def __repr__(self) -> str:
-        return "NumpyBackend()"
-
-
 #: name -> "module:attribute" of a zero-argument factory, or the factory itself.
 _REGISTRY: dict[str, Any] = {
     "numpy": NumpyBackend,
@@ -137,11 +101,9 @@ def _load(name: str) -> Any:
         try:
             factory = getattr(importlib.import_module(module), attr)
         except ModuleNotFoundError as e:
-            if e.name and module.startswith(e.name):
-                raise BackendUnavailable(f"backend {name!r} is not part of this installation ({module})") from e
+            if e.name and (module == e.name or module.startswith(e.name + ".")):
+                raise  # the backend's own module is missing: a wrong registry entry, not a missing extra
             raise BackendUnavailable(f"backend {name!r} needs {e.name!r}: install it ({e})") from e
-        except ImportError as e:
-            raise BackendUnavailable(f"backend {name!r} cannot be imported: {e}") from e
     backend = factory()
     _CACHE[name] = backend
     return backend

@@ -8,7 +8,7 @@ from typing import Any
 import numpy as np
 
 from . import geometry
-from ._arrays import to_numpy
+from ._convert import to_numpy
 
 __all__ = ["BlockMask"]
 
@@ -179,37 +179,6 @@ class BlockMask:
         vis = geometry.visible_blocks(nq, nk, block_size, causal)
         mask = np.broadcast_to(vis, (batch, mask_heads) + vis.shape).copy()
         return cls(mask, block_size, heads_per_mask, nq, nk, causal)
-
-    # ------------------------------------------------------------------ interop
-    # Thin methods over :mod:`unisparse_ref.masks`, where the conversions live and are documented.
-    def to_token_mask(self, *, apply_causal: bool = True, per_query_head: bool = False) -> np.ndarray:
-        """Dense bool token mask ``[B, Hm, Nq, Nk]``: :func:`unisparse_ref.masks.to_token_mask`."""
-        from . import masks
-
-        return masks.to_token_mask(self, apply_causal=apply_causal, per_query_head=per_query_head)
-
-    @classmethod
-    def from_token_mask(
-        cls, token_mask: Any, *, block_size: int, heads_per_mask: int = 1, causal: bool = True
-    ) -> BlockMask:
-        """The coarsest block mask covering a token mask: :func:`unisparse_ref.masks.from_token_mask`."""
-        from . import masks
-
-        return masks.from_token_mask(token_mask, block_size=block_size, heads_per_mask=heads_per_mask,
-                                     causal=causal)
-
-    def to_flex_block_mask(self, *, per_query_head: bool | None = None, device: Any = None) -> Any:
-        """A PyTorch FlexAttention ``BlockMask`` (PyTorch imported lazily, only here):
-        :func:`unisparse_ref.masks.to_flex_block_mask`."""
-        from . import masks
-
-        return masks.to_flex_block_mask(self, per_query_head=per_query_head, device=device)
-
-    def to_mit_bsa(self) -> dict[str, Any]:
-        """MIT Block-Sparse-Attention's layout: :func:`unisparse_ref.masks.to_mit_bsa`."""
-        from . import masks
-
-        return masks.to_mit_bsa(self)
 
     def __repr__(self) -> str:
         return (

@@ -14,8 +14,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "demo": ("unisparse_ref.demo", "run UniSparse on a synthetic 8K long-context workload with every backend"),
     "info": ("unisparse_ref.info", "print versions, available backends and the GPU"),
     "bench": ("unisparse_ref.bench", "benchmark the GPU kernels against other attention kernels"),
-    "verify": ("unisparse_ref.verify", "check your own implementation against the reference"),
-    "evaluate": ("unisparse_ref.evaluate", "compare UniSparse's selection with other methods"),
+    "verify": ("unisparse_ref.oracle.verify", "check your own implementation against the reference"),
+    "evaluate": ("unisparse_ref.evaluation.evaluate", "compare UniSparse's selection with other methods"),
 }
 
 

@@ -2,7 +2,7 @@
 
 This is the algorithm the Numba and CuPy kernels implement (FlashAttention-2's forward),
 written out for teaching and tested against the naive masked softmax of
-:mod:`unisparse_ref.reference`. It loops in Python over ``(b, h, i)`` and over the selected
+:mod:`unisparse_ref.reference.attention`. It loops in Python over ``(b, h, i)`` and over the selected
 key blocks of each query block, so it is slow; use it on small inputs.
 
 For one query block ``Q_i`` (``Br`` rows) and its selected key blocks ``j_1 < j_2 < ...``:
@@ -29,11 +29,10 @@ from typing import Any
 
 import numpy as np
 
-from . import geometry
-from ._arrays import check_qkv
-from .blockmask import BlockMask
-from .config import UniSparseConfig
-from .reference import _as_input, _check_config, _check_mask_against
+from .. import geometry
+from .._arrays import as_checked_numpy, check_config, check_mask_against, check_qkv
+from ..blockmask import BlockMask
+from ..config import UniSparseConfig
 
 __all__ = ["online_softmax_update", "tiled_block_sparse_attention"]
 
@@ -77,10 +76,10 @@ def tiled_block_sparse_attention(
     :func:`unisparse_ref.reference.block_sparse_attention`; query tiles are ``Br = S`` rows and
     key tiles ``Bc = S`` keys, walked in ascending block order.
     """
-    config = _check_config(config)
-    q, k, v = (_as_input(n, x).astype(np.float64) for n, x in (("q", q), ("k", k), ("v", v)))
+    config = check_config(config)
+    q, k, v = (as_checked_numpy(n, x).astype(np.float64) for n, x in (("q", q), ("k", k), ("v", v)))
     B, Hq, Hkv, Nq, Nk, D = check_qkv(q, k, v, causal=block_mask.causal)
-    _check_mask_against(block_mask, B, Hq, Hkv, Nq, Nk, config)
+    check_mask_against(block_mask, B, Hq, Hkv, Nq, Nk, config)
     S, G = block_mask.block_size, Hq // Hkv
     scale = config.scale_for(D)
     kv_counts, kv_indices = block_mask.numpy().to_indices()

@@ -41,10 +41,10 @@ from typing import Any
 
 import numpy as np
 
-from . import geometry
+from .. import geometry
 from .baselines import SELECTORS
-from .blockmask import BlockMask
-from .config import UniSparseConfig
+from ..blockmask import BlockMask
+from ..config import UniSparseConfig
 from .workloads import WORKLOADS, Workload
 
 __all__ = [
@@ -355,14 +355,14 @@ def run_evaluation(
     us_backend = None
     if xp_name == "cupy":
         try:
-            from .backends import get_backend
+            from ..backends import get_backend
 
             us_backend = get_backend("cupy")
         except Exception:  # noqa: BLE001 - fall back to the reference selection
             us_backend = None
     kernel_be = None
     if kernels is not None:
-        from .backends import get_backend
+        from ..backends import get_backend
 
         kernel_be = get_backend(kernels)  # raises BackendUnavailable with the reason
     kernel_gap = 0.0
@@ -422,7 +422,7 @@ def run_evaluation(
 def _kernel_errors(be: Any, w: Workload, cfg: UniSparseConfig, masks: Sequence[BlockMask]
                    ) -> tuple[np.ndarray, np.ndarray]:
     """Relative and mean row errors of ``be.block_sparse_attention`` against ``be.dense_attention``."""
-    from ._arrays import to_numpy
+    from .._arrays import to_numpy
 
     dense = to_numpy(be.dense_attention(w.q, w.k, w.v, cfg.causal, cfg.softmax_scale)[0]).astype(np.float64)
     dn = np.linalg.norm(dense)
@@ -756,7 +756,7 @@ def main(argv: list[str] | None = None) -> int:
         st.c_q = st.c_k = max(1, st.block_size // 8)
     kernels: str | None = None if args.kernels in ("auto", "none") else args.kernels
     if args.kernels == "auto" and xp_name == "cupy":
-        from .backends import backend_status
+        from ..backends import backend_status
 
         kernels = "cupy" if backend_status().get("cupy") is None else None
     if xp_name == "numpy" and st.n > 8192:

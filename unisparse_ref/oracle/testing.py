@@ -38,12 +38,12 @@ from typing import Any
 
 import numpy as np
 
-from . import geometry
-from . import reference as ref
-from ._arrays import check_dtype, dtype_name, to_numpy
-from .blockmask import BlockMask
-from .config import UniSparseConfig
-from .tolerance import BORDERLINE, check_attention, compare_selection, eps_valid_rows
+from .. import geometry
+from .. import reference as ref
+from .._arrays import check_dtype, dtype_name, to_numpy
+from ..blockmask import BlockMask
+from ..config import UniSparseConfig
+from ..tolerance import BORDERLINE, check_attention, compare_selection, eps_valid_rows
 
 __all__ = [
     "CaseResult",
@@ -404,7 +404,7 @@ def make_attention_inputs(case: AttentionCase, dtype: Any = np.float32
     k = case.value_scale * rng.standard_normal((case.B, case.Hkv, case.Nk, case.D))
     v = rng.standard_normal((case.B, case.Hkv, case.Nk, case.D))
     if case.structured:
-        from .workloads import rope
+        from ..evaluation.workloads import rope
 
         u = 3.0 * rng.standard_normal((case.B, case.Hkv, 1, case.D))
         G = case.Hq // case.Hkv

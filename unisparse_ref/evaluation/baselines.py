@@ -32,11 +32,11 @@ from typing import Any
 
 import numpy as np
 
-from . import geometry
-from . import reference as ref
-from ._arrays import check_qkv, to_numpy
-from .blockmask import BlockMask
-from .config import UniSparseConfig
+from .. import geometry
+from .. import reference as ref
+from .._arrays import check_qkv, to_numpy
+from ..blockmask import BlockMask
+from ..config import UniSparseConfig
 
 __all__ = [
     "Selector",

@@ -27,7 +27,7 @@ from typing import Any
 import numpy as np
 
 from . import testing
-from ._arrays import SUPPORTED_DTYPES, dtype_name
+from .._arrays import SUPPORTED_DTYPES, dtype_name
 
 __all__ = ["main", "resolve_target"]
 
@@ -43,8 +43,8 @@ def resolve_target(target: str, stage: str) -> Callable[..., Any]:
         When the target cannot be imported or found (the message says which part failed).
     """
     if ":" not in target:
-        from .api import unisparse_attention
-        from .backends import BackendUnavailable, get_backend
+        from ..api import unisparse_attention
+        from ..backends import BackendUnavailable, get_backend
 
         try:
             be = get_backend(target)

@@ -40,8 +40,8 @@ from typing import Any
 
 import numpy as np
 
-from . import reference as ref
-from .config import UniSparseConfig
+from .. import reference as ref
+from ..config import UniSparseConfig
 
 __all__ = ["VERSION", "GoldenCase", "case_names", "generate_case", "load_cases", "regenerate", "compare", "main"]
 
@@ -79,7 +79,7 @@ class GoldenCase:
 
 def _rope_inputs(rng: np.random.Generator, B: int, Hq: int, Hkv: int, nq: int, nk: int, D: int,
                  dtype: Any) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    from .workloads import rope
+    from ..evaluation.workloads import rope
 
     u = 3.0 * rng.standard_normal((B, Hkv, 1, D))
     q = rope(rng.standard_normal((B, Hq, nq, D)) + np.repeat(u, Hq // Hkv, axis=1), np.arange(nq) + max(0, nk - nq))

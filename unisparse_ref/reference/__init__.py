@@ -1,0 +1,93 @@
+"""The NumPy reference of the whole UniSparse pipeline: the correctness oracle.
+
+Deliberately naive and readable. Every stage computes in float64 whatever the input dtype
+(float16, bfloat16 through ``ml_dtypes``, float32, float64) and follows the specification
+(``docs/spec.md``) line by line: no online softmax, no clever indexing. One module per stage,
+under the same names in every layer:
+
+=====================  ===========================================================  ========
+module                 functions                                                    SPEC
+=====================  ===========================================================  ========
+:mod:`.pooling`        :func:`compress`, :func:`pool_sequence`, :func:`pool_heads`  3
+:mod:`.scores`         :func:`block_scores`, :func:`kv_head_of_mask_head`           4
+:mod:`.selection`      :func:`select_blocks`, :func:`selection_margin`              5
+:mod:`.attention`      :func:`block_sparse_attention`, :func:`dense_attention`,     6
+                       :func:`expand_block_mask`
+:mod:`.tiled`          the same attention walked tile by tile (online softmax),    6
+                       for teaching
+=====================  ===========================================================  ========
+
+Notation (see the docs' notation table): ``B`` batch, ``Hq`` query heads, ``Hkv`` key/value
+heads, ``G = Hq // Hkv``, ``Hm = Hq // c_h`` composite (mask) heads, ``Nq``/``Nk`` lengths,
+``D`` head dim, ``S`` block size, ``R = ceil(Nq/c_q)``, ``C = ceil(Nk/c_k)``,
+``nQb = ceil(Nq/S)``, ``nKb = ceil(Nk/S)``.
+
+Edge semantics: a query row with no allowed key gives ``out = 0`` and ``lse = -inf``
+(never NaN). Memory stays bounded: attention and scoring run over chunks of query blocks.
+Every input check is shared with the other layers (:mod:`unisparse_ref._arrays`).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from .._convert import SUPPORTED_DTYPES
+from ..blockmask import BlockMask
+from ..config import UniSparseConfig
+from .attention import block_sparse_attention, dense_attention, expand_block_mask
+from .pooling import compress, pool_heads, pool_sequence
+from .scores import block_scores, kv_head_of_mask_head
+from .selection import select_blocks, selection_margin
+
+__all__ = [
+    "NumpyBackend",
+    "block_scores",
+    "block_sparse_attention",
+    "compress",
+    "dense_attention",
+    "expand_block_mask",
+    "kv_head_of_mask_head",
+    "pool_heads",
+    "pool_sequence",
+    "select_blocks",
+    "selection_margin",
+]
+
+
+class NumpyBackend:
+    """The float64 NumPy reference as a backend (the functions of this package).
+
+    Accepts any array :func:`unisparse_ref.to_numpy` converts; returns float64 NumPy arrays
+    (``lse`` float32).
+    """
+
+    name = "numpy"
+    supported_dtypes = SUPPORTED_DTYPES
+    score_eps = 0.0
+
+    def compress(self, q: Any, k: Any, config: UniSparseConfig) -> tuple[Any, Any]:
+        return compress(q, k, config)
+
+    def block_scores(self, q_c: Any, k_c: Any, config: UniSparseConfig, nq: int, nk: int) -> Any:
+        return block_scores(q_c, k_c, config, nq, nk)
+
+    def select_blocks(self, scores: Any, config: UniSparseConfig, nq: int, nk: int) -> BlockMask:
+        return select_blocks(scores, config, nq, nk)
+
+    def block_sparse_attention(
+        self, q: Any, k: Any, v: Any, block_mask: BlockMask, config: UniSparseConfig
+    ) -> tuple[Any, Any]:
+        return block_sparse_attention(q, k, v, block_mask, config)
+
+    def dense_attention(
+        self, q: Any, k: Any, v: Any, causal: bool = True, softmax_scale: float | None = None
+    ) -> tuple[Any, Any]:
+        return dense_attention(q, k, v, causal, softmax_scale)
+
+    def __repr__(self) -> str:
+        return "NumpyBackend()"
+
+
+def make_backend() -> NumpyBackend:
+    """The reference backend (always available)."""
+    return NumpyBackend()
