@@ -15,7 +15,7 @@ import time
 import numpy as np
 
 import unisparse_ref as us
-from unisparse_ref.workloads import structured_workload
+from unisparse_ref.evaluation.workloads import structured_workload
 
 
 def main() -> int:

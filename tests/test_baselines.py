@@ -7,10 +7,11 @@ import dataclasses
 import numpy as np
 import pytest
 
-from unisparse_ref import UniSparseConfig, baselines, geometry
+from unisparse_ref import UniSparseConfig, geometry
 from unisparse_ref import reference as ref
+from unisparse_ref.evaluation import baselines
+from unisparse_ref.evaluation.workloads import WORKLOADS, demo_workload, structured_workload
 from unisparse_ref.tolerance import compare_selection
-from unisparse_ref.workloads import WORKLOADS, demo_workload, structured_workload
 
 CFG = UniSparseConfig(block_size=16, c_q=4, c_k=4, threshold=0.9)
 N = 160

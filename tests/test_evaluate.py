@@ -8,9 +8,10 @@ import math
 import numpy as np
 import pytest
 
-from unisparse_ref import BlockMask, UniSparseConfig, baselines, geometry
+from unisparse_ref import BlockMask, UniSparseConfig, geometry
 from unisparse_ref import reference as ref
-from unisparse_ref.evaluate import (
+from unisparse_ref.evaluation import baselines
+from unisparse_ref.evaluation.evaluate import (
     DenseEvaluator,
     Record,
     density_at_error,
@@ -19,8 +20,8 @@ from unisparse_ref.evaluate import (
     needle_hit_rate,
     pareto_front,
 )
+from unisparse_ref.evaluation.workloads import WORKLOADS
 from unisparse_ref.tolerance import attention_tolerance
-from unisparse_ref.workloads import WORKLOADS
 
 
 @pytest.mark.parametrize("causal, nq, nk", [(True, 70, 150), (False, 90, 60), (True, 64, 64)])
@@ -166,7 +167,7 @@ def test_evaluate_with_backend_kernels(tmp_path):
 
 def test_commit_from_environment(monkeypatch):
     """A copied tree (the GPU machine's) may carry stale git metadata: UNISPARSE_COMMIT wins."""
-    from unisparse_ref.evaluate import _git_commit, _machine
+    from unisparse_ref.evaluation.evaluate import _git_commit, _machine
 
     monkeypatch.setenv("UNISPARSE_COMMIT", "abc1234")
     assert _git_commit() == "abc1234"

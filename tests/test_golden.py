@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 
 import unisparse_ref as us
-from unisparse_ref import golden
 from unisparse_ref import reference as ref
+from unisparse_ref.oracle import golden
 from unisparse_ref.tolerance import compare_selection
 
 from .conftest import SIM, assert_attention_matches_reference

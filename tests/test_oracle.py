@@ -1,4 +1,4 @@
-"""The oracle (unisparse_ref.testing) and ``unisparse-ref verify``: our backends pass it, and
+"""The oracle (unisparse_ref.oracle.testing) and ``unisparse-ref verify``: our backends pass it, and
 deliberately broken implementations fail it with a message that names the fault."""
 
 from __future__ import annotations
@@ -11,8 +11,8 @@ import pytest
 
 import unisparse_ref as us
 from unisparse_ref import reference as ref
-from unisparse_ref import testing
-from unisparse_ref.verify import main as verify_main
+from unisparse_ref.oracle import testing
+from unisparse_ref.oracle.verify import main as verify_main
 
 from .conftest import SIM
 

@@ -16,7 +16,7 @@ import unisparse_ref as us
 from tests.conftest import SIM, assert_attention_matches_reference, random_qkv
 from unisparse_ref import BlockMask, UniSparseConfig, geometry
 from unisparse_ref import reference as ref
-from unisparse_ref.tiled import tiled_block_sparse_attention
+from unisparse_ref.reference.tiled import tiled_block_sparse_attention
 from unisparse_ref.tolerance import compare_selection, eps_valid_rows
 
 MAX_N = 72 if SIM else 300

@@ -19,7 +19,9 @@ def test_chunking_is_invisible(monkeypatch, chunk, causal):
     dense = ref.dense_attention(q, k, v, causal)
     low = ref.block_sparse_attention(q, k, v, r.block_mask, cfg, precision=np.float16)
     sub = ref.block_sparse_attention(q, k, v, r.block_mask, cfg, query_blocks=[4, 0])
-    monkeypatch.setattr(ref, "_CHUNK_ELEMENTS", chunk)
+    # Both chunked stages: the scoring (rows of composite queries) and the attention.
+    monkeypatch.setattr(ref.scores, "_CHUNK_ELEMENTS", chunk)
+    monkeypatch.setattr(ref.attention, "_CHUNK_ELEMENTS", chunk)
     r2 = us.unisparse_attention(q, k, v, cfg, return_details=True)
     np.testing.assert_array_equal(r2.block_mask.mask, r.block_mask.mask)
     np.testing.assert_allclose(r2.scores, r.scores, rtol=1e-13, atol=1e-15)

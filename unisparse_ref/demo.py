@@ -1,6 +1,6 @@
 """``unisparse-ref demo``: UniSparse on a synthetic 8K long-context workload, every backend.
 
-The workload (:func:`unisparse_ref.workloads.demo_workload`) is seeded and embedded: attention
+The workload (:func:`unisparse_ref.evaluation.workloads.demo_workload`) is seeded and embedded: attention
 sinks, RoPE-like local decay and planted needles, so that it looks like real long-context
 attention rather than Gaussian noise. For every available backend the demo prints the block
 density, the share of the dense attention's work skipped, the output error against dense
@@ -21,7 +21,7 @@ from ._arrays import BFLOAT16, to_numpy
 from ._progress import Progress
 from .backends import available_backends, get_backend
 from .config import UniSparseConfig
-from .workloads import demo_workload
+from .evaluation.workloads import demo_workload
 
 
 def _sync(backend: Any) -> None:

@@ -1,9 +1,16 @@
-"""The agreement rules of SPEC section 7, used by the tests of every layer and by users.
+"""The agreement rules of SPEC section 7: the one place they are written.
+
+The shared test suite, :mod:`unisparse_ref.oracle.testing` (and so ``unisparse-ref verify``)
+and the benchmark's correctness gate all decide pass or fail with the functions here.
 
 * Attention outputs: a kernel of dtype ``float16``/``bfloat16`` passes when
   ``max|out - ref64| <= 2 * max|out_lp - ref64| + 1e-5``, with ``out_lp`` the reference run in
   its low-precision mode (:func:`unisparse_ref.reference.block_sparse_attention` with
   ``precision=dtype``). A ``float32`` kernel passes at ``1e-5`` relative to ``max|ref64|``.
+* Log-sum-exp (the reference extends SPEC 7 to ``lse``): float32, ``-inf`` exactly on the
+  rows with no allowed key, never NaN, and elsewhere within
+  ``1e-5 * max(1, max|lse_ref|) + 2 * max|lse_lp - lse_ref|`` (the second term for
+  float16/bfloat16 kernels only).
 * Selection on identical scores: masks must be equal except in *borderline* rows, where the
   decision is within ``1e-6`` of ``P`` (reported, not hidden).
 * Selection on a backend's own, lower-precision scores: every row must be *eps-valid* under
@@ -18,14 +25,16 @@ from typing import Any
 import numpy as np
 
 from . import geometry
-from ._arrays import dtype_name, to_numpy
+from ._convert import dtype_name, to_numpy
 from .config import UniSparseConfig
 
 __all__ = [
     "BORDERLINE",
     "AttentionCheck",
+    "LseCheck",
     "attention_tolerance",
     "check_attention",
+    "check_lse",
     "SelectionCheck",
     "compare_selection",
     "eps_valid_rows",
@@ -104,6 +113,71 @@ def check_attention(out: Any, ref64: Any, out_lp: Any | None, dtype: Any) -> Att
     err = float(diff[idx]) if diff.size else 0.0
     return AttentionCheck(err <= tol, dtype_name(dtype), err, tol, lp_err, idx,
                           float(o[idx]) if diff.size else 0.0, float(r[idx]) if diff.size else 0.0)
+
+
+@dataclass
+class LseCheck:
+    """The outcome of :func:`check_lse`: ``ok`` and, when not, why."""
+
+    ok: bool
+    max_error: float
+    tolerance: float
+    problem: str = ""
+
+    def message(self) -> str:
+        """One human-readable line for assertion messages."""
+        if self.ok:
+            return f"PASS: lse max error {self.max_error:.3e} <= tolerance {self.tolerance:.3e}"
+        return f"FAIL: lse {self.problem}"
+
+
+def lse_tolerance(ref_lse: np.ndarray, lse_lp: np.ndarray | None) -> float:
+    """The bound on ``|lse - lse_ref|`` over rows with an allowed key (see the module docstring)."""
+    fin = np.isfinite(ref_lse)
+    tol = 1e-5 * max(1.0, float(np.abs(ref_lse[fin]).max(initial=0.0)))
+    if lse_lp is not None:
+        lp = np.asarray(lse_lp, dtype=np.float64)
+        tol += 2 * float(np.abs(lp[fin] - ref_lse[fin]).max(initial=0.0))
+    return tol
+
+
+def check_lse(lse: Any, ref_lse: Any, lse_lp: Any | None = None) -> LseCheck:
+    """Compare a kernel's log-sum-exp with the reference's under the rule of this module.
+
+    Parameters
+    ----------
+    lse : array ``[B, Hq, Nq]``
+        The log-sum-exp under test (any array type); must be float32.
+    ref_lse : array ``[B, Hq, Nq]``
+        The float64 reference's (``-inf`` on rows with no allowed key).
+    lse_lp : array, optional
+        The low-precision-mode reference's, for float16/bfloat16 kernels.
+    """
+    l_ = to_numpy(lse)
+    r = np.asarray(to_numpy(ref_lse), dtype=np.float64)
+    lp = None if lse_lp is None else np.asarray(to_numpy(lse_lp), dtype=np.float64)
+    tol = lse_tolerance(r, lp)
+    if l_.shape != r.shape:
+        return LseCheck(False, float("inf"), tol, f"has shape {tuple(l_.shape)}, expected {r.shape} ([B, Hq, Nq])")
+    if l_.dtype != np.float32:
+        return LseCheck(False, float("inf"), tol, f"must be float32, got {l_.dtype}")
+    if np.isnan(l_).any():
+        idx = tuple(int(x) for x in np.argwhere(np.isnan(l_))[0])
+        return LseCheck(False, float("inf"), tol, f"holds NaN at {idx}")
+    empty, got_empty = np.isneginf(r), np.isneginf(l_)
+    if not np.array_equal(got_empty, empty):
+        idx = tuple(int(x) for x in np.argwhere(got_empty != empty)[0])
+        return LseCheck(False, float("inf"), tol,
+                        f"must be -inf exactly on rows with no allowed key: at {idx} lse = {l_[idx]}, "
+                        f"reference {r[idx]}")
+    fin = ~empty
+    diff = np.where(fin, np.abs(l_.astype(np.float64) - np.where(fin, r, 0.0)), 0.0)
+    err = float(diff.max()) if diff.size else 0.0
+    if err > tol:
+        idx = tuple(int(x) for x in np.unravel_index(int(np.argmax(diff)), diff.shape))
+        return LseCheck(False, err, tol, f"max error {err:.3e} > tolerance {tol:.3e} at {idx}: "
+                                         f"lse = {float(l_[idx]):.6g}, reference {float(r[idx]):.6g}")
+    return LseCheck(True, err, tol)
 
 
 @dataclass

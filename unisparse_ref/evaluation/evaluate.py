@@ -42,9 +42,9 @@ from typing import Any
 import numpy as np
 
 from .. import geometry
-from .baselines import SELECTORS
 from ..blockmask import BlockMask
 from ..config import UniSparseConfig
+from .baselines import SELECTORS
 from .workloads import WORKLOADS, Workload
 
 __all__ = [

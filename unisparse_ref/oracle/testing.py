@@ -43,7 +43,7 @@ from .. import reference as ref
 from .._arrays import check_dtype, dtype_name, to_numpy
 from ..blockmask import BlockMask
 from ..config import UniSparseConfig
-from ..tolerance import BORDERLINE, check_attention, compare_selection, eps_valid_rows
+from ..tolerance import BORDERLINE, check_attention, check_lse, compare_selection, eps_valid_rows
 
 __all__ = [
     "CaseResult",
@@ -308,34 +308,10 @@ def assert_attention_close(
 
 
 def _assert_lse_close(lse: Any, ref_lse: np.ndarray, lse_lp: np.ndarray | None) -> None:
-    """The rule of ``tests/conftest.py`` for ``lse``: float32, ``-inf`` exactly on empty rows."""
-    l_ = to_numpy(lse)
-    if l_.shape != ref_lse.shape:
-        raise AssertionError(f"lse has shape {tuple(l_.shape)}, expected {ref_lse.shape} ([B, Hq, Nq])")
-    if l_.dtype != np.float32:
-        raise AssertionError(f"lse must be float32, got {l_.dtype}")
-    empty = np.isneginf(ref_lse)
-    got_empty = np.isneginf(l_)
-    if not np.array_equal(got_empty, empty):
-        idx = tuple(int(x) for x in np.argwhere(got_empty != empty)[0])
-        raise AssertionError(
-            f"lse must be -inf exactly on rows with no allowed key: at {idx} lse = {l_[idx]}, "
-            f"reference {ref_lse[idx]}"
-        )
-    if np.isnan(l_).any():
-        idx = tuple(int(x) for x in np.argwhere(np.isnan(l_))[0])
-        raise AssertionError(f"lse holds NaN at {idx}")
-    fin = ~empty
-    tol = 1e-5 * max(1.0, float(np.abs(ref_lse[fin]).max(initial=0.0)))
-    if lse_lp is not None:
-        tol += 2 * float(np.abs(lse_lp[fin].astype(np.float64) - ref_lse[fin]).max(initial=0.0))
-    diff = np.where(fin, np.abs(l_.astype(np.float64) - np.where(fin, ref_lse, 0.0)), 0.0)
-    if diff.size and diff.max() > tol:
-        idx = tuple(int(x) for x in np.unravel_index(int(np.argmax(diff)), diff.shape))
-        raise AssertionError(
-            f"lse: max error {diff[idx]:.3e} > tolerance {tol:.3e} at {idx}: lse = {float(l_[idx]):.6g}, "
-            f"reference {float(ref_lse[idx]):.6g}"
-        )
+    """Raise ``AssertionError`` unless ``lse`` passes :func:`unisparse_ref.tolerance.check_lse`."""
+    res = check_lse(lse, ref_lse, lse_lp)
+    if not res.ok:
+        raise AssertionError(res.message())
 
 
 # ============================================================================ cases

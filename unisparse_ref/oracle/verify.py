@@ -26,8 +26,8 @@ from typing import Any
 
 import numpy as np
 
-from . import testing
 from .._arrays import SUPPORTED_DTYPES, dtype_name
+from . import testing
 
 __all__ = ["main", "resolve_target"]
 
