@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+from ._arrays import check_config
 from .backends import get_backend
 from .blockmask import BlockMask
 from .config import UniSparseConfig
@@ -65,9 +66,7 @@ def unisparse_attention(
     -------
     out : ``[B, Hq, Nq, D]``, or a :class:`UniSparseResult`.
     """
-    config = UniSparseConfig() if config is None else config
-    if not isinstance(config, UniSparseConfig):
-        raise TypeError(f"config must be a UniSparseConfig, got {type(config)!r}")
+    config = check_config(config)
     be = get_backend(backend) if isinstance(backend, str) else backend
     fused = getattr(be, "unisparse_attention", None)
     if fused is not None:  # a backend's own pipeline: the same stages with less host work between them
