@@ -511,7 +511,17 @@ def matched_markdown(records: Sequence[Record], targets: Sequence[float] = TARGE
                 else:
                     cells.append(_fmt(d))
             lines.append(f"| {wname} | {t:g} | " + " | ".join(cells) + " |")
+    lines += ["", MATCHED_LEGEND]
     return "\n".join(lines)
+
+
+#: What the columns of :func:`matched_markdown` mean (printed under the table).
+MATCHED_LEGEND = (
+    "Columns: one per selector, the fraction of visible key blocks (density) it needs for its relative "
+    "output error ||out - dense|| / ||dense|| to reach the target error, interpolated linearly on its "
+    "Pareto front of (density, error) points; '—' where no setting reaches the target. 'U/x' = UniSparse's density divided by "
+    "that selector's: below 1, UniSparse reaches the same error with fewer blocks."
+)
 
 
 def write_csv(records: Sequence[Record], path: str) -> None:
