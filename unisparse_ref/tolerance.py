@@ -5,7 +5,7 @@ and the benchmark's correctness gate all decide pass or fail with the functions 
 
 * Attention outputs: a kernel of dtype ``float16``/``bfloat16`` passes when
   ``max|out - ref64| <= 2 * max|out_lp - ref64| + 1e-5``, with ``out_lp`` the reference run in
-  its low-precision mode (:func:`unisparse_ref.reference.block_sparse_attention` with
+  its low-precision mode (:func:`unisparse_ref.reference.attention.block_sparse_attention` with
   ``precision=dtype``). A ``float32`` kernel passes at ``1e-5`` relative to ``max|ref64|``.
 * Log-sum-exp (the reference extends SPEC 7 to ``lse``): float32, ``-inf`` exactly on the
   rows with no allowed key, never NaN, and elsewhere within
@@ -203,7 +203,7 @@ def compare_selection(mask: Any, ref_mask: Any, margin: np.ndarray) -> Selection
     ----------
     mask, ref_mask : bool ``[B, Hm, nQb, nKb]`` (arrays or ``BlockMask``)
     margin : float ``[B, Hm, nQb]``
-        :func:`unisparse_ref.reference.selection_margin` of the scores.
+        :func:`unisparse_ref.reference.selection.selection_margin` of the scores.
     """
     a = to_numpy(getattr(mask, "mask", mask)).astype(bool)
     b = to_numpy(getattr(ref_mask, "mask", ref_mask)).astype(bool)

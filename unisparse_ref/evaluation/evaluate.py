@@ -1,7 +1,7 @@
 """``unisparse-ref evaluate``: UniSparse's selection against other methods, on synthetic workloads.
 
-For every workload (:data:`unisparse_ref.workloads.WORKLOADS`) x selector
-(:data:`unisparse_ref.baselines.SELECTORS`) x setting of its swept parameter, it measures
+For every workload (:data:`unisparse_ref.evaluation.workloads.WORKLOADS`) x selector
+(:data:`unisparse_ref.evaluation.baselines.SELECTORS`) x setting of its swept parameter, it measures
 
 * **density**: selected visible blocks / visible blocks (:attr:`BlockMask.density`);
 * **recall**: the share of the dense attention mass inside the selected blocks, averaged
@@ -100,7 +100,7 @@ class DenseEvaluator:
     For query block ``i`` (rows ``t``) and key block ``j``:
     ``m_tj = max_s logit``, ``l_tj = sum_s exp(logit - m_tj)``, ``O_tj = sum_s exp(logit - m_tj) v_s``.
     A mask's output is ``sum_j sel_j w_tj O_tj / sum_j sel_j w_tj l_tj`` with
-    ``w_tj = exp(m_tj - M_t)``: the online softmax of :mod:`unisparse_ref.tiled`, evaluated
+    ``w_tj = exp(m_tj - M_t)``: the online softmax of :mod:`unisparse_ref.reference.tiled`, evaluated
     once for all masks.
     """
 
@@ -650,8 +650,8 @@ def markdown_page(records: Sequence[Record], meta: dict[str, Any], command: str,
         "",
         "## What is measured",
         "",
-        "Each selector (see {mod}`unisparse_ref.baselines`) is run over a sweep of its parameter on",
-        "every workload (see {mod}`unisparse_ref.workloads`). For each resulting block mask:",
+        "Each selector (see {mod}`unisparse_ref.evaluation.baselines`) is run over a sweep of its parameter on",
+        "every workload (see {mod}`unisparse_ref.evaluation.workloads`). For each resulting block mask:",
         "",
         "- **density**: selected visible blocks over visible blocks;",
         "- **recall**: share of the dense attention mass inside the selected blocks (mean over rows and heads);",
@@ -704,11 +704,11 @@ def markdown_page(records: Sequence[Record], meta: dict[str, Any], command: str,
         "## API",
         "",
         "```{eval-rst}",
-        ".. automodule:: unisparse_ref.evaluate",
+        ".. automodule:: unisparse_ref.evaluation.evaluate",
         "```",
         "",
         "```{eval-rst}",
-        ".. automodule:: unisparse_ref.baselines",
+        ".. automodule:: unisparse_ref.evaluation.baselines",
         "```",
         "",
     ]

@@ -9,7 +9,7 @@ Real prefill attention has structure, which these generators plant on purpose:
 * **needles**: a few planted query-key pairs far apart (retrieval), which a selector must
   find from the compressed scores.
 
-The evaluation (:mod:`unisparse_ref.evaluate`) uses the registry :data:`WORKLOADS`, whose
+The evaluation (:mod:`unisparse_ref.evaluation.evaluate`) uses the registry :data:`WORKLOADS`, whose
 generators all take ``(n, *, batch, q_heads, kv_heads, head_dim, seed)``:
 
 ==================  ==========================================================================

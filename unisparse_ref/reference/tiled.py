@@ -73,7 +73,7 @@ def tiled_block_sparse_attention(
     """FlashAttention-style block-sparse attention over the selected blocks (float64).
 
     Same parameters, shapes and edge semantics as
-    :func:`unisparse_ref.reference.block_sparse_attention`; query tiles are ``Br = S`` rows and
+    :func:`unisparse_ref.reference.attention.block_sparse_attention`; query tiles are ``Br = S`` rows and
     key tiles ``Bc = S`` keys, walked in ascending block order.
     """
     config = check_config(config)
