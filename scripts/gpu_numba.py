@@ -2,7 +2,7 @@
 """GPU check of the Numba layer: the whole pipeline at 32K against the reference (SPEC 7).
 
 On a GPU (defaults): Nq = Nk = 32768, B = 1, Hq = 8, Hkv = 2, D = 128, float16 inputs from
-``unisparse_ref.workloads.structured_workload``, default configuration. It runs
+``unisparse_ref.evaluation.workloads.structured_workload``, default configuration. It runs
 ``unisparse_attention(..., backend="numba", return_details=True)`` and checks:
 
 1. every row of the block mask is eps-valid (``tolerance.eps_valid_rows``) under the
@@ -58,8 +58,8 @@ def main(argv: list[str] | None = None) -> int:
     import unisparse_ref as us
     from unisparse_ref import geometry
     from unisparse_ref import reference as ref
+    from unisparse_ref.evaluation.workloads import structured_workload
     from unisparse_ref.tolerance import check_attention, eps_valid_rows
-    from unisparse_ref.workloads import structured_workload
 
     small = dict(n=96, q_heads=4, kv_heads=2, head_dim=16) if args.small else {}
     n = args.n or small.get("n", 32768)

@@ -199,7 +199,7 @@ def test_head_dim_over_256_raises_value_error(nb):
 
 def test_tiles_fit_shared_memory_and_divide_the_block_size():
     pytest.importorskip("numba")
-    from unisparse_ref.numba_kernels import attention as ka
+    from unisparse_ref.numba_backend import attention as ka
 
     for D in range(1, ka.MAX_HEAD_DIM + 1):
         for dtype in (np.float16, np.float32):
@@ -211,6 +211,30 @@ def test_tiles_fit_shared_memory_and_divide_the_block_size():
                 assert -(-D // tpr) <= ka.MAX_DIMS_PER_THREAD
     # The done-criterion shape (D = 128, float16, S = 128): 64 x 32 tiles, 256 threads.
     assert ka.choose_tiles(128, np.dtype(np.float16), 128) == (64, 32, 4)
+
+
+def test_tiles_walked_follows_the_kernels_loops():
+    pytest.importorskip("numba")
+    from unisparse_ref.numba_backend import attention as ka
+
+    # Non-causal and dense: every tile. Causal, Nq = Nk, tiles = blocks: the lower triangle.
+    full = BlockMask.full(1, 2, 40, 70, block_size=16, causal=False)
+    assert ka.tiles_walked(full, 1, 16, 8).all()
+    causal = BlockMask.full(1, 1, 64, 64, block_size=16)
+    np.testing.assert_array_equal(ka.tiles_walked(causal, 0, 16, 16), np.tril(np.ones((4, 4), dtype=bool)))
+    # Br = 16 < S = 32, Bc = 8: the first query tile of a diagonal block stops after its own keys.
+    walked = ka.tiles_walked(BlockMask.full(1, 1, 64, 64, block_size=32), 0, 16, 8)
+    assert walked[0].tolist() == [True, True] + [False] * 6
+    # A mask selecting nothing walks nothing.
+    empty = BlockMask(np.zeros((1, 1, 4, 4), dtype=bool), 16, 1, 64, 64, True)
+    assert not ka.tiles_walked(empty, 0, 16, 16).any()
+
+
+def test_package_imports_without_importing_numba():
+    """The stage modules import numba; the package imports them only when the backend is built."""
+    code = "import sys, unisparse_ref.numba_backend\nprint('numba' in sys.modules)"
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert r.stdout.strip() == "False", r.stdout + r.stderr
 
 
 def test_make_backend_without_gpu_or_simulator_says_why():

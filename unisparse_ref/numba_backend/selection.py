@@ -1,6 +1,8 @@
-"""Stage 3 kernel: top-P block selection with forced blocks (SPEC section 5).
+"""Stage 3 of the Numba layer: top-P block selection with forced blocks (SPEC section 5).
 
-One thread block per row ``(b, g, i)`` of the scores ``[B, Hm, nQb, nKb]``:
+:func:`select_blocks` is the stage (the backend's ``select_blocks`` calls it on checked host
+scores); :func:`select` launches its kernel, :func:`select_kernel`, with one thread block per
+row ``(b, g, i)`` of the scores ``[B, Hm, nQb, nKb]``:
 
 1. *Rank* (all threads, strided over ``j``): the mask starts as the forced blocks ``F(i)``
    (sink and local, from :func:`unisparse_ref.geometry.forced_blocks`). Every candidate
@@ -11,19 +13,24 @@ One thread block per row ``(b, g, i)`` of the scores ``[B, Hm, nQb, nKb]``:
    attention.
 2. *Walk* (thread 0): ``m = sum(s[j] for j in F)`` added left to right in ascending ``j``,
    then ``while m < P`` take ``order[0], order[1], ...`` and add their scores. Float64
-   throughout, in exactly the order of :func:`unisparse_ref.reference._selection` (a cumsum),
-   so on identical float64 scores the mask is identical to the reference's. ``P = 1``
-   (``keep_all``) keeps every visible block, whatever the rounding of the sums.
+   throughout, in exactly the order of the reference's cumulative sum
+   (:func:`unisparse_ref.reference.selection.select_blocks`), so on identical float64 scores
+   the mask is identical to the reference's. ``P = 1`` (``keep_all``) keeps every visible
+   block, whatever the rounding of the sums.
 
 Deterministic: each output is written by one thread, in a fixed order.
 """
 
 from __future__ import annotations
 
+import numpy as np
 from numba import cuda
 from numpy import float64  # a conversion in kernels; cheaper than numba.float64 in the simulator
 
-from . import SIMULATOR
+from ..blockmask import BlockMask
+from ..config import UniSparseConfig
+from ..geometry import forced_blocks, visible_blocks
+from ._simulator import SIMULATOR, simulator_launch
 
 #: Threads per block of the selection kernel; one warp in the simulator, where every thread
 #: is a Python thread and idle ones cost time.
@@ -76,3 +83,37 @@ def select_kernel(scores, visible, forced, P, keep_all, order, mask):
             j = order[b, g, i, k]
             mask[b, g, i, j] = 1
             m += scores[b, g, i, j]
+
+
+def select(scores, visible, forced, threshold: float):
+    """Launch :func:`select_kernel` on host arrays; ``(mask uint8, order int32)`` device arrays.
+
+    ``scores`` float64 ``[B, Hm, nQb, nKb]``; ``visible``, ``forced`` uint8 ``[nQb, nKb]``;
+    ``threshold`` is ``P``. ``order[b, g, i, :n]`` lists the ``n`` candidates of row
+    ``(b, g, i)`` by rank (the rest of the row is unwritten); ``P >= 1`` keeps every visible
+    block and ranks nothing.
+    """
+    order = cuda.device_array(scores.shape, dtype=np.int32)
+    mask = cuda.device_array(scores.shape, dtype=np.uint8)
+    B, Hm, nqb, _ = scores.shape
+    grid, block = selection_geometry(B, Hm, nqb)
+    P = float(threshold)
+    with simulator_launch():
+        select_kernel[grid, block](
+            cuda.to_device(np.ascontiguousarray(scores)), cuda.to_device(visible), cuda.to_device(forced), P, P >= 1.0,
+            order, mask
+        )
+    return mask, order
+
+
+def select_blocks(scores: np.ndarray, config: UniSparseConfig, nq: int, nk: int) -> BlockMask:
+    """Stage 3 on checked host scores, float64 ``[B, Hm, nQb, nKb]``; a :class:`BlockMask` with a NumPy mask.
+
+    The visible and forced blocks come from :mod:`unisparse_ref.geometry`; the mask is
+    copied back to the host, since a ``BlockMask`` holds NumPy or CuPy masks only.
+    """
+    S = config.block_size
+    visible = visible_blocks(nq, nk, S, config.causal).astype(np.uint8)
+    forced = forced_blocks(nq, nk, S, config.n_sink_blocks, config.n_local_blocks, config.causal).astype(np.uint8)
+    mask, _ = select(scores, visible, forced, config.threshold)
+    return BlockMask(mask.copy_to_host().astype(bool), S, config.c_h, nq, nk, config.causal)

@@ -1,6 +1,7 @@
-"""Stage 1 kernels: composite tokens by average pooling (SPEC section 3).
+"""Stage 1 of the Numba layer: composite tokens by average pooling (SPEC section 3).
 
-Two elementwise kernels, one thread per output element (grid-stride loop):
+:func:`compress` is the stage (the backend's ``compress`` calls it on device arrays); it
+launches two elementwise kernels, one thread per output element (grid-stride loop):
 
 * :func:`pool_sequence_kernel` -- sequence granularity,
   ``Qc[b, h, r, d] = mean(q[b, h, t, d] for t in [r*c, min((r+1)*c, N)))``; the last group
@@ -19,8 +20,9 @@ from __future__ import annotations
 from numba import cuda
 from numpy import float64  # a conversion in kernels; cheaper than numba.float64 in the simulator
 
+from ..config import UniSparseConfig
 from ..geometry import cdiv
-from . import SIMULATOR
+from ._simulator import SIMULATOR
 
 #: Threads per block of both pooling kernels; one warp in the simulator, where every thread
 #: is a Python thread and idle ones cost time.
@@ -87,3 +89,16 @@ def pool_heads(x, c_h: int):
     grid, block = launch_geometry(out.size)
     pool_heads_kernel[grid, block](x, c_h, out)
     return out
+
+
+def compress(q, k, config: UniSparseConfig):
+    """Stage 1 on device arrays ``q [B,Hq,Nq,D]``, ``k [B,Hkv,Nk,D]`` (inputs already checked).
+
+    Returns float64 device arrays ``q_c [B, Hq/c_h, ceil(Nq/c_q), D]`` (sequence pooling, then
+    head pooling when ``c_h > 1``) and ``k_c [B, Hkv, ceil(Nk/c_k), D]``.
+    """
+    q_c = pool_sequence(q, config.c_q)
+    if config.c_h > 1:
+        q_c = pool_heads(q_c, config.c_h)
+    k_c = pool_sequence(k, config.c_k)
+    return q_c, k_c

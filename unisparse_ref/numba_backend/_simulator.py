@@ -1,12 +1,7 @@
-"""Numba CUDA kernels of the prototype layer, one module per stage.
+"""Whether the Numba layer runs in Numba's CUDA simulator, and a launch helper for it.
 
-* :mod:`.pooling` -- stage 1, composite tokens (sequence and head pooling);
-* :mod:`.scores` -- stage 2, block scores (row softmax statistics, then block sums);
-* :mod:`.selection` -- stage 3, top-P selection with forced blocks;
-* :mod:`.attention` -- stage 4, block-sparse attention (FlashAttention-2 forward).
-
-Importing these modules imports numba; :mod:`unisparse_ref.numba_backend` does so only when
-the backend is built.
+Private to :mod:`unisparse_ref.numba_backend`: the stage modules import it (it imports
+nothing of the project, and not numba), so they never import the package ``__init__``.
 """
 
 import os

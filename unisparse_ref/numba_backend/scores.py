@@ -10,7 +10,9 @@ For composite head ``g`` (KV head ``(g*c_h) // G``) and composite query ``r``:
   (``M_r`` the row max, ``L_r`` the row sum of ``exp(x - M_r)``);
 * ``scores[i, j] = (1/R_i) * sum(A[r, c] for r in query block i, c in key block j)``.
 
-Three kernels; the ``[R, C]`` matrix ``A`` is never stored:
+:func:`block_scores` is the stage (the backend's ``block_scores`` calls it on float64 device
+arrays); it launches three kernels, through :func:`transpose` and :func:`row_stats` for the
+first two, and the ``[R, C]`` matrix ``A`` is never stored:
 
 1. :func:`transpose_kernel` copies ``Qh`` and ``Kc`` to ``[B, H, D, n]`` layouts, so that
    threads that differ in the token index read consecutive addresses (coalesced).
@@ -39,8 +41,9 @@ import math
 from numba import cuda
 from numpy import float64  # a conversion in kernels; cheaper than numba.float64 in the simulator
 
-from ..geometry import cdiv
-from . import SIMULATOR
+from ..config import UniSparseConfig
+from ..geometry import cdiv, num_blocks
+from ._simulator import SIMULATOR, simulator_launch
 
 #: Threads per block of the scoring kernels;
 #: one warp in the simulator, where every thread is a Python thread and idle ones cost time.
@@ -149,3 +152,48 @@ def block_scores_kernel(q_c, k_t, row_max, row_sum, scale, S, c_q, c_k, c_h, gro
         for c in range(j * (S // c_k), min((j + 1) * (S // c_k), C)):
             acc += colsum[b, g, i, c]
         scores[b, g, i, j] = acc / float64(r_hi - r_lo)  # divide by R_i
+
+
+def transpose(x):
+    """Launch :func:`transpose_kernel`: a new device array ``[B, H, D, n]`` from ``x [B, H, n, D]``."""
+    B, H, N, D = x.shape
+    out = cuda.device_array((B, H, D, N), dtype=x.dtype)
+    grid, block = transpose_geometry(out.size)
+    transpose_kernel[grid, block](x, out)
+    return out
+
+
+def row_stats(q_t, k_t, config: UniSparseConfig, group: int, nq: int, nk: int):
+    """Launch :func:`row_stats_kernel`: float64 device arrays ``(row_max, row_sum)``, each ``[B, Hm, R]``.
+
+    ``q_t [B,Hm,D,R]`` and ``k_t [B,Hkv,D,C]`` are the transposed composite tokens
+    (:func:`transpose`); ``group`` is ``G = Hq // Hkv``.
+    """
+    B, Hm, D, R = q_t.shape
+    row_max = cuda.device_array((B, Hm, R), dtype=float64)
+    row_sum = cuda.device_array((B, Hm, R), dtype=float64)
+    grid, block = row_stats_geometry(B, Hm, R)
+    row_stats_kernel[grid, block](q_t, k_t, float64(config.scale_for(D)), config.c_q, config.c_k, config.c_h,
+                                  group, nq, nk, config.causal, row_max, row_sum)
+    return row_max, row_sum
+
+
+def block_scores(q_c, k_c, config: UniSparseConfig, nq: int, nk: int):
+    """Stage 2 on float64 device arrays ``q_c [B,Hm,R,D]``, ``k_c [B,Hkv,C,D]`` (already checked).
+
+    Returns the block scores, a float64 device array ``[B, Hm, nQb, nKb]`` whose rows sum to 1.
+    """
+    B, Hm, R, D = q_c.shape
+    Hkv, C = k_c.shape[1], k_c.shape[2]
+    S = config.block_size
+    G = Hm * config.c_h // Hkv
+    nqb, nkb = num_blocks(nq, S), num_blocks(nk, S)
+    q_t, k_t = transpose(q_c), transpose(k_c)  # [B, H, D, n] layouts: coalesced
+    row_max, row_sum = row_stats(q_t, k_t, config, G, nq, nk)
+    colsum = cuda.device_array((B, Hm, nqb, C), dtype=float64)
+    out = cuda.device_array((B, Hm, nqb, nkb), dtype=float64)
+    grid, block = block_scores_geometry(B, Hm, nqb)
+    with simulator_launch():
+        block_scores_kernel[grid, block](q_c, k_t, row_max, row_sum, float64(config.scale_for(D)), S, config.c_q,
+                                         config.c_k, config.c_h, G, nq, nk, config.causal, colsum, out)
+    return out

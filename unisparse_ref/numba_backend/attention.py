@@ -1,4 +1,9 @@
-"""Stage 4 kernel: block-sparse attention forward, the FlashAttention-2 way (SPEC section 6).
+"""Stage 4 of the Numba layer: block-sparse attention forward, the FlashAttention-2 way (SPEC section 6).
+
+:func:`block_sparse_attention` is the stage (the backend's ``block_sparse_attention`` calls it
+on device arrays and a checked :class:`~unisparse_ref.BlockMask`; :func:`dense_attention` is
+the same with every visible block): it turns the mask into its index form, and
+:func:`attend` launches the kernel.
 
 One thread block per ``(b, h, query tile)``: a tile is ``Br`` consecutive query rows, and
 ``Br`` divides the block size ``S``, so a query block ``i`` of ``S`` rows is covered by
@@ -6,7 +11,7 @@ One thread block per ``(b, h, query tile)``: a tile is ``Br`` consecutive query 
 ``kv_indices[b, h // c_h, i, :kv_counts[b, h // c_h, i]]`` of the block mask in index form.
 For each selected key block ``j`` the kernel walks its ``S`` keys in tiles of ``Bc``; K and V
 tiles are staged in shared memory (in the input dtype), and the online softmax of
-:mod:`unisparse_ref.tiled` keeps per row
+:mod:`unisparse_ref.reference.tiled` keeps per row
 
 .. code-block:: text
 
@@ -39,8 +44,9 @@ from numba import cuda
 from numba import types as nbtypes
 from numpy import float32  # a conversion in kernels; cheaper than numba.float32 in the simulator
 
+from ..blockmask import BlockMask
 from ..geometry import cdiv
-from . import SIMULATOR, simulator_launch
+from ._simulator import SIMULATOR, simulator_launch
 
 #: Largest head dimension the kernel accepts (tiles must fit the static shared memory).
 MAX_HEAD_DIM = 256
@@ -278,9 +284,12 @@ def cdiv_dev(a, b):
     return (a + b - 1) // b
 
 
-def block_sparse_attention(q, k, v, kv_counts, kv_indices, block_size: int, heads_per_mask: int,
-                           causal: bool, scale: float):
-    """Launch the kernel on device arrays; returns ``(out [B,Hq,Nq,D] input dtype, lse float32 [B,Hq,Nq])``."""
+def attend(q, k, v, kv_counts, kv_indices, block_size: int, heads_per_mask: int, causal: bool, scale: float):
+    """Launch the kernel on device arrays; returns ``(out [B,Hq,Nq,D] input dtype, lse float32 [B,Hq,Nq])``.
+
+    ``kv_counts [B,Hm,nQb]`` and ``kv_indices [B,Hm,nQb,nKb]`` (int32) are the mask in index
+    form (:meth:`BlockMask.to_indices <unisparse_ref.BlockMask.to_indices>`).
+    """
     B, Hq, nq, D = q.shape
     Hkv = k.shape[1]
     dtype = np.dtype(q.dtype)
@@ -293,3 +302,48 @@ def block_sparse_attention(q, k, v, kv_counts, kv_indices, block_size: int, head
         kernel[grid, block](q, k, v, kv_counts, kv_indices, block_size, heads_per_mask, Hq // Hkv,
                             causal, np.float32(scale), out, lse)
     return out, lse
+
+
+def _index_array(x):
+    """An int32 array of :meth:`BlockMask.to_indices` on the device: CuPy in place, NumPy copied."""
+    if hasattr(x, "__cuda_array_interface__"):
+        return cuda.as_cuda_array(x)
+    return cuda.to_device(np.ascontiguousarray(x, dtype=np.int32))
+
+
+def block_sparse_attention(q, k, v, block_mask: BlockMask, scale: float):
+    """Stage 4 on device arrays ``q [B,Hq,Nq,D]``, ``k``, ``v [B,Hkv,Nk,D]`` and a mask checked against them.
+
+    Returns ``(out [B,Hq,Nq,D] input dtype, lse float32 [B,Hq,Nq])`` as device arrays.
+    """
+    counts, indices = block_mask.to_indices()
+    return attend(q, k, v, _index_array(counts), _index_array(indices), block_mask.block_size,
+                  block_mask.heads_per_mask, block_mask.causal, scale)
+
+
+def dense_attention(q, k, v, causal: bool, scale: float, block_size: int):
+    """Dense attention on checked device arrays: :func:`block_sparse_attention` with ``BlockMask.full``."""
+    B, Hq, nq, _ = q.shape
+    full = BlockMask.full(B, Hq, nq, k.shape[2], block_size=block_size, causal=causal)
+    return block_sparse_attention(q, k, v, full, scale)
+
+
+def tiles_walked(block_mask: BlockMask, h: int, br: int, bc: int, b: int = 0) -> np.ndarray:
+    """Boolean ``[query tiles, key tiles]``: the ``Br x Bc`` tiles the kernel computes for head ``h``.
+
+    The kernel's loops over the selected blocks and their key tiles, early exit included, run
+    on the host without computing anything (``block_mask`` holds a NumPy mask).
+    """
+    S, nq, nk = block_mask.block_size, block_mask.nq, block_mask.nk
+    counts, indices = block_mask.to_indices()
+    walked = np.zeros((cdiv(nq, br), cdiv(nk, bc)), dtype=bool)
+    for tile in range(walked.shape[0]):
+        t0 = tile * br
+        i, g = t0 // S, h // block_mask.heads_per_mask
+        last_pos = min(t0 + br, nq) - 1 + (nk - nq)  # p of the tile's last row
+        for j in indices[b, g, i, : counts[b, g, i]]:
+            for kv0 in range(j * S, min((j + 1) * S, nk), bc):
+                if block_mask.causal and kv0 > last_pos:
+                    break  # the kernel's early exit
+                walked[tile, kv0 // bc] = True
+    return walked
