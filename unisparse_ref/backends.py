@@ -20,8 +20,6 @@ from .reference import NumpyBackend
 
 __all__ = [
     "Backend",
-    "BackendUnavailable",
-    "NumpyBackend",
     "available_backends",
     "backend_status",
     "get_backend",

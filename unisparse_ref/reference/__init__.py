@@ -5,17 +5,16 @@ Deliberately naive and readable. Every stage computes in float64 whatever the in
 (``docs/spec.md``) line by line: no online softmax, no clever indexing. One module per stage,
 under the same names in every layer:
 
-=====================  ===========================================================  ========
-module                 functions                                                    SPEC
-=====================  ===========================================================  ========
-:mod:`.pooling`        :func:`compress`, :func:`pool_sequence`, :func:`pool_heads`  3
-:mod:`.scores`         :func:`block_scores`, :func:`kv_head_of_mask_head`           4
-:mod:`.selection`      :func:`select_blocks`, :func:`selection_margin`              5
-:mod:`.attention`      :func:`block_sparse_attention`, :func:`dense_attention`,     6
-                       :func:`expand_block_mask`
-:mod:`.tiled`          the same attention walked tile by tile (online softmax),    6
-                       for teaching
-=====================  ===========================================================  ========
+- :mod:`.pooling` (SPEC section 3): :func:`~.pooling.compress`, :func:`~.pooling.pool_sequence`,
+  :func:`~.pooling.pool_heads`;
+- :mod:`.scores` (section 4): :func:`~.scores.block_scores`, :func:`~.scores.kv_head_of_mask_head`;
+- :mod:`.selection` (section 5): :func:`~.selection.select_blocks`, :func:`~.selection.selection_margin`;
+- :mod:`.attention` (section 6): :func:`~.attention.block_sparse_attention`,
+  :func:`~.attention.dense_attention`, :func:`~.attention.expand_block_mask`;
+- :mod:`.tiled` (section 6): the same attention walked tile by tile with the online softmax,
+  as the GPU kernels do, for teaching.
+
+Every function is also importable from this package (``reference.compress`` and so on).
 
 Notation (see the docs' notation table): ``B`` batch, ``Hq`` query heads, ``Hkv`` key/value
 heads, ``G = Hq // Hkv``, ``Hm = Hq // c_h`` composite (mask) heads, ``Nq``/``Nk`` lengths,
