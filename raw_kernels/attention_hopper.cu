@@ -1,0 +1,632 @@
+// attention_hopper.cu: a FlashAttention-3-class block-sparse attention forward for Hopper
+// (sm_90a), in plain CUDA C++ with inline PTX, compiled by NVRTC through CuPy.
+//
+// What it computes (identical to attention.cu, SPEC section 6)
+// ------------------------------------------------------------
+// q [B, Hq, Nq, D], k and v [B, Hkv, Nk, D] (C-contiguous, T = __half or __nv_bfloat16) and
+// the block mask in FlexAttention's index form: kv_counts [B, Hm, nQb] and kv_indices
+// [B, Hm, nQb, idx_stride] (ascending key-block indices, -1 padded). Query head h reads mask
+// head h / c_h and KV head h / G (G = Hq / Hkv). Query row t has absolute position
+// p(t) = t + Nk - Nq (bottom-right alignment); in query block i = t / S it attends key s iff
+// block s / S is listed for (b, h / c_h, i) and, when causal, s <= p(t). Then
+//     out[t] = sum_s softmax(scale * q_t . k_s) v_s,   lse[t] = ln(sum_s exp(scale * q_t . k_s))
+// with float32 accumulation; a row with no allowed key gets out = 0 and lse = -inf.
+//
+// How (FlashAttention-3, arXiv 2407.08608, section 3; notation Q_i, K_j, V_j, S_ij, P_ij,
+// m_i, l_i, O_i of the paper)
+// -----------------------------------------------------------------------------------------
+// One CTA owns Br = 128 query rows Q_i of one (b, h) (a slice of one query block, so one
+// mask row) and walks the key tiles K_j, V_j (Bc keys each) of the selected key blocks. The
+// CTA has three warpgroups (3 x 128 threads) with different jobs:
+//
+//   warpgroup 0, the PRODUCER. Gives most of its registers away (setmaxnreg.dec: 24 per
+//     thread) and, from one thread, issues the Tensor Memory Accelerator (TMA) copies: Q_i
+//     once, then K_j and V_j of every selected tile into a ring of STAGES shared-memory
+//     slots. kv_indices gives the key block of each tile, i.e. the TMA coordinates. Each
+//     slot has a FULL mbarrier (the copy engine counts the bytes in; consumers wait on it)
+//     and an EMPTY mbarrier (the consumers' 8 warps arrive when their tensor-core reads of
+//     the slot are complete; the producer waits on it before refilling the slot).
+//
+//   warpgroups 1 and 2, the CONSUMERS. Take the registers (setmaxnreg.inc: 240 per thread);
+//     consumer c owns query rows [64c, 64c + 64) of the tile. Per key tile j:
+//       S_ij = Q_i K_j^T          wgmma m64n{Bc}k16, Q and K read by the tensor cores straight
+//                                 from the TMA tiles (K-major, 128-byte swizzle)
+//       m_i' = max(m_i, rowmax S_ij), P_ij = exp2(S_ij * c - m_i' * c), c = scale * log2(e)
+//       l_i  = l_i * exp2((m_i - m_i') c) + rowsum P_ij
+//       O_i  = O_i * exp2((m_i - m_i') c) + P_ij V_j
+//                                 wgmma m64n{D}k16, P from registers, V read as an MN-major
+//                                 ("transposed") operand straight from the TMA tile: no
+//                                 transpose through shared memory
+//     and at the end O_i / l_i goes to out, m_i c ln2 + ln l_i to lse.
+//
+// Two overlaps keep the tensor cores busy while the special-function unit does the exps:
+//   * intra-warpgroup pipelining: S_i,j+1 = Q_i K_j+1^T is issued (asynchronously) before the
+//     softmax of tile j+1 is needed, together with O_i += P_ij V_j, and the warpgroup waits
+//     (wgmma.wait_group 1) only for S_i,j+1; so P_ij V_j runs on the tensor cores while the
+//     warpgroup computes the softmax of S_i,j+1.
+//   * ping-pong between the two consumers: two named barriers make the consumers take turns
+//     at issuing their GEMMs, so that consumer 0's softmax overlaps consumer 1's GEMMs and
+//     the other way round.
+//
+// Scores are carried unscaled (the raw S_ij, m_i in score units); c = scale * log2(e) is
+// folded into one FFMA before exp2, and lse is converted back to natural log.
+//
+// The grid: one CTA per (b, h, 128-row query tile), ordered "batch, query tiles last-first
+// (longest causal rows first), heads fastest" (GQA siblings share K/V tiles through L2), or
+// from a work list of packed tasks ((b * Hq + h) * n_qtiles + qtile) sorted by row length.
+// Requirements (the launcher checks): D in {64, 128, 256}; S a multiple of 128 (a 128-row
+// CTA stays inside one query block) and of Bc.
+//
+// Kernel arguments, in order:
+//   tmap_q, tmap_k, tmap_v   128-byte CUtensorMaps (by value as __grid_constant__ parameters
+//                            in us_fa3_fwd, or a pointer to the three in device memory in
+//                            us_fa3_fwd_gmem), 3-D views (D, N, B*H) with box (64, rows, 1)
+//                            and 128-byte swizzle
+//   kv_counts, kv_indices, work, out, lse,
+//   Hq, Hkv, Hm, Nq, Nk, nQb, idx_stride, S, c_h, causal, n_qtiles, scale_log2
+// the same as attention.cu's, with q, k, v replaced by the three tensor maps.
+
+#include <cuda_fp16.h>
+#include <cuda_bf16.h>
+
+// NVRTC has no <cuda.h>: the tensor map is an opaque 128-byte, 64-byte-aligned blob that
+// the host encodes with cuTensorMapEncodeTiled.
+struct alignas(64) CUtensorMap_st {
+  unsigned long long opaque[16];
+};
+
+namespace us_fa3 {
+
+#define US_FA3_NEG_INF (__int_as_float(0xff800000))
+#define US_FA3_LN2 0.6931471805599453f
+
+// Named barriers 1 and 2 order the two consumers' GEMM issue (barrier 0 is __syncthreads).
+constexpr int kBarSchedBase = 1;
+constexpr int kProducerRegs = 24;   // 128 x 24 + 256 x 240 = 64,512 <= 65,536 registers
+constexpr int kConsumerRegs = 240;
+
+// ----------------------------------------------------------------------------- small helpers
+template <typename T> struct Pack;
+template <> struct Pack<__half> {
+  static __device__ __forceinline__ unsigned two(float a, float b) {  // low half = a
+    __half2 h = __floats2half2_rn(a, b);
+    return *reinterpret_cast<unsigned*>(&h);
+  }
+};
+template <> struct Pack<__nv_bfloat16> {
+  static __device__ __forceinline__ unsigned two(float a, float b) {
+    __nv_bfloat162 h = __floats2bfloat162_rn(a, b);
+    return *reinterpret_cast<unsigned*>(&h);
+  }
+};
+
+__device__ __forceinline__ unsigned smem_u32(const void* p) {
+  return static_cast<unsigned>(__cvta_generic_to_shared(p));
+}
+// 2^x on the special function unit; exp2(-inf) = +0 (the masked-score case).
+__device__ __forceinline__ float fast_exp2(float x) {
+  float y;
+  asm("ex2.approx.ftz.f32 %0, %1;\n" : "=f"(y) : "f"(x));
+  return y;
+}
+
+// The visible prefix of a mask row: kv_indices is ascending, so the blocks that start at or
+// past key_lim (above the causal diagonal of the CTA's last row, or past Nk) are a suffix.
+__device__ __forceinline__ int visible_prefix(const int* idx, int cnt, int S, int key_lim) {
+  int lo = 0, hi = cnt;
+  while (lo < hi) {
+    const int mid = (lo + hi) >> 1;
+    if (idx[mid] * S < key_lim) lo = mid + 1; else hi = mid;
+  }
+  return lo;
+}
+
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
+#define US_FA3_HAVE_SM90A 1
+
+// ----------------------------------------------------------------------------- mbarriers
+// An mbarrier is a 64-bit shared-memory object with an expected arrival count and a
+// transaction (byte) count; it completes a phase when both reach zero, and the phase bit
+// flips. Waiters spin on try_wait.parity with the parity of the phase they wait for.
+__device__ __forceinline__ void mbar_init(unsigned bar, unsigned count) {
+  asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;\n" ::"r"(bar), "r"(count) : "memory");
+}
+// Arrive once and announce `bytes` that the copy engine will deliver (the TMA's complete_tx).
+__device__ __forceinline__ void mbar_arrive_expect_tx(unsigned bar, unsigned bytes) {
+  asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;\n" ::"r"(bar), "r"(bytes) : "memory");
+}
+__device__ __forceinline__ void mbar_arrive(unsigned bar) {
+  asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];\n" ::"r"(bar) : "memory");
+}
+__device__ __forceinline__ void mbar_wait(unsigned bar, unsigned parity) {
+  asm volatile(
+      "{\n.reg .pred P1;\nUS_FA3_WAIT:\n"
+      "mbarrier.try_wait.parity.shared::cta.b64 P1, [%0], %1;\n"
+      "@P1 bra US_FA3_DONE;\nbra US_FA3_WAIT;\nUS_FA3_DONE:\n}\n" ::"r"(bar), "r"(parity) : "memory");
+}
+
+// ----------------------------------------------------------------------------- TMA
+// 3-D tiled bulk tensor copy global -> shared, completing `bytes` on an mbarrier.
+// Coordinates are (element along D, row, batch*head); rows past the tensor's extent (ragged
+// Nq / Nk tails) are filled with zeros by the copy engine.
+__device__ __forceinline__ void tma_load_3d(unsigned dst, const CUtensorMap_st* map, unsigned bar, int c0, int c1, int c2) {
+  asm volatile(
+      "cp.async.bulk.tensor.3d.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1, {%2, %3, %4}], [%5];\n"
+      ::"r"(dst), "l"(reinterpret_cast<unsigned long long>(map)), "r"(c0), "r"(c1), "r"(c2), "r"(bar)
+      : "memory");
+}
+__device__ __forceinline__ void tma_prefetch_desc(const CUtensorMap_st* map) {
+  asm volatile("prefetch.tensormap [%0];\n" ::"l"(reinterpret_cast<unsigned long long>(map)) : "memory");
+}
+
+// ----------------------------------------------------------------------------- named barriers
+__device__ __forceinline__ void named_bar_sync(int id, int count) {
+  asm volatile("bar.sync %0, %1;\n" ::"r"(id), "r"(count) : "memory");
+}
+__device__ __forceinline__ void named_bar_arrive(int id, int count) {
+  asm volatile("bar.arrive %0, %1;\n" ::"r"(id), "r"(count) : "memory");
+}
+
+// ----------------------------------------------------------------------------- wgmma
+// Shared tiles use the layout that TMA's 128-byte swizzle writes and the wgmma descriptors
+// read: a tile of `rows` x D elements is D/64 regions [rows][64] (each 1024-byte aligned),
+// 16-byte chunk c of row r stored at chunk c ^ (r & 7).
+//
+// K-major descriptor (Q as A, K as B of S = Q K^T): rows are M (or N), 128-byte rows of the
+// reduction dim d; 8-row groups 1024 bytes apart (SBO); LBO unused with swizzling.
+__device__ __forceinline__ unsigned long long desc_kmajor(unsigned addr) {
+  return ((addr & 0x3FFFFull) >> 4) | (1ull << 16) | ((1024ull >> 4) << 32) | (1ull << 62);
+}
+// MN-major descriptor (V as B of O = P V, "transposed"): V_j sits as [key][d], d contiguous,
+// i.e. N (= d) is the contiguous dim and K (= key) the strided one. The 128-byte swizzle atom
+// is 64 d x 8 keys; atoms along K (the next 8 keys) are 1024 bytes apart (SBO) and atoms
+// along N (the next 64 d) one region apart: LBO = rows * 128 bytes.
+__device__ __forceinline__ unsigned long long desc_mnmajor(unsigned addr, unsigned region_bytes) {
+  return ((addr & 0x3FFFFull) >> 4) | ((unsigned long long)((region_bytes >> 4) & 0x3FFF) << 16) |
+         ((1024ull >> 4) << 32) | (1ull << 62);
+}
+__device__ __forceinline__ void wg_fence() { asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory"); }
+__device__ __forceinline__ void wg_commit() { asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory"); }
+template <int N> __device__ __forceinline__ void wg_wait() {
+  asm volatile("wgmma.wait_group.sync.aligned %0;\n" ::"n"(N) : "memory");
+}
+// Pin accumulator registers at a point of the program: the compiler must assume the empty
+// asm reads and rewrites them, so it cannot move their uses across a wgmma wait.
+template <int N> __device__ __forceinline__ void fence_regs(float* r) {
+#pragma unroll
+  for (int i = 0; i < N; ++i) asm volatile("" : "+f"(r[i])::"memory");
+}
+template <int N> __device__ __forceinline__ void fence_regs(unsigned* r) {
+#pragma unroll
+  for (int i = 0; i < N; ++i) asm volatile("" : "+r"(r[i])::"memory");
+}
+
+// WgSS<T, N>::run: D[64 x N] (+)= A[64 x 16] (smem, K-major) * B[16 x N] (smem, K-major).
+// WgRSt<T, N>::run: D[64 x N] += A[64 x 16] (registers) * B[16 x N] (smem, MN-major).
+// The register A fragment and the accumulator of each warp follow the mma.sync m16n8k16
+// layouts (the accumulator's n8 tiles repeated along N). Generated text: the strings differ
+// only in the shape and the PTX element type.
+template <typename T, int N> struct WgSS;
+template <typename T, int N> struct WgRSt;
+#define US_FA3_WG_SS64(T, PT) \
+template <> struct WgSS<T, 64> { \
+  static __device__ __forceinline__ void run(float* d, unsigned long long da, unsigned long long db, int accumulate) { \
+    asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, %34, 0;\n" \
+                 "wgmma.mma_async.sync.aligned.m64n64k16.f32." PT "." PT " {%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31}, %32, %33, p, 1, 1, 0, 0;\n}\n" \
+                 : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]), "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]), "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31]) \
+                 : "l"(da), "l"(db), "r"(accumulate)); \
+  } \
+};
+
+#define US_FA3_WG_SS128(T, PT) \
+template <> struct WgSS<T, 128> { \
+  static __device__ __forceinline__ void run(float* d, unsigned long long da, unsigned long long db, int accumulate) { \
+    asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, %66, 0;\n" \
+                 "wgmma.mma_async.sync.aligned.m64n128k16.f32." PT "." PT " {%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, %32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, %48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63}, %64, %65, p, 1, 1, 0, 0;\n}\n" \
+                 : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]), "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]), "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31]), "+f"(d[32]), "+f"(d[33]), "+f"(d[34]), "+f"(d[35]), "+f"(d[36]), "+f"(d[37]), "+f"(d[38]), "+f"(d[39]), "+f"(d[40]), "+f"(d[41]), "+f"(d[42]), "+f"(d[43]), "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47]), "+f"(d[48]), "+f"(d[49]), "+f"(d[50]), "+f"(d[51]), "+f"(d[52]), "+f"(d[53]), "+f"(d[54]), "+f"(d[55]), "+f"(d[56]), "+f"(d[57]), "+f"(d[58]), "+f"(d[59]), "+f"(d[60]), "+f"(d[61]), "+f"(d[62]), "+f"(d[63]) \
+                 : "l"(da), "l"(db), "r"(accumulate)); \
+  } \
+};
+
+#define US_FA3_WG_RS64(T, PT) \
+template <> struct WgRSt<T, 64> { \
+  static __device__ __forceinline__ void run(float* d, const unsigned* a, unsigned long long db) { \
+    asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, %37, 0;\n" \
+                 "wgmma.mma_async.sync.aligned.m64n64k16.f32." PT "." PT " {%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31}, {%32, %33, %34, %35}, %36, p, 1, 1, 1;\n}\n" \
+                 : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]), "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]), "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31]) \
+                 : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(db), "r"(1)); \
+  } \
+};
+
+#define US_FA3_WG_RS128(T, PT) \
+template <> struct WgRSt<T, 128> { \
+  static __device__ __forceinline__ void run(float* d, const unsigned* a, unsigned long long db) { \
+    asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, %69, 0;\n" \
+                 "wgmma.mma_async.sync.aligned.m64n128k16.f32." PT "." PT " {%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, %32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, %48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63}, {%64, %65, %66, %67}, %68, p, 1, 1, 1;\n}\n" \
+                 : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]), "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]), "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31]), "+f"(d[32]), "+f"(d[33]), "+f"(d[34]), "+f"(d[35]), "+f"(d[36]), "+f"(d[37]), "+f"(d[38]), "+f"(d[39]), "+f"(d[40]), "+f"(d[41]), "+f"(d[42]), "+f"(d[43]), "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47]), "+f"(d[48]), "+f"(d[49]), "+f"(d[50]), "+f"(d[51]), "+f"(d[52]), "+f"(d[53]), "+f"(d[54]), "+f"(d[55]), "+f"(d[56]), "+f"(d[57]), "+f"(d[58]), "+f"(d[59]), "+f"(d[60]), "+f"(d[61]), "+f"(d[62]), "+f"(d[63]) \
+                 : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(db), "r"(1)); \
+  } \
+};
+
+#define US_FA3_WG_RS256(T, PT) \
+template <> struct WgRSt<T, 256> { \
+  static __device__ __forceinline__ void run(float* d, const unsigned* a, unsigned long long db) { \
+    asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, %133, 0;\n" \
+                 "wgmma.mma_async.sync.aligned.m64n256k16.f32." PT "." PT " {%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, %32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, %48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63, %64, %65, %66, %67, %68, %69, %70, %71, %72, %73, %74, %75, %76, %77, %78, %79, %80, %81, %82, %83, %84, %85, %86, %87, %88, %89, %90, %91, %92, %93, %94, %95, %96, %97, %98, %99, %100, %101, %102, %103, %104, %105, %106, %107, %108, %109, %110, %111, %112, %113, %114, %115, %116, %117, %118, %119, %120, %121, %122, %123, %124, %125, %126, %127}, {%128, %129, %130, %131}, %132, p, 1, 1, 1;\n}\n" \
+                 : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]), "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]), "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31]), "+f"(d[32]), "+f"(d[33]), "+f"(d[34]), "+f"(d[35]), "+f"(d[36]), "+f"(d[37]), "+f"(d[38]), "+f"(d[39]), "+f"(d[40]), "+f"(d[41]), "+f"(d[42]), "+f"(d[43]), "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47]), "+f"(d[48]), "+f"(d[49]), "+f"(d[50]), "+f"(d[51]), "+f"(d[52]), "+f"(d[53]), "+f"(d[54]), "+f"(d[55]), "+f"(d[56]), "+f"(d[57]), "+f"(d[58]), "+f"(d[59]), "+f"(d[60]), "+f"(d[61]), "+f"(d[62]), "+f"(d[63]), "+f"(d[64]), "+f"(d[65]), "+f"(d[66]), "+f"(d[67]), "+f"(d[68]), "+f"(d[69]), "+f"(d[70]), "+f"(d[71]), "+f"(d[72]), "+f"(d[73]), "+f"(d[74]), "+f"(d[75]), "+f"(d[76]), "+f"(d[77]), "+f"(d[78]), "+f"(d[79]), "+f"(d[80]), "+f"(d[81]), "+f"(d[82]), "+f"(d[83]), "+f"(d[84]), "+f"(d[85]), "+f"(d[86]), "+f"(d[87]), "+f"(d[88]), "+f"(d[89]), "+f"(d[90]), "+f"(d[91]), "+f"(d[92]), "+f"(d[93]), "+f"(d[94]), "+f"(d[95]), "+f"(d[96]), "+f"(d[97]), "+f"(d[98]), "+f"(d[99]), "+f"(d[100]), "+f"(d[101]), "+f"(d[102]), "+f"(d[103]), "+f"(d[104]), "+f"(d[105]), "+f"(d[106]), "+f"(d[107]), "+f"(d[108]), "+f"(d[109]), "+f"(d[110]), "+f"(d[111]), "+f"(d[112]), "+f"(d[113]), "+f"(d[114]), "+f"(d[115]), "+f"(d[116]), "+f"(d[117]), "+f"(d[118]), "+f"(d[119]), "+f"(d[120]), "+f"(d[121]), "+f"(d[122]), "+f"(d[123]), "+f"(d[124]), "+f"(d[125]), "+f"(d[126]), "+f"(d[127]) \
+                 : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(db), "r"(1)); \
+  } \
+};
+
+US_FA3_WG_SS64(__half, "f16")
+US_FA3_WG_SS128(__half, "f16")
+US_FA3_WG_RS64(__half, "f16")
+US_FA3_WG_RS128(__half, "f16")
+US_FA3_WG_RS256(__half, "f16")
+US_FA3_WG_SS64(__nv_bfloat16, "bf16")
+US_FA3_WG_SS128(__nv_bfloat16, "bf16")
+US_FA3_WG_RS64(__nv_bfloat16, "bf16")
+US_FA3_WG_RS128(__nv_bfloat16, "bf16")
+US_FA3_WG_RS256(__nv_bfloat16, "bf16")
+#undef US_FA3_WG_SS64
+#undef US_FA3_WG_SS128
+#undef US_FA3_WG_RS64
+#undef US_FA3_WG_RS128
+#undef US_FA3_WG_RS256
+
+// ----------------------------------------------------------------------------- the CTA
+// Shared memory (dynamic, aligned up to 1024 bytes by the kernel; the launcher adds 1 KiB):
+//   Q_i          [D/64][128][64]             BR * D elements
+//   K ring       STAGES x [D/64][Bc][64]
+//   V ring       STAGES x [D/64][Bc][64]
+//   mbarriers    q_full, full_k[STAGES], full_v[STAGES], empty_k[STAGES], empty_v[STAGES]
+template <typename T, int D, int BC, int STAGES>
+struct Smem {
+  static constexpr int BR = 128;
+  static constexpr int Q_ELEMS = BR * D;
+  static constexpr int KV_ELEMS = BC * D;  // one stage of K (or V)
+  static constexpr int TILE_BYTES = (Q_ELEMS + 2 * STAGES * KV_ELEMS) * (int)sizeof(T);
+  static constexpr int BAR_BYTES = 8 * (1 + 4 * STAGES);
+  static constexpr int BYTES = 1024 + TILE_BYTES + BAR_BYTES;  // what the launcher must pass
+};
+
+// The key tile j of a CTA: tile j is sub-tile (j % SUB) of the j / SUB-th visible block.
+__device__ __forceinline__ int tile_key0(const int* idx, int j, int SUB, int S, int BC) {
+  return idx[j / SUB] * S + (j % SUB) * BC;
+}
+
+template <typename T, int D, int BC, int STAGES>
+__device__ __forceinline__ void fwd_body(
+    const CUtensorMap_st* __restrict__ tm_q, const CUtensorMap_st* __restrict__ tm_k,
+    const CUtensorMap_st* __restrict__ tm_v,
+    const int* __restrict__ kv_counts, const int* __restrict__ kv_indices, const int* __restrict__ work,
+    T* __restrict__ out, float* __restrict__ lse,
+    int Hq, int Hkv, int Hm, int Nq, int Nk, int nQb, int idx_stride, int S, int c_h, int causal,
+    int n_qtiles, float scale_log2) {
+  using L = Smem<T, D, BC, STAGES>;
+  constexpr int BR = L::BR;
+  constexpr int NCH = D / 64;            // 64-element (128-byte) column regions of a tile
+  constexpr int KD = D / 16;             // k16 steps of S = Q K^T
+  constexpr int NS = BC / 8;             // n8 tiles of S (keys)
+  constexpr int NO = D / 8;              // n8 tiles of O (head dim)
+  constexpr int KV_BYTES = L::KV_ELEMS * (int)sizeof(T);
+  constexpr int Q_BYTES = L::Q_ELEMS * (int)sizeof(T);
+  static_assert(D == 64 || D == 128 || D == 256, "D must be 64, 128 or 256");
+  static_assert(BC == 64 || BC == 128, "Bc must be 64 or 128");
+
+  extern __shared__ __align__(1024) unsigned char smem_raw[];
+  unsigned char* base = smem_raw + ((1024 - (smem_u32(smem_raw) & 1023)) & 1023);
+  T* Qs = reinterpret_cast<T*>(base);
+  T* Ks = Qs + L::Q_ELEMS;                      // stage s at Ks + s * KV_ELEMS
+  T* Vs = Ks + STAGES * L::KV_ELEMS;
+  unsigned long long* bars = reinterpret_cast<unsigned long long*>(base + L::TILE_BYTES);
+  const unsigned bar_q = smem_u32(bars);
+  const unsigned bar_full_k = bar_q + 8, bar_full_v = bar_full_k + 8 * STAGES;
+  const unsigned bar_empty_k = bar_full_v + 8 * STAGES, bar_empty_v = bar_empty_k + 8 * STAGES;
+
+  // ---- which (b, h, query tile) this CTA computes (the same decode as attention.cu v7)
+  int w;
+  if (work != nullptr) {
+    w = work[blockIdx.x];
+  } else {
+    const int x = blockIdx.x, r = x / Hq;
+    w = ((r / n_qtiles) * Hq + x % Hq) * n_qtiles + (n_qtiles - 1 - r % n_qtiles);
+  }
+  const int qt = w % n_qtiles;
+  const int h = (w / n_qtiles) % Hq;
+  const int b = (w / n_qtiles) / Hq;
+  const int q0 = qt * BR;
+  const int i = q0 / S;                  // query block (128 | S)
+  const int G = Hq / Hkv;
+  const int hm = h / c_h, hkv = h / G;
+  const int shift = Nk - Nq;             // p(t) = t + shift
+
+  // ---- the CTA's key tiles: the visible prefix of its mask row, cut into Bc-key tiles; only
+  // the last visible block may end early (causal diagonal of the CTA's last row, or Nk).
+  const size_t mrow = ((size_t)b * Hm + hm) * nQb + i;
+  const int* idx = kv_indices + mrow * idx_stride;
+  const int cnt = kv_counts[mrow];
+  const int last_row = min(q0 + BR, Nq) - 1;
+  const int key_lim = causal ? min(Nk, last_row + shift + 1) : Nk;
+  const int nvis = visible_prefix(idx, cnt, S, key_lim);
+  const int SUB = S / BC;
+  int n_tiles = 0;
+  if (nvis > 0) {
+    const int l0 = idx[nvis - 1] * S;
+    n_tiles = (nvis - 1) * SUB + (min(l0 + S, key_lim) - l0 + BC - 1) / BC;
+  }
+
+  const int wg = threadIdx.x / 128;       // 0 producer, 1 and 2 consumers
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+
+  // ---- barriers: initialised by one thread, made visible to the copy engine
+  // (fence.mbarrier_init) and to every thread (__syncthreads) before anyone uses them.
+  if (threadIdx.x == 0) {
+    mbar_init(bar_q, 1);
+#pragma unroll
+    for (int s = 0; s < STAGES; ++s) {
+      mbar_init(bar_full_k + 8 * s, 1);   // the producer's arrive.expect_tx (+ the bytes)
+      mbar_init(bar_full_v + 8 * s, 1);
+      mbar_init(bar_empty_k + 8 * s, 8);  // lane 0 of each of the 8 consumer warps
+      mbar_init(bar_empty_v + 8 * s, 8);
+    }
+    asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
+  }
+  __syncthreads();
+
+  if (wg == 0) {
+    // =========================================================================== PRODUCER
+    asm volatile("setmaxnreg.dec.sync.aligned.u32 %0;\n" ::"n"(kProducerRegs));
+    if (warp == 0 && lane == 0 && n_tiles > 0) {
+      tma_prefetch_desc(tm_k);
+      tma_prefetch_desc(tm_v);
+      // Q_i: D/64 boxes of 64 x 128 (rows past Nq arrive as zeros).
+      mbar_arrive_expect_tx(bar_q, Q_BYTES);
+#pragma unroll
+      for (int c = 0; c < NCH; ++c)
+        tma_load_3d(smem_u32(Qs + c * BR * 64), tm_q, bar_q, c * 64, q0, b * Hq + h);
+      const int kvh = b * Hkv + hkv;
+      for (int j = 0; j < n_tiles; ++j) {
+        const int s = j % STAGES;
+        const unsigned fill = j / STAGES;   // how many times slot s was filled before
+        const int n0 = tile_key0(idx, j, SUB, S, BC);
+        // K_j into slot s once both consumers released its previous content K_{j-STAGES}.
+        if (fill > 0) mbar_wait(bar_empty_k + 8 * s, (fill - 1) & 1);
+        mbar_arrive_expect_tx(bar_full_k + 8 * s, KV_BYTES);
+#pragma unroll
+        for (int c = 0; c < NCH; ++c)
+          tma_load_3d(smem_u32(Ks + s * L::KV_ELEMS + c * BC * 64), tm_k, bar_full_k + 8 * s, c * 64, n0, kvh);
+        // V_j likewise (released later than K: P V_j runs one step behind S).
+        if (fill > 0) mbar_wait(bar_empty_v + 8 * s, (fill - 1) & 1);
+        mbar_arrive_expect_tx(bar_full_v + 8 * s, KV_BYTES);
+#pragma unroll
+        for (int c = 0; c < NCH; ++c)
+          tma_load_3d(smem_u32(Vs + s * L::KV_ELEMS + c * BC * 64), tm_v, bar_full_v + 8 * s, c * 64, n0, kvh);
+      }
+    }
+    return;  // the CTA lives on until the consumers finish; the copies land on their barriers
+  }
+
+  // ============================================================================= CONSUMERS
+  asm volatile("setmaxnreg.inc.sync.aligned.u32 %0;\n" ::"n"(kConsumerRegs));
+  const int cw = wg - 1;                        // consumer 0 or 1
+  const int wq = warp & 3;                      // warp within the warpgroup
+  const int g = lane >> 2, tq = lane & 3;       // accumulator layout: row group, thread in quad
+  const int row0 = cw * 64 + wq * 16;           // this warp's first row in the CTA
+  const int bar_mine = kBarSchedBase + cw, bar_other = kBarSchedBase + (cw ^ 1);
+
+  float acc_o[NO * 4];   // O_i: rows row0 + g (+8), columns 8n + 2tq (+1)
+  float acc_s[NS * 4];   // S_ij, then P_ij in float
+  unsigned pa[BC / 16][4];  // P_ij rounded to T, as wgmma A fragments
+  float m_i[2] = {US_FA3_NEG_INF, US_FA3_NEG_INF}, l_i[2] = {0.f, 0.f};
+#pragma unroll
+  for (int n = 0; n < NO * 4; ++n) acc_o[n] = 0.f;
+
+  // Descriptor bases (shared-memory byte addresses).
+  const unsigned q_addr = smem_u32(Qs) + cw * 64 * 128;   // this consumer's 64 rows, region 0
+  const unsigned k_addr = smem_u32(Ks), v_addr = smem_u32(Vs);
+
+  // S = Q K_j^T for slot s: KD k16-steps; step kk reads d in [16kk, 16kk + 16): region kk/4,
+  // 32-byte column offset (kk % 4) inside the swizzled 128-byte rows.
+  auto issue_s = [&](int s) {
+#pragma unroll
+    for (int kk = 0; kk < KD; ++kk) {
+      const unsigned qa = q_addr + (kk >> 2) * (BR * 128) + (kk & 3) * 32;
+      const unsigned kb = k_addr + s * KV_BYTES + (kk >> 2) * (BC * 128) + (kk & 3) * 32;
+      WgSS<T, BC>::run(acc_s, desc_kmajor(qa), desc_kmajor(kb), kk > 0);
+    }
+  };
+  // O += P V_j for slot s: BC/16 k16-steps over the keys; step kk reads keys [16kk, 16kk+16)
+  // = two 8-key swizzle atoms starting at byte 16kk * 128 of every region.
+  auto issue_pv = [&](int s) {
+#pragma unroll
+    for (int kk = 0; kk < BC / 16; ++kk)
+      WgRSt<T, D>::run(acc_o, pa[kk], desc_mnmajor(v_addr + s * KV_BYTES + kk * 16 * 128, BC * 128));
+  };
+  // Online softmax of tile j (keys from n0) on acc_s; returns the O rescale factors.
+  auto softmax = [&](int n0, float* alpha) {
+    const bool need_mask = (n0 + BC > Nk) || (causal && n0 + BC - 1 > q0 + row0 + shift);
+    if (need_mask) {
+#pragma unroll
+      for (int n = 0; n < NS; ++n)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+          const int key = n0 + n * 8 + 2 * tq + (e & 1);
+          const int t = q0 + row0 + g + 8 * (e >> 1);
+          if (key >= Nk || (causal && key > t + shift)) acc_s[n * 4 + e] = US_FA3_NEG_INF;
+        }
+    }
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+      float mx = m_i[r];
+#pragma unroll
+      for (int n = 0; n < NS; ++n) mx = fmaxf(mx, fmaxf(acc_s[n * 4 + 2 * r], acc_s[n * 4 + 2 * r + 1]));
+      mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));   // a row lives in the 4 lanes of a quad
+      mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
+      const float mref = mx == US_FA3_NEG_INF ? 0.f : mx * scale_log2;  // nothing allowed yet: P = 0
+      alpha[r] = fast_exp2(m_i[r] * scale_log2 - mref);                  // m_i = -inf -> 0
+      float rs = 0.f;
+#pragma unroll
+      for (int n = 0; n < NS; ++n) {
+        const float p0 = fast_exp2(fmaf(acc_s[n * 4 + 2 * r], scale_log2, -mref));
+        const float p1 = fast_exp2(fmaf(acc_s[n * 4 + 2 * r + 1], scale_log2, -mref));
+        acc_s[n * 4 + 2 * r] = p0;
+        acc_s[n * 4 + 2 * r + 1] = p1;
+        rs += p0 + p1;
+      }
+      l_i[r] = l_i[r] * alpha[r] + rs;   // per-lane partial row sums; the quad is summed at the end
+      m_i[r] = mx;
+    }
+  };
+  auto pack_p = [&]() {
+#pragma unroll
+    for (int kk = 0; kk < BC / 16; ++kk) {
+      pa[kk][0] = Pack<T>::two(acc_s[(2 * kk) * 4 + 0], acc_s[(2 * kk) * 4 + 1]);
+      pa[kk][1] = Pack<T>::two(acc_s[(2 * kk) * 4 + 2], acc_s[(2 * kk) * 4 + 3]);
+      pa[kk][2] = Pack<T>::two(acc_s[(2 * kk + 1) * 4 + 0], acc_s[(2 * kk + 1) * 4 + 1]);
+      pa[kk][3] = Pack<T>::two(acc_s[(2 * kk + 1) * 4 + 2], acc_s[(2 * kk + 1) * 4 + 3]);
+    }
+  };
+  // A consumer warp is done with a slot once its wgmma reads of it completed (its wait_group);
+  // the slot is free when all 8 consumer warps said so.
+  auto release = [&](unsigned bar) {
+    __syncwarp();
+    if (lane == 0) mbar_arrive(bar);
+  };
+
+  if (n_tiles > 0) {
+    // Ping-pong: the consumers take turns at issuing GEMMs. A turn (S_0; then S_ij together
+    // with P_i,j-1 V_j-1; then the last P V) is bracketed by bar.sync(mine) ... bar.arrive(other).
+    // A bar.sync completes after 256 arrivals: its own warpgroup's 128 and the other's 128
+    // bar.arrive. Consumer 0 gives itself the first ticket here, and takes the one ticket
+    // consumer 1 leaves after its last turn at the end (so both barriers end balanced; the
+    // arrive itself stays unconditional: a branch around it puts the wgmma issue on a
+    // "divergent" path for ptxas, which then serialises the wgmma pipeline, warning C7520).
+    auto turn_begin = [&]() { named_bar_sync(bar_mine, 256); };
+    auto turn_end = [&]() { named_bar_arrive(bar_other, 256); };
+    if (cw == 0) named_bar_arrive(bar_mine, 256);
+
+    mbar_wait(bar_q, 0);  // Q_i landed
+
+    // ---- tile 0: S_i0, softmax, P_i0
+    turn_begin();
+    mbar_wait(bar_full_k, 0);
+    wg_fence();
+    issue_s(0);
+    wg_commit();
+    turn_end();
+    wg_wait<0>();
+    fence_regs<NS * 4>(acc_s);
+    release(bar_empty_k);
+    {
+      float alpha[2];
+      softmax(tile_key0(idx, 0, SUB, S, BC), alpha);  // O_i = 0: no rescale
+    }
+    pack_p();
+
+    // ---- steady state: issue S_ij and P_i,j-1 V_j-1 together, softmax S_ij while the
+    // tensor cores run P V.
+    for (int j = 1; j < n_tiles; ++j) {
+      const int s = j % STAGES, sp = (j - 1) % STAGES;
+      turn_begin();
+      mbar_wait(bar_full_k + 8 * s, (j / STAGES) & 1);          // K_j landed
+      mbar_wait(bar_full_v + 8 * sp, ((j - 1) / STAGES) & 1);   // V_j-1 landed (long ago, as a rule)
+      wg_fence();
+      fence_regs<BC / 16 * 4>(&pa[0][0]);
+      issue_s(s);
+      wg_commit();
+      issue_pv(sp);
+      wg_commit();
+      turn_end();
+      wg_wait<1>();               // S_ij is in registers (P V_{j-1} may still run)
+      fence_regs<NS * 4>(acc_s);
+      release(bar_empty_k + 8 * s);
+      float alpha[2];
+      softmax(tile_key0(idx, j, SUB, S, BC), alpha);
+      wg_wait<0>();               // P_{j-1} V_{j-1} is done: O_i and pa may be touched
+      fence_regs<NO * 4>(acc_o);
+      release(bar_empty_v + 8 * sp);
+#pragma unroll
+      for (int n = 0; n < NO; ++n) {
+        acc_o[n * 4 + 0] *= alpha[0];
+        acc_o[n * 4 + 1] *= alpha[0];
+        acc_o[n * 4 + 2] *= alpha[1];
+        acc_o[n * 4 + 3] *= alpha[1];
+      }
+      pack_p();
+    }
+
+    // ---- the last P V
+    {
+      const int sp = (n_tiles - 1) % STAGES;
+      turn_begin();
+      mbar_wait(bar_full_v + 8 * sp, ((n_tiles - 1) / STAGES) & 1);
+      wg_fence();
+      fence_regs<BC / 16 * 4>(&pa[0][0]);
+      issue_pv(sp);
+      wg_commit();
+      turn_end();
+      wg_wait<0>();
+      fence_regs<NO * 4>(acc_o);
+      release(bar_empty_v + 8 * sp);
+    }
+    if (cw == 0) named_bar_sync(bar_mine, 256);  // consume consumer 1's last ticket
+  }
+
+  // ---- epilogue: O_i / l_i and lse (rows past Nq are not stored)
+  const size_t bh = (size_t)b * Hq + h;
+#pragma unroll
+  for (int r = 0; r < 2; ++r) {
+    float l = l_i[r];
+    l += __shfl_xor_sync(0xffffffffu, l, 1);
+    l += __shfl_xor_sync(0xffffffffu, l, 2);
+    const int t = q0 + row0 + g + 8 * r;
+    if (t >= Nq) continue;
+    const float inv = l > 0.f ? 1.f / l : 0.f;   // empty row: out = 0
+    T* orow = out + (bh * Nq + t) * D;
+#pragma unroll
+    for (int n = 0; n < NO; ++n)
+      *reinterpret_cast<unsigned*>(orow + n * 8 + 2 * tq) =
+          Pack<T>::two(acc_o[n * 4 + 2 * r] * inv, acc_o[n * 4 + 2 * r + 1] * inv);
+    if (tq == 0) lse[bh * Nq + t] = l > 0.f ? m_i[r] * scale_log2 * US_FA3_LN2 + logf(l) : US_FA3_NEG_INF;
+  }
+}
+
+#endif  // __CUDA_ARCH_FEAT_SM90_ALL
+}  // namespace us_fa3
+
+// =============================================================================== entry points
+// Tensor maps by value (__grid_constant__: they stay in the kernel's parameter space, where
+// the copy engine reads them without a trip to device memory).
+template <typename T, int D, int BC, int STAGES>
+__global__ void __launch_bounds__(384, 1) us_fa3_fwd(
+    const __grid_constant__ CUtensorMap_st tm_q, const __grid_constant__ CUtensorMap_st tm_k,
+    const __grid_constant__ CUtensorMap_st tm_v,
+    const int* __restrict__ kv_counts, const int* __restrict__ kv_indices, const int* __restrict__ work,
+    T* __restrict__ out, float* __restrict__ lse,
+    int Hq, int Hkv, int Hm, int Nq, int Nk, int nQb, int idx_stride, int S, int c_h, int causal,
+    int n_qtiles, float scale_log2) {
+#if defined(US_FA3_HAVE_SM90A)
+  us_fa3::fwd_body<T, D, BC, STAGES>(&tm_q, &tm_k, &tm_v, kv_counts, kv_indices, work, out, lse, Hq, Hkv, Hm,
+                                     Nq, Nk, nQb, idx_stride, S, c_h, causal, n_qtiles, scale_log2);
+#else
+  __trap();  // built without sm_90a: the launcher never selects this kernel then
+#endif
+}
+
+// The same kernel with the three tensor maps in device memory (64-byte aligned), for
+// launchers that cannot pass a 128-byte struct by value.
+template <typename T, int D, int BC, int STAGES>
+__global__ void __launch_bounds__(384, 1) us_fa3_fwd_gmem(
+    const CUtensorMap_st* __restrict__ tmaps,
+    const int* __restrict__ kv_counts, const int* __restrict__ kv_indices, const int* __restrict__ work,
+    T* __restrict__ out, float* __restrict__ lse,
+    int Hq, int Hkv, int Hm, int Nq, int Nk, int nQb, int idx_stride, int S, int c_h, int causal,
+    int n_qtiles, float scale_log2) {
+#if defined(US_FA3_HAVE_SM90A)
+  us_fa3::fwd_body<T, D, BC, STAGES>(tmaps, tmaps + 1, tmaps + 2, kv_counts, kv_indices, work, out, lse, Hq,
+                                     Hkv, Hm, Nq, Nk, nQb, idx_stride, S, c_h, causal, n_qtiles, scale_log2);
+#else
+  __trap();
+#endif
+}

@@ -1,0 +1,456 @@
+"""Host side of the FlashAttention-3-class Hopper kernel in ``raw_kernels/attention_hopper.cu``.
+
+``fa3_forward`` computes SPEC section 6 (block-sparse attention forward) with the same
+conventions as :func:`unisparse_ref._cupy_attention.attention_forward`: ``q`` ``[B, Hq, Nq, D]``,
+``k``/``v`` ``[B, Hkv, Nk, D]`` C-contiguous CuPy arrays of dtype float16 or uint16 (bfloat16
+bits); the block mask in FlexAttention's index form (``kv_counts`` ``[B, Hm, nQb]``,
+``kv_indices`` ``[B, Hm, nQb, W]`` ascending, ``-1`` padded); query head ``h`` uses mask head
+``h // heads_per_mask`` and KV head ``h // G``; causal attention is bottom-right aligned; a row
+with no allowed key gets ``out = 0`` and ``lse = -inf``. Returns ``(out, lse)``: ``out`` in the
+dtype of ``q``, ``lse`` float32 ``[B, Hq, Nq]`` (natural log).
+
+What the host does (the kernel's opening comment says what the device does):
+
+* encodes three TMA tensor maps (``cuTensorMapEncodeTiled``, through ``cuda-bindings``, or the
+  driver library through ``ctypes`` when ``cuda-bindings`` is absent): 3-D views
+  ``(D, N, B*H)`` of q, k, v with boxes of ``64 x rows x 1`` elements and 128-byte swizzle;
+  rows past ``Nq``/``Nk`` are zero-filled by the copy engine;
+* computes grid, block and shared memory in ONE function, :func:`launch_config`;
+* launches. Tensor maps are 128-byte kernel parameters (``__grid_constant__``); three ways to
+  hand them over (``tmap_mode``): ``"param"`` (default: a ``ctypes`` array of parameter
+  pointers and ``cuLaunchKernel`` through ``cupy.cuda.driver.launchKernel``, which copies each
+  parameter by the size the kernel declares), ``"cupy"`` (CuPy's own ``RawKernel`` call with
+  NumPy void scalars, if this CuPy accepts them) and ``"gmem"`` (the maps in device memory and
+  a pointer, the kernel ``us_fa3_fwd_gmem``).
+
+This module imports without CuPy (CuPy, NumPy and the driver are imported inside functions).
+The loader is imported in one place, :func:`_loader`, so that its path can move.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import math
+from dataclasses import dataclass
+from typing import Any
+
+__all__ = [
+    "FA3_FILE",
+    "FA3_HEAD_DIMS",
+    "FA3_INSTANTIATIONS",
+    "Fa3Config",
+    "fa3_config",
+    "fa3_forward",
+    "launch_config",
+    "name_expression",
+]
+
+FA3_FILE = "attention_hopper.cu"
+#: NVRTC options of the kernel (wgmma, setmaxnreg and TMA need the arch-specific target).
+FA3_OPTIONS: tuple[str, ...] = ("-arch=sm_90a",)
+#: Query rows per CTA (two consumer warpgroups of 64 rows).
+FA3_BR = 128
+#: Threads per CTA: one producer and two consumer warpgroups.
+FA3_THREADS = 384
+
+
+@dataclass(frozen=True)
+class Fa3Config:
+    """Tile shape of one head dim: ``bc`` keys per tile, ``stages`` K/V ring slots."""
+
+    head_dim: int
+    bc: int
+    stages: int
+
+    def smem_bytes(self, itemsize: int = 2) -> int:
+        """Dynamic shared memory: 1 KiB alignment slack, Q, the K and V rings, the mbarriers
+        (the kernel's ``Smem<...>::BYTES``)."""
+        tiles = (FA3_BR + 2 * self.stages * self.bc) * self.head_dim * itemsize
+        return 1024 + tiles + 8 * (1 + 4 * self.stages)
+
+
+#: Per head dim: Bc = 128 (one whole mask block per step) where the consumers' registers
+#: allow (O and S each 64 fp32 registers at D = 128); D = 256 keeps O in 128 registers per
+#: thread, so S takes Bc = 64.
+FA3_HEAD_DIMS: dict[int, Fa3Config] = {
+    64: Fa3Config(64, 128, 3),
+    128: Fa3Config(128, 128, 2),
+    256: Fa3Config(256, 64, 2),
+}
+
+_CTYPE = {"float16": "__half", "bfloat16": "__nv_bfloat16"}
+# CUtensorMapDataType values of the driver API.
+_TMAP_DTYPE = {"float16": 6, "bfloat16": 9}
+
+
+def fa3_config(head_dim: int, stages: int | None = None, bc: int | None = None) -> Fa3Config:
+    if head_dim not in FA3_HEAD_DIMS:
+        raise ValueError(f"the Hopper kernel supports head dims {tuple(FA3_HEAD_DIMS)}, got D={head_dim}")
+    c = FA3_HEAD_DIMS[head_dim]
+    return Fa3Config(head_dim, bc or c.bc, stages or c.stages)
+
+
+def name_expression(dtype: str, cfg: Fa3Config, gmem: bool = False) -> str:
+    kern = "us_fa3_fwd_gmem" if gmem else "us_fa3_fwd"
+    return f"{kern}<{_CTYPE[dtype]}, {cfg.head_dim}, {cfg.bc}, {cfg.stages}>"
+
+
+#: Every instantiation the launcher may ask for, as (file, name_expression, options).
+FA3_INSTANTIATIONS: list[tuple[str, str, tuple[str, ...]]] = [
+    (FA3_FILE, name_expression(dt, c, gm), FA3_OPTIONS)
+    for dt in ("float16", "bfloat16")
+    for c in FA3_HEAD_DIMS.values()
+    for gm in (False, True)
+]
+
+
+def _loader() -> Any:
+    """The kernel loader module (one place, so the package layout can change)."""
+    try:
+        from . import _loader as mod  # noqa: PLC0415
+    except ImportError:  # the restructured layout
+        from .cupy_backend import _loader as mod  # type: ignore[no-redef]  # noqa: PLC0415
+    return mod
+
+
+#: The name expressions of the one module that holds every instantiation (one NVRTC compile
+#: per process, then CuPy's disk cache; a few seconds).
+FA3_MODULE_NAMES: tuple[str, ...] = tuple(n for _, n, _ in FA3_INSTANTIATIONS)
+
+
+def _get_kernel(name: str) -> Any:
+    """The compiled kernel, from the loader's cached module of all instantiations; a name
+    outside the list (another ``stages``) gets a module of its own."""
+    names = FA3_MODULE_NAMES if name in FA3_MODULE_NAMES else (name,)
+    return _loader().get_module(FA3_FILE, names, FA3_OPTIONS).get_function(name)
+
+
+def _cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def launch_config(
+    *,
+    batch: int,
+    q_heads: int,
+    nq: int,
+    head_dim: int,
+    itemsize: int = 2,
+    stages: int | None = None,
+    bc: int | None = None,
+) -> dict[str, Any]:
+    """Grid, block and dynamic shared memory of one launch (the one place they are computed).
+
+    One CTA per (b, h, 128-row query tile), a 1-D grid ordered longest causal rows first,
+    heads fastest (the kernel decodes the order, or reads a work list).
+    """
+    cfg = fa3_config(head_dim, stages, bc)
+    n_qtiles = _cdiv(nq, FA3_BR)
+    return {
+        "grid": (batch * q_heads * n_qtiles, 1, 1),
+        "block": (FA3_THREADS, 1, 1),
+        "shared_mem": cfg.smem_bytes(itemsize),
+        "n_qtiles": n_qtiles,
+        "br": FA3_BR,
+        "cfg": cfg,
+    }
+
+
+# ----------------------------------------------------------------------------- tensor maps
+_TMAP_CACHE: dict[tuple[Any, ...], bytes] = {}
+
+
+def _encode_cuda_bindings(dt: int, ptr: int, dims: list[int], strides: list[int], box: list[int]) -> bytes:
+    from cuda.bindings import driver as cu  # noqa: PLC0415
+
+    err, tmap = cu.cuTensorMapEncodeTiled(
+        cu.CUtensorMapDataType(dt),
+        len(dims),
+        ptr,
+        [cu.cuuint64_t(x) for x in dims],
+        [cu.cuuint64_t(x) for x in strides],
+        [cu.cuuint32_t(x) for x in box],
+        [cu.cuuint32_t(1) for _ in dims],
+        cu.CUtensorMapInterleave.CU_TENSOR_MAP_INTERLEAVE_NONE,
+        cu.CUtensorMapSwizzle.CU_TENSOR_MAP_SWIZZLE_128B,
+        cu.CUtensorMapL2promotion.CU_TENSOR_MAP_L2_PROMOTION_L2_256B,
+        cu.CUtensorMapFloatOOBfill.CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE,
+    )
+    if int(err) != 0:
+        raise RuntimeError(
+            f"cuTensorMapEncodeTiled failed: {err} (dims {dims}, strides {strides}, box {box})"
+        )
+    try:
+        return ctypes.string_at(tmap.getPtr(), 128)
+    except AttributeError:
+        import struct  # noqa: PLC0415
+
+        return struct.pack("<16Q", *[int(x) for x in tmap.opaque])
+
+
+def _encode_ctypes(dt: int, ptr: int, dims: list[int], strides: list[int], box: list[int]) -> bytes:
+    lib = ctypes.CDLL("libcuda.so.1")
+    fn = lib.cuTensorMapEncodeTiled
+    fn.restype = ctypes.c_int
+    n = len(dims)
+    buf = (ctypes.c_uint64 * 16)()
+    rc = fn(
+        ctypes.byref(buf),
+        ctypes.c_int(dt),
+        ctypes.c_uint32(n),
+        ctypes.c_void_p(ptr),
+        (ctypes.c_uint64 * n)(*dims),
+        (ctypes.c_uint64 * (n - 1))(*strides),
+        (ctypes.c_uint32 * n)(*box),
+        (ctypes.c_uint32 * n)(*([1] * n)),
+        ctypes.c_int(0),
+        ctypes.c_int(3),
+        ctypes.c_int(3),
+        ctypes.c_int(0),
+    )
+    if rc != 0:
+        raise RuntimeError(
+            f"cuTensorMapEncodeTiled failed: CUresult {rc} (dims {dims}, strides {strides}, box {box})"
+        )
+    return bytes(buf)
+
+
+def encode_tensor_map(arr: Any, dtype: str, rows_box: int, *, backend: str = "auto") -> bytes:
+    """The 128-byte TMA descriptor of a ``[B, H, N, D]`` array: a 3-D view ``(D, N, B*H)``,
+    box ``(64, rows_box, 1)``, 128-byte swizzle, zero fill out of bounds."""
+    B, H, N, D = (int(s) for s in arr.shape)
+    ptr = int(arr.data.ptr)
+    dims = [D, N, B * H]
+    strides = [D * 2, N * D * 2]  # bytes, dims 1 and 2
+    box = [64, rows_box, 1]
+    key = (ptr, dtype, tuple(dims), rows_box)
+    hit = _TMAP_CACHE.get(key)
+    if hit is not None and backend == "auto":
+        return hit
+    dt = _TMAP_DTYPE[dtype]
+    if backend == "ctypes":
+        out = _encode_ctypes(dt, ptr, dims, strides, box)
+    elif backend == "cuda-bindings":
+        out = _encode_cuda_bindings(dt, ptr, dims, strides, box)
+    else:
+        try:
+            out = _encode_cuda_bindings(dt, ptr, dims, strides, box)
+        except ImportError:
+            out = _encode_ctypes(dt, ptr, dims, strides, box)
+    if len(_TMAP_CACHE) > 256:
+        _TMAP_CACHE.clear()
+    _TMAP_CACHE[key] = out
+    return out
+
+
+# ----------------------------------------------------------------------------- launch paths
+def _launch_param(kernel: Any, cfg: dict[str, Any], tmaps: list[bytes], args: list[Any]) -> None:
+    """cuLaunchKernel with a ctypes array of parameter pointers (tensor maps by value)."""
+    import cupy as cp  # noqa: PLC0415
+    import numpy as np  # noqa: PLC0415
+
+    keep: list[Any] = []
+    ptrs: list[int] = []
+    for tm in tmaps:
+        buf = (ctypes.c_uint8 * 128).from_buffer_copy(tm)
+        keep.append(buf)
+        ptrs.append(ctypes.addressof(buf))
+    for a in args:
+        if isinstance(a, cp.ndarray):
+            c = ctypes.c_void_p(int(a.data.ptr))
+        elif a is None:
+            c = ctypes.c_void_p(0)
+        elif isinstance(a, np.int32):
+            c = ctypes.c_int32(int(a))
+        elif isinstance(a, np.float32):
+            c = ctypes.c_float(float(a))
+        else:
+            raise TypeError(f"unexpected kernel argument {a!r}")
+        keep.append(c)
+        ptrs.append(ctypes.addressof(c))
+    params = (ctypes.c_void_p * len(ptrs))(*ptrs)
+    smem = int(cfg["shared_mem"])
+    if getattr(kernel, "max_dynamic_shared_size_bytes", 0) < smem:
+        kernel.max_dynamic_shared_size_bytes = smem
+    gx, gy, gz = cfg["grid"]
+    bx, by, bz = cfg["block"]
+    stream = cp.cuda.get_current_stream().ptr
+    cp.cuda.driver.launchKernel(
+        int(kernel.kernel.ptr), gx, gy, gz, bx, by, bz, smem, stream, ctypes.addressof(params), 0
+    )
+
+
+def _tmap_scalar(tm: bytes) -> Any:
+    import numpy as np  # noqa: PLC0415
+
+    return np.frombuffer(tm, dtype=np.dtype((np.void, 128)))[0]
+
+
+def _work_list(
+    kv_counts: Any, *, batch: int, q_heads: int, heads_per_mask: int, n_qtiles: int, block_size: int
+) -> Any:
+    """CTA tasks ``(b * Hq + h) * n_qtiles + qtile``, longest mask rows first (int32 CuPy);
+    ties in the fixed order (b, qtile descending, h)."""
+    import cupy as cp  # noqa: PLC0415
+
+    qt = cp.arange(n_qtiles, dtype=cp.int64)
+    i = (qt * FA3_BR) // block_size
+    h = cp.arange(q_heads, dtype=cp.int64)
+    counts = kv_counts.astype(cp.int64)[:, h // heads_per_mask][:, :, i]
+    b = cp.arange(batch, dtype=cp.int64)[:, None, None]
+    task = (b * q_heads + h[None, :, None]) * n_qtiles + qt[None, None, :]
+    rank = (b * n_qtiles + (n_qtiles - 1 - qt)[None, None, :]) * q_heads + h[None, :, None]
+    n = batch * q_heads * n_qtiles
+    order = cp.argsort(((-counts) * n + rank).ravel())
+    return task.ravel()[order].astype(cp.int32)
+
+
+def _dtype_name(arr: Any) -> str:
+    import numpy as np  # noqa: PLC0415
+
+    dt = np.dtype(arr.dtype)
+    if dt == np.uint16:
+        return "bfloat16"
+    if dt == np.float16:
+        return "float16"
+    raise TypeError(f"the Hopper kernel takes float16 or uint16 (bfloat16 bits), got {dt}")
+
+
+# ----------------------------------------------------------------------------- entry point
+def fa3_forward(
+    q: Any,
+    k: Any,
+    v: Any,
+    kv_counts: Any,
+    kv_indices: Any,
+    *,
+    nq: int,
+    nk: int,
+    block_size: int,
+    heads_per_mask: int,
+    causal: bool,
+    softmax_scale: float | None,
+    work: Any = None,
+    sort_work: bool = False,
+    tmap_mode: str = "param",
+    stages: int | None = None,
+    out: Any = None,
+    lse: Any = None,
+) -> tuple[Any, Any]:
+    """Block-sparse attention forward on a Hopper GPU (SPEC section 6); see the module doc.
+
+    Parameters beyond ``attention_forward``'s: ``work`` (a precomputed int32 work list) or
+    ``sort_work`` (sort CTAs by mask-row length, longest first; the fixed order is already
+    longest-first for causal masks); ``tmap_mode`` (``"param"``, ``"cupy"`` or ``"gmem"``:
+    how the tensor maps reach the kernel); ``stages`` (K/V ring depth, default per head dim);
+    ``out``/``lse`` (preallocated outputs, for timing loops).
+    """
+    import cupy as cp  # noqa: PLC0415
+    import numpy as np  # noqa: PLC0415
+
+    for name, x in (("q", q), ("k", k), ("v", v), ("kv_counts", kv_counts), ("kv_indices", kv_indices)):
+        if not isinstance(x, cp.ndarray):
+            raise TypeError(f"{name} must be a CuPy array, got {type(x)!r}")
+    if q.ndim != 4 or k.ndim != 4 or v.shape != k.shape:
+        raise ValueError(
+            f"q must be [B, Hq, Nq, D] and k, v [B, Hkv, Nk, D]; got {q.shape}, {k.shape}, {v.shape}"
+        )
+    if k.dtype != q.dtype or v.dtype != q.dtype:
+        raise TypeError(f"q, k, v must share a dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
+    B, Hq, Nq, D = (int(s) for s in q.shape)
+    Bk, Hkv, Nk, Dk = (int(s) for s in k.shape)
+    if (Bk, Dk) != (B, D):
+        raise ValueError(f"k {k.shape} must match q {q.shape} in batch and head dim")
+    if (Nq, Nk) != (nq, nk):
+        raise ValueError(f"nq={nq}, nk={nk} do not match the shapes Nq={Nq}, Nk={Nk}")
+    if Nq < 1 or Nk < 1:
+        raise ValueError("Nq and Nk must be >= 1")
+    if Hq % Hkv:
+        raise ValueError(f"Hq={Hq} must be a multiple of Hkv={Hkv}")
+    G = Hq // Hkv
+    if heads_per_mask < 1 or G % heads_per_mask:
+        raise ValueError(f"heads_per_mask={heads_per_mask} must divide the GQA group size G={G}")
+    if causal and Nq > Nk:
+        raise ValueError(f"causal attention needs Nq <= Nk, got Nq={Nq}, Nk={Nk}")
+    if block_size < FA3_BR or block_size & (block_size - 1):
+        raise ValueError(f"the Hopper kernel needs block_size a power of two >= {FA3_BR}, got {block_size}")
+    dtype = _dtype_name(q)
+    cfgd = launch_config(batch=B, q_heads=Hq, nq=Nq, head_dim=D, itemsize=2, stages=stages)
+    cfg: Fa3Config = cfgd["cfg"]
+    if block_size % cfg.bc:
+        raise ValueError(f"block_size {block_size} must be a multiple of Bc={cfg.bc}")
+    Hm = Hq // heads_per_mask
+    nqb, nkb = _cdiv(Nq, block_size), _cdiv(Nk, block_size)
+    if kv_counts.shape != (B, Hm, nqb) or kv_indices.ndim != 4 or kv_indices.shape[:3] != (B, Hm, nqb):
+        raise ValueError(
+            f"kv_counts must be [B, Hm, nQb] = {(B, Hm, nqb)} and kv_indices [B, Hm, nQb, W]; "
+            f"got {kv_counts.shape} and {kv_indices.shape}"
+        )
+    if not 1 <= kv_indices.shape[3] <= nkb:
+        raise ValueError(f"kv_indices' last dim must be in [1, nKb={nkb}], got {kv_indices.shape[3]}")
+    if str(cp.cuda.Device().compute_capability) != "90":
+        raise ValueError("the Hopper kernel needs a compute capability 9.0 GPU")
+    scale = 1.0 / math.sqrt(D) if softmax_scale is None else float(softmax_scale)
+    if not math.isfinite(scale) or scale <= 0:
+        raise ValueError(f"softmax_scale must be a positive finite float, got {softmax_scale!r}")
+
+    q, k, v = (cp.ascontiguousarray(x) for x in (q, k, v))
+    kv_counts = cp.ascontiguousarray(kv_counts, dtype=cp.int32)
+    kv_indices = cp.ascontiguousarray(kv_indices, dtype=cp.int32)
+    if out is None:
+        out = cp.empty_like(q)
+    if lse is None:
+        lse = cp.empty((B, Hq, Nq), dtype=cp.float32)
+    if work is None and sort_work:
+        work = _work_list(
+            kv_counts,
+            batch=B,
+            q_heads=Hq,
+            heads_per_mask=heads_per_mask,
+            n_qtiles=cfgd["n_qtiles"],
+            block_size=block_size,
+        )
+
+    tmaps = [
+        encode_tensor_map(q, dtype, FA3_BR),
+        encode_tensor_map(k, dtype, cfg.bc),
+        encode_tensor_map(v, dtype, cfg.bc),
+    ]
+    i32 = np.int32
+    rest = [
+        kv_counts,
+        kv_indices,
+        work,
+        out,
+        lse,
+        i32(Hq),
+        i32(Hkv),
+        i32(Hm),
+        i32(Nq),
+        i32(Nk),
+        i32(nqb),
+        i32(kv_indices.shape[3]),
+        i32(block_size),
+        i32(heads_per_mask),
+        i32(1 if causal else 0),
+        i32(cfgd["n_qtiles"]),
+        np.float32(scale * math.log2(math.e)),
+    ]
+    ld = _loader()
+    if tmap_mode == "gmem":
+        kernel = _get_kernel(name_expression(dtype, cfg, gmem=True))
+        maps = cp.asarray(np.frombuffer(b"".join(tmaps), dtype=np.uint8))  # pool blocks: >= 256-byte aligned
+        if maps.data.ptr % 64:
+            raise RuntimeError("device tensor maps must be 64-byte aligned")
+        args = [maps] + [np.uint64(0) if a is None else a for a in rest]
+        ld.launch(kernel, cfgd["grid"], cfgd["block"], tuple(args), shared_mem=cfgd["shared_mem"])
+        return out, lse
+    kernel = _get_kernel(name_expression(dtype, cfg))
+    if tmap_mode == "cupy":
+        args = [_tmap_scalar(t) for t in tmaps] + [np.uint64(0) if a is None else a for a in rest]
+        ld.launch(kernel, cfgd["grid"], cfgd["block"], tuple(args), shared_mem=cfgd["shared_mem"])
+    elif tmap_mode == "param":
+        _launch_param(kernel, cfgd, tmaps, rest)
+    else:
+        raise ValueError(f"tmap_mode must be 'param', 'cupy' or 'gmem', got {tmap_mode!r}")
+    return out, lse
