@@ -194,7 +194,21 @@ class V7:
         import cupy as cp
 
         code = read_source_inlined("attention.cu")
-        names = [f"us_attn_fwd_wgmma<{t}, {d}, 2>" for t in ("__half", "__nv_bfloat16") for d in (64, 128)]
+        # The template lost its warpgroup count in the trim of attention.cu (<T, D> now; was
+        # <T, D, 2>): read the arity off the source.
+        two = (
+            re.search(
+                r"template <typename T, int D>\s*__global__ void __launch_bounds__\([^)]*\)\s*us_attn_fwd_wgmma",
+                code,
+            )
+            is not None
+        )
+        self.suffix = "" if two else ", 2"
+        names = [
+            f"us_attn_fwd_wgmma<{t}, {d}{self.suffix}>"
+            for t in ("__half", "__nv_bfloat16")
+            for d in (64, 128)
+        ]
         self.mod = cp.RawModule(
             code=code, options=("--std=c++17", "-arch=sm_90a"), name_expressions=tuple(names)
         )
@@ -207,7 +221,7 @@ class V7:
         B, Hq, Nq, D = q.shape
         Hkv, Nk = k.shape[1], k.shape[2]
         t = "__half" if dtype == "float16" else "__nv_bfloat16"
-        kern = self.k[f"us_attn_fwd_wgmma<{t}, {D}, 2>"]
+        kern = self.k[f"us_attn_fwd_wgmma<{t}, {D}{self.suffix}>"]
         nqt = cdiv(Nq, 128)
         smem = (128 + 4 * 64) * D * 2 + 1024
         if kern.max_dynamic_shared_size_bytes < smem:
