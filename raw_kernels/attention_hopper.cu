@@ -15,8 +15,8 @@
 // How (FlashAttention-3, arXiv 2407.08608, section 3; notation Q_i, K_j, V_j, S_ij, P_ij,
 // m_i, l_i, O_i of the paper)
 // -----------------------------------------------------------------------------------------
-// One CTA owns Br = 128 query rows Q_i of one (b, h) (a slice of one query block, so one
-// mask row) and walks the key tiles K_j, V_j (Bc keys each) of the selected key blocks. The
+// A task is Br = 128 query rows Q_i of one (b, h) (a slice of one query block, so one mask
+// row); the CTA walks the key tiles K_j, V_j (Bc keys each) of its selected key blocks. The
 // CTA has three warpgroups (3 x 128 threads) with different jobs:
 //
 //   warpgroup 0, the PRODUCER. Gives most of its registers away (setmaxnreg.dec: 24 per
@@ -51,9 +51,14 @@
 // Scores are carried unscaled (the raw S_ij, m_i in score units); c = scale * log2(e) is
 // folded into one FFMA before exp2, and lse is converted back to natural log.
 //
-// The grid: one CTA per (b, h, 128-row query tile), ordered "batch, query tiles last-first
-// (longest causal rows first), heads fastest" (GQA siblings share K/V tiles through L2), or
-// from a work list of packed tasks ((b * Hq + h) * n_qtiles + qtile) sorted by row length.
+// The work: n_tasks = B * Hq * n_qtiles tasks (b, h, 128-row query tile), ordered "batch,
+// query tiles last-first (longest causal rows first), heads fastest" (GQA siblings share K/V
+// tiles through L2), or read from a work list of packed tasks ((b * Hq + h) * n_qtiles +
+// qtile) sorted by row length. The grid is persistent: about one CTA per SM, CTA c takes
+// tasks c, c + gridDim.x, ... (a static longest-first schedule), and its producer loads the
+// next task's Q_i and first K/V tiles while the consumers finish the current one. The ring
+// positions, the barrier phases and the ping-pong turns simply continue from task to task.
+// (A grid of n_tasks CTAs, one task each, is the same code.)
 // Requirements (the launcher checks): D in {64, 128, 256}; S a multiple of 128 (a 128-row
 // CTA stays inside one query block) and of Bc.
 //
@@ -63,8 +68,8 @@
 //                            us_fa3_fwd_gmem), 3-D views (D, N, B*H) with box (64, rows, 1)
 //                            and 128-byte swizzle
 //   kv_counts, kv_indices, work, out, lse,
-//   Hq, Hkv, Hm, Nq, Nk, nQb, idx_stride, S, c_h, causal, n_qtiles, scale_log2
-// the same as attention.cu's, with q, k, v replaced by the three tensor maps.
+//   Hq, Hkv, Hm, Nq, Nk, nQb, idx_stride, S, c_h, causal, n_qtiles, scale_log2, n_tasks
+// attention.cu's, with q, k, v replaced by the three tensor maps, plus the task count.
 
 #include <cuda_fp16.h>
 #include <cuda_bf16.h>
@@ -279,14 +284,14 @@ US_FA3_WG_RS256(__nv_bfloat16, "bf16")
 //   Q_i          [D/64][128][64]             BR * D elements
 //   K ring       STAGES x [D/64][Bc][64]
 //   V ring       STAGES x [D/64][Bc][64]
-//   mbarriers    q_full, full_k[STAGES], full_v[STAGES], empty_k[STAGES], empty_v[STAGES]
+//   mbarriers    q_full, q_empty, full_k[STAGES], full_v[STAGES], empty_k[STAGES], empty_v[STAGES]
 template <typename T, int D, int BC, int STAGES>
 struct Smem {
   static constexpr int BR = 128;
   static constexpr int Q_ELEMS = BR * D;
   static constexpr int KV_ELEMS = BC * D;  // one stage of K (or V)
   static constexpr int TILE_BYTES = (Q_ELEMS + 2 * STAGES * KV_ELEMS) * (int)sizeof(T);
-  static constexpr int BAR_BYTES = 8 * (1 + 4 * STAGES);
+  static constexpr int BAR_BYTES = 8 * (2 + 4 * STAGES);
   static constexpr int BYTES = 1024 + TILE_BYTES + BAR_BYTES;  // what the launcher must pass
 };
 
@@ -302,7 +307,7 @@ __device__ __forceinline__ void fwd_body(
     const int* __restrict__ kv_counts, const int* __restrict__ kv_indices, const int* __restrict__ work,
     T* __restrict__ out, float* __restrict__ lse,
     int Hq, int Hkv, int Hm, int Nq, int Nk, int nQb, int idx_stride, int S, int c_h, int causal,
-    int n_qtiles, float scale_log2) {
+    int n_qtiles, float scale_log2, int n_tasks) {
   using L = Smem<T, D, BC, STAGES>;
   constexpr int BR = L::BR;
   constexpr int NCH = D / 64;            // 64-element (128-byte) column regions of a tile
@@ -320,41 +325,51 @@ __device__ __forceinline__ void fwd_body(
   T* Ks = Qs + L::Q_ELEMS;                      // stage s at Ks + s * KV_ELEMS
   T* Vs = Ks + STAGES * L::KV_ELEMS;
   unsigned long long* bars = reinterpret_cast<unsigned long long*>(base + L::TILE_BYTES);
-  const unsigned bar_q = smem_u32(bars);
-  const unsigned bar_full_k = bar_q + 8, bar_full_v = bar_full_k + 8 * STAGES;
+  const unsigned bar_q = smem_u32(bars), bar_q_empty = bar_q + 8;
+  const unsigned bar_full_k = bar_q + 16, bar_full_v = bar_full_k + 8 * STAGES;
   const unsigned bar_empty_k = bar_full_v + 8 * STAGES, bar_empty_v = bar_empty_k + 8 * STAGES;
 
-  // ---- which (b, h, query tile) this CTA computes (the same decode as attention.cu v7)
-  int w;
-  if (work != nullptr) {
-    w = work[blockIdx.x];
-  } else {
-    const int x = blockIdx.x, r = x / Hq;
-    w = ((r / n_qtiles) * Hq + x % Hq) * n_qtiles + (n_qtiles - 1 - r % n_qtiles);
-  }
-  const int qt = w % n_qtiles;
-  const int h = (w / n_qtiles) % Hq;
-  const int b = (w / n_qtiles) / Hq;
-  const int q0 = qt * BR;
-  const int i = q0 / S;                  // query block (128 | S)
+  // ---- the work: tasks (b, h, 128-row query tile), x = blockIdx.x, blockIdx.x + gridDim.x, ...
+  // (a persistent grid of about one CTA per SM walks the list with a static stride; a grid of
+  // n_tasks CTAs runs one task each). Task x is work[x] from a sorted work list, or (work ==
+  // nullptr) the fixed order: batch, then query tiles last-first (longest causal rows
+  // first), heads fastest (GQA siblings run together and share K/V tiles through L2).
   const int G = Hq / Hkv;
-  const int hm = h / c_h, hkv = h / G;
   const int shift = Nk - Nq;             // p(t) = t + shift
-
-  // ---- the CTA's key tiles: the visible prefix of its mask row, cut into Bc-key tiles; only
-  // the last visible block may end early (causal diagonal of the CTA's last row, or Nk).
-  const size_t mrow = ((size_t)b * Hm + hm) * nQb + i;
-  const int* idx = kv_indices + mrow * idx_stride;
-  const int cnt = kv_counts[mrow];
-  const int last_row = min(q0 + BR, Nq) - 1;
-  const int key_lim = causal ? min(Nk, last_row + shift + 1) : Nk;
-  const int nvis = visible_prefix(idx, cnt, S, key_lim);
-  const int SUB = S / BC;
-  int n_tiles = 0;
-  if (nvis > 0) {
-    const int l0 = idx[nvis - 1] * S;
-    n_tiles = (nvis - 1) * SUB + (min(l0 + S, key_lim) - l0 + BC - 1) / BC;
-  }
+  const int SUB = S / BC;                // key tiles per mask block
+  struct Task {
+    int b, h, q0, n_tiles;
+    const int* idx;                      // the mask row's selected key blocks
+  };
+  auto get_task = [&](int x) {
+    Task tk;
+    int w;
+    if (work != nullptr) {
+      w = work[x];
+    } else {
+      const int r = x / Hq;
+      w = ((r / n_qtiles) * Hq + x % Hq) * n_qtiles + (n_qtiles - 1 - r % n_qtiles);
+    }
+    const int qt = w % n_qtiles;
+    tk.h = (w / n_qtiles) % Hq;
+    tk.b = (w / n_qtiles) / Hq;
+    tk.q0 = qt * BR;
+    // The task's key tiles: the visible prefix of its mask row (query block q0 / S, mask head
+    // h / c_h), cut into Bc-key tiles; only the last visible block may end early (causal
+    // diagonal of the task's last row, or Nk).
+    const size_t mrow = ((size_t)tk.b * Hm + tk.h / c_h) * nQb + tk.q0 / S;
+    tk.idx = kv_indices + mrow * idx_stride;
+    const int cnt = kv_counts[mrow];
+    const int last_row = min(tk.q0 + BR, Nq) - 1;
+    const int key_lim = causal ? min(Nk, last_row + shift + 1) : Nk;
+    const int nvis = visible_prefix(tk.idx, cnt, S, key_lim);
+    tk.n_tiles = 0;
+    if (nvis > 0) {
+      const int l0 = tk.idx[nvis - 1] * S;
+      tk.n_tiles = (nvis - 1) * SUB + (min(l0 + S, key_lim) - l0 + BC - 1) / BC;
+    }
+    return tk;
+  };
 
   const int wg = threadIdx.x / 128;       // 0 producer, 1 and 2 consumers
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
@@ -362,7 +377,8 @@ __device__ __forceinline__ void fwd_body(
   // ---- barriers: initialised by one thread, made visible to the copy engine
   // (fence.mbarrier_init) and to every thread (__syncthreads) before anyone uses them.
   if (threadIdx.x == 0) {
-    mbar_init(bar_q, 1);
+    mbar_init(bar_q, 1);        // the producer's arrive.expect_tx (+ the bytes of Q_i)
+    mbar_init(bar_q_empty, 8);  // lane 0 of each consumer warp, once its last S GEMM of the task is done
 #pragma unroll
     for (int s = 0; s < STAGES; ++s) {
       mbar_init(bar_full_k + 8 * s, 1);   // the producer's arrive.expect_tx (+ the bytes)
@@ -377,31 +393,42 @@ __device__ __forceinline__ void fwd_body(
   if (wg == 0) {
     // =========================================================================== PRODUCER
     asm volatile("setmaxnreg.dec.sync.aligned.u32 %0;\n" ::"n"(kProducerRegs));
-    if (warp == 0 && lane == 0 && n_tiles > 0) {
+    if (warp == 0 && lane == 0) {
+      tma_prefetch_desc(tm_q);
       tma_prefetch_desc(tm_k);
       tma_prefetch_desc(tm_v);
-      // Q_i: D/64 boxes of 64 x 128 (rows past Nq arrive as zeros).
-      mbar_arrive_expect_tx(bar_q, Q_BYTES);
+      int tile_ctr = 0;  // K/V tiles this CTA loaded so far: ring slot and phase of the next one
+      int q_ctr = 0;     // tasks (with tiles) loaded so far: phase of the Q barriers
+      for (int x = blockIdx.x; x < n_tasks; x += gridDim.x) {
+        const Task tk = get_task(x);
+        if (tk.n_tiles == 0) continue;  // an empty row: the consumers just write zeros
+        // Q_i of this task once both consumers finished the previous task's last S GEMM.
+        if (q_ctr > 0) mbar_wait(bar_q_empty, (q_ctr - 1) & 1);
+        mbar_arrive_expect_tx(bar_q, Q_BYTES);
 #pragma unroll
-      for (int c = 0; c < NCH; ++c)
-        tma_load_3d(smem_u32(Qs + c * BR * 64), tm_q, bar_q, c * 64, q0, b * Hq + h);
-      const int kvh = b * Hkv + hkv;
-      for (int j = 0; j < n_tiles; ++j) {
-        const int s = j % STAGES;
-        const unsigned fill = j / STAGES;   // how many times slot s was filled before
-        const int n0 = tile_key0(idx, j, SUB, S, BC);
-        // K_j into slot s once both consumers released its previous content K_{j-STAGES}.
-        if (fill > 0) mbar_wait(bar_empty_k + 8 * s, (fill - 1) & 1);
-        mbar_arrive_expect_tx(bar_full_k + 8 * s, KV_BYTES);
+        for (int c = 0; c < NCH; ++c)  // D/64 boxes of 64 x 128 (rows past Nq arrive as zeros)
+          tma_load_3d(smem_u32(Qs + c * BR * 64), tm_q, bar_q, c * 64, tk.q0, tk.b * Hq + tk.h);
+        const int kvh = tk.b * Hkv + tk.h / G;
+        for (int j = 0; j < tk.n_tiles; ++j) {
+          const int ct = tile_ctr + j;
+          const int s = ct % STAGES;
+          const unsigned fill = ct / STAGES;  // how many times slot s was filled before
+          const int n0 = tile_key0(tk.idx, j, SUB, S, BC);
+          // K_j into slot s once both consumers released its previous content.
+          if (fill > 0) mbar_wait(bar_empty_k + 8 * s, (fill - 1) & 1);
+          mbar_arrive_expect_tx(bar_full_k + 8 * s, KV_BYTES);
 #pragma unroll
-        for (int c = 0; c < NCH; ++c)
-          tma_load_3d(smem_u32(Ks + s * L::KV_ELEMS + c * BC * 64), tm_k, bar_full_k + 8 * s, c * 64, n0, kvh);
-        // V_j likewise (released later than K: P V_j runs one step behind S).
-        if (fill > 0) mbar_wait(bar_empty_v + 8 * s, (fill - 1) & 1);
-        mbar_arrive_expect_tx(bar_full_v + 8 * s, KV_BYTES);
+          for (int c = 0; c < NCH; ++c)
+            tma_load_3d(smem_u32(Ks + s * L::KV_ELEMS + c * BC * 64), tm_k, bar_full_k + 8 * s, c * 64, n0, kvh);
+          // V_j likewise (released later than K: P V_j runs one step behind S).
+          if (fill > 0) mbar_wait(bar_empty_v + 8 * s, (fill - 1) & 1);
+          mbar_arrive_expect_tx(bar_full_v + 8 * s, KV_BYTES);
 #pragma unroll
-        for (int c = 0; c < NCH; ++c)
-          tma_load_3d(smem_u32(Vs + s * L::KV_ELEMS + c * BC * 64), tm_v, bar_full_v + 8 * s, c * 64, n0, kvh);
+          for (int c = 0; c < NCH; ++c)
+            tma_load_3d(smem_u32(Vs + s * L::KV_ELEMS + c * BC * 64), tm_v, bar_full_v + 8 * s, c * 64, n0, kvh);
+        }
+        tile_ctr += tk.n_tiles;
+        ++q_ctr;
       }
     }
     return;  // the CTA lives on until the consumers finish; the copies land on their barriers
@@ -418,9 +445,8 @@ __device__ __forceinline__ void fwd_body(
   float acc_o[NO * 4];   // O_i: rows row0 + g (+8), columns 8n + 2tq (+1)
   float acc_s[NS * 4];   // S_ij, then P_ij in float
   unsigned pa[BC / 16][4];  // P_ij rounded to T, as wgmma A fragments
-  float m_i[2] = {US_FA3_NEG_INF, US_FA3_NEG_INF}, l_i[2] = {0.f, 0.f};
-#pragma unroll
-  for (int n = 0; n < NO * 4; ++n) acc_o[n] = 0.f;
+  float m_i[2], l_i[2];   // running row max (score units) and per-lane partial row sums
+  int q0 = 0;             // the current task's first query row (read by the softmax mask)
 
   // Descriptor bases (shared-memory byte addresses).
   const unsigned q_addr = smem_u32(Qs) + cw * 64 * 128;   // this consumer's 64 rows, region 0
@@ -494,7 +520,7 @@ __device__ __forceinline__ void fwd_body(
     if (lane == 0) mbar_arrive(bar);
   };
 
-  if (n_tiles > 0) {
+  {
     // Ping-pong: the consumers take turns at issuing GEMMs. A turn (S_0; then S_ij together
     // with P_i,j-1 V_j-1; then the last P V) is bracketed by bar.sync(mine) ... bar.arrive(other).
     // A bar.sync completes after 256 arrivals: its own warpgroup's 128 and the other's 128
@@ -502,93 +528,120 @@ __device__ __forceinline__ void fwd_body(
     // consumer 1 leaves after its last turn at the end (so both barriers end balanced; the
     // arrive itself stays unconditional: a branch around it puts the wgmma issue on a
     // "divergent" path for ptxas, which then serialises the wgmma pipeline, warning C7520).
+    // Turns continue from task to task (both consumers walk the same tasks, with the same
+    // numbers of tiles).
     auto turn_begin = [&]() { named_bar_sync(bar_mine, 256); };
     auto turn_end = [&]() { named_bar_arrive(bar_other, 256); };
     if (cw == 0) named_bar_arrive(bar_mine, 256);
 
-    mbar_wait(bar_q, 0);  // Q_i landed
-
-    // ---- tile 0: S_i0, softmax, P_i0
-    turn_begin();
-    mbar_wait(bar_full_k, 0);
-    wg_fence();
-    issue_s(0);
-    wg_commit();
-    turn_end();
-    wg_wait<0>();
-    fence_regs<NS * 4>(acc_s);
-    release(bar_empty_k);
-    {
-      float alpha[2];
-      softmax(tile_key0(idx, 0, SUB, S, BC), alpha);  // O_i = 0: no rescale
-    }
-    pack_p();
-
-    // ---- steady state: issue S_ij and P_i,j-1 V_j-1 together, softmax S_ij while the
-    // tensor cores run P V.
-    for (int j = 1; j < n_tiles; ++j) {
-      const int s = j % STAGES, sp = (j - 1) % STAGES;
-      turn_begin();
-      mbar_wait(bar_full_k + 8 * s, (j / STAGES) & 1);          // K_j landed
-      mbar_wait(bar_full_v + 8 * sp, ((j - 1) / STAGES) & 1);   // V_j-1 landed (long ago, as a rule)
-      wg_fence();
-      fence_regs<BC / 16 * 4>(&pa[0][0]);
-      issue_s(s);
-      wg_commit();
-      issue_pv(sp);
-      wg_commit();
-      turn_end();
-      wg_wait<1>();               // S_ij is in registers (P V_{j-1} may still run)
-      fence_regs<NS * 4>(acc_s);
-      release(bar_empty_k + 8 * s);
-      float alpha[2];
-      softmax(tile_key0(idx, j, SUB, S, BC), alpha);
-      wg_wait<0>();               // P_{j-1} V_{j-1} is done: O_i and pa may be touched
-      fence_regs<NO * 4>(acc_o);
-      release(bar_empty_v + 8 * sp);
+    int tile_ctr = 0;  // K/V tiles consumed so far (the producer's count, in the same order)
+    int q_ctr = 0;     // tasks with tiles so far (phase of the Q barrier)
+    for (int x = blockIdx.x; x < n_tasks; x += gridDim.x) {
+      const Task tk = get_task(x);
+      const int n_tiles = tk.n_tiles;
+      const int* idx = tk.idx;
+      q0 = tk.q0;
+      m_i[0] = m_i[1] = US_FA3_NEG_INF;
+      l_i[0] = l_i[1] = 0.f;
 #pragma unroll
-      for (int n = 0; n < NO; ++n) {
-        acc_o[n * 4 + 0] *= alpha[0];
-        acc_o[n * 4 + 1] *= alpha[0];
-        acc_o[n * 4 + 2] *= alpha[1];
-        acc_o[n * 4 + 3] *= alpha[1];
+      for (int n = 0; n < NO * 4; ++n) acc_o[n] = 0.f;
+      if (n_tiles > 0) {
+        mbar_wait(bar_q, q_ctr & 1);  // Q_i landed
+
+        // ---- tile 0: S_i0, softmax, P_i0
+        {
+          const int s0 = tile_ctr % STAGES;
+          turn_begin();
+          mbar_wait(bar_full_k + 8 * s0, (tile_ctr / STAGES) & 1);
+          wg_fence();
+          issue_s(s0);
+          wg_commit();
+          turn_end();
+          wg_wait<0>();
+          fence_regs<NS * 4>(acc_s);
+          release(bar_empty_k + 8 * s0);
+        }
+        {
+          float alpha[2];
+          softmax(tile_key0(idx, 0, SUB, S, BC), alpha);  // O_i = 0: no rescale
+        }
+        pack_p();
+
+        // ---- steady state: issue S_ij and P_i,j-1 V_j-1 together, softmax S_ij while the
+        // tensor cores run P V.
+        for (int j = 1; j < n_tiles; ++j) {
+          const int ct = tile_ctr + j;
+          const int s = ct % STAGES, sp = (ct - 1) % STAGES;
+          turn_begin();
+          mbar_wait(bar_full_k + 8 * s, (ct / STAGES) & 1);         // K_j landed
+          mbar_wait(bar_full_v + 8 * sp, ((ct - 1) / STAGES) & 1);  // V_j-1 landed (long ago, as a rule)
+          wg_fence();
+          fence_regs<BC / 16 * 4>(&pa[0][0]);
+          issue_s(s);
+          wg_commit();
+          issue_pv(sp);
+          wg_commit();
+          turn_end();
+          wg_wait<1>();               // S_ij is in registers (P V_{j-1} may still run)
+          fence_regs<NS * 4>(acc_s);
+          release(bar_empty_k + 8 * s);
+          float alpha[2];
+          softmax(tile_key0(idx, j, SUB, S, BC), alpha);
+          wg_wait<0>();               // P_{j-1} V_{j-1} is done: O_i and pa may be touched
+          fence_regs<NO * 4>(acc_o);
+          release(bar_empty_v + 8 * sp);
+#pragma unroll
+          for (int n = 0; n < NO; ++n) {
+            acc_o[n * 4 + 0] *= alpha[0];
+            acc_o[n * 4 + 1] *= alpha[0];
+            acc_o[n * 4 + 2] *= alpha[1];
+            acc_o[n * 4 + 3] *= alpha[1];
+          }
+          pack_p();
+        }
+
+        // Every S GEMM of the task is complete: Q_i may be overwritten by the next task's.
+        release(bar_q_empty);
+
+        // ---- the last P V
+        {
+          const int ct = tile_ctr + n_tiles - 1;
+          const int sp = ct % STAGES;
+          turn_begin();
+          mbar_wait(bar_full_v + 8 * sp, (ct / STAGES) & 1);
+          wg_fence();
+          fence_regs<BC / 16 * 4>(&pa[0][0]);
+          issue_pv(sp);
+          wg_commit();
+          turn_end();
+          wg_wait<0>();
+          fence_regs<NO * 4>(acc_o);
+          release(bar_empty_v + 8 * sp);
+        }
+        tile_ctr += n_tiles;
+        ++q_ctr;
+      }  // n_tiles > 0
+
+      // ---- epilogue: O_i / l_i and lse (rows past Nq are not stored; empty rows: 0, -inf).
+      // Plain stores from registers: they drain while the next task's GEMMs run.
+      const size_t bh = (size_t)tk.b * Hq + tk.h;
+#pragma unroll
+      for (int r = 0; r < 2; ++r) {
+        float l = l_i[r];
+        l += __shfl_xor_sync(0xffffffffu, l, 1);
+        l += __shfl_xor_sync(0xffffffffu, l, 2);
+        const int t = q0 + row0 + g + 8 * r;
+        if (t >= Nq) continue;
+        const float inv = l > 0.f ? 1.f / l : 0.f;  // empty row: out = 0
+        T* orow = out + (bh * Nq + t) * D;
+#pragma unroll
+        for (int n = 0; n < NO; ++n)
+          *reinterpret_cast<unsigned*>(orow + n * 8 + 2 * tq) =
+              Pack<T>::two(acc_o[n * 4 + 2 * r] * inv, acc_o[n * 4 + 2 * r + 1] * inv);
+        if (tq == 0) lse[bh * Nq + t] = l > 0.f ? m_i[r] * scale_log2 * US_FA3_LN2 + logf(l) : US_FA3_NEG_INF;
       }
-      pack_p();
-    }
-
-    // ---- the last P V
-    {
-      const int sp = (n_tiles - 1) % STAGES;
-      turn_begin();
-      mbar_wait(bar_full_v + 8 * sp, ((n_tiles - 1) / STAGES) & 1);
-      wg_fence();
-      fence_regs<BC / 16 * 4>(&pa[0][0]);
-      issue_pv(sp);
-      wg_commit();
-      turn_end();
-      wg_wait<0>();
-      fence_regs<NO * 4>(acc_o);
-      release(bar_empty_v + 8 * sp);
-    }
+    }  // tasks
     if (cw == 0) named_bar_sync(bar_mine, 256);  // consume consumer 1's last ticket
-  }
-
-  // ---- epilogue: O_i / l_i and lse (rows past Nq are not stored)
-  const size_t bh = (size_t)b * Hq + h;
-#pragma unroll
-  for (int r = 0; r < 2; ++r) {
-    float l = l_i[r];
-    l += __shfl_xor_sync(0xffffffffu, l, 1);
-    l += __shfl_xor_sync(0xffffffffu, l, 2);
-    const int t = q0 + row0 + g + 8 * r;
-    if (t >= Nq) continue;
-    const float inv = l > 0.f ? 1.f / l : 0.f;   // empty row: out = 0
-    T* orow = out + (bh * Nq + t) * D;
-#pragma unroll
-    for (int n = 0; n < NO; ++n)
-      *reinterpret_cast<unsigned*>(orow + n * 8 + 2 * tq) =
-          Pack<T>::two(acc_o[n * 4 + 2 * r] * inv, acc_o[n * 4 + 2 * r + 1] * inv);
-    if (tq == 0) lse[bh * Nq + t] = l > 0.f ? m_i[r] * scale_log2 * US_FA3_LN2 + logf(l) : US_FA3_NEG_INF;
   }
 }
 
@@ -605,10 +658,10 @@ __global__ void __launch_bounds__(384, 1) us_fa3_fwd(
     const int* __restrict__ kv_counts, const int* __restrict__ kv_indices, const int* __restrict__ work,
     T* __restrict__ out, float* __restrict__ lse,
     int Hq, int Hkv, int Hm, int Nq, int Nk, int nQb, int idx_stride, int S, int c_h, int causal,
-    int n_qtiles, float scale_log2) {
+    int n_qtiles, float scale_log2, int n_tasks) {
 #if defined(US_FA3_HAVE_SM90A)
   us_fa3::fwd_body<T, D, BC, STAGES>(&tm_q, &tm_k, &tm_v, kv_counts, kv_indices, work, out, lse, Hq, Hkv, Hm,
-                                     Nq, Nk, nQb, idx_stride, S, c_h, causal, n_qtiles, scale_log2);
+                                     Nq, Nk, nQb, idx_stride, S, c_h, causal, n_qtiles, scale_log2, n_tasks);
 #else
   __trap();  // built without sm_90a: the launcher never selects this kernel then
 #endif
@@ -622,10 +675,11 @@ __global__ void __launch_bounds__(384, 1) us_fa3_fwd_gmem(
     const int* __restrict__ kv_counts, const int* __restrict__ kv_indices, const int* __restrict__ work,
     T* __restrict__ out, float* __restrict__ lse,
     int Hq, int Hkv, int Hm, int Nq, int Nk, int nQb, int idx_stride, int S, int c_h, int causal,
-    int n_qtiles, float scale_log2) {
+    int n_qtiles, float scale_log2, int n_tasks) {
 #if defined(US_FA3_HAVE_SM90A)
   us_fa3::fwd_body<T, D, BC, STAGES>(tmaps, tmaps + 1, tmaps + 2, kv_counts, kv_indices, work, out, lse, Hq,
-                                     Hkv, Hm, Nq, Nk, nQb, idx_stride, S, c_h, causal, n_qtiles, scale_log2);
+                                     Hkv, Hm, Nq, Nk, nQb, idx_stride, S, c_h, causal, n_qtiles, scale_log2,
+                                     n_tasks);
 #else
   __trap();
 #endif

@@ -125,6 +125,18 @@ def _get_kernel(name: str) -> Any:
     return _loader().get_module(FA3_FILE, names, FA3_OPTIONS).get_function(name)
 
 
+_NUM_SMS: dict[int, int] = {}
+
+
+def _num_sms() -> int:
+    import cupy as cp  # noqa: PLC0415
+
+    dev = cp.cuda.Device().id
+    if dev not in _NUM_SMS:
+        _NUM_SMS[dev] = int(cp.cuda.Device(dev).attributes["MultiProcessorCount"])
+    return _NUM_SMS[dev]
+
+
 def _cdiv(a: int, b: int) -> int:
     return -(-a // b)
 
@@ -138,16 +150,24 @@ def launch_config(
     itemsize: int = 2,
     stages: int | None = None,
     bc: int | None = None,
+    persistent: bool = True,
+    num_sms: int = 132,
 ) -> dict[str, Any]:
     """Grid, block and dynamic shared memory of one launch (the one place they are computed).
 
-    One CTA per (b, h, 128-row query tile), a 1-D grid ordered longest causal rows first,
-    heads fastest (the kernel decodes the order, or reads a work list).
+    The work is ``n_tasks = B * Hq * n_qtiles`` tasks (b, h, 128-row query tile), ordered
+    longest causal rows first, heads fastest (the kernel decodes the order, or reads a work
+    list). Persistent (default): one CTA per SM (``num_sms``; one fits per SM) walks the tasks
+    with a static stride, so a CTA's next Q and K/V tiles load while it finishes the last
+    task. Otherwise one CTA per task.
     """
     cfg = fa3_config(head_dim, stages, bc)
     n_qtiles = _cdiv(nq, FA3_BR)
+    n_tasks = batch * q_heads * n_qtiles
+    grid = min(n_tasks, num_sms) if persistent else n_tasks
     return {
-        "grid": (batch * q_heads * n_qtiles, 1, 1),
+        "grid": (grid, 1, 1),
+        "n_tasks": n_tasks,
         "block": (FA3_THREADS, 1, 1),
         "shared_mem": cfg.smem_bytes(itemsize),
         "n_qtiles": n_qtiles,
@@ -334,6 +354,8 @@ def fa3_forward(
     sort_work: bool = False,
     tmap_mode: str = "param",
     stages: int | None = None,
+    persistent: bool = True,
+    max_ctas: int | None = None,
     out: Any = None,
     lse: Any = None,
 ) -> tuple[Any, Any]:
@@ -343,6 +365,8 @@ def fa3_forward(
     ``sort_work`` (sort CTAs by mask-row length, longest first; the fixed order is already
     longest-first for causal masks); ``tmap_mode`` (``"param"``, ``"cupy"`` or ``"gmem"``:
     how the tensor maps reach the kernel); ``stages`` (K/V ring depth, default per head dim);
+    ``persistent`` (one CTA per SM walking the tasks, default; else one CTA per task);
+    ``max_ctas`` (a smaller persistent grid, for tests: many tasks per CTA);
     ``out``/``lse`` (preallocated outputs, for timing loops).
     """
     import cupy as cp  # noqa: PLC0415
@@ -375,7 +399,16 @@ def fa3_forward(
     if block_size < FA3_BR or block_size & (block_size - 1):
         raise ValueError(f"the Hopper kernel needs block_size a power of two >= {FA3_BR}, got {block_size}")
     dtype = _dtype_name(q)
-    cfgd = launch_config(batch=B, q_heads=Hq, nq=Nq, head_dim=D, itemsize=2, stages=stages)
+    cfgd = launch_config(
+        batch=B,
+        q_heads=Hq,
+        nq=Nq,
+        head_dim=D,
+        itemsize=2,
+        stages=stages,
+        persistent=persistent,
+        num_sms=max_ctas or _num_sms(),
+    )
     cfg: Fa3Config = cfgd["cfg"]
     if block_size % cfg.bc:
         raise ValueError(f"block_size {block_size} must be a multiple of Bc={cfg.bc}")
@@ -435,6 +468,7 @@ def fa3_forward(
         i32(1 if causal else 0),
         i32(cfgd["n_qtiles"]),
         np.float32(scale * math.log2(math.e)),
+        i32(cfgd["n_tasks"]),
     ]
     ld = _loader()
     if tmap_mode == "gmem":
