@@ -20,47 +20,37 @@
 // domain (scale * log2(e) folded in, exp2f), lse converted back to natural log.
 // Accumulation is float32 throughout.
 //
-// Version table (the "kernel ladder"; unisparse_ref/_cupy_attention.py has the registry)
-// --------------------------------------------------------------------------------------
+// Version table (the "kernel ladder"; unisparse_ref/cupy_backend/attention.py has the registry)
+// ----------------------------------------------------------------------------------------------
 // | ver | kernel                    | Br  | Bc | warps | what it adds                          |
 // |-----|---------------------------|-----|----|-------|---------------------------------------|
 // | v1  | us_attn_fwd_v1<T, D>      | <=64| 16 | 2     | one thread per query row, scalar FMA, |
 // |     |                           |     |    |       | K/V tiles as float in shared memory;  |
 // |     |                           |     |    |       | any S (multiple of 16), fp32/fp16/bf16|
-// | v2  | us_attn_fwd_mma<T,D,4,1,  | 64  | 64 | 4     | tensor cores: mma.sync m16n8k16 (fp32 |
-// |     |   64,false,true>          |     |    |       | accumulate), ldmatrix, XOR-swizzled   |
+// | v6  | us_attn_fwd_mma<T, D,     | 128 | 64 | 4     | tensor cores: mma.sync m16n8k16 (fp32 |
+// |     |   4, 2, 64>               |     |    |       | accumulate), ldmatrix, XOR-swizzled   |
 // |     |                           |     |    |       | smem (no bank conflicts), K/V double- |
 // |     |                           |     |    |       | buffered by cp.async, causal/ragged   |
-// |     |                           |     |    |       | mask only on boundary tiles, Q in     |
-// |     |                           |     |    |       | registers, heads fastest in the grid  |
-// |     |                           |     |    |       | (GQA siblings share K/V through L2),  |
-// |     |                           |     |    |       | last query tiles (longest causal      |
-// |     |                           |     |    |       | rows) launched first                  |
-// | v3  | us_attn_fwd_mma<T,D,4,2,  | 128 | 32 | 4     | 32 rows per warp: every K/V fragment  |
-// |     |   32,true,false>          |     |    |       | read from smem feeds two MMAs (half   |
-// |     |                           |     |    |       | the smem traffic per FLOP); a work    |
-// |     |                           |     |    |       | 1-D grid, longest rows first (or a    |
-// |     |                           |     |    |       | work list sorted by row length) so    |
-// |     |                           |     |    |       | SMs stay busy; Q re-read from smem    |
-// | v4  | us_attn_fwd_mma<T,D,8,1,  | 128 | 64 | 8     | Br = 128 with 8 warps of 16 rows, Q   |
-// |     |   64,true,true>           |     |    |       | in registers, 1-D longest-first grid  |
-// | v5  | us_attn_fwd_mma<T,D,4,1,  | 64  | 64 | 4     | v2 on the 1-D longest-first grid      |
-// |     |   64,true,true>           |     |    |       |                                       |
-// | v6  | us_attn_fwd_mma<T,D,4,2,  | 128 | 64 | 4     | v3 with Bc = 64 (fastest mma.sync     |
-// |     |   64,true,false>          |     |    |       | version; the fallback off Hopper)     |
-// | v7  | us_attn_fwd_wgmma<T,D,2>  | 128 | 64 | 8     | Hopper wgmma (sm_90a): Q, K, V^T from |
+// |     |                           |     |    |       | mask only on boundary tiles; 32 rows  |
+// |     |                           |     |    |       | per warp, so every K/V fragment read  |
+// |     |                           |     |    |       | from smem feeds two MMAs (half the    |
+// |     |                           |     |    |       | smem traffic per FLOP); Q fragments   |
+// |     |                           |     |    |       | re-read from smem every k-step; 1-D   |
+// |     |                           |     |    |       | longest-first grid. The fallback off  |
+// |     |                           |     |    |       | Hopper                                |
+// | v7  | us_attn_fwd_wgmma<T, D>   | 128 | 64 | 8     | Hopper wgmma (sm_90a): Q, K, V^T from |
 // |     |                           |     |    |       | 128B-swizzled smem via descriptors,   |
 // |     |                           |     |    |       | P from registers, V transposed in     |
 // |     |                           |     |    |       | smem while S computes; <= 128 regs so |
 // |     |                           |     |    |       | 2 CTAs/SM overlap softmax and MMA.    |
 // |     |                           |     |    |       | DEFAULT on Hopper                     |
-// | v8  | us_attn_fwd_wgmma<T,D,1>  | 64  | 64 | 4     | v7 with one warpgroup per CTA         |
 // Measured on an H200 (bf16, B=1, Hq=32, Hkv=8, causal, 32K, D=128; docs/performance.md):
-// v2 187, v3 257, v4 240, v5 226 (run 2), v6 274, v7 340 (run 4), v8 228 (run 3) TFLOP/s;
-// SDPA-FlashAttention-2 333-348.
-// The 1-D-grid versions (v3-v8) run CTAs in the order "batch, query tiles last-first, heads
-// fastest" (longest causal rows first, GQA siblings together), or from a work list sorted by
-// mask-row length when the launcher is asked to (sort_work=True).
+// v6 274, v7 340 TFLOP/s; SDPA-FlashAttention-2 333-348. The rungs between them (v2-v5: Br 64
+// or 128 with Q in registers, Bc 32, 8 warps, a 3-D grid; v8: v7 with one warpgroup per CTA)
+// were slower and are retired; their timings are in docs/performance.md ("Retired kernels").
+// v6 and v7 run a 1-D grid whose CTAs go in the order "batch, query tiles last-first, heads
+// fastest" (longest causal rows first, GQA siblings together, sharing K/V tiles through L2), or
+// from a work list sorted by mask-row length when the launcher is asked to (sort_work=True).
 // float32 inputs always run v1 (tensor-core versions are fp16/bf16 only). The tensor-core
 // versions need D in {64, 128} and S a multiple of Br and Bc; the launcher refuses others
 // with a clear error (or falls back to v1 when asked for the default version).
@@ -69,41 +59,18 @@
 //   q, k, v, kv_counts, kv_indices, work, out, lse,
 //   Hq, Hkv, Hm, Nq, Nk, nQb, idx_stride, S, c_h, causal, n_qtiles, scale_log2
 // `work` is an optional list of packed CTA tasks ((b * Hq + h) * n_qtiles + qtile), sorted by
-// row length, for the 1-D-grid versions; nullptr gives the fixed order "batch, query tiles
-// last-first, heads fastest" (causal rows grow with the tile index, so this is longest-first
-// for causal masks without a sort). v2 uses the 3-D grid (h, reversed qtile, b).
+// row length, for v6 and v7; nullptr gives the fixed order "batch, query tiles last-first,
+// heads fastest" (causal rows grow with the tile index, so this is longest-first for causal
+// masks without a sort). v1 ignores it and runs the 3-D grid (h, qtile, b).
+//
+// Element conversions (us::to_float, us::from_float, us::pack2) come from common.cuh.
 
-#include <cuda_fp16.h>
-#include <cuda_bf16.h>
+#include "common.cuh"
 
 namespace us_attn {
 
 #define US_NEG_INF (__int_as_float(0xff800000))
 #define US_LN2 0.6931471805599453f
-
-// ----------------------------------------------------------------------------- element types
-template <typename T> struct Elem;
-template <> struct Elem<float> {
-  static __device__ __forceinline__ float to_f(float x) { return x; }
-  static __device__ __forceinline__ float from_f(float x) { return x; }
-};
-template <> struct Elem<__half> {
-  static __device__ __forceinline__ float to_f(__half x) { return __half2float(x); }
-  static __device__ __forceinline__ __half from_f(float x) { return __float2half_rn(x); }
-  // Two floats -> one 32-bit register of two halves (low = a), the MMA operand layout.
-  static __device__ __forceinline__ unsigned pack2(float a, float b) {
-    __half2 h = __floats2half2_rn(a, b);
-    return *reinterpret_cast<unsigned*>(&h);
-  }
-};
-template <> struct Elem<__nv_bfloat16> {
-  static __device__ __forceinline__ float to_f(__nv_bfloat16 x) { return __bfloat162float(x); }
-  static __device__ __forceinline__ __nv_bfloat16 from_f(float x) { return __float2bfloat16_rn(x); }
-  static __device__ __forceinline__ unsigned pack2(float a, float b) {
-    __nv_bfloat162 h = __floats2bfloat162_rn(a, b);
-    return *reinterpret_cast<unsigned*>(&h);
-  }
-};
 
 // The block row of the mask for (b, h, query block i) and its visible prefix.
 // kv_indices is ascending, so the blocks that start at or past key_lim (above the causal
@@ -135,7 +102,6 @@ __global__ void __launch_bounds__(64) us_attn_fwd_v1(
     T* __restrict__ out, float* __restrict__ lse,
     int Hq, int Hkv, int Hm, int Nq, int Nk, int nQb, int idx_stride, int S, int c_h, int causal,
     int n_qtiles, float scale_log2) {
-  using E = us_attn::Elem<T>;
   __shared__ float Ks[V1_BC][D];  // K tile: Bc keys x D
   __shared__ float Vs[V1_BC][D];  // V tile
   const int Br = blockDim.x;
@@ -155,7 +121,7 @@ __global__ void __launch_bounds__(64) us_attn_fwd_v1(
   float qr[D], o[D];
 #pragma unroll
   for (int d = 0; d < D; ++d) {
-    qr[d] = row_ok ? E::to_f(q[(bh * Nq + t) * D + d]) * scale_log2 : 0.f;
+    qr[d] = row_ok ? us::to_float(q[(bh * Nq + t) * D + d]) * scale_log2 : 0.f;
     o[d] = 0.f;
   }
   float m_i = US_NEG_INF, l_i = 0.f;
@@ -175,8 +141,8 @@ __global__ void __launch_bounds__(64) us_attn_fwd_v1(
       __syncthreads();  // every thread is done reading the previous K/V tile before it is overwritten
       for (int e = threadIdx.x; e < V1_BC * D; e += Br) {
         const int c = e / D, d = e % D, s = n0 + c;
-        Ks[c][d] = s < kb1 ? E::to_f(kb[(size_t)s * D + d]) : 0.f;
-        Vs[c][d] = s < kb1 ? E::to_f(vb[(size_t)s * D + d]) : 0.f;
+        Ks[c][d] = s < kb1 ? us::to_float(kb[(size_t)s * D + d]) : 0.f;
+        Vs[c][d] = s < kb1 ? us::to_float(vb[(size_t)s * D + d]) : 0.f;
       }
       __syncthreads();  // the whole tile is in shared memory before any thread reads it
       if (!row_ok) continue;
@@ -211,13 +177,14 @@ __global__ void __launch_bounds__(64) us_attn_fwd_v1(
   if (!row_ok) return;
   const float inv = l_i > 0.f ? 1.f / l_i : 0.f;  // empty row: out = 0
 #pragma unroll
-  for (int d = 0; d < D; ++d) out[(bh * Nq + t) * D + d] = E::from_f(o[d] * inv);
+  for (int d = 0; d < D; ++d) out[(bh * Nq + t) * D + d] = us::from_float<T>(o[d] * inv);
   lse[bh * Nq + t] = l_i > 0.f ? m_i * US_LN2 + logf(l_i) : US_NEG_INF;
 }
 
-// =============================================================================== v2, v3, v4
+// =============================================================================== v6 (mma.sync)
 // Tensor-core kernel. A CTA of NW warps owns Br = NW * MT * 16 query rows; warp w owns rows
-// [w * MT * 16, (w + 1) * MT * 16) as MT m16 tiles. Per key tile of Bc keys:
+// [w * MT * 16, (w + 1) * MT * 16) as MT m16 tiles (v6: NW = 4, MT = 2, Bc = 64, so each K/V
+// fragment read from shared memory feeds MT = 2 MMAs). Per key tile of Bc keys:
 //   S_ij = Q_i K_j^T          mma.sync m16n8k16, A = Q (ldmatrix), B = K (ldmatrix, K rows
 //                             are the MMA's columns, so no transpose)
 //   m_i' = max(m_i, rowmax S) (quad shuffles: a row lives in the 4 lanes of a quad)
@@ -293,7 +260,7 @@ __device__ __forceinline__ void load_tile(T* sm, const T* g, int r0, int rows, i
 
 }  // namespace us_attn
 
-template <typename T, int D, int NW, int MT, int BC, bool SORTED, bool QREG>
+template <typename T, int D, int NW, int MT, int BC>
 __global__ void __launch_bounds__(NW * 32) us_attn_fwd_mma(
     const T* __restrict__ q, const T* __restrict__ k, const T* __restrict__ v,
     const int* __restrict__ kv_counts, const int* __restrict__ kv_indices, const int* __restrict__ work,
@@ -301,7 +268,6 @@ __global__ void __launch_bounds__(NW * 32) us_attn_fwd_mma(
     int Hq, int Hkv, int Hm, int Nq, int Nk, int nQb, int idx_stride, int S, int c_h, int causal,
     int n_qtiles, float scale_log2) {
   using namespace us_attn;
-  using E = Elem<T>;
   constexpr int NT = NW * 32;          // threads
   constexpr int BR = NW * MT * 16;     // Br, query rows per CTA
   constexpr int KD = D / 16;           // k-steps of S = Q K^T
@@ -315,25 +281,19 @@ __global__ void __launch_bounds__(NW * 32) us_attn_fwd_mma(
   T* Ks = Qs + BR * D;                     // [2][Bc][D] double buffer
   T* Vs = Ks + 2 * BC * D;                 // [2][Bc][D]
 
-  // ---- which (b, h, query tile) this CTA computes
-  int b, h, qt;
-  if (SORTED) {  // 1-D grid: a sorted work list, or (work == nullptr) the fixed longest-first order
-    int w;
-    if (work != nullptr) {
-      w = work[blockIdx.x];
-    } else {
-      const int x = blockIdx.x, r = x / Hq;
-      w = ((r / n_qtiles) * Hq + x % Hq) * n_qtiles + (n_qtiles - 1 - r % n_qtiles);
-    }
-    qt = w % n_qtiles;
-    const int bh_ = w / n_qtiles;
-    h = bh_ % Hq;
-    b = bh_ / Hq;
+  // ---- which (b, h, query tile) this CTA computes (1-D grid): from the sorted work list, or
+  // (work == nullptr) in the fixed order batch, then query tiles last-first (longest causal
+  // rows first), heads fastest (GQA siblings run together and share K/V tiles through L2).
+  int w;
+  if (work != nullptr) {
+    w = work[blockIdx.x];
   } else {
-    h = blockIdx.x;                          // heads fastest: GQA siblings run together
-    qt = n_qtiles - 1 - (int)blockIdx.y;     // last tiles (longest causal rows) first
-    b = blockIdx.z;
+    const int x = blockIdx.x, r = x / Hq;
+    w = ((r / n_qtiles) * Hq + x % Hq) * n_qtiles + (n_qtiles - 1 - r % n_qtiles);
   }
+  const int qt = w % n_qtiles;
+  const int h = (w / n_qtiles) % Hq;
+  const int b = (w / n_qtiles) / Hq;
   const int q0 = qt * BR;
   const int i = q0 / S;
   const int G = Hq / Hkv;
@@ -384,7 +344,6 @@ __global__ void __launch_bounds__(NW * 32) us_attn_fwd_mma(
     m_i[mi][0] = m_i[mi][1] = US_NEG_INF;
     l_i[mi][0] = l_i[mi][1] = 0.f;
   }
-  unsigned qf[QREG ? MT : 1][QREG ? KD : 1][4];
 
   // ldmatrix lane addressing (see the fragment layouts of mma.m16n8k16):
   //   A (Q):  row = (lane % 8) + 8 * ((lane / 8) % 2), chunk offset = lane / 16
@@ -405,15 +364,6 @@ __global__ void __launch_bounds__(NW * 32) us_attn_fwd_mma(
     cp_async_wait<1>();
     __syncthreads();  // every thread's cp.async writes of Q and tile it are visible to all warps
 
-    if (QREG && it == 0) {  // Q_i fragments into registers once
-#pragma unroll
-      for (int mi = 0; mi < MT; ++mi)
-#pragma unroll
-        for (int kk = 0; kk < KD; ++kk)
-          ldsm_x4(qf[QREG ? mi : 0][QREG ? kk : 0][0], qf[QREG ? mi : 0][QREG ? kk : 0][1],
-                  qf[QREG ? mi : 0][QREG ? kk : 0][2], qf[QREG ? mi : 0][QREG ? kk : 0][3],
-                  smem_u32(Qs + swz<D>(wr0 + mi * 16 + a_row, kk * 2 + a_ch)));
-    }
     const T* Kt = Ks + buf * BC * D;
     const T* Vt = Vs + buf * BC * D;
 
@@ -427,17 +377,10 @@ __global__ void __launch_bounds__(NW * 32) us_attn_fwd_mma(
         for (int e = 0; e < 4; ++e) acc_s[mi][n][e] = 0.f;
 #pragma unroll
     for (int kk = 0; kk < KD; ++kk) {
-      unsigned a[MT][4];
+      unsigned a[MT][4];  // Q fragments of this k-step, re-read from shared memory every tile
 #pragma unroll
-      for (int mi = 0; mi < MT; ++mi) {
-        if (QREG) {
-#pragma unroll
-          for (int e = 0; e < 4; ++e) a[mi][e] = qf[QREG ? mi : 0][QREG ? kk : 0][e];
-        } else {
-          ldsm_x4(a[mi][0], a[mi][1], a[mi][2], a[mi][3],
-                  smem_u32(Qs + swz<D>(wr0 + mi * 16 + a_row, kk * 2 + a_ch)));
-        }
-      }
+      for (int mi = 0; mi < MT; ++mi)
+        ldsm_x4(a[mi][0], a[mi][1], a[mi][2], a[mi][3], smem_u32(Qs + swz<D>(wr0 + mi * 16 + a_row, kk * 2 + a_ch)));
       unsigned bk[BC / 16][4];  // all K fragments of this k-step in flight before the MMAs
 #pragma unroll
       for (int nj = 0; nj < BC / 16; ++nj)
@@ -508,10 +451,10 @@ __global__ void __launch_bounds__(NW * 32) us_attn_fwd_mma(
     for (int mi = 0; mi < MT; ++mi)
 #pragma unroll
       for (int kk = 0; kk < BC / 16; ++kk) {
-        pa[mi][kk][0] = E::pack2(acc_s[mi][2 * kk][0], acc_s[mi][2 * kk][1]);
-        pa[mi][kk][1] = E::pack2(acc_s[mi][2 * kk][2], acc_s[mi][2 * kk][3]);
-        pa[mi][kk][2] = E::pack2(acc_s[mi][2 * kk + 1][0], acc_s[mi][2 * kk + 1][1]);
-        pa[mi][kk][3] = E::pack2(acc_s[mi][2 * kk + 1][2], acc_s[mi][2 * kk + 1][3]);
+        pa[mi][kk][0] = us::pack2<T>(acc_s[mi][2 * kk][0], acc_s[mi][2 * kk][1]);
+        pa[mi][kk][1] = us::pack2<T>(acc_s[mi][2 * kk][2], acc_s[mi][2 * kk][3]);
+        pa[mi][kk][2] = us::pack2<T>(acc_s[mi][2 * kk + 1][0], acc_s[mi][2 * kk + 1][1]);
+        pa[mi][kk][3] = us::pack2<T>(acc_s[mi][2 * kk + 1][2], acc_s[mi][2 * kk + 1][3]);
       }
 
     // ---- O_i += P V_j, V fragments by ldmatrix.trans, VG of them in flight per batch
@@ -552,7 +495,7 @@ __global__ void __launch_bounds__(NW * 32) us_attn_fwd_mma(
       T* orow = out + (bh * Nq + t) * D;
 #pragma unroll
       for (int n = 0; n < NO; ++n) {
-        const unsigned pk = E::pack2(acc_o[mi][n][2 * r] * inv, acc_o[mi][n][2 * r + 1] * inv);
+        const unsigned pk = us::pack2<T>(acc_o[mi][n][2 * r] * inv, acc_o[mi][n][2 * r + 1] * inv);
         *reinterpret_cast<unsigned*>(orow + n * 8 + 2 * tq) = pk;
       }
       // m_i is in raw score units: lse = scale * m_i + log(l_i) = m_i * scale_log2 * ln 2 + log(l_i)
@@ -563,13 +506,13 @@ __global__ void __launch_bounds__(NW * 32) us_attn_fwd_mma(
 
 // =============================================================================== v7 (sm_90a)
 // Hopper warpgroup MMA (wgmma.mma_async, the instruction FlashAttention-3 and cuDNN use).
-// A CTA of NWG warpgroups owns Br = 64 * NWG query rows, warpgroup w rows [64w, 64w+64);
-// __launch_bounds__ keeps registers low enough for 2 (NWG = 2) or 3 (NWG = 1) CTAs per SM, so
+// A CTA of NWG = 2 warpgroups owns Br = 128 query rows, warpgroup w rows [64w, 64w+64);
+// __launch_bounds__ keeps registers low enough (<= 128) for 2 CTAs per SM, so
 // one CTA's softmax overlaps another's tensor-core work.
 // Per key tile of Bc = 64 keys:
 //   S_ij = Q_i K_j^T   wgmma m64n64k16, A = Q and B = K both read by the tensor cores from
 //                      shared memory through matrix descriptors (K-major, 128-byte swizzle)
-//   online softmax     exactly as in v2-v6: the wgmma accumulator of a warp is the mma.sync
+//   online softmax     exactly as in v6: the wgmma accumulator of a warp is the mma.sync
 //                      m16n8 C layout repeated along N, so m_i, l_i and the masks are the same
 //   O_i += P V_j       wgmma m64n{D}k16, A = P from registers (the mma.sync A-fragment layout),
 //                      B = V^T: V arrives as [key][d] by cp.async and is transposed into
@@ -579,6 +522,7 @@ __global__ void __launch_bounds__(NW * 32) us_attn_fwd_mma(
 // (each region 1024-byte aligned), 16-byte chunk c of row r at chunk c ^ (r & 7).
 // Compiled only for sm_90a (wgmma); elsewhere the body traps.
 namespace us_attn {
+constexpr int WG_NWG = 2;  // warpgroups per CTA (one warpgroup per CTA, 3 CTAs/SM, was the slower v8)
 __device__ __forceinline__ int swz128(int rows, int row, int c) {  // element offset, chunk c = d / 8
   return (c >> 3) * rows * 64 + row * 64 + (((c & 7) ^ (row & 7)) << 3);
 }
@@ -661,8 +605,8 @@ US_WGMMA_RS128(__nv_bfloat16, "bf16")
 #endif
 }  // namespace us_attn
 
-template <typename T, int D, int NWG>
-__global__ void __launch_bounds__(NWG * 128, NWG == 2 ? 2 : 3) us_attn_fwd_wgmma(
+template <typename T, int D>
+__global__ void __launch_bounds__(us_attn::WG_NWG * 128, 2) us_attn_fwd_wgmma(
     const T* __restrict__ q, const T* __restrict__ k, const T* __restrict__ v,
     const int* __restrict__ kv_counts, const int* __restrict__ kv_indices, const int* __restrict__ work,
     T* __restrict__ out, float* __restrict__ lse,
@@ -670,7 +614,7 @@ __global__ void __launch_bounds__(NWG * 128, NWG == 2 ? 2 : 3) us_attn_fwd_wgmma
     int n_qtiles, float scale_log2) {
 #if defined(US_HAVE_WGMMA)
   using namespace us_attn;
-  using E = Elem<T>;
+  constexpr int NWG = WG_NWG;
   constexpr int NT = NWG * 128, BR = NWG * 64, BC = 64;
   constexpr int KD = D / 16, NS = BC / 8, NO = D / 8;
   static_assert(D % 64 == 0, "D must be 64 or 128");
@@ -831,10 +775,10 @@ __global__ void __launch_bounds__(NWG * 128, NWG == 2 ? 2 : 3) us_attn_fwd_wgmma
     unsigned pa[BC / 16][4];
 #pragma unroll
     for (int kk = 0; kk < BC / 16; ++kk) {
-      pa[kk][0] = E::pack2(acc_s[2 * kk][0], acc_s[2 * kk][1]);
-      pa[kk][1] = E::pack2(acc_s[2 * kk][2], acc_s[2 * kk][3]);
-      pa[kk][2] = E::pack2(acc_s[2 * kk + 1][0], acc_s[2 * kk + 1][1]);
-      pa[kk][3] = E::pack2(acc_s[2 * kk + 1][2], acc_s[2 * kk + 1][3]);
+      pa[kk][0] = us::pack2<T>(acc_s[2 * kk][0], acc_s[2 * kk][1]);
+      pa[kk][1] = us::pack2<T>(acc_s[2 * kk][2], acc_s[2 * kk][3]);
+      pa[kk][2] = us::pack2<T>(acc_s[2 * kk + 1][0], acc_s[2 * kk + 1][1]);
+      pa[kk][3] = us::pack2<T>(acc_s[2 * kk + 1][2], acc_s[2 * kk + 1][3]);
     }
     __syncthreads();  // V^T is complete (every warp's stores, fenced above) and V_it fully read
     if (n1 >= 0) load_tile128<T, D, NT>(Vs, vg, n1, BC, Nk);  // prefetch V_it+1 into the free staging tile
@@ -861,7 +805,7 @@ __global__ void __launch_bounds__(NWG * 128, NWG == 2 ? 2 : 3) us_attn_fwd_wgmma
     T* orow = out + (bh * Nq + t) * D;
 #pragma unroll
     for (int n = 0; n < NO; ++n)
-      *reinterpret_cast<unsigned*>(orow + n * 8 + 2 * tq) = E::pack2(acc_o[n][2 * r] * inv, acc_o[n][2 * r + 1] * inv);
+      *reinterpret_cast<unsigned*>(orow + n * 8 + 2 * tq) = us::pack2<T>(acc_o[n][2 * r] * inv, acc_o[n][2 * r + 1] * inv);
     if (tq == 0) lse[bh * Nq + t] = l > 0.f ? m_i[r] * scale_log2 * US_LN2 + logf(l) : US_NEG_INF;
   }
 #else

@@ -1,7 +1,7 @@
 // common.cuh: device helpers shared by the CuPy RawKernel sources of unisparse-ref.
 //
-// The loader (unisparse_ref/_loader.py) inlines this file where a .cu says
-// #include "common.cuh", so NVRTC needs no include path for it.
+// The loader (unisparse_ref/cupy_backend/_loader.py) inlines this file where a .cu says
+// #include "common.cuh", so NVRTC needs no include path for it. Every .cu includes it.
 //
 // Element types: every kernel that reads q, k or v is a template over T in
 // {__half, __nv_bfloat16, float}; bf16 travels from Python as the raw 16-bit pattern
@@ -28,6 +28,19 @@ template <> __device__ __forceinline__ float from_float<float>(float x) { return
 template <> __device__ __forceinline__ __half from_float<__half>(float x) { return __float2half_rn(x); }
 template <> __device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(float x) {
     return __float2bfloat16_rn(x);
+}
+
+// Two floats rounded to T and packed into one 32-bit register (low half = a): the layout of
+// the tensor-core operands (an mma.sync A fragment, a wgmma A operand from registers) and of
+// a 2-element store of the output.
+template <typename T> __device__ __forceinline__ unsigned pack2(float a, float b);
+template <> __device__ __forceinline__ unsigned pack2<__half>(float a, float b) {
+    __half2 h = __floats2half2_rn(a, b);
+    return *reinterpret_cast<unsigned*>(&h);
+}
+template <> __device__ __forceinline__ unsigned pack2<__nv_bfloat16>(float a, float b) {
+    __nv_bfloat162 h = __floats2bfloat162_rn(a, b);
+    return *reinterpret_cast<unsigned*>(&h);
 }
 
 // ceil(a / b) for non-negative ints.

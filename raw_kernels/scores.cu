@@ -1,4 +1,4 @@
-// scores.cu: block importance scores from composite tokens (SPEC section 4), fused.
+// scores.cu: block importance scores from composite tokens (SPEC section 4), in one pass.
 //
 // Inputs (float32, C-contiguous, from pooling.cu): Qh = q_c [B, Hm, R, D] and
 // Kc = k_c [B, Hkv, C, D], Hm = Hq/c_h, composite head g reads KV head (g*c_h)/G.
@@ -12,17 +12,14 @@
 //
 // with R_i the number of composite queries in query block i (RB = S/c_q per full block;
 // composite r lies in block r/RB, composite key c in key block c/KB, KB = S/c_k).
-// Nothing of size [R, C] is ever stored. Versions 1 and 2 take two passes over C, as in a
-// flash-attention forward: pass 1 (online softmax over C, tile by tile) keeps only m_r and
-// l_r; pass 2 recomputes the logits tile by tile, normalises them with m_r, l_r and sums them
-// into blocks. Version 3 takes one pass (below). Every sum is taken in a fixed order (no
-// atomics): repeated runs are bit-identical. Output scores are float32; each row sums to 1 up
-// to float32 rounding.
+// Nothing of size [R, C] is ever stored. Every sum is taken in a fixed order (no atomics):
+// repeated runs are bit-identical. Output scores are float32; each row sums to 1 up to
+// float32 rounding.
 //
-// Version 3 (us_scores_onepass): one pass over C. A thread block owns RG = max(TR, RB) rows
-// (NQ = RG/RB whole query blocks) and walks the column tiles t (c in [t*TC, (t+1)*TC)) once,
-// up to the last key visible to its last row, computing each logit x[r, c] once. It keeps the
-// running m_r, l_r (online softmax, in shared memory) and, per tile, writes to a global scratch
+// us_scores_onepass walks C once. A thread block owns RG = max(TR, RB) rows (NQ = RG/RB whole
+// query blocks) and walks the column tiles t (c in [t*TC, (t+1)*TC)) once, up to the last key
+// visible to its last row, computing each logit x[r, c] once. It keeps the running m_r, l_r
+// (online softmax, in shared memory) and, per tile, writes to a global scratch
 //   M[r, t]     = running max after tile t = max(m_r so far, max of the tile's visible x[r, c])
 //   e[r, t, k]  = sum_{visible c of tile t in key-block piece k} exp(x[r, c] - M[r, t])
 // with pieces of KBe = min(KB, TC) columns (NKS = TC/KBe pieces per tile; a key block is one
@@ -33,7 +30,7 @@
 // fixed order: e over the piece's columns ascending; l_r = l_r * exp(m_old - M[r, t]) + (the
 // tile's pieces, ascending), tile by tile; scores over r ascending of (the row's pieces of key
 // block j, ascending), then / R_i. The scratch (float32, allocated by
-// unisparse_ref/cupy_backend.py) is part [heads, ntiles, R, NKS] and tmax [heads, ntiles, R],
+// unisparse_ref/cupy_backend/scores.py) is part [heads, ntiles, R, NKS] and tmax [heads, ntiles, R],
 // ntiles = ceil(C/TC); tmax is overwritten in place by w. At 131072 tokens (R = C = 8192,
 // KB = 8) that is 32 MiB + 4 MiB per mask head, 1.1 GiB for 32 heads; the backend launches
 // over chunks of heads (grid y = a slice of B*Hm starting at bh0) so the scratch stays under
@@ -49,28 +46,22 @@
 // before the block sums read it. No two thread blocks touch the same scratch rows or scores.
 //
 // Version table
-// | kernel              | pass | grid                 | block   | shared memory                     |
-// |---------------------|------|----------------------|---------|-----------------------------------|
-// | us_scores_rowstats  | 1    | (ceil(R/TR), B*Hm)   | 16 x 16 | static, ~25 KiB                   |
-// | us_scores_blocksum  | 2    | (ceil(R/RG), B*Hm)   | 16 x 16 | static ~17 KiB + dynamic (below)  |
-// | us_scores_onepass   | v3   | (ceil(R/RG), chunk)  | 16 x 16 | static ~17 KiB + dynamic (below)  |
-// RG = max(TR, RB) composite rows per thread block of pass 2 and of v3.
-// | US_SC_VERSION | kernels                 | logits micro-kernel                                    |
-// |---------------|-------------------------|--------------------------------------------------------|
-// | 1             | rowstats + blocksum     | rows ty+16a, cols tx+16b; Q/K slices [row][d]; 8 scalar|
-// |               |                         | LDS per 16 FMA. H200, 128K tokens, 32 heads: 33.1 ms   |
-// | 2             | rowstats + blocksum     | rows 4ty+a, cols 4tx+b; slices [d][row]; 2 float4 LDS  |
-// |               |                         | per 16 FMA. 29.9 ms                                    |
-// | 3 (default)   | onepass (one pass, with | that of version 2 (US_SC_LOGITS=1 picks version 1's).  |
-// |               | global scratch)         | 16.2 ms; same masks as v1, max|v3 - v1| = 1.8e-7      |
-// Pass 2 dynamic shared memory (floats): TR*(TC+1) + NQ*TC + NQ*(TC/min(KB,TC)),
-// NQ = RG/RB query blocks per thread block. v3 dynamic shared memory (floats):
-// TR*(TC+1) + TR*16 + TR*NKS + 2*TR + 2*RG (one TR of them int). Both computed by unisparse_ref/cupy_backend.py
-// (scores_launch_config).
+// | kernel              | grid                 | block   | shared memory                          |
+// |---------------------|----------------------|---------|----------------------------------------|
+// | us_scores_onepass   | (ceil(R/RG), chunk)  | 16 x 16 | static ~17 KiB (the Q/K slices of the  |
+// |                     |                      |         | logits tile) + dynamic (below)         |
+// Dynamic shared memory (floats): TR*(TC+1) + TR*16 + TR*NKS + 2*TR + 2*RG (one TR of them
+// int), computed by unisparse_ref/cupy_backend/scores.py (launch_config).
+// H200, 131072 tokens, 32 heads (bf16 structured workload, D = 128): 16.2 ms, against 33.1 ms
+// for the retired two-pass version (a pass for m_r, l_r, then one recomputing every logit;
+// docs/performance.md, "Retired kernels").
 //
 // Tiles (override with -D): TR composite rows x TC composite columns per tile, TD head-dim
-// slice staged in shared memory. Each of the 16 x 16 threads owns (TR/16) x (TC/16) logits,
-// at rows US_ROW(a) and columns US_COL(b) of the tile (which depend on the micro-kernel).
+// slice staged in shared memory. Each of the 16 x 16 threads owns 4 x 4 logits of a tile:
+// rows 4ty .. 4ty+3 and columns 4tx .. 4tx+3 (US_ROW(a), US_COL(b)). The Q and K slices are
+// stored transposed, [d][row] (padded by 4 floats to keep rows 16-byte aligned), so one
+// float4 load brings a thread's 4 rows and one its 4 columns: 2 vector shared loads per 16 FMA
+// (the retired scalar layout, rows ty + 16a, needed 8 scalar loads and was 9-13 % slower).
 #include "common.cuh"
 
 #ifndef US_SC_TR
@@ -90,31 +81,10 @@ static_assert(US_SC_TR % US_SC_T == 0 && US_SC_TC % US_SC_T == 0, "TR and TC mus
 static_assert((US_SC_TR & (US_SC_TR - 1)) == 0 && (US_SC_TC & (US_SC_TC - 1)) == 0,
               "TR and TC must be powers of two (block sizes S/c are powers of two)");
 
-// US_SC_VERSION picks the kernels and the logits micro-kernel (see the version table);
-// US_SC_LOGITS the micro-kernel alone (default: 1 for version 1, 2 for versions 2 and 3):
-//   1: thread (ty, tx) owns rows ty + 16a and columns tx + 16b; Q and K slices stored
-//      [row][d] (padded), 8 scalar shared loads per 16 FMA.
-//   2: thread (ty, tx) owns rows 4ty + a and columns 4tx + b; slices stored transposed
-//      [d][row] (padded by 4 floats, 16-byte aligned), 2 float4 shared loads per 16 FMA.
-#ifndef US_SC_VERSION
-#define US_SC_VERSION 1  // the backend passes -DUS_SC_VERSION explicitly (default 3)
-#endif
-#if US_SC_VERSION < 1 || US_SC_VERSION > 3
-#error "US_SC_VERSION must be 1, 2 or 3"
-#endif
-#ifndef US_SC_LOGITS
-#define US_SC_LOGITS (US_SC_VERSION == 1 ? 1 : 2)
-#endif
-#if US_SC_LOGITS == 1
-#define US_ROW(a) (ty + US_SC_T * (a))
-#define US_COL(b) (tx + US_SC_T * (b))
-#elif US_SC_LOGITS == 2
+// Thread (ty, tx) owns rows 4ty + a and columns 4tx + b of a tile (a, b < 4).
 #define US_ROW(a) (ty * US_SC_MR + (a))
 #define US_COL(b) (tx * US_SC_MC + (b))
-static_assert(US_SC_MR == 4 && US_SC_MC == 4, "micro-kernel 2 reads 4 rows and 4 columns as one float4 (TR = TC = 64)");
-#else
-#error "US_SC_LOGITS must be 1 or 2"
-#endif
+static_assert(US_SC_MR == 4 && US_SC_MC == 4, "the logits tile reads 4 rows and 4 columns as one float4 (TR = TC = 64)");
 #ifndef US_LDS4  // a 16-byte shared-memory load (the host emulation substitutes an alignment-checked one)
 #define US_LDS4(p) (*reinterpret_cast<const float4*>(p))
 #endif
@@ -135,13 +105,8 @@ __device__ __forceinline__ int us_last_visible_key(int r, int R, int C, int nq, 
 __device__ __forceinline__ void us_logits_tile(const float* __restrict__ q, const float* __restrict__ k, int R,
                                                int C, int D, int r0, int c0, float acc[US_SC_MR][US_SC_MC]) {
     const int tx = threadIdx.x, ty = threadIdx.y, tid = ty * US_SC_T + tx;
-#if US_SC_LOGITS == 1
-    __shared__ float Qs[US_SC_TR][US_SC_TD + 1];  // [row][d], +1 pad: conflict-free column reads
-    __shared__ float Ks[US_SC_TC][US_SC_TD + 1];
-#else
     __shared__ __align__(16) float QsT[US_SC_TD][US_SC_TR + 4];  // [d][row], +4 keeps rows 16-byte aligned
     __shared__ __align__(16) float KsT[US_SC_TD][US_SC_TC + 4];
-#endif
 #pragma unroll
     for (int a = 0; a < US_SC_MR; ++a)
 #pragma unroll
@@ -150,36 +115,21 @@ __device__ __forceinline__ void us_logits_tile(const float* __restrict__ q, cons
         for (int e = tid; e < US_SC_TR * US_SC_TD; e += US_SC_THREADS) {  // coalesced along d
             const int row = e / US_SC_TD, dd = e % US_SC_TD, r = r0 + row, d = d0 + dd;
             const float val = (r < R && d < D) ? q[(long long)r * D + d] : 0.0f;
-#if US_SC_LOGITS == 1
-            Qs[row][dd] = val;
-#else
             QsT[dd][row] = val;
-#endif
         }
         for (int e = tid; e < US_SC_TC * US_SC_TD; e += US_SC_THREADS) {
             const int col = e / US_SC_TD, dd = e % US_SC_TD, c = c0 + col, d = d0 + dd;
             const float val = (c < C && d < D) ? k[(long long)c * D + d] : 0.0f;
-#if US_SC_LOGITS == 1
-            Ks[col][dd] = val;
-#else
             KsT[dd][col] = val;
-#endif
         }
         __syncthreads();  // the Q and K slices are complete before any thread reads them
 #pragma unroll 8
         for (int dd = 0; dd < US_SC_TD; ++dd) {
             float qa[US_SC_MR], kb[US_SC_MC];
-#if US_SC_LOGITS == 1
-#pragma unroll
-            for (int a = 0; a < US_SC_MR; ++a) qa[a] = Qs[US_ROW(a)][dd];
-#pragma unroll
-            for (int b = 0; b < US_SC_MC; ++b) kb[b] = Ks[US_COL(b)][dd];
-#else
             const float4 q4 = US_LDS4(&QsT[dd][ty * US_SC_MR]);  // rows 4ty .. 4ty+3 (broadcast in the warp)
             const float4 k4 = US_LDS4(&KsT[dd][tx * US_SC_MC]);  // columns 4tx .. 4tx+3
             qa[0] = q4.x; qa[1] = q4.y; qa[2] = q4.z; qa[3] = q4.w;
             kb[0] = k4.x; kb[1] = k4.y; kb[2] = k4.z; kb[3] = k4.w;
-#endif
 #pragma unroll
             for (int a = 0; a < US_SC_MR; ++a)
 #pragma unroll
@@ -189,153 +139,11 @@ __device__ __forceinline__ void us_logits_tile(const float* __restrict__ q, cons
     }
 }
 
-// Pass 1: m_r and l_r of every composite query row (online softmax over the visible C).
-// grid (ceil(R/TR), B*Hm), block (16, 16). row_max, row_sum: float32 [B, Hm, R].
-__global__ void __launch_bounds__(US_SC_THREADS)
-us_scores_rowstats(const float* __restrict__ qc, const float* __restrict__ kc, float* __restrict__ row_max,
-                   float* __restrict__ row_sum, int Hm, int Hkv, int R, int C, int D, int nq, int nk, int c_q,
-                   int c_k, int c_h, int G, int causal, float scale) {
-    __shared__ float red_m[US_SC_TR][US_SC_T];
-    __shared__ float red_l[US_SC_TR][US_SC_T];
-    const int tx = threadIdx.x, ty = threadIdx.y, tid = ty * US_SC_T + tx;
-    const int bh = blockIdx.y, b = bh / Hm, g = bh % Hm, kvh = (g * c_h) / G;
-    const float* q = qc + (long long)bh * R * D;
-    const float* k = kc + ((long long)b * Hkv + kvh) * C * D;
-    const int r0 = blockIdx.x * US_SC_TR;
-    const int cmax_tile = us_last_visible_key(min(r0 + US_SC_TR, R) - 1, R, C, nq, nk, c_q, c_k, causal);
-
-    float m[US_SC_MR], l[US_SC_MR];
-    int cmax[US_SC_MR];
-#pragma unroll
-    for (int a = 0; a < US_SC_MR; ++a) {
-        m[a] = -INFINITY;
-        l[a] = 0.0f;
-        const int r = r0 + US_ROW(a);
-        cmax[a] = (r < R) ? us_last_visible_key(r, R, C, nq, nk, c_q, c_k, causal) : -1;
-    }
-    float acc[US_SC_MR][US_SC_MC];
-    for (int c0 = 0; c0 <= cmax_tile; c0 += US_SC_TC) {
-        us_logits_tile(q, k, R, C, D, r0, c0, acc);
-#pragma unroll
-        for (int a = 0; a < US_SC_MR; ++a) {
-            float mt = -INFINITY;  // max of this thread's visible logits of row a in the tile
-#pragma unroll
-            for (int bb = 0; bb < US_SC_MC; ++bb)
-                if (c0 + US_COL(bb) <= cmax[a]) mt = fmaxf(mt, scale * acc[a][bb]);
-            if (mt == -INFINITY) continue;
-            if (mt > m[a]) {  // rescale the running sum to the new maximum (online softmax)
-                l[a] *= expf(m[a] - mt);
-                m[a] = mt;
-            }
-#pragma unroll
-            for (int bb = 0; bb < US_SC_MC; ++bb)
-                if (c0 + US_COL(bb) <= cmax[a]) l[a] += expf(scale * acc[a][bb] - m[a]);
-        }
-    }
-#pragma unroll
-    for (int a = 0; a < US_SC_MR; ++a) {
-        red_m[US_ROW(a)][tx] = m[a];
-        red_l[US_ROW(a)][tx] = l[a];
-    }
-    __syncthreads();  // all 16 partial (m, l) of every row are in shared memory before the merge
-    if (tid < US_SC_TR) {
-        const int r = r0 + tid;
-        float M = -INFINITY;
-        for (int t = 0; t < US_SC_T; ++t) M = fmaxf(M, red_m[tid][t]);
-        float L = 0.0f;
-        for (int t = 0; t < US_SC_T; ++t)  // fixed order: deterministic
-            if (red_m[tid][t] != -INFINITY) L += red_l[tid][t] * expf(red_m[tid][t] - M);
-        if (r < R) {
-            row_max[(long long)bh * R + r] = M;
-            row_sum[(long long)bh * R + r] = L;
-        }
-    }
-}
-
-// Pass 2: block sums of A. grid (ceil(R/RG), B*Hm), block (16, 16); one thread block owns
-// RG = max(TR, RB) composite rows, i.e. NQ = RG/RB whole query blocks, walked in RG/TR row
-// sub-tiles. scores: float32 [B, Hm, nQb, nKb], zero-initialised by the caller (blocks no
-// row sees are never written).
-__global__ void __launch_bounds__(US_SC_THREADS)
-us_scores_blocksum(const float* __restrict__ qc, const float* __restrict__ kc, const float* __restrict__ row_max,
-                   const float* __restrict__ row_sum, float* __restrict__ scores, int Hm, int Hkv, int R, int C,
-                   int D, int nq, int nk, int c_q, int c_k, int c_h, int G, int S, int causal, float scale) {
-    extern __shared__ float dyn[];
-    const int RB = S / c_q, KB = S / c_k;                // composite rows / columns per block
-    const int RG = max(US_SC_TR, RB), NQ = RG / RB;      // rows and query blocks per thread block
-    const int RBe = min(RB, US_SC_TR), KBe = min(KB, US_SC_TC);
-    const int NKS = US_SC_TC / KBe;                      // key-block pieces per column tile
-    float(*ptile)[US_SC_TC + 1] = reinterpret_cast<float(*)[US_SC_TC + 1]>(dyn);  // [TR][TC+1]
-    float* colsum = dyn + US_SC_TR * (US_SC_TC + 1);     // [NQ][TC]: sum over a block's rows
-    float* bacc = colsum + NQ * US_SC_TC;                // [NQ][NKS]: running block sums
-
-    const int tx = threadIdx.x, ty = threadIdx.y, tid = ty * US_SC_T + tx;
-    const int bh = blockIdx.y, b = bh / Hm, g = bh % Hm, kvh = (g * c_h) / G;
-    const float* q = qc + (long long)bh * R * D;
-    const float* k = kc + ((long long)b * Hkv + kvh) * C * D;
-    const float* mrow = row_max + (long long)bh * R;
-    const float* lrow = row_sum + (long long)bh * R;
-    const int nQb = us::cdiv(nq, S), nKb = us::cdiv(nk, S);
-    const int rg0 = blockIdx.x * RG;
-    if (rg0 >= R) return;
-    const int cmax_group = us_last_visible_key(min(rg0 + RG, R) - 1, R, C, nq, nk, c_q, c_k, causal);
-
-    float acc[US_SC_MR][US_SC_MC];
-    for (int c0 = 0; c0 <= cmax_group; c0 += US_SC_TC) {
-        for (int e = tid; e < NQ * US_SC_TC; e += US_SC_THREADS) colsum[e] = 0.0f;
-        if (KB <= US_SC_TC || c0 % KB == 0)  // a new key block starts in this tile
-            for (int e = tid; e < NQ * NKS; e += US_SC_THREADS) bacc[e] = 0.0f;
-        for (int r0 = rg0; r0 < rg0 + RG; r0 += US_SC_TR) {
-            us_logits_tile(q, k, R, C, D, r0, c0, acc);
-#pragma unroll
-            for (int a = 0; a < US_SC_MR; ++a) {
-                const int r = r0 + US_ROW(a);
-                const int cm = (r < R) ? us_last_visible_key(r, R, C, nq, nk, c_q, c_k, causal) : -1;
-                const float mr = (r < R) ? mrow[r] : 0.0f;
-                const float inv_l = (r < R) ? 1.0f / lrow[r] : 0.0f;
-#pragma unroll
-                for (int bb = 0; bb < US_SC_MC; ++bb) {
-                    const int c = c0 + US_COL(bb);
-                    ptile[US_ROW(a)][US_COL(bb)] =
-                        (c <= cm) ? expf(scale * acc[a][bb] - mr) * inv_l : 0.0f;  // A[r, c]
-                }
-            }
-            __syncthreads();  // the A tile is complete before the column sums read other threads' entries
-            // Sum each column over the rows of each query block in the sub-tile (fixed order).
-            for (int e = tid; e < (US_SC_TR / RBe) * US_SC_TC; e += US_SC_THREADS) {
-                const int qq = e / US_SC_TC, cc = e % US_SC_TC;
-                float s = 0.0f;
-                for (int a = 0; a < RBe; ++a) s += ptile[qq * RBe + a][cc];
-                colsum[(((r0 - rg0) + qq * RBe) / RB) * US_SC_TC + cc] += s;
-            }
-            __syncthreads();  // colsum holds this sub-tile and ptile may be overwritten
-        }
-        // Sum the column sums over the columns of each key block piece; accumulate.
-        const bool last_tile = c0 + US_SC_TC > cmax_group;
-        const bool block_done = KB <= US_SC_TC || (c0 + US_SC_TC) % KB == 0 || last_tile;
-        for (int e = tid; e < NQ * NKS; e += US_SC_THREADS) {
-            const int qq = e / NKS, kk = e % NKS;
-            float s = 0.0f;
-            for (int t = 0; t < KBe; ++t) s += colsum[qq * US_SC_TC + kk * KBe + t];
-            bacc[e] += s;
-            if (block_done) {
-                const int i = rg0 / RB + qq;
-                const int j = (c0 + kk * KBe) / KB;
-                if (i < nQb && j < nKb) {
-                    const int Ri = min(RB, R - i * RB);  // composite queries in block i
-                    scores[((long long)bh * nQb + i) * nKb + j] = bacc[e] / (float)Ri;
-                }
-            }
-        }
-        __syncthreads();  // colsum and bacc are read before the next column tile resets them
-    }
-}
-
-// Version 3: one pass over C (see the header). grid (ceil(R/RG), heads in this chunk), block
+// One pass over C (see the header). grid (ceil(R/RG), heads in this chunk), block
 // (16, 16); thread block (x, y) owns rows [x*RG, x*RG + RG) of head bh = bh0 + y. part and tmax
 // are this chunk's scratch ([chunk heads, ntiles, R, NKS] and [chunk heads, ntiles, R], indexed
 // by y). scores: float32 [B, Hm, nQb, nKb], zero-initialised by the caller (blocks no row of
-// the thread block sees are never written). Dynamic shared memory: see scores_launch_config.
+// the thread block sees are never written). Dynamic shared memory: see scores.launch_config (Python).
 __global__ void __launch_bounds__(US_SC_THREADS)
 us_scores_onepass(const float* __restrict__ qc, const float* __restrict__ kc, float* __restrict__ scores,
                   float* __restrict__ part, float* __restrict__ tmax, int bh0, int Hm, int Hkv, int R, int C,

@@ -8,8 +8,9 @@
 //   candidates  = visible \ F, ordered by score descending, ties by lower j first
 //   while m < P: take the next candidate, m += its score  (the one carrying m past P is kept)
 //   P >= 1 keeps every visible block.
-// This is exactly reference._selection: the same order of additions, in float64, so the
-// mask equals the reference's bit for bit on the same scores.
+// This is exactly the reference's selection (unisparse_ref/reference/selection.py): the same
+// order of additions, in float64, so the mask equals the reference's bit for bit on the same
+// scores.
 // Outputs: mask bool [B, Hm, nQb, nKb]; optionally (non-null pointers) the FlexAttention
 // index form kv_counts int32 [B, Hm, nQb] and kv_indices int32 [B, Hm, nQb, nKb]
 // (ascending, padded with -1).

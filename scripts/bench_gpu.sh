@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
 # Attention kernels on a GPU machine, in one invocation:
-#   bash scripts/bench_gpu.sh check   # GPU tests of every kernel version + a quick timing of all versions
+#   bash scripts/bench_gpu.sh check   # GPU tests of every kernel version (v1, v6, v7) + a quick timing of the tensor-core ones
 #   bash scripts/bench_gpu.sh full    # the benchmark of docs/performance.md (CSV, JSON, plot)
 #   bash scripts/bench_gpu.sh ncu     # Nsight Compute profile of the default kernel (sparse 10%, 32K, D=128)
-# Logs and results go to $OUT (or ./bench_out). UNISPARSE_ATTN_VERSIONS=7,8 narrows the tests.
+# Logs and results go to $OUT (or ./bench_out). UNISPARSE_ATTN_VERSIONS=6,7 narrows the tests.
 set -u
 MODE=${1:-check}
 OUTD=${OUT:-bench_out}

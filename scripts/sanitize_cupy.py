@@ -5,11 +5,11 @@
 
 CuPy's memory pool is switched off so that every array is its own cudaMalloc and an
 out-of-bounds access is caught at the array's edge rather than inside a pooled chunk.
-Covers: us_pool_seq<half|bf16|float>; us_scores_rowstats and us_scores_blocksum (versions 1 and 2) and
-us_scores_onepass (version 3, also in chunks of one head) with RB < TR, RB > TR, KB > TC,
-RB = KB = 1 (opt-in dynamic shared memory) and ragged lengths;
-us_select_topp<float|double> with and without the index form; us_mask_to_indices; the
-attention kernels through the backend (float16/bfloat16 default version, float32 v1).
+Covers: us_pool_seq<half|bf16|float>; us_scores_onepass (also in chunks of one head) with
+RB < TR, RB > TR, KB > TC, RB = KB = 1 (opt-in dynamic shared memory) and ragged lengths;
+us_select_topp<float|double> with and without the index form; us_mask_to_indices; every rung
+of the attention ladder (v1, v6, and v7 on Hopper) directly, and the default one through the
+backend.
 Exits non-zero if any result disagrees with the NumPy reference.
 """
 
@@ -24,13 +24,12 @@ import unisparse_ref as us
 from unisparse_ref import BFLOAT16, BlockMask, UniSparseConfig
 from unisparse_ref import cupy_backend as cb
 from unisparse_ref import reference as ref
+from unisparse_ref.cupy_backend import attention, scores, selection
 
 
 def main() -> int:
     cp.cuda.set_allocator(None)  # plain cudaMalloc per array: memcheck sees every edge
     be = cb.make_backend()
-    be2 = cb.CupyBackend(be.device_name, scores_version=2)
-    be3 = cb.CupyBackend(be.device_name, scores_version=3)
     rng = np.random.default_rng(0)
     failures = []
     cases = [
@@ -48,24 +47,18 @@ def main() -> int:
             v = rng.standard_normal((B, Hkv, Nk, D)).astype(dt)
             cfg = UniSparseConfig(block_size=S, c_q=c_q, c_k=c_k, c_h=c_h, causal=causal, threshold=0.7)
             q_c, k_c = be.compress(q, k, cfg)
-            scores = be.block_scores(q_c, k_c, cfg, Nq, Nk)
-            scores2 = be2.block_scores(q_c, k_c, cfg, Nq, Nk)  # the opt-in float4 version of scores.cu
-            if not np.allclose(us.to_numpy(scores2), us.to_numpy(scores), rtol=0, atol=be.score_eps):
-                failures.append(f"scores v2 differs from v1 beyond score_eps, S={S}")
-            scores3 = be3.block_scores(q_c, k_c, cfg, Nq, Nk)  # the opt-in one-pass version
-            if not np.allclose(us.to_numpy(scores3), us.to_numpy(scores), rtol=0, atol=be.score_eps):
-                failures.append(f"scores v3 differs from v1 beyond score_eps, S={S}")
-            saved, cb._SC3_SCRATCH_BYTES = cb._SC3_SCRATCH_BYTES, 1  # one head per launch
+            sc = be.block_scores(q_c, k_c, cfg, Nq, Nk)
+            saved, scores.SCRATCH_BYTES = scores.SCRATCH_BYTES, 1  # one mask head per launch
             try:
-                scores3c = be3.block_scores(q_c, k_c, cfg, Nq, Nk)
+                sc1 = be.block_scores(q_c, k_c, cfg, Nq, Nk)
             finally:
-                cb._SC3_SCRATCH_BYTES = saved
-            if not np.array_equal(us.to_numpy(scores3c), us.to_numpy(scores3)):
-                failures.append(f"scores v3 in chunks of one head differs from one launch, S={S}")
-            bm, counts, idx = be.select_blocks_indices(scores, cfg, Nq, Nk)
-            bm64 = be.select_blocks(cp.asarray(scores, dtype=cp.float64), cfg, Nq, Nk)
+                scores.SCRATCH_BYTES = saved
+            if not np.array_equal(us.to_numpy(sc1), us.to_numpy(sc)):
+                failures.append(f"scores in chunks of one head differ from one launch, S={S}")
+            bm, counts, idx = be.select_blocks_indices(sc, cfg, Nq, Nk)
+            bm64 = be.select_blocks(cp.asarray(sc, dtype=cp.float64), cfg, Nq, Nk)
             rq, rk = ref.compress(q, k, cfg)
-            err = float(np.abs(us.to_numpy(scores) - ref.block_scores(rq, rk, cfg, Nq, Nk)).max())
+            err = float(np.abs(us.to_numpy(sc) - ref.block_scores(rq, rk, cfg, Nq, Nk)).max())
             if err > be.score_eps:
                 failures.append(f"scores {np.dtype(dt)} S={S}: {err:.2e}")
             if not np.array_equal(us.to_numpy(bm.mask), us.to_numpy(bm64.mask)):
@@ -75,7 +68,26 @@ def main() -> int:
                 if not np.isfinite(us.to_numpy(out).astype(np.float64)).all():
                     failures.append("non-finite attention output")
     full = BlockMask.full(1, 1, 64, 64, block_size=16)
-    cb._launch_mask_to_indices(cp.asarray(full.mask))
+    selection.launch_mask_to_indices(cp.asarray(full.mask))
+    # Every rung of the attention ladder directly (the backend runs only the default one).
+    hopper = str(cp.cuda.Device().compute_capability) == "90"
+    for number, ver in attention.KERNEL_VERSIONS.items():
+        if ver.wgmma and not hopper:
+            continue
+        for dt in (np.float16, BFLOAT16):
+            q = rng.standard_normal((1, 4, 300, 64)).astype(dt)
+            k = rng.standard_normal((1, 2, 333, 64)).astype(dt)
+            v = rng.standard_normal((1, 2, 333, 64)).astype(dt)
+            bm = BlockMask(rng.random((1, 4, 3, 3)) < 0.6, 128, 1, 300, 333, True)
+            counts, idx = (cp.asarray(a) for a in bm.to_indices())
+            dev = [cp.asarray(x.view(np.uint16) if dt == BFLOAT16 else x) for x in (q, k, v)]
+            out, lse = attention.attention_forward(*dev, counts, idx, nq=300, nk=333, block_size=128,
+                                                   heads_per_mask=1, causal=True, softmax_scale=None,
+                                                   version=number, validate=True)
+            got = cp.asnumpy(out).view(BFLOAT16) if dt == BFLOAT16 else cp.asnumpy(out)
+            want, _ = ref.block_sparse_attention(q, k, v, bm, UniSparseConfig(block_size=128))
+            if not np.isfinite(got.astype(np.float64)).all() or np.abs(got.astype(np.float64) - want).max() > 0.05:
+                failures.append(f"attention v{number} {np.dtype(dt)} disagrees with the reference")
     cp.cuda.Device().synchronize()
     for f in failures:
         print("FAIL", f)

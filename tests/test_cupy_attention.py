@@ -1,6 +1,6 @@
 """GPU tests of the CuPy block-sparse attention kernels (``raw_kernels/attention.cu``).
 
-Every version of the kernel ladder against the float64 NumPy reference under SPEC section 7
+Every rung of the kernel ladder (v1, v6, v7) against the float64 NumPy reference under SPEC section 7
 (:func:`tests.conftest.assert_attention_matches_reference`): ragged lengths, ``Nq < Nk``,
 GQA groups 1/2/4/8, ``c_h > 1``, empty mask rows, head dims 64/128, fp16/bf16/fp32, causal
 and not; repeated runs are bit-identical. Skipped without CuPy and a CUDA GPU.
@@ -32,13 +32,13 @@ def _gpu_reason() -> str | None:
 _WHY = _gpu_reason()
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(_WHY is not None, reason=str(_WHY))]
 
-from unisparse_ref._cupy_attention import (  # noqa: E402
+from unisparse_ref.cupy_backend.attention import (  # noqa: E402
     KERNEL_VERSIONS,
     attention_forward,
     dense_indices,
 )
 
-#: ``UNISPARSE_ATTN_VERSIONS=7,8`` narrows the versions tested (default: all).
+#: ``UNISPARSE_ATTN_VERSIONS=6,7`` narrows the versions tested (default: all).
 _ONLY = [int(x) for x in os.environ.get("UNISPARSE_ATTN_VERSIONS", "").split(",") if x.strip()]
 VERSIONS = [v for v in sorted(KERNEL_VERSIONS) if not _ONLY or v in _ONLY]
 TC_VERSIONS = [n for n in VERSIONS if KERNEL_VERSIONS[n].tensor_core]
@@ -171,7 +171,7 @@ def test_scale_and_block_size_64(ver):
     q, k, v = random_qkv(rng, 1, 2, 2, 150, 190, 64, dtype=np.float16)
     bm = random_mask(rng, 1, 2, 150, 190, 64, 1, True, density=0.7)
     cfg = UniSparseConfig(block_size=64, causal=True, softmax_scale=0.3)
-    need = max(KERNEL_VERSIONS[ver].br(64), KERNEL_VERSIONS[ver].bc)
+    need = max(KERNEL_VERSIONS[ver].rows_per_cta(64), KERNEL_VERSIONS[ver].tile_keys())
     if KERNEL_VERSIONS[ver].tensor_core and 64 % need:
         with pytest.raises(ValueError, match="block_size"):
             run(q, k, v, bm, ver, softmax_scale=0.3)
@@ -185,12 +185,12 @@ def test_default_version_and_errors():
     q, k, v = random_qkv(rng, 1, 2, 1, 64, 64, 48, dtype=np.float16)
     bm = random_mask(rng, 1, 2, 64, 64, 128, 1, True, density=1.0, empty_row=False)
     with pytest.raises(ValueError, match="head dim"):
-        run(q, k, v, bm, 2)
+        run(q, k, v, bm, 6)
     with pytest.raises(ValueError, match="version"):
         run(q, k, v, bm, 99)
     q32, k32, v32 = random_qkv(rng, 1, 2, 1, 64, 64, 64, dtype=np.float32)
     with pytest.raises(TypeError, match="supports"):
-        run(q32, k32, v32, bm, 2)
+        run(q32, k32, v32, bm, 6)
     out, lse = run(q32, k32, v32, bm, None)  # float32 default: v1
     cfg = UniSparseConfig(block_size=128, causal=True)
     assert_attention_matches_reference(out, lse, q32, k32, v32, bm, cfg)

@@ -1,8 +1,9 @@
-"""CPU tests of the attention launcher's pure-Python parts (``unisparse_ref._cupy_attention``).
+"""CPU tests of the attention stage's pure-Python parts (``unisparse_ref.cupy_backend.attention``).
 
 The kernels themselves are tested on a GPU (``tests/test_cupy_attention.py``) and compiled
 without one by ``tests/test_cupy_compile.py``; here: the version registry, the instantiation
-list, the launch configuration arithmetic and the index-form check (on NumPy arrays).
+list (and that every kernel the launcher can pick is in it, with its options), the launch
+configuration arithmetic and the index-form check (on NumPy arrays).
 """
 
 from __future__ import annotations
@@ -11,33 +12,56 @@ import numpy as np
 import pytest
 
 from unisparse_ref import BlockMask
-from unisparse_ref import _cupy_attention as att
-from unisparse_ref._loader import CTYPES, KernelSpec
+from unisparse_ref.cupy_backend import all_instantiations
+from unisparse_ref.cupy_backend import attention as att
+from unisparse_ref.cupy_backend._loader import KernelSpec
 
 
 def test_registry_and_default():
+    assert sorted(att.KERNEL_VERSIONS) == [1, 6, 7], "the ladder: scalar, mma.sync, wgmma"
     assert att.DEFAULT_VERSION in att.KERNEL_VERSIONS
+    assert att.KERNEL_VERSIONS[att.DEFAULT_VERSION].wgmma
     assert not att.KERNEL_VERSIONS[att.FALLBACK_VERSION].wgmma, "the fallback must run off Hopper"
     assert att.KERNEL_VERSIONS[1].dtypes() == ("float16", "bfloat16", "float32")
     for n, ver in att.KERNEL_VERSIONS.items():
         assert ver.number == n
         if ver.tensor_core:
-            assert ver.br(128) == ver.warps * ver.m_tiles * 16 and 128 % ver.br(128) == 0
-            assert 128 % ver.bc == 0
+            br = ver.rows_per_cta(128)
+            assert br == ver.warps * ver.m_tiles * 16 == 128 and 128 % ver.tile_keys() == 0
+            assert ver.sorted_work
 
 
 def test_instantiations_cover_every_version_dtype_and_head_dim():
-    specs = att.attention_instantiations()
-    assert specs == att.INSTANTIATIONS
+    specs = att.INSTANTIATIONS
     assert all(isinstance(s, KernelSpec) and s.file == "attention.cu" for s in specs)
+    assert len(set(specs)) == len(specs)
+    assert set(specs) <= set(all_instantiations())
     names = {s.name_expression for s in specs}
-    for ver in att.KERNEL_VERSIONS.values():
-        for dt in ver.dtypes():
-            for d in ver.head_dims:
-                assert ver.name_expression(CTYPES[dt], d) in names
+    assert "us_attn_fwd_mma<__nv_bfloat16, 128, 4, 2, 64>" in names
+    assert "us_attn_fwd_wgmma<__half, 64>" in names
+    assert "us_attn_fwd_v1<float, 32>" in names
     wg = [s for s in specs if "wgmma" in s.name_expression]
-    assert wg and all(s.options == ("-arch=sm_90a",) for s in wg)
+    assert len(wg) == 4 and all(s.options == ("-arch=sm_90a",) for s in wg)
     assert all(s.options == () for s in specs if "wgmma" not in s.name_expression)
+
+
+@pytest.mark.parametrize("hopper", [True, False])
+def test_every_kernel_the_launcher_picks_is_compiled(monkeypatch, hopper):
+    """What ``attention_forward`` launches (``kernel_spec`` of the resolved version) is in the list."""
+    monkeypatch.setattr(att, "_has_sm90", lambda: hopper)
+    listed = set(att.INSTANTIATIONS)
+    for version in [None, *att.KERNEL_VERSIONS]:
+        for dtype in ("float16", "bfloat16", "float32"):
+            for D in att.KERNEL_HEAD_DIMS:
+                for S in (16, 64, 128, 256):
+                    try:
+                        ver = att._resolve_version(version, dtype, D, S)
+                    except (TypeError, ValueError):
+                        continue
+                    assert att.kernel_spec(ver, dtype, D) in listed, (version, dtype, D, S)
+                    if version is None:
+                        want = 1 if dtype == "float32" or D == 32 or S < 128 else (7 if hopper else 6)
+                        assert ver.number == want, (dtype, D, S, hopper)
 
 
 def test_launch_config_numbers():
@@ -48,23 +72,33 @@ def test_launch_config_numbers():
     # Q [128][128] + K [2][64][128] + V [64][128] + V^T [128][64], bf16, + 1 KiB alignment
     assert cfg["shared_mem"] == (128 + 4 * 64) * 128 * 2 + 1024
     assert 2 * (cfg["shared_mem"] + 1024) <= 228 * 1024, "two CTAs per H200 SM"
-    v2 = att.KERNEL_VERSIONS[2]
-    cfg = att.launch_config(v2, batch=1, q_heads=8, nq=129, block_size=128, head_dim=64, itemsize=2)
-    assert cfg["grid"] == (8, 3, 1) and cfg["block"] == (128,)
+    v6 = att.KERNEL_VERSIONS[6]
+    cfg = att.launch_config(v6, batch=1, q_heads=8, nq=129, block_size=128, head_dim=64, itemsize=2)
+    assert cfg["grid"] == (8 * 2,) and cfg["block"] == (128,)
+    assert cfg["shared_mem"] == (128 + 4 * 64) * 64 * 2  # Q [Br][D] + K, V [2][Bc][D]
     v1 = att.KERNEL_VERSIONS[1]
     cfg = att.launch_config(v1, batch=1, q_heads=4, nq=100, block_size=32, head_dim=64, itemsize=4)
     assert cfg["block"] == (32,) and cfg["grid"] == (4, 4, 1) and cfg["shared_mem"] == 0
 
 
-def test_resolve_version_errors():
+def test_padded_head_dim():
+    assert [att.padded_head_dim(d) for d in (1, 32, 33, 64, 100, 128)] == [32, 32, 64, 64, 128, 128]
+    with pytest.raises(ValueError, match="head dims up to 128"):
+        att.padded_head_dim(129)
+
+
+def test_resolve_version_errors(monkeypatch):
+    monkeypatch.setattr(att, "_has_sm90", lambda: False)
     with pytest.raises(ValueError, match="version"):
-        att._resolve_version(99, "bfloat16", 128, 128)
+        att._resolve_version(2, "bfloat16", 128, 128)  # retired
     with pytest.raises(TypeError, match="supports"):
-        att._resolve_version(2, "float32", 128, 128)
+        att._resolve_version(6, "float32", 128, 128)
     with pytest.raises(ValueError, match="head dims"):
-        att._resolve_version(2, "float16", 96, 128)
+        att._resolve_version(6, "float16", 96, 128)
     with pytest.raises(ValueError, match="block_size"):
         att._resolve_version(6, "float16", 64, 64)
+    with pytest.raises(ValueError, match="Hopper"):
+        att._resolve_version(7, "float16", 64, 128)
     assert att._resolve_version(1, "float32", 32, 16).number == 1
 
 

@@ -1,8 +1,10 @@
 """Every CUDA kernel instantiation of the CuPy layer compiles with NVRTC, without a GPU.
 
-The list comes from :func:`unisparse_ref._loader.all_instantiations` (pooling, scores,
-selection, and the attention launcher's kernels). Instantiations sharing a file and options
-are compiled in one NVRTC program per target, to CUBIN, with ``--ptxas-options=-v``; the
+The list comes from :func:`unisparse_ref.cupy_backend.all_instantiations` (the lists of the
+stage modules pooling, scores, selection and attention, each instantiation with the NVRTC
+options its stage launches it with). Instantiations sharing a file and options
+are compiled by :func:`unisparse_ref.cupy_backend.compile_offline` in one NVRTC program per
+target, to CUBIN, with ``--ptxas-options=-v``; the
 ptxas log gives registers, static shared memory and spills of every entry function, which the
 tests check and print (``pytest -s`` shows the table). No driver or GPU is needed: only
 ``cuda-bindings`` (``from cuda.bindings import nvrtc``), the pip ``nvidia-cuda-nvrtc``
@@ -25,7 +27,8 @@ from collections import defaultdict
 
 import pytest
 
-from unisparse_ref import _loader
+from unisparse_ref.cupy_backend import _loader, all_instantiations, compile_offline
+from unisparse_ref.cupy_backend._nvrtc import NvrtcUnavailable, check_available, own_arch, parse_ptxas
 
 #: Targets every kernel must build for (an instantiation whose options name its own
 #: architecture, such as the sm_90a wgmma kernels, builds for that one only).
@@ -36,44 +39,11 @@ MAX_REGISTERS = 255
 MAX_STATIC_SHARED = 48 * 1024
 
 
-def _nvrtc():
-    try:
-        from cuda.bindings import nvrtc
-    except ImportError as e:  # pragma: no cover - dev extra missing
-        pytest.skip(f"cuda-bindings is not installed ({e}); pip install cuda-bindings nvidia-cuda-nvrtc")
-    try:
-        err, *_ = nvrtc.nvrtcVersion()
-    except Exception as e:  # noqa: BLE001 - libnvrtc missing
-        pytest.skip(f"NVRTC cannot be loaded ({e}); pip install nvidia-cuda-nvrtc")
-    if err != nvrtc.nvrtcResult.NVRTC_SUCCESS:
-        pytest.skip(f"NVRTC is not usable: {err}")
-    return nvrtc
-
-
-def _include_options() -> list[str]:
-    dirs = _loader.cuda_include_dirs()
-    from pathlib import Path
-
-    if not any((Path(d) / "cuda_fp16.h").is_file() for d in dirs):
-        pytest.skip("cuda_fp16.h not found: pip install nvidia-cuda-runtime nvidia-cuda-cccl")
-    if not any((Path(d) / "nv" / "target").is_file() for d in dirs):
-        pytest.skip("nv/target not found: pip install nvidia-cuda-cccl")
-    return [f"-I{d}" for d in dirs]
-
-
-def _own_arch(options: tuple[str, ...]) -> str | None:
-    for o in options:
-        m = re.match(r"^(?:-arch|--gpu-architecture)[= ](\S+)$", o)
-        if m:
-            return m.group(1).replace("compute_", "sm_")
-    return None
-
-
 def _groups() -> dict[tuple[str, tuple[str, ...], str], list[str]]:
     groups: dict[tuple[str, tuple[str, ...], str], list[str]] = defaultdict(list)
-    for spec in _loader.all_instantiations():
-        own = _own_arch(spec.options)
-        extra = tuple(o for o in spec.options if _own_arch((o,)) is None)
+    for spec in all_instantiations():
+        own = own_arch(spec.options)
+        extra = tuple(o for o in spec.options if own_arch((o,)) is None)
         for arch in (own,) if own else ARCHS:
             groups[(spec.file, extra, arch)].append(spec.name_expression)
     return groups
@@ -82,40 +52,11 @@ def _groups() -> dict[tuple[str, tuple[str, ...], str], list[str]]:
 GROUPS = _groups()
 
 
-def _check(nvrtc, result, what: str) -> None:
-    err = result[0] if isinstance(result, tuple) else result
-    assert err == nvrtc.nvrtcResult.NVRTC_SUCCESS, f"{what}: {err}"
-
-
-def _parse_ptxas(log: str) -> dict[str, dict[str, int]]:
-    """Per mangled entry name: registers, static shared memory (bytes), spill stores/loads."""
-    info: dict[str, dict[str, int]] = {}
-    current = None
-    for line in log.splitlines():
-        m = re.search(r"Function properties for (\S+)", line) or re.search(r"Compiling entry function '([^']+)'", line)
-        if m:
-            current = m.group(1)
-            info.setdefault(current, {"registers": -1, "smem": 0, "spill_stores": 0, "spill_loads": 0})
-            continue
-        if current is None:
-            continue
-        m = re.search(r"(\d+) bytes spill stores, (\d+) bytes spill loads", line)
-        if m:
-            info[current]["spill_stores"] = int(m.group(1))
-            info[current]["spill_loads"] = int(m.group(2))
-        m = re.search(r"Used (\d+) registers", line)
-        if m:
-            info[current]["registers"] = int(m.group(1))
-            s = re.search(r"(\d+) bytes smem", line)
-            info[current]["smem"] = int(s.group(1)) if s else 0
-    return info
-
-
 def test_instantiation_list_is_complete() -> None:
-    """The loader lists this layer's kernels and the attention launcher's."""
-    specs = _loader.all_instantiations()
+    """The list holds every stage's kernels, each with a file that ships."""
+    specs = all_instantiations()
     files = {s.file for s in specs}
-    assert {"pooling.cu", "scores.cu", "selection.cu"} <= files
+    assert {"pooling.cu", "scores.cu", "selection.cu", "attention.cu"} <= files
     for s in specs:
         assert s.file in _loader.source_files(), f"{s.file} is not shipped in raw_kernels/"
         assert isinstance(s.options, tuple)
@@ -124,16 +65,19 @@ def test_instantiation_list_is_complete() -> None:
     assert len({(s.file, s.name_expression, s.options) for s in specs}) == len(specs), "duplicate instantiations"
 
 
-def test_backend_compiles_what_the_list_names() -> None:
-    """cupy_backend launches exactly the (file, name, options) the compile test builds."""
-    from unisparse_ref import cupy_backend as cb
+def test_each_stage_lists_its_kernels_with_its_options() -> None:
+    """Each stage module writes its NVRTC options once; its list uses them (the launches too,
+    checked by ``test_backend_glue_on_host_emulation``, which records every kernel the backend asks for)."""
+    from unisparse_ref.cupy_backend import attention, pooling, scores, selection
 
-    specs = {(s.file, s.name_expression, s.options) for s in _loader.INSTANTIATIONS}
-    want = {("pooling.cu", f"us_pool_seq<{t}>", cb._pool_options()) for t in _loader.CTYPES.values()}
-    want |= {("scores.cu", n, cb._scores_options(v)) for v in cb.SCORES_VERSIONS for n in cb._scores_kernels(v)}
-    want |= {("selection.cu", f"us_select_topp<{t}>", cb._select_options()) for t in ("float", "double")}
-    want |= {("selection.cu", "us_mask_to_indices", cb._select_options())}
-    assert want == specs
+    for stage in (pooling, scores, selection):
+        assert stage.INSTANTIATIONS and all(s.options == stage.OPTIONS for s in stage.INSTANTIATIONS)
+    assert scores.INSTANTIATIONS == [scores.KERNEL]
+    for ver in attention.KERNEL_VERSIONS.values():
+        mine = [s for s in attention.INSTANTIATIONS if s.name_expression.startswith(ver.kernel + "<")]
+        assert mine and all(s.options == ver.options and s.file == ver.file for s in mine)
+    assert all_instantiations() == [*pooling.INSTANTIATIONS, *scores.INSTANTIATIONS, *selection.INSTANTIATIONS,
+                                    *attention.INSTANTIATIONS]
 
 
 def test_sources_start_with_a_version_table() -> None:
@@ -149,51 +93,24 @@ def test_sources_start_with_a_version_table() -> None:
 _POOL: dict[tuple[str, tuple[str, ...], str], concurrent.futures.Future] = {}
 
 
-def _compile(group: tuple[str, tuple[str, ...], str]) -> tuple[bool, str, int, dict[str, str]]:
-    """The compile result of ``group``; the first call starts every group on a thread pool.
+def _compile(group: tuple[str, tuple[str, ...], str]):
+    """The :func:`compile_offline` result of ``group``; the first call starts every group on a pool.
 
     NVRTC holds the GIL, so the groups build in forked worker processes, one per core.
     """
-    _nvrtc()
-    includes = _include_options()
+    try:
+        check_available()
+    except NvrtcUnavailable as e:
+        pytest.skip(str(e))
     if not _POOL:
         ctx = multiprocessing.get_context("fork")  # no CUDA context exists here: fork is safe
         ex = concurrent.futures.ProcessPoolExecutor(max_workers=max(1, os.cpu_count() or 1), mp_context=ctx)
         # Largest sources first, so the long attention builds do not finish last.
         for g in sorted(GROUPS, key=lambda g: -len(_loader.read_source(g[0]))):
-            _POOL[g] = ex.submit(_compile_now, includes, g)
+            file, extra, arch = g
+            _POOL[g] = ex.submit(compile_offline, file, GROUPS[g], extra, arch)
         ex.shutdown(wait=False)
     return _POOL[group].result()
-
-
-def _compile_now(includes: list[str], group: tuple[str, tuple[str, ...], str]) -> tuple[bool, str, int, dict[str, str]]:
-    """Compile one group to CUBIN: (success, log, cubin size, name expression -> lowered name)."""
-    from cuda.bindings import nvrtc
-
-    file, extra, arch = group
-    names = GROUPS[group]
-    err, prog = nvrtc.nvrtcCreateProgram(_loader.read_source(file).encode(), file.encode(), 0, [], [])
-    _check(nvrtc, err, "nvrtcCreateProgram")
-    try:
-        for n in names:
-            _check(nvrtc, nvrtc.nvrtcAddNameExpression(prog, n.encode()), f"add {n}")
-        opts = [f"--gpu-architecture={arch}", "--ptxas-options=-v", *includes, *_loader.BASE_OPTIONS, *extra]
-        (err,) = nvrtc.nvrtcCompileProgram(prog, len(opts), [o.encode() for o in opts])
-        _, size = nvrtc.nvrtcGetProgramLogSize(prog)
-        buf = b" " * size
-        nvrtc.nvrtcGetProgramLog(prog, buf)
-        log = buf.decode(errors="replace")
-        ok = err == nvrtc.nvrtcResult.NVRTC_SUCCESS
-        cubin_size, lowered = 0, {}
-        if ok:
-            _, cubin_size = nvrtc.nvrtcGetCUBINSize(prog)
-            for n in names:
-                e, low = nvrtc.nvrtcGetLoweredName(prog, n.encode())
-                _check(nvrtc, e, f"lowered name of {n}")
-                lowered[n] = low.decode()
-        return ok, log, cubin_size, lowered
-    finally:
-        nvrtc.nvrtcDestroyProgram(prog)
 
 
 @pytest.mark.parametrize(
@@ -202,10 +119,10 @@ def _compile_now(includes: list[str], group: tuple[str, tuple[str, ...], str]) -
 def test_nvrtc_compiles(group: tuple[str, tuple[str, ...], str]) -> None:
     """Each group builds to CUBIN; every instantiation fits registers and static shared memory."""
     file, extra, arch = group
-    ok, log, cubin_size, lowered = _compile(group)
+    ok, log, cubin_size, lowered, _ = _compile(group)
     assert ok, f"{file} for {arch} failed:\n{log[-4000:]}"
     assert cubin_size > 0, f"{file}: NVRTC produced no CUBIN for {arch}"
-    info = _parse_ptxas(log)
+    info = parse_ptxas(log)
     print(f"\n{file} [{arch}{' ' + ' '.join(extra) if extra else ''}]")
     for n in GROUPS[group]:
         assert lowered[n] in info, f"ptxas reported nothing for {n} ({lowered[n]}); log:\n{log[-2000:]}"
@@ -223,9 +140,9 @@ _LAYER_SM90 = sorted(g for g in GROUPS if g[0] in ("pooling.cu", "scores.cu", "s
 def test_layer_kernels_do_not_spill_on_sm90(group) -> None:
     """Pooling, scores and selection fit in registers on Hopper (no local-memory spills)."""
     file = group[0]
-    ok, log, _, lowered = _compile(group)
+    ok, log, _, lowered, _ = _compile(group)
     assert ok
-    info = _parse_ptxas(log)
+    info = parse_ptxas(log)
     for n, low in lowered.items():
         r = info[low]
         assert r["spill_stores"] == 0 and r["spill_loads"] == 0, f"{file}: {n} spills {r}"
@@ -274,6 +191,10 @@ inline float __half2float(__half h) {
   return s ? -v : v; }
 inline __half __float2half_rn(float) { return __half{0}; }
 inline __nv_bfloat16 __float2bfloat16_rn(float) { return __nv_bfloat16{0}; }
+struct __half2 { __half x, y; };  // common.cuh's us::pack2 names them; no emulated kernel calls it
+struct __nv_bfloat162 { __nv_bfloat16 x, y; };
+inline __half2 __floats2half2_rn(float, float) { return __half2{}; }
+inline __nv_bfloat162 __floats2bfloat162_rn(float, float) { return __nv_bfloat162{}; }
 struct float4 { float x, y, z, w; };
 inline float4 us_checked_lds4(const float* p) {  // a misaligned vector load faults on a GPU: abort here too
   if (reinterpret_cast<uintptr_t>(p) & 15) { fprintf(stderr, "misaligned float4 load\\n"); abort(); }
@@ -318,14 +239,6 @@ extern "C" void emu_pool_h(const __half* x, float* out, int B, int H, int N, int
 "scores.cu": '''
 #define US_G dim3_{gx, gy, 1}
 #define US_B dim3_{bx, by, 1}
-extern "C" void emk_rowstats(unsigned gx, unsigned gy, unsigned bx, unsigned by, const float* qc, const float* kc, float* m, float* l, int Hm, int Hkv, int R, int C, int D, int nq, int nk, int cq, int ck, int ch, int G, int causal, float scale) {
-  emu_launch(US_G, US_B, [&] { us_scores_rowstats(qc, kc, m, l, Hm, Hkv, R, C, D, nq, nk, cq, ck, ch, G, causal, scale); }); }
-extern "C" void emk_blocksum(unsigned gx, unsigned gy, unsigned bx, unsigned by, const float* qc, const float* kc, const float* m, const float* l, float* sc, int Hm, int Hkv, int R, int C, int D, int nq, int nk, int cq, int ck, int ch, int G, int S, int causal, float scale) {
-  emu_launch(US_G, US_B, [&] { us_scores_blocksum(qc, kc, m, l, sc, Hm, Hkv, R, C, D, nq, nk, cq, ck, ch, G, S, causal, scale); }); }
-extern "C" void emu_rowstats(const float* qc, const float* kc, float* m, float* l, unsigned gx, unsigned gy, int Hm, int Hkv, int R, int C, int D, int nq, int nk, int cq, int ck, int ch, int G, int causal, float scale) {
-  emu_launch({gx, gy, 1}, {16, 16, 1}, [&] { us_scores_rowstats(qc, kc, m, l, Hm, Hkv, R, C, D, nq, nk, cq, ck, ch, G, causal, scale); }); }
-extern "C" void emu_blocksum(const float* qc, const float* kc, const float* m, const float* l, float* sc, unsigned gx, unsigned gy, int Hm, int Hkv, int R, int C, int D, int nq, int nk, int cq, int ck, int ch, int G, int S, int causal, float scale) {
-  emu_launch({gx, gy, 1}, {16, 16, 1}, [&] { us_scores_blocksum(qc, kc, m, l, sc, Hm, Hkv, R, C, D, nq, nk, cq, ck, ch, G, S, causal, scale); }); }
 extern "C" void emk_onepass(unsigned gx, unsigned gy, unsigned bx, unsigned by, const float* qc, const float* kc, float* sc, float* part, float* tmax, int bh0, int Hm, int Hkv, int R, int C, int D, int nq, int nk, int cq, int ck, int ch, int G, int S, int causal, float scale) {
   emu_launch(US_G, US_B, [&] { us_scores_onepass(qc, kc, sc, part, tmax, bh0, Hm, Hkv, R, C, D, nq, nk, cq, ck, ch, G, S, causal, scale); }); }
 ''',
@@ -369,21 +282,20 @@ def host_kernels(tmp_path_factory: pytest.TempPathFactory):
         pytest.skip("g++ is not installed: the host emulation of the kernels is skipped")
     d = tmp_path_factory.mktemp("hostemu")
     libs = {}
-    builds = [("pooling.cu", "pooling.cu", []), ("scores.cu", "scores.cu", ["-DUS_SC_VERSION=1"]),
-              ("scores.cu@2", "scores.cu", ["-DUS_SC_VERSION=2"]), ("scores.cu@3", "scores.cu", ["-DUS_SC_VERSION=3"]),
-              ("scores.cu@3l1", "scores.cu", ["-DUS_SC_VERSION=3", "-DUS_SC_LOGITS=1"]),  # v3 on v1's micro-kernel
-              ("selection.cu", "selection.cu", [])]
-    for key, file, flags in builds:
-        stem = key.replace(".cu", "").replace("@", "_v")
+    for file in ("pooling.cu", "scores.cu", "selection.cu"):
+        stem = file.replace(".cu", "")
         cpp = d / f"{stem}.cpp"
         cpp.write_text(_host_source(file))
         so = d / f"lib{stem}.so"
+        # The stage's own -D options, except that 32 threads per selection block keep the emulation quick.
+        flags = [o for s in all_instantiations() if s.file == file for o in s.options if o.startswith("-D")]
+        flags = sorted(set(flags) - {"-DUS_SEL_THREADS=256"})
         r = subprocess.run([gxx, "-std=c++20", "-O1", "-fPIC", "-shared", "-pthread", "-w", "-DUS_SEL_THREADS=32",
                             *flags, str(cpp), "-o", str(so)], capture_output=True, text=True, timeout=300)
         if r.returncode != 0 and "barrier" in r.stderr and "No such file" in r.stderr:
             pytest.skip("g++ lacks C++20 <barrier>")
         assert r.returncode == 0, f"g++ failed on {file}:\n{r.stderr[-3000:]}"
-        libs[key] = ctypes.CDLL(str(so))
+        libs[file] = ctypes.CDLL(str(so))
     return libs
 
 
@@ -423,64 +335,49 @@ _SCORE_CASES = [
 ]
 
 
-def _emu_scores(lib, version, qc, kc, cfg, Nq, Nk, G, scratch_bytes=None, fill=0.0):
-    """Launch the scores kernels of ``version`` in the host emulation as the backend does."""
+def _emu_scores(lib, qc, kc, cfg, Nq, Nk, G, scratch_bytes=None, fill=0.0):
+    """Launch ``us_scores_onepass`` in the host emulation as the backend does (chunks of heads)."""
     import ctypes
 
     import numpy as np
 
-    from unisparse_ref import cupy_backend as cb
     from unisparse_ref import geometry
+    from unisparse_ref.cupy_backend import scores
 
     B, Hm, R, D = qc.shape
     Hkv, C = kc.shape[1], kc.shape[2]
     S = cfg.block_size
-    lc = cb.scores_launch_config(B, Hm, R, cfg, C, scratch_bytes=scratch_bytes)
+    lc = scores.launch_config(B, Hm, R, cfg, C, scratch_bytes=scratch_bytes)
+    assert lc["shared_mem"] <= 256 * 1024 and lc["block"] == (16, 16, 1)
     got = np.zeros((B, Hm, geometry.num_blocks(Nq, S), geometry.num_blocks(Nk, S)), np.float32)
     ints = [ctypes.c_int(v) for v in (Hm, Hkv, R, C, D, Nq, Nk, cfg.c_q, cfg.c_k, cfg.c_h, G)]
     scale = ctypes.c_float(cfg.scale_for(D))
     causal = ctypes.c_int(int(cfg.causal))
-    if version == 3:
-        assert lc["shared3"] <= 256 * 1024
-        chunk = lc["heads_per_chunk3"]
-        # scratch filled with garbage (NaN or a value): every entry read must have been written
-        part = np.full((chunk, lc["ntiles"], R, lc["NKS"]), fill, np.float32)
-        tmax = np.full((chunk, lc["ntiles"], R), fill, np.float32)
-        assert part.nbytes + tmax.nbytes == chunk * lc["scratch3_per_head"]
-        for bh0 in range(0, B * Hm, chunk):
-            lib.emk_onepass(*(ctypes.c_uint(v) for v in (lc["grid3"][0], min(chunk, B * Hm - bh0), 16, 16)),
-                            _ptr(qc), _ptr(kc), _ptr(got), _ptr(part), _ptr(tmax), ctypes.c_int(bh0), *ints,
-                            ctypes.c_int(S), causal, scale)
-        return got, lc
-    assert lc["shared2"] <= 256 * 1024
-    m = np.zeros((B, Hm, R), np.float32)
-    lsum = np.zeros_like(m)
-    g1, g2 = lc["grid1"], lc["grid2"]
-    lib.emu_rowstats(_ptr(qc), _ptr(kc), _ptr(m), _ptr(lsum), ctypes.c_uint(g1[0]), ctypes.c_uint(g1[1]), *ints,
-                     causal, scale)
-    lib.emu_blocksum(_ptr(qc), _ptr(kc), _ptr(m), _ptr(lsum), _ptr(got), ctypes.c_uint(g2[0]), ctypes.c_uint(g2[1]),
-                     *ints, ctypes.c_int(S), causal, scale)
+    chunk = lc["heads_per_chunk"]
+    # scratch filled with garbage (NaN or a value): every entry read must have been written
+    part = np.full((chunk, lc["ntiles"], R, lc["NKS"]), fill, np.float32)
+    tmax = np.full((chunk, lc["ntiles"], R), fill, np.float32)
+    assert part.nbytes + tmax.nbytes == chunk * lc["scratch_per_head"]
+    for bh0 in range(0, B * Hm, chunk):
+        lib.emk_onepass(*(ctypes.c_uint(v) for v in (lc["grid"][0], min(chunk, B * Hm - bh0), 16, 16)),
+                        _ptr(qc), _ptr(kc), _ptr(got), _ptr(part), _ptr(tmax), ctypes.c_int(bh0), *ints,
+                        ctypes.c_int(S), causal, scale)
     return got, lc
 
 
-_SCORE_LIBS = {1: "scores.cu", 2: "scores.cu@2", 3: "scores.cu@3", "3l1": "scores.cu@3l1"}
-
-
-@pytest.mark.parametrize("version", [1, 2, 3, "3l1"], ids=lambda v: f"v{v}")
 @pytest.mark.parametrize("case", _SCORE_CASES, ids=[f"case{i}" for i in range(len(_SCORE_CASES))])
-def test_host_emulated_scores(host_kernels, case, version) -> None:
-    """scores.cu (both passes, or version 3's one pass), launched with the backend's launch
-    configuration; version 3 also in chunks of one head, twice (bit-identical), with NaN and
-    finite garbage in its scratch ("3l1": version 3 on version 1's logits micro-kernel)."""
+def test_host_emulated_scores(host_kernels, case) -> None:
+    """scores.cu launched with the backend's launch configuration, within ``score_eps`` of the
+    reference; also in chunks of one head, twice (bit-identical), with NaN and finite garbage in
+    its scratch."""
     import numpy as np
 
     from unisparse_ref import UniSparseConfig
-    from unisparse_ref import cupy_backend as cb
     from unisparse_ref import reference as ref
+    from unisparse_ref.cupy_backend import CupyBackend
 
     B, Hq, Hkv, c_h, Nq, Nk, D, S, c_q, c_k, causal = case
-    lib = host_kernels[_SCORE_LIBS[version]]
-    v = 3 if version == "3l1" else version
+    lib = host_kernels["scores.cu"]
     rng = np.random.default_rng(1)
     q = 1.5 * rng.standard_normal((B, Hq, Nq, D))
     k = 1.5 * rng.standard_normal((B, Hkv, Nk, D))
@@ -488,16 +385,15 @@ def test_host_emulated_scores(host_kernels, case, version) -> None:
     rq, rk = ref.compress(q, k, cfg)
     want = ref.block_scores(rq, rk, cfg, Nq, Nk)
     qc, kc = np.ascontiguousarray(rq, np.float32), np.ascontiguousarray(rk, np.float32)
-    got, lc = _emu_scores(lib, v, qc, kc, cfg, Nq, Nk, Hq // Hkv, fill=np.nan)
+    got, lc = _emu_scores(lib, qc, kc, cfg, Nq, Nk, Hq // Hkv, fill=np.nan)
     err = float(np.abs(got - want).max())
-    print(f"\nscores v{version} case {case}: max |scores - ref| = {err:.2e}")
-    assert err <= cb.CupyBackend.score_eps, f"max |scores - ref| = {err:.2e}"
-    if v == 3:
-        heads = B * qc.shape[1]
-        assert lc["heads_per_chunk3"] == heads  # these shapes fit the default budget in one launch
-        again, lc1 = _emu_scores(lib, v, qc, kc, cfg, Nq, Nk, Hq // Hkv, scratch_bytes=1, fill=7.0)
-        assert lc1["heads_per_chunk3"] == 1 and lc1["grid3"][1] == 1
-        assert np.array_equal(again, got), "version 3 is not bit-identical across runs and chunkings"
+    print(f"\nscores case {case}: max |scores - ref| = {err:.2e}")
+    assert err <= CupyBackend.score_eps, f"max |scores - ref| = {err:.2e}"
+    heads = B * qc.shape[1]
+    assert lc["heads_per_chunk"] == heads  # these shapes fit the default budget in one launch
+    again, lc1 = _emu_scores(lib, qc, kc, cfg, Nq, Nk, Hq // Hkv, scratch_bytes=1, fill=7.0)
+    assert lc1["heads_per_chunk"] == 1 and lc1["grid"][1] == 1
+    assert np.array_equal(again, got), "the scores are not bit-identical across runs and chunkings"
 
 
 @pytest.mark.parametrize("score_dtype", ["float64", "float32"])
@@ -548,7 +444,6 @@ def test_host_emulated_selection(host_kernels, score_dtype) -> None:
 _KERNEL_TABLE = {
     ("pooling.cu", "us_pool_seq<float>"): "emk_pool_f", ("pooling.cu", "us_pool_seq<__half>"): "emk_pool_h",
     ("pooling.cu", "us_pool_seq<__nv_bfloat16>"): "emk_pool_bf",
-    ("scores.cu", "us_scores_rowstats"): "emk_rowstats", ("scores.cu", "us_scores_blocksum"): "emk_blocksum",
     ("scores.cu", "us_scores_onepass"): "emk_onepass",
     ("selection.cu", "us_select_topp<float>"): "emk_select_f", ("selection.cu", "us_select_topp<double>"): "emk_select_d",
     ("selection.cu", "us_mask_to_indices"): "emk_m2i",
@@ -615,17 +510,17 @@ def _fake_cupy(host_kernels):
     fake.cuda = types.SimpleNamespace(Device=Device)
 
     class Kernel:
-        def __init__(self, file, name, options=()):
-            key = file
-            for v in (2, 3):
-                if file == "scores.cu" and f"-DUS_SC_VERSION={v}" in options:
-                    key = f"scores.cu@{v}"
-            self.lib = host_kernels[key]
-            self.fn = getattr(self.lib, _KERNEL_TABLE[(file, name)])
-            self.name = name
+        """``_loader.get_function(spec)``'s stand-in: the emulated kernel; records every spec asked for."""
+
+        def __init__(self, spec):
+            Kernel.specs.add(spec)
+            self.lib = host_kernels[spec.file]
+            self.fn = getattr(self.lib, _KERNEL_TABLE[(spec.file, spec.name_expression)])
+            self.name = spec.name_expression
             self.max_dynamic_shared_size_bytes = 0
 
         launched: set[str] = set()
+        specs: set = set()
 
         def __call__(self, grid, block, args, shared_mem=0):
             assert shared_mem <= 256 * 1024
@@ -650,15 +545,12 @@ def _fake_cupy(host_kernels):
     return fake, Kernel
 
 
-def _reference_attention_module():
-    import types
-
+def _reference_attention_forward():
+    """A stand-in for ``cupy_backend.attention.attention_forward`` computing with the reference."""
     import numpy as np
 
     from unisparse_ref import BFLOAT16, BlockMask
     from unisparse_ref import reference as ref
-
-    mod = types.ModuleType("unisparse_ref._cupy_attention")
 
     def attention_forward(q, k, v, kv_counts, kv_indices, *, nq, nk, block_size, heads_per_mask, causal,
                           softmax_scale):
@@ -666,7 +558,7 @@ def _reference_attention_module():
 
         for x in (q, k, v, kv_counts, kv_indices):
             assert isinstance(x, cp.ndarray) and x.flags.c_contiguous
-        # the real launcher's argument checks (unisparse_ref/_cupy_attention.py)
+        # the real launcher's argument checks (unisparse_ref/cupy_backend/attention.py)
         G = q.shape[1] // k.shape[1]
         assert heads_per_mask >= 1 and G % heads_per_mask == 0, "heads_per_mask must divide G"
         assert kv_counts.dtype == np.int32 and kv_indices.dtype == np.int32
@@ -688,8 +580,7 @@ def _reference_attention_module():
 
         return UniSparseConfig(block_size=S, c_q=S, c_k=S, causal=causal, softmax_scale=scale)
 
-    mod.attention_forward = attention_forward
-    return mod
+    return attention_forward
 
 
 @pytest.mark.parametrize("bf16_native", [True, False], ids=["cupy-bf16", "BFloat16Array"])
@@ -703,16 +594,17 @@ def test_backend_glue_on_host_emulation(host_kernels, monkeypatch, bf16_native) 
     from unisparse_ref import BFLOAT16, BlockMask, UniSparseConfig
     from unisparse_ref import cupy_backend as cb
     from unisparse_ref import reference as ref
+    from unisparse_ref.cupy_backend import _device, attention, scores, selection
     from unisparse_ref.tolerance import check_attention, eps_valid_rows
 
     fake, Kernel = _fake_cupy(host_kernels)
     monkeypatch.setitem(sys.modules, "cupy", fake)
-    monkeypatch.setitem(sys.modules, "unisparse_ref._cupy_attention", _reference_attention_module())
-    monkeypatch.setattr(cb, "_BF16_NATIVE", bf16_native)
-    monkeypatch.setattr(cb, "_NONFINITE", {})
-    monkeypatch.setattr(cb, "_SEL_THREADS", 32)  # the emulator was built with -DUS_SEL_THREADS=32
+    monkeypatch.setattr(attention, "attention_forward", _reference_attention_forward())
+    monkeypatch.setattr(_device, "_BF16_NATIVE", bf16_native)
+    monkeypatch.setattr(_device, "_NONFINITE", {})
+    monkeypatch.setattr(selection, "THREADS", 32)  # the emulator was built with -DUS_SEL_THREADS=32
     monkeypatch.setattr(_loader, "_SHARED_OPTIN", {})
-    monkeypatch.setattr(_loader, "get_function", lambda file, name, options=(): Kernel(file, name, options))
+    monkeypatch.setattr(_loader, "get_function", Kernel)
     be = cb.CupyBackend("host emulation")
     rng = np.random.default_rng(9)
     for dt in (np.float16, BFLOAT16, np.float32):
@@ -734,14 +626,10 @@ def test_backend_glue_on_host_emulation(host_kernels, monkeypatch, bf16_native) 
         assert np.abs(us.to_numpy(res.q_c) - rq).max() < 1e-5 and np.abs(us.to_numpy(res.k_c) - rk).max() < 1e-5
         want_scores = ref.block_scores(rq, rk, cfg, Nq, Nk)
         assert np.abs(us.to_numpy(res.scores) - want_scores).max() <= be.score_eps
-        s2 = cb.CupyBackend("host emulation", scores_version=2).block_scores(res.q_c, res.k_c, cfg, Nq, Nk)
-        assert np.abs(us.to_numpy(s2) - want_scores).max() <= be.score_eps
-        s3 = cb.CupyBackend("host emulation", scores_version=3).block_scores(res.q_c, res.k_c, cfg, Nq, Nk)
-        assert np.abs(us.to_numpy(s3) - want_scores).max() <= be.score_eps
-        with monkeypatch.context() as mp:  # version 3 in chunks of one head: the same bits
-            mp.setattr(cb, "_SC3_SCRATCH_BYTES", 1)
-            s3c = cb.CupyBackend("host emulation", scores_version=3).block_scores(res.q_c, res.k_c, cfg, Nq, Nk)
-        assert np.array_equal(us.to_numpy(s3c), us.to_numpy(s3))
+        with monkeypatch.context() as mp:  # in chunks of one mask head: the same bits
+            mp.setattr(scores, "SCRATCH_BYTES", 1)
+            s1 = be.block_scores(res.q_c, res.k_c, cfg, Nq, Nk)
+        assert np.array_equal(us.to_numpy(s1), us.to_numpy(res.scores))
         assert eps_valid_rows(res.block_mask, want_scores, cfg, Nq, Nk, be.score_eps).all()
         assert np.array_equal(us.to_numpy(res.block_mask.mask), ref.select_blocks(res.scores.get(), cfg, Nq, Nk).mask)
         out = us.to_numpy(res.out)
@@ -806,6 +694,9 @@ def test_backend_glue_on_host_emulation(host_kernels, monkeypatch, bf16_native) 
     b_, _ = be.compress(qt if q.dtype != BFLOAT16 else cb.as_bfloat16(qt), k, cfg)
     assert np.array_equal(us.to_numpy(a), us.to_numpy(b_))
     assert set(Kernel.launched) == set(_KERNEL_TABLE.values()), f"not every kernel ran: {Kernel.launched}"
+    # Every kernel the backend asked for is in the list the NVRTC test compiles: same name, same options
+    # (the attention's are checked in tests/test_cupy_attention_cpu.py).
+    assert Kernel.specs <= set(cb.all_instantiations()), Kernel.specs - set(cb.all_instantiations())
     # objects seen only through __dlpack__, and a (stand-in) PyTorch CPU bf16 tensor
     class DLPackOnly:
         def __init__(self, a):
@@ -818,7 +709,7 @@ def test_backend_glue_on_host_emulation(host_kernels, monkeypatch, bf16_native) 
             return self._a.__dlpack_device__()
 
     x32 = rng.standard_normal((1, 2, 16, 8)).astype(np.float32)
-    arr, dt = cb._device_input("q", DLPackOnly(x32))
+    arr, dt = _device.device_input("q", DLPackOnly(x32))
     assert dt == np.float32 and np.array_equal(np.asarray(arr), x32)
     fake_torch = types.ModuleType("torch")
     fake_torch.int16 = "int16"
@@ -848,7 +739,7 @@ def test_backend_glue_on_host_emulation(host_kernels, monkeypatch, bf16_native) 
 
     Tensor.__module__ = "torch.tensor"
     monkeypatch.setitem(sys.modules, "torch", fake_torch)
-    arr, dt = cb._device_input("q", Tensor(xb))
+    arr, dt = _device.device_input("q", Tensor(xb))
     assert dt == BFLOAT16 and arr.dtype == np.uint16 and np.array_equal(np.asarray(arr), xb.view(np.uint16))
 
 
@@ -857,7 +748,7 @@ def test_launch_opts_in_when_static_plus_dynamic_shared_memory_passes_48k(monkey
 
     class FakeKernel:
         name = "k"
-        shared_size_bytes = 16896  # static, as us_scores_blocksum
+        shared_size_bytes = 17408  # static, as us_scores_onepass
         max_dynamic_shared_size_bytes = 0
 
         def __init__(self):
@@ -868,7 +759,7 @@ def test_launch_opts_in_when_static_plus_dynamic_shared_memory_passes_48k(monkey
 
     monkeypatch.setattr(_loader, "max_dynamic_shared_memory", lambda device_id=None: 232448)
     k = FakeKernel()
-    _loader.launch(k, (1,), (256,), (), shared_mem=34048)  # 34048 + 16896 > 48 KiB
+    _loader.launch(k, (1,), (256,), (), shared_mem=34048)  # 34048 + 17408 > 48 KiB
     assert k.max_dynamic_shared_size_bytes == 34048 and k.calls == [34048]
     small = FakeKernel()
     _loader.launch(small, (1,), (256,), (), shared_mem=1024)  # fits the default: no opt-in

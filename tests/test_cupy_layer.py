@@ -21,13 +21,16 @@ import pytest
 
 import unisparse_ref as us
 from tests.conftest import assert_attention_matches_reference, random_qkv
-from unisparse_ref import BFLOAT16, BackendUnavailable, BlockMask, UniSparseConfig, geometry, workloads
+from unisparse_ref import BFLOAT16, BackendUnavailable, BlockMask, UniSparseConfig, geometry
 from unisparse_ref import reference as ref
+from unisparse_ref.evaluation import workloads
 from unisparse_ref.tolerance import attention_tolerance, check_attention, compare_selection, eps_valid_rows
 
 cp = pytest.importorskip("cupy", reason="CuPy is not installed")
 
 from unisparse_ref import cupy_backend as cb  # noqa: E402
+from unisparse_ref.cupy_backend import _device, selection  # noqa: E402
+from unisparse_ref.cupy_backend import scores as scores_stage  # noqa: E402
 
 
 def _backend_or_reason():
@@ -90,16 +93,15 @@ SCORE_CASES = [
 ]
 
 
-@pytest.mark.parametrize("version", cb.SCORES_VERSIONS, ids=lambda v: f"v{v}")
 @pytest.mark.parametrize("case", SCORE_CASES, ids=[f"case{i}" for i in range(len(SCORE_CASES))])
-def test_block_scores_match_reference(case, version) -> None:
+def test_block_scores_match_reference(case) -> None:
     B, Hq, Hkv, c_h, Nq, Nk, D, S, c_q, c_k, causal = case
     rng = np.random.default_rng(1)
     q, k, _ = random_qkv(rng, B, Hq, Hkv, Nq, Nk, D, np.float32, scale=1.5)
     cfg = UniSparseConfig(block_size=S, c_q=c_q, c_k=c_k, c_h=c_h, causal=causal)
     rq, rk = ref.compress(q, k, cfg)
     want = ref.block_scores(rq, rk, cfg, Nq, Nk)
-    got = cb.CupyBackend(BACKEND.device_name, scores_version=version).block_scores(rq, rk, cfg, Nq, Nk)
+    got = BACKEND.block_scores(rq, rk, cfg, Nq, Nk)
     assert got.dtype == cp.float32 and tuple(got.shape) == want.shape
     err = float(np.max(np.abs(_np(got) - want)))
     assert err <= BACKEND.score_eps, f"max |scores - ref| = {err:.3e} > score_eps {BACKEND.score_eps:.1e}"
@@ -111,17 +113,16 @@ def test_block_scores_match_reference(case, version) -> None:
 
 
 @pytest.mark.parametrize("case", SCORE_CASES[:3], ids=[f"case{i}" for i in range(3)])
-def test_block_scores_v3_repeats_and_chunks_are_bit_identical(case, monkeypatch) -> None:
-    """Version 3 (one pass, global scratch): the same bits on every run and in chunks of one head."""
+def test_block_scores_repeats_and_chunks_are_bit_identical(case, monkeypatch) -> None:
+    """The one-pass kernel (global scratch): the same bits on every run and in chunks of one head."""
     B, Hq, Hkv, c_h, Nq, Nk, D, S, c_q, c_k, causal = case
     rng = np.random.default_rng(3)
     q, k, _ = random_qkv(rng, B, Hq, Hkv, Nq, Nk, D, np.float32, scale=1.5)
     cfg = UniSparseConfig(block_size=S, c_q=c_q, c_k=c_k, c_h=c_h, causal=causal)
     rq, rk = ref.compress(q, k, cfg)
-    be3 = cb.CupyBackend(BACKEND.device_name, scores_version=3)
-    runs = [_np(be3.block_scores(rq, rk, cfg, Nq, Nk)) for _ in range(2)]
-    monkeypatch.setattr(cb, "_SC3_SCRATCH_BYTES", 1)  # one mask head per launch
-    runs.append(_np(be3.block_scores(rq, rk, cfg, Nq, Nk)))
+    runs = [_np(BACKEND.block_scores(rq, rk, cfg, Nq, Nk)) for _ in range(2)]
+    monkeypatch.setattr(scores_stage, "SCRATCH_BYTES", 1)  # one mask head per launch
+    runs.append(_np(BACKEND.block_scores(rq, rk, cfg, Nq, Nk)))
     for r in runs[1:]:
         assert r.tobytes() == runs[0].tobytes()
 
@@ -166,7 +167,7 @@ def test_select_blocks_same_scores(case, score_dtype) -> None:
 def test_mask_to_indices_matches_blockmask() -> None:
     rng = np.random.default_rng(3)
     mask = rng.random((2, 3, 9, 600)) < 0.3
-    counts, idx = cb._launch_mask_to_indices(cp.asarray(mask))
+    counts, idx = selection.launch_mask_to_indices(cp.asarray(mask))
     bm = BlockMask(mask, 16, 1, 9 * 16, 600 * 16, causal=False)
     wc, wi = bm.to_indices()
     assert np.array_equal(_np(counts), wc) and np.array_equal(_np(idx), wi)
@@ -247,7 +248,7 @@ class _CAIOnly:
 
 def test_cuda_array_interface_is_zero_copy() -> None:
     x = cp.random.standard_normal((1, 2, 64, 32), dtype=cp.float32)
-    arr, dt = cb._device_input("q", _CAIOnly(x))
+    arr, dt = _device.device_input("q", _CAIOnly(x))
     assert dt == np.float32 and arr.data.ptr == x.data.ptr
 
 
@@ -259,7 +260,7 @@ def test_torch_dlpack_in_and_out_is_zero_copy() -> None:
         q = torch.randn(1, 4, 256, 64, device="cuda", dtype=tdt)
         k = torch.randn(1, 2, 256, 64, device="cuda", dtype=tdt)
         v = torch.randn(1, 2, 256, 64, device="cuda", dtype=tdt)
-        arr, dt = cb._device_input("q", q)
+        arr, dt = _device.device_input("q", q)
         assert dt == ndt and arr.data.ptr == q.data_ptr(), "q must be viewed, not copied"
         cfg = UniSparseConfig(block_size=64)
         res = us.unisparse_attention(q, k, v, cfg, backend=BACKEND, return_details=True)
@@ -332,7 +333,7 @@ def test_131072_tokens_bf16_causal_sampled_against_reference() -> None:
     res = us.unisparse_attention(q, k, v, cfg, backend=BACKEND, return_details=True)
     cp.cuda.Device().synchronize()
     out, lse = res.out, res.lse
-    assert cb._count_nonfinite(_raw(out).view(cp.uint16), BFLOAT16) == 0
+    assert _device.count_nonfinite(_raw(out).view(cp.uint16), BFLOAT16) == 0
     assert tuple(lse.shape) == (1, Hq, N) and not bool(cp.isnan(lse).any())
     mask = res.block_mask.mask
     nqb = N // S

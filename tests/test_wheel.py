@@ -23,7 +23,7 @@ import ml_dtypes
 import numpy as np
 import pytest
 
-from unisparse_ref import _loader
+from unisparse_ref.cupy_backend import _loader
 
 REPO = Path(__file__).resolve().parent.parent
 PROJECT_FILES = ("pyproject.toml", "MANIFEST.in", "README.md", "LICENSE")
@@ -72,7 +72,8 @@ def test_wheel_contains_the_kernel_sources(wheel: Path) -> None:
     names = set(zipfile.ZipFile(wheel).namelist())
     for f in _loader.source_files():
         assert f"unisparse_ref/raw_kernels/{f}" in names, f"{f} is missing from {wheel.name}"
-    assert "unisparse_ref/_loader.py" in names and "unisparse_ref/cupy_backend.py" in names
+    for module in ("__init__", "_loader", "_device", "pooling", "scores", "selection", "attention"):
+        assert f"unisparse_ref/cupy_backend/{module}.py" in names, f"cupy_backend/{module}.py is missing"
 
 
 def test_installed_loader_reads_the_packaged_sources(wheel: Path, tmp_path: Path) -> None:
@@ -95,7 +96,7 @@ def test_installed_loader_reads_the_packaged_sources(wheel: Path, tmp_path: Path
         """
         import importlib.resources, json
         import unisparse_ref
-        from unisparse_ref import _loader
+        from unisparse_ref.cupy_backend import _loader
         files = _loader.source_files()
         pkg = importlib.resources.files("unisparse_ref.raw_kernels")
         try:

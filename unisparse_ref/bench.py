@@ -5,7 +5,7 @@ warm-up, the median of repeats, several input sets rotated so that caches flatte
 
 Contenders (each only when it can be imported and run here):
 
-* ``ours-dense``: :func:`unisparse_ref._cupy_attention.attention_forward` with every visible block;
+* ``ours-dense``: :func:`unisparse_ref.cupy_backend.attention.attention_forward` with every visible block;
 * ``ours-sparse``: the same kernel given a block mask of ~10% / ~30% of the causal blocks;
 * ``ours-pipeline``: the whole UniSparse pipeline with the CuPy backend (estimation = pooling,
   scores, selection; then the sparse kernel) on :func:`unisparse_ref.workloads.structured_workload`;
@@ -319,7 +319,7 @@ def _parse(argv: Sequence[str]) -> argparse.Namespace:
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--input-sets", type=int, default=2, help="input sets rotated between calls")
     p.add_argument("--budget-s", type=float, default=2.0, help="time budget per measurement (fewer repeats if slow)")
-    p.add_argument("--versions", default="default", help="our kernel versions to time: 'default', 'all' or e.g. '2,3'")
+    p.add_argument("--versions", default="default", help="our kernel versions to time: 'default', 'all' or e.g. '6,7'")
     p.add_argument("--contenders", default="all",
                    help="comma list from ours,sdpa-flash,sdpa-cudnn,flex,pipeline,numba (or 'all')")
     p.add_argument("--pipeline-sizes", default=None, help="sizes for the whole pipeline (default: --sizes)")
@@ -354,7 +354,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except Exception as e:
         print(f"unisparse-ref bench: needs CuPy and a CUDA GPU ({e})", file=sys.stderr)
         return 2
-    from . import _cupy_attention as att
+    from .cupy_backend import attention as att
 
     out_dir = Path(args.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -633,32 +633,12 @@ def _pipeline_error(be: Any, q: Any, k: Any, v: Any, bm: Any, cfg: Any) -> float
 
 def _estimator_stages(be: Any, q: Any, k: Any, cfg: Any, N: int, kw: dict[str, Any]
                       ) -> list[tuple[str, dict[str, float], str]]:
-    """The estimator split by stage: pooling, scores (every version), selection.
-
-    The scores versions other than the backend's are timed on the same composite tokens, with
-    their largest difference from the backend's version.
-    """
-    import cupy as cp
-
-    from .cupy_backend import SCORES_VERSIONS, CupyBackend
-
+    """The estimator split by stage: pooling, scores (the one-pass kernel), selection."""
     qc, kc = be.compress(q, k, cfg)
     sc = be.block_scores(qc, kc, cfg, N, N)
     out = [("ours-est-compress", time_calls([lambda: be.compress(q, k, cfg)], **kw), "pooling (q and k)"),
            ("ours-est-scores", time_calls([lambda: be.block_scores(qc, kc, cfg, N, N)], **kw),
-            f"scores v{be.scores_version}")]
-    for ver in SCORES_VERSIONS:
-        if ver == be.scores_version:
-            continue
-        try:
-            other = CupyBackend(be.device_name, scores_version=ver)
-            sc_o = other.block_scores(qc, kc, cfg, N, N)
-            diff = float(cp.abs(cp.asarray(sc_o) - cp.asarray(sc)).max())
-            t = time_calls([lambda other=other: other.block_scores(qc, kc, cfg, N, N)], **kw)
-            out.append((f"ours-est-scores-v{ver}", t,
-                        f"scores v{ver}; max|v{ver} - v{be.scores_version}| = {diff:.2e}"))
-        except Exception as e:  # noqa: BLE001 - another version is reported, not fatal
-            print(f"  scores v{ver} not timed: {type(e).__name__}: {e}"[:200])
+            "scores (one pass)")]
     out.append(("ours-est-select", time_calls([lambda: be.select_blocks(sc, cfg, N, N)], **kw),
                 "selection (mask form)"))
     return out

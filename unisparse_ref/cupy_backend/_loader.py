@@ -1,15 +1,20 @@
-"""The one small loader of the CuPy RawKernel layer: CUDA sources, compiled modules, launches.
+"""The one small loader of the CuPy layer: CUDA sources, compiled modules, launches.
 
 This module imports WITHOUT CuPy (CuPy is imported inside the functions that need it), so
-the no-GPU compile test and the docs can use it.
+the no-GPU compile test and the docs can use it. It knows nothing of the stages: each stage
+module (:mod:`~unisparse_ref.cupy_backend.pooling`, ``scores``, ``selection``, ``attention``)
+names its own instantiations with their NVRTC options, and
+:func:`unisparse_ref.cupy_backend.all_instantiations` gathers those lists.
 
-API (stable; the attention launcher ``unisparse_ref/_cupy_attention.py`` uses it)
---------------------------------------------------------------------------------
+API
+---
 ``KernelSpec(file, name_expression, options=())``
     A ``NamedTuple`` naming one template instantiation: ``file`` is a ``.cu`` in
     ``raw_kernels/`` (e.g. ``"attention.cu"``), ``name_expression`` the C++ name NVRTC
-    instantiates (e.g. ``"us_attention_fwd<__half, 64>"``), ``options`` extra NVRTC options
-    such as ``("-DUS_ATTN_BLOCK_M=64",)`` (the loader always adds :data:`BASE_OPTIONS`).
+    instantiates (e.g. ``"us_attn_fwd_v1<__half, 64>"``), ``options`` extra NVRTC options
+    such as ``("-DUS_POOL_THREADS=256",)`` (the loader always adds :data:`BASE_OPTIONS`).
+    A stage builds the spec it launches with the same function that builds its list, so the
+    compile test compiles exactly what the backend launches.
 ``read_source(file) -> str``
     The CUDA source, read with :mod:`importlib.resources` from the package
     ``unisparse_ref.raw_kernels`` (a source checkout falls back to ``<repo>/raw_kernels``),
@@ -17,8 +22,8 @@ API (stable; the attention launcher ``unisparse_ref/_cupy_attention.py`` uses it
     our own headers; ``cuda_fp16.h`` / ``cuda_bf16.h`` come from CuPy / NVRTC).
 ``get_module(file, name_expressions, options=()) -> cupy.RawModule``
     Compiled once per ``(device id, file, options, name_expressions)`` and cached.
-``get_function(file, name_expression, options=()) -> cupy.RawKernel``
-    ``get_module(file, (name_expression,), options).get_function(name_expression)``.
+``get_function(spec) -> cupy.RawKernel``
+    ``get_module(spec.file, (spec.name_expression,), spec.options)``'s kernel.
 ``launch(kernel, grid, block, args, shared_mem=0) -> None``
     Checks ``block`` (<= 1024 threads), ``grid`` (y, z <= 65535) and the dynamic shared
     memory against the device limit; above 48 KiB it opts in by setting
@@ -28,27 +33,15 @@ API (stable; the attention launcher ``unisparse_ref/_cupy_attention.py`` uses it
     ``{"float16": "__half", "bfloat16": "__nv_bfloat16", "float32": "float"}``: the C++
     element type of each supported input dtype name (bf16 travels as a ``uint16`` CuPy
     array; kernels read it as ``__nv_bfloat16``).
-``INSTANTIATIONS`` / ``all_instantiations() -> list[KernelSpec]``
-    Every kernel instantiation the backend can launch, as pure Python data (the no-GPU
-    NVRTC compile test compiles each). ``all_instantiations()`` = this module's list for
-    ``pooling.cu``, ``scores.cu``, ``selection.cu`` plus ``unisparse_ref._cupy_attention.
-    INSTANTIATIONS`` (a module-level ``list[KernelSpec]`` that module must define, and it
-    must import without CuPy).
-Array conventions between ``cupy_backend.py`` and ``attention_forward``
-    ``q``, ``k``, ``v`` arrive as C-contiguous CuPy arrays of dtype ``float16``, ``float32``
-    or ``uint16``; ``uint16`` MEANS bfloat16 (CuPy has no bf16 dtype: the backend carries bf16
-    as its raw 16-bit pattern). ``out`` has the dtype of ``q`` (so ``uint16`` = bf16 bits for a
-    bf16 input). ``kv_counts`` ``[B, Hm, nQb]`` and ``kv_indices`` ``[B, Hm, nQb, nKb]`` are
-    C-contiguous int32 CuPy arrays (FlexAttention's form, indices ascending, -1 padded).
 ``raw_kernels/common.cuh``
-    Shared device helpers (``us::to_float``, ``us::from_float``, ``US_CHECK`` style
-    constants); ``#include "common.cuh"`` in a ``.cu`` file.
+    Shared device helpers (``us::to_float``, ``us::from_float``, ``us::pack2``, ...);
+    ``#include "common.cuh"`` in every ``.cu`` file.
 """
 
 from __future__ import annotations
 
-import importlib
 import importlib.resources
+import importlib.util
 import re
 import threading
 from pathlib import Path
@@ -57,10 +50,8 @@ from typing import Any, NamedTuple
 __all__ = [
     "BASE_OPTIONS",
     "CTYPES",
-    "INSTANTIATIONS",
     "KernelSpec",
     "LaunchConfigError",
-    "all_instantiations",
     "cuda_include_dirs",
     "get_function",
     "get_module",
@@ -97,7 +88,7 @@ class LaunchConfigError(ValueError):
 
 # ---------------------------------------------------------------------------- sources
 def _source_dir_fallback() -> Path:
-    return Path(__file__).resolve().parent.parent / "raw_kernels"
+    return Path(__file__).resolve().parents[2] / "raw_kernels"  # <repo>/unisparse_ref/cupy_backend/_loader.py
 
 
 def _read_raw(name: str) -> str:
@@ -170,8 +161,6 @@ def cuda_include_dirs() -> list[str]:
     provides ``nv/target`` that they include. Returns the existing ``.../nvidia/<x>/include``
     directories holding either (CUDA 13 wheels share ``nvidia/cu13/include``).
     """
-    import importlib.util
-
     found: list[str] = []
     spec = importlib.util.find_spec("nvidia")
     roots = list(spec.submodule_search_locations or []) if spec is not None else []
@@ -182,38 +171,6 @@ def cuda_include_dirs() -> list[str]:
                     if str(inc) not in found:
                         found.append(str(inc))
     return found
-
-
-# ---------------------------------------------------------------------------- instantiations
-_TYPES = tuple(CTYPES.values())
-
-#: Kernel instantiations of pooling.cu, scores.cu and selection.cu (see their version tables),
-#: with exactly the options ``cupy_backend`` compiles them with (a test checks they agree).
-INSTANTIATIONS: list[KernelSpec] = (
-    [KernelSpec("pooling.cu", f"us_pool_seq<{t}>", ("-DUS_POOL_THREADS=256",)) for t in _TYPES]
-    + [KernelSpec("scores.cu", n, ("-DUS_SC_TR=64", "-DUS_SC_TC=64", f"-DUS_SC_VERSION={v}"))
-       for v in (1, 2) for n in ("us_scores_rowstats", "us_scores_blocksum")]
-    + [KernelSpec("scores.cu", "us_scores_onepass", ("-DUS_SC_TR=64", "-DUS_SC_TC=64", "-DUS_SC_VERSION=3"))]
-    + [KernelSpec("selection.cu", f"us_select_topp<{t}>", ("-DUS_SEL_THREADS=256",)) for t in ("float", "double")]
-    + [KernelSpec("selection.cu", "us_mask_to_indices", ("-DUS_SEL_THREADS=256",))]
-)
-
-
-def all_instantiations() -> list[KernelSpec]:
-    """Every kernel instantiation the CuPy backend can launch (this layer's and attention's).
-
-    The attention launcher's list (``unisparse_ref._cupy_attention.INSTANTIATIONS``) is
-    included when that module exists; it imports without CuPy.
-    """
-    specs = list(INSTANTIATIONS)
-    try:
-        att = importlib.import_module("unisparse_ref._cupy_attention")
-    except ModuleNotFoundError as e:
-        if e.name != "unisparse_ref._cupy_attention":
-            raise
-        return specs
-    specs.extend(KernelSpec(s[0], s[1], tuple(s[2]) if len(s) > 2 else ()) for s in getattr(att, "INSTANTIATIONS", []))
-    return specs
 
 
 # ---------------------------------------------------------------------------- compilation
@@ -259,9 +216,9 @@ def get_module(file: str, name_expressions: tuple[str, ...] | list[str], options
     return mod
 
 
-def get_function(file: str, name_expression: str, options: tuple[str, ...] = ()) -> Any:
-    """The ``cupy.RawKernel`` of one instantiation (module compiled and cached on first use)."""
-    return get_module(file, (name_expression,), options).get_function(name_expression)
+def get_function(spec: KernelSpec) -> Any:
+    """The ``cupy.RawKernel`` of one instantiation (its module compiled and cached on first use)."""
+    return get_module(spec.file, (spec.name_expression,), spec.options).get_function(spec.name_expression)
 
 
 # ---------------------------------------------------------------------------- launching

@@ -1,18 +1,33 @@
-"""Launcher of the block-sparse attention kernels in ``raw_kernels/attention.cu``.
+"""Stage 4 on the GPU: block-sparse attention (SPEC 6) with the kernels of ``raw_kernels/attention.cu``.
 
 The kernels read the block mask in FlexAttention's index form (``kv_counts`` ``[B, Hm, nQb]``,
 ``kv_indices`` ``[B, Hm, nQb, nKb]`` ascending, ``-1`` padded) and compute SPEC section 6:
 query head ``h`` uses mask head ``h // c_h`` and KV head ``h // G``; causal attention is
 bottom-right aligned; a row with no allowed key gives ``out = 0`` and ``lse = -inf``.
 
-Arrays are CuPy arrays; bfloat16 travels as a ``uint16`` CuPy array holding the bits (the
-convention of :mod:`unisparse_ref._loader`, ``CTYPES``), float16 and float32 as themselves.
-``out`` comes back in the dtype of ``q`` (same convention), ``lse`` in float32.
+The kernels form a teaching ladder, one rung per version (:data:`KERNEL_VERSIONS`; the table
+at the top of ``attention.cu`` says what each adds, ``docs/performance.md`` what each
+measured and which rungs were retired):
 
-This module imports without CuPy: :data:`INSTANTIATIONS` (every kernel instantiation, for
-the no-GPU NVRTC compile test and :func:`unisparse_ref._loader.all_instantiations`) and
-:data:`KERNEL_VERSIONS` (the kernel ladder) are plain data. See ``attention.cu``'s opening
-comment for the version table.
+====  =====================================  ============================================
+ver   kernel                                 role
+====  =====================================  ============================================
+1     ``us_attn_fwd_v1<T, D>``               scalar FMA, one thread per query row; float32
+                                             and every head dim; always correct, slow
+6     ``us_attn_fwd_mma<T, D, 4, 2, 64>``    ``mma.sync`` tensor cores (sm_80+); the
+                                             default off Hopper
+7     ``us_attn_fwd_wgmma<T, D>``            Hopper ``wgmma`` (sm_90a); the default on Hopper
+====  =====================================  ============================================
+
+Arrays are CuPy arrays; bfloat16 travels as a ``uint16`` CuPy array holding the bits (the
+element types are :data:`unisparse_ref.cupy_backend._loader.CTYPES`), float16 and float32 as
+themselves. ``out`` comes back in the dtype of ``q``, ``lse`` in float32.
+
+Here: the registry, the instantiations (:data:`INSTANTIATIONS`, built by :func:`kernel_spec`,
+which the launch uses too), the launch configuration (:func:`launch_config`) and the launch
+(:func:`attention_forward`; :func:`attend` adds the head-dim padding the backend needs).
+Adding a rung: one :class:`AttentionVersion` entry (its ``file`` may be another ``.cu``, its
+``kind`` selects the shared-memory rule in :func:`launch_config`). Imports without CuPy.
 """
 
 from __future__ import annotations
@@ -21,6 +36,12 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
+
+from .._arrays import check_head_pooling, check_qkv
+from ..blockmask import BlockMask
+from . import _loader
+from ._device import cupy_module
 from ._loader import CTYPES, KernelSpec
 
 __all__ = [
@@ -28,15 +49,18 @@ __all__ = [
     "DEFAULT_VERSION",
     "FALLBACK_VERSION",
     "INSTANTIATIONS",
+    "KERNEL_HEAD_DIMS",
     "KERNEL_VERSIONS",
+    "attend",
     "attention_forward",
-    "attention_instantiations",
     "check_index_form",
     "dense_indices",
+    "kernel_spec",
     "launch_config",
+    "padded_head_dim",
 ]
 
-_FILE = "attention.cu"
+FILE = "attention.cu"
 
 #: Head dims the scalar v1 kernel is instantiated for.
 V1_HEAD_DIMS: tuple[int, ...] = (32, 64, 128)
@@ -53,79 +77,78 @@ class AttentionVersion:
     ----------
     number : int
     summary : str
+    kernel : str
+        The C++ kernel template, instantiated as ``kernel<T, D>``.
+    kind : str
+        ``"scalar"`` (v1: one thread per query row, K/V tiles in static shared memory),
+        ``"mma"`` (mma.sync) or ``"wgmma"`` (Hopper): picks the shared-memory rule of
+        :func:`launch_config`.
     warps, m_tiles, bc : int
-        Tensor-core versions: ``Br = warps * m_tiles * 16`` query rows per CTA, ``Bc`` keys
-        per tile. ``0`` for v1 (``Br = min(64, S)`` threads, ``Bc = 16``).
-    sorted_work : bool
-        1-D grid in the fixed longest-first order "query tiles last-first, heads fastest"
-        (or, with ``sort_work=True``, a work list sorted by mask-row length).
-    q_in_regs : bool
-        Q fragments held in registers (else re-read from shared memory every tile).
+        Tensor-core versions: ``Br = warps * m_tiles * 16`` query rows per CTA (each warp owns
+        ``m_tiles`` m16 tiles), ``Bc`` keys per tile. ``0`` for v1 (``Br = min(64, S)``
+        threads, ``Bc = 16``). The mma.sync kernel takes ``warps, m_tiles, bc`` as template
+        arguments; the wgmma kernel is written for 2 warpgroups of 64 rows and ``Bc = 64``.
+    options : tuple of str
+        Extra NVRTC options of every instantiation (the wgmma kernel: ``-arch=sm_90a``).
+    file : str
+        The ``.cu`` file in ``raw_kernels/``.
+
+    Tensor-core versions run a 1-D grid in the fixed longest-first order "query tiles
+    last-first, heads fastest" (or, with ``sort_work=True``, a work list sorted by mask-row
+    length); v1 the 3-D grid ``(Hq, n_qtiles, B)``.
     """
 
     number: int
     summary: str
+    kernel: str
+    kind: str = "scalar"
     warps: int = 0
     m_tiles: int = 0
     bc: int = 0
-    sorted_work: bool = False
-    q_in_regs: bool = True
-    wgmma: bool = False
+    options: tuple[str, ...] = ()
+    file: str = FILE
 
     @property
     def tensor_core(self) -> bool:
-        return self.warps > 0
+        return self.kind != "scalar"
 
     @property
-    def options(self) -> tuple[str, ...]:
-        """Extra NVRTC options: the wgmma kernel needs the arch-specific sm_90a target."""
-        return ("-arch=sm_90a",) if self.wgmma else ()
+    def wgmma(self) -> bool:
+        """Needs Hopper (sm_90a)."""
+        return self.kind == "wgmma"
+
+    @property
+    def sorted_work(self) -> bool:
+        """1-D longest-first grid (and the optional sorted work list)."""
+        return self.tensor_core
 
     @property
     def head_dims(self) -> tuple[int, ...]:
         return MMA_HEAD_DIMS if self.tensor_core else V1_HEAD_DIMS
 
-    def br(self, block_size: int) -> int:
-        """Query rows per CTA."""
+    def rows_per_cta(self, block_size: int) -> int:
+        """``Br``, query rows per CTA."""
         return self.warps * self.m_tiles * 16 if self.tensor_core else min(64, block_size)
 
     def tile_keys(self) -> int:
         """``Bc``, keys per shared-memory tile."""
         return self.bc if self.tensor_core else _V1_BC
 
-    def name_expression(self, ctype: str, head_dim: int) -> str:
-        if not self.tensor_core:
-            return f"us_attn_fwd_v1<{ctype}, {head_dim}>"
-        if self.wgmma:
-            return f"us_attn_fwd_wgmma<{ctype}, {head_dim}, {self.warps // 4}>"
-        b = lambda x: "true" if x else "false"  # noqa: E731
-        return (
-            f"us_attn_fwd_mma<{ctype}, {head_dim}, {self.warps}, {self.m_tiles}, {self.bc}, "
-            f"{b(self.sorted_work)}, {b(self.q_in_regs)}>"
-        )
-
     def dtypes(self) -> tuple[str, ...]:
-        return ("float16", "bfloat16", "float32") if not self.tensor_core else ("float16", "bfloat16")
+        return ("float16", "bfloat16") if self.tensor_core else ("float16", "bfloat16", "float32")
 
 
-#: The kernel ladder: version number -> description and tile parameters.
+#: The kernel ladder: version number -> description and tile parameters. The numbers are the
+#: historical ones (v2-v5 and v8 were retired; their timings are on docs/performance.md).
 KERNEL_VERSIONS: dict[int, AttentionVersion] = {
-    1: AttentionVersion(1, "scalar FMA, one thread per query row, K/V tiles as float in shared memory"),
-    2: AttentionVersion(2, "mma.sync + ldmatrix, cp.async double buffer, swizzled smem, Br=64, Q in registers",
-                        warps=4, m_tiles=1, bc=64, sorted_work=False, q_in_regs=True),
-    3: AttentionVersion(3, "v2 with Br=128 as 4 warps x 32 rows (K/V fragments reused twice), Bc=32, "
-                        "1-D longest-first grid", warps=4, m_tiles=2, bc=32, sorted_work=True, q_in_regs=False),
-    4: AttentionVersion(4, "v2 with Br=128 as 8 warps x 16 rows, 1-D longest-first grid",
-                        warps=8, m_tiles=1, bc=64, sorted_work=True, q_in_regs=True),
-    5: AttentionVersion(5, "v2 on the 1-D longest-first grid (Br=64)",
-                        warps=4, m_tiles=1, bc=64, sorted_work=True, q_in_regs=True),
-    6: AttentionVersion(6, "v3 with Bc=64 (Br=128 as 4 warps x 32 rows); the fastest mma.sync version",
-                        warps=4, m_tiles=2, bc=64, sorted_work=True, q_in_regs=False),
+    1: AttentionVersion(1, "scalar FMA, one thread per query row, K/V tiles as float in shared memory",
+                        "us_attn_fwd_v1"),
+    6: AttentionVersion(6, "mma.sync m16n8k16 + ldmatrix, cp.async double buffer, swizzled smem; Br=128 as "
+                        "4 warps x 32 rows (K/V fragments reused twice), Bc=64; 1-D longest-first grid",
+                        "us_attn_fwd_mma", kind="mma", warps=4, m_tiles=2, bc=64),
     7: AttentionVersion(7, "Hopper wgmma (sm_90a): 2 warpgroups x 64 rows (Br=128), Q/K/V^T from swizzled smem "
                         "descriptors, P from registers, V transposed in smem, 2 CTAs/SM; 1-D longest-first grid",
-                        warps=8, m_tiles=1, bc=64, sorted_work=True, q_in_regs=False, wgmma=True),
-    8: AttentionVersion(8, "v7 with 1 warpgroup per CTA (Br=64), 2-3 CTAs/SM",
-                        warps=4, m_tiles=1, bc=64, sorted_work=True, q_in_regs=False, wgmma=True),
+                        "us_attn_fwd_wgmma", kind="wgmma", warps=8, m_tiles=1, bc=64, options=("-arch=sm_90a",)),
 }
 
 #: The version used when ``version=None`` (fp16/bf16; float32 always runs v1).
@@ -134,24 +157,36 @@ DEFAULT_VERSION = 7
 FALLBACK_VERSION = 6
 
 
-def attention_instantiations() -> list[KernelSpec]:
-    """Every instantiation this launcher can ask for: ``KernelSpec(file, name_expression, options)``."""
-    specs: list[KernelSpec] = []
-    for ver in KERNEL_VERSIONS.values():
-        for dt in ver.dtypes():
-            for d in ver.head_dims:
-                specs.append(KernelSpec(_FILE, ver.name_expression(CTYPES[dt], d), ver.options))
-    return specs
+def kernel_spec(ver: AttentionVersion, dtype: str, head_dim: int) -> KernelSpec:
+    """The instantiation of ``ver`` for input dtype name ``dtype`` and head dim ``head_dim``."""
+    args = [CTYPES[dtype], str(head_dim)]
+    if ver.kind == "mma":
+        args += [str(ver.warps), str(ver.m_tiles), str(ver.bc)]
+    return KernelSpec(ver.file, f"{ver.kernel}<{', '.join(args)}>", ver.options)
 
 
-#: The same list as module data (read by :func:`unisparse_ref._loader.all_instantiations`).
-INSTANTIATIONS: list[KernelSpec] = attention_instantiations()
+#: Every instantiation this stage can launch (every version, dtype and head dim).
+INSTANTIATIONS: list[KernelSpec] = [
+    kernel_spec(ver, dt, d) for ver in KERNEL_VERSIONS.values() for dt in ver.dtypes() for d in ver.head_dims
+]
+
+#: Head dims the backend runs; other D <= 128 are zero-padded up to the next (see :func:`attend`).
+KERNEL_HEAD_DIMS = V1_HEAD_DIMS
+
+
+def padded_head_dim(D: int) -> int:
+    """The kernel head dim used for ``D``: the smallest of :data:`KERNEL_HEAD_DIMS` that holds it."""
+    for d in KERNEL_HEAD_DIMS:
+        if D <= d:
+            return d
+    raise ValueError(
+        f"the cupy backend supports head dims up to {KERNEL_HEAD_DIMS[-1]}, got D={D} "
+        "(the numpy and numba backends take up to 256)"
+    )
 
 
 # ----------------------------------------------------------------------------- helpers
 def _dtype_name(arr: Any) -> str:
-    import numpy as np
-
     dt = np.dtype(arr.dtype)
     if dt == np.uint16:
         return "bfloat16"
@@ -175,28 +210,25 @@ def launch_config(
     -------
     dict
         ``grid``, ``block``, ``shared_mem`` (bytes), ``br`` (rows per CTA), ``n_qtiles``.
-        Versions with ``sorted_work`` (v3-v8) use a 1-D grid of ``B * Hq * n_qtiles`` CTAs in
-        the longest-first order (or over a sorted work list); v1 and v2 the 3-D grid
-        ``(Hq, n_qtiles, B)`` with heads fastest.
+        Tensor-core versions use a 1-D grid of ``B * Hq * n_qtiles`` CTAs in the
+        longest-first order (or over a sorted work list); v1 the 3-D grid ``(Hq, n_qtiles, B)``.
     """
-    br = ver.br(block_size)
+    br = ver.rows_per_cta(block_size)
     n_qtiles = _cdiv(nq, br)
-    if not ver.tensor_core:
+    if ver.kind == "scalar":
         # One thread per row; K and V tiles are static shared memory (2 * Bc * D floats).
         return {"grid": (q_heads, n_qtiles, batch), "block": (br,), "shared_mem": 0, "br": br,
                 "n_qtiles": n_qtiles}
-    threads = ver.warps * 32
-    if ver.wgmma:
+    if ver.kind == "wgmma":
         # Q [Br][D] + K [2][Bc][D] + V staging [Bc][D] + V^T [D][Bc], plus 1 KiB to align the
         # tiles to the 1024-byte swizzle atom of the wgmma descriptors.
         smem = (br + 4 * ver.bc) * head_dim * itemsize + 1024
-    else:
+    elif ver.kind == "mma":
         smem = (br + 4 * ver.bc) * head_dim * itemsize  # Q [Br][D] + K, V [2][Bc][D]
-    if ver.sorted_work:
-        grid: tuple[int, ...] = (batch * q_heads * n_qtiles,)
     else:
-        grid = (q_heads, n_qtiles, batch)
-    return {"grid": grid, "block": (threads,), "shared_mem": smem, "br": br, "n_qtiles": n_qtiles}
+        raise ValueError(f"attention kernel v{ver.number}: no launch rule for kind {ver.kind!r}")
+    return {"grid": (batch * q_heads * n_qtiles,), "block": (ver.warps * 32,), "shared_mem": smem, "br": br,
+            "n_qtiles": n_qtiles}
 
 
 def _work_list(kv_counts: Any, *, batch: int, q_heads: int, heads_per_mask: int, n_qtiles: int,
@@ -206,7 +238,7 @@ def _work_list(kv_counts: Any, *, batch: int, q_heads: int, heads_per_mask: int,
     Ties keep the order (b, qtile descending, h ascending): GQA siblings stay adjacent and
     share K/V tiles through L2; later query tiles (longer causal rows) go first.
     """
-    import cupy as cp
+    cp = cupy_module()
 
     qt = cp.arange(n_qtiles, dtype=cp.int64)
     i = (qt * br) // block_size
@@ -230,7 +262,7 @@ def dense_indices(batch: int, mask_heads: int, nq: int, nk: int, block_size: int
 
     Block ``j`` is visible to query block ``i`` iff ``j * S <= p_last(i)`` (SPEC section 5).
     """
-    import cupy as cp
+    cp = cupy_module()
 
     dev = cp.cuda.Device().id
     key = (dev, batch, mask_heads, nq, nk, block_size, causal)
@@ -274,17 +306,11 @@ def check_index_form(kv_counts: Any, kv_indices: Any, nkb: int) -> None:
 
 
 def _array_module(a: Any) -> Any:
-    if type(a).__module__.split(".")[0] == "cupy":
-        import cupy
-
-        return cupy
-    import numpy
-
-    return numpy
+    return cupy_module() if type(a).__module__.split(".")[0] == "cupy" else np
 
 
 def _has_sm90() -> bool:
-    import cupy as cp
+    cp = cupy_module()
 
     return str(cp.cuda.Device().compute_capability) == "90"
 
@@ -294,7 +320,8 @@ def _resolve_version(version: int | None, dtype: str, head_dim: int, block_size:
         ver = KERNEL_VERSIONS[DEFAULT_VERSION]
         if ver.wgmma and not _has_sm90():
             ver = KERNEL_VERSIONS[FALLBACK_VERSION]
-        if dtype not in ver.dtypes() or head_dim not in ver.head_dims or block_size % max(ver.br(block_size), ver.bc):
+        if (dtype not in ver.dtypes() or head_dim not in ver.head_dims
+                or block_size % max(ver.rows_per_cta(block_size), ver.tile_keys())):
             ver = KERNEL_VERSIONS[1]  # float32, other head dims or small S: the scalar kernel
     else:
         if version not in KERNEL_VERSIONS:
@@ -307,7 +334,7 @@ def _resolve_version(version: int | None, dtype: str, head_dim: int, block_size:
     if ver.wgmma and not _has_sm90():
         raise ValueError(f"attention kernel v{ver.number} needs a Hopper GPU (compute capability 9.0)")
     if ver.tensor_core:
-        need = max(ver.br(block_size), ver.bc)
+        need = max(ver.rows_per_cta(block_size), ver.tile_keys())
         if block_size % need:
             raise ValueError(
                 f"attention kernel v{ver.number} needs block_size to be a multiple of {need} (Br and Bc), "
@@ -318,7 +345,7 @@ def _resolve_version(version: int | None, dtype: str, head_dim: int, block_size:
     return ver
 
 
-# ----------------------------------------------------------------------------- the entry point
+# ----------------------------------------------------------------------------- the entry points
 def attention_forward(
     q: Any,
     k: Any,
@@ -358,7 +385,7 @@ def attention_forward(
         A key of :data:`KERNEL_VERSIONS`; ``None`` picks :data:`DEFAULT_VERSION` (v1 for
         float32 or shapes the tensor-core kernels do not take).
     sort_work : bool
-        1-D-grid versions (v3-v8): order the CTAs by the length of their mask row (a device
+        Tensor-core versions (1-D grid): order the CTAs by the length of their mask row (a device
         sort of ``kv_counts``, longest first) instead of the fixed order "query tiles
         last-first, heads fastest", which is already longest-first for causal masks. Costs a
         sort per call; worth it for masks whose row densities differ wildly.
@@ -375,33 +402,19 @@ def attention_forward(
     out : cupy.ndarray ``[B, Hq, Nq, D]``, the dtype of ``q``
     lse : cupy.ndarray float32 ``[B, Hq, Nq]``
     """
-    import cupy as cp
-    import numpy as np
-
-    from ._loader import get_function, launch
+    cp = cupy_module()
 
     for name, x in (("q", q), ("k", k), ("v", v), ("kv_counts", kv_counts), ("kv_indices", kv_indices)):
         if not isinstance(x, cp.ndarray):
             raise TypeError(f"{name} must be a CuPy array, got {type(x)!r}")
-    if q.ndim != 4 or k.ndim != 4 or v.shape != k.shape:
-        raise ValueError(f"q must be [B, Hq, Nq, D] and k, v [B, Hkv, Nk, D]; got {q.shape}, {k.shape}, {v.shape}")
     if k.dtype != q.dtype or v.dtype != q.dtype:
         raise TypeError(f"q, k, v must share a dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
-    B, Hq, Nq, D = (int(s) for s in q.shape)
-    Bk, Hkv, Nk, Dk = (int(s) for s in k.shape)
-    if (Bk, Dk) != (B, D):
-        raise ValueError(f"k {k.shape} must match q {q.shape} in batch and head dim")
+    B, Hq, Hkv, Nq, Nk, D = check_qkv(q, k, v, causal=causal, shape_only=True)
     if (Nq, Nk) != (nq, nk):
         raise ValueError(f"nq={nq}, nk={nk} do not match the shapes Nq={Nq}, Nk={Nk}")
-    if Nq < 1 or Nk < 1:
-        raise ValueError("Nq and Nk must be >= 1")
-    if Hq % Hkv:
-        raise ValueError(f"Hq={Hq} must be a multiple of Hkv={Hkv}")
-    G = Hq // Hkv
-    if heads_per_mask < 1 or G % heads_per_mask:
-        raise ValueError(f"heads_per_mask={heads_per_mask} must divide the GQA group size G={G}")
-    if causal and Nq > Nk:
-        raise ValueError(f"causal attention needs Nq <= Nk, got Nq={Nq}, Nk={Nk}")
+    if heads_per_mask < 1:
+        raise ValueError(f"heads_per_mask must be >= 1, got {heads_per_mask}")
+    check_head_pooling(Hq, Hkv, heads_per_mask)
     if block_size < 16 or block_size & (block_size - 1):
         raise ValueError(f"block_size must be a power of two >= 16, got {block_size}")
     Hm = Hq // heads_per_mask
@@ -433,7 +446,7 @@ def attention_forward(
         work = _work_list(kv_counts, batch=B, q_heads=Hq, heads_per_mask=heads_per_mask,
                           n_qtiles=cfg["n_qtiles"], br=cfg["br"], block_size=block_size)
     work_arg = work if (ver.sorted_work and work is not None) else np.uint64(0)  # nullptr: fixed order
-    kernel = get_function(_FILE, ver.name_expression(CTYPES[dtype], D), ver.options)
+    kernel = _loader.get_function(kernel_spec(ver, dtype, D))
     i32 = cp.int32
     args = (
         q, k, v, kv_counts, kv_indices, work_arg, out, lse,
@@ -441,5 +454,31 @@ def attention_forward(
         i32(block_size), i32(heads_per_mask), i32(1 if causal else 0), i32(cfg["n_qtiles"]),
         cp.float32(scale * math.log2(math.e)),
     )
-    launch(kernel, cfg["grid"], cfg["block"], args, shared_mem=cfg["shared_mem"])
+    _loader.launch(kernel, cfg["grid"], cfg["block"], args, shared_mem=cfg["shared_mem"])
+    return out, lse
+
+
+def attend(q: Any, k: Any, v: Any, kv_counts: Any, kv_indices: Any, block_mask: BlockMask,
+           softmax_scale: float) -> tuple[Any, Any]:
+    """:func:`attention_forward` for any head dim up to 128, as the backend calls it.
+
+    Head dims the kernels are not built for are zero-padded up to :func:`padded_head_dim`: zero
+    columns change no dot product ``q . k`` and give zero output columns, which are cut off
+    again; ``softmax_scale`` is that of the true ``D`` (passed explicitly). The mask's
+    geometry (``nq``, ``nk``, block size, ``heads_per_mask``, causality) comes from
+    ``block_mask``; the index form is ``kv_counts``, ``kv_indices``.
+    """
+    cp = cupy_module()
+
+    D = int(q.shape[3])
+    Dp = padded_head_dim(D)
+    if Dp != D:
+        widths = ((0, 0), (0, 0), (0, 0), (0, Dp - D))
+        q, k, v = (cp.pad(a, widths) for a in (q, k, v))
+    out, lse = attention_forward(
+        q, k, v, kv_counts, kv_indices, nq=block_mask.nq, nk=block_mask.nk, block_size=block_mask.block_size,
+        heads_per_mask=block_mask.heads_per_mask, causal=block_mask.causal, softmax_scale=float(softmax_scale),
+    )
+    if Dp != D:
+        out = cp.ascontiguousarray(out[..., :D])
     return out, lse

@@ -1,0 +1,275 @@
+"""The CuPy RawKernel backend: the production GPU layer, without PyTorch.
+
+Every stage of the pipeline is a CUDA C++ kernel in ``raw_kernels/`` compiled by NVRTC
+through :class:`cupy.RawModule`. Each stage has one module here holding its kernel
+instantiations with their NVRTC options, its launch configuration (one visible function) and
+its launch; :mod:`~unisparse_ref.cupy_backend._loader` reads, compiles and launches:
+
+============================  ==============================================  =====================
+method                        kernels (module)                                source
+============================  ==============================================  =====================
+``compress``                  ``us_pool_seq<T>`` (:mod:`.pooling`)            ``pooling.cu``
+``block_scores``              ``us_scores_onepass`` (:mod:`.scores`)          ``scores.cu``
+``select_blocks``             ``us_select_topp<float|double>``                ``selection.cu``
+                              (:mod:`.selection`)
+``block_sparse_attention``    ``us_mask_to_indices`` + the attention ladder   ``selection.cu``,
+                              v1, v6, v7 (:mod:`.attention`)                  ``attention.cu``
+``dense_attention``           the same with every visible block selected      ``attention.cu``
+============================  ==============================================  =====================
+
+Inputs
+------
+CuPy arrays; NumPy arrays (copied to the device); any object exposing ``__dlpack__`` or
+``__cuda_array_interface__`` (a PyTorch or JAX CUDA tensor: zero-copy, neither library is
+imported). Accepted dtypes: float16, bfloat16 and float32 (float64 raises ``TypeError``).
+A non-contiguous input is copied into a C-contiguous array first (this costs one copy;
+pass contiguous tensors to avoid it). Inputs must be finite; ``compress`` and the attention
+check this on the device and raise ``ValueError`` otherwise.
+
+bfloat16
+--------
+bf16 arrives as an ``ml_dtypes.bfloat16`` NumPy array, a bf16 DLPack tensor, a CuPy bf16
+array (CuPy >= 14) or a :class:`BFloat16Array`. On the device it is carried as its raw
+16-bit pattern (a ``uint16`` CuPy view) and read by the kernels as ``__nv_bfloat16``. A bf16
+output comes back as a CuPy bfloat16 array where CuPy supports that dtype (CuPy >= 14 with
+NumPy >= 2.1.2), otherwise as a :class:`BFloat16Array`; :func:`unisparse_ref.to_numpy` reads
+both. :func:`as_bfloat16` turns a ``uint16`` CuPy array of bf16 bits into the same.
+
+Precision
+---------
+Pooling, logits, softmax and block sums run in float32 (``score_eps = 1e-6``, SPEC 7);
+the selection adds in float64 exactly as the reference does, so on identical scores its mask
+is the reference's. Attention accumulates in float32; ``lse`` is float32.
+
+This package imports without CuPy; CuPy is imported by :func:`make_backend` and the methods.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from .._arrays import check_composite_shapes, check_config, check_head_pooling, check_mask_against
+from ..blockmask import BlockMask
+from ..config import UniSparseConfig
+from ..errors import BackendUnavailable
+from . import attention, pooling, scores, selection
+from ._device import (
+    SUPPORTED_DTYPES,
+    BFloat16Array,
+    as_bfloat16,
+    check_finite_device,
+    composite_input,
+    cupy_module,
+    qkv_inputs,
+    scores_input,
+    wrap_output,
+)
+from ._loader import KernelSpec, read_source
+from ._nvrtc import CompileResult, NvrtcUnavailable, compile_offline
+
+__all__ = [
+    "SUPPORTED_DTYPES",
+    "BFloat16Array",
+    "CompileResult",
+    "CupyBackend",
+    "KernelSpec",
+    "NvrtcUnavailable",
+    "all_instantiations",
+    "as_bfloat16",
+    "compile_offline",
+    "make_backend",
+    "read_source",
+]
+
+
+def all_instantiations() -> list[KernelSpec]:
+    """Every kernel instantiation the backend can launch: the stage modules' lists, in stage order.
+
+    Each entry is ``KernelSpec(file, name_expression, options)`` with exactly the NVRTC options
+    the stage launches it with; the no-GPU compile test builds each of them.
+    """
+    return [*pooling.INSTANTIATIONS, *scores.INSTANTIATIONS, *selection.INSTANTIATIONS,
+            *attention.INSTANTIATIONS]
+
+
+# ---------------------------------------------------------------------------- backend
+class CupyBackend:
+    """UniSparse on CUDA through CuPy RawKernels (see the module docstring).
+
+    Every method takes the arguments of the reference (:mod:`unisparse_ref.reference`) and
+    returns CuPy arrays (bf16 outputs: see :func:`as_bfloat16`); ``select_blocks`` returns a
+    :class:`~unisparse_ref.BlockMask` whose ``mask`` is a CuPy bool array.
+    """
+
+    name = "cupy"
+    supported_dtypes = SUPPORTED_DTYPES
+    #: Any D up to 128 (the kernels run 32, 64 and 128; smaller D are zero-padded).
+    supported_head_dims = tuple(range(1, attention.KERNEL_HEAD_DIMS[-1] + 1))
+    score_eps = 1e-6
+
+    def __init__(self, device_name: str = "") -> None:
+        self.device_name = device_name
+
+    # -------------------------------------------------------------- stage 1
+    def compress(self, q: Any, k: Any, config: UniSparseConfig) -> tuple[Any, Any]:
+        """Composite tokens (SPEC 3).
+
+        Parameters
+        ----------
+        q : array ``[B, Hq, Nq, D]``
+        k : array ``[B, Hkv, Nk, D]``
+        config : UniSparseConfig
+
+        Returns
+        -------
+        q_c : cupy float32 ``[B, Hq/c_h, R, D]``
+        k_c : cupy float32 ``[B, Hkv, C, D]``
+        """
+        config = check_config(config)
+        (qd, kd), dt, (_, Hq, Hkv, _, _, _) = qkv_inputs(q, k, None, config.causal)
+        check_head_pooling(Hq, Hkv, config.c_h)
+        q_c = pooling.launch_pool(qd, dt, config.c_q, config.c_h)
+        k_c = pooling.launch_pool(kd, dt, config.c_k, 1)
+        # Pooled means are non-finite iff some input in their group is: a cheap full check.
+        check_finite_device(("q", q_c, np.dtype(np.float32)), ("k", k_c, np.dtype(np.float32)))
+        return q_c, k_c
+
+    # -------------------------------------------------------------- stage 2
+    def block_scores(self, q_c: Any, k_c: Any, config: UniSparseConfig, nq: int, nk: int) -> Any:
+        """Block scores (SPEC 4): cupy float32 ``[B, Hq/c_h, nQb, nKb]``, rows summing to 1."""
+        config = check_config(config)
+        qc, kc = composite_input("q_c", q_c), composite_input("k_c", k_c)
+        check_composite_shapes(qc, kc, config, nq, nk)
+        return scores.launch_scores(qc, kc, config, int(nq), int(nk))
+
+    # -------------------------------------------------------------- stage 3
+    def select_blocks(self, scores: Any, config: UniSparseConfig, nq: int, nk: int) -> BlockMask:
+        """Top-P selection (SPEC 5): a :class:`BlockMask` with a CuPy bool mask."""
+        config = check_config(config)
+        s = scores_input(scores, config, nq, nk)
+        mask, _, _ = selection.launch_select(s, config, nq, nk, with_indices=False)
+        return BlockMask(mask, config.block_size, config.c_h, nq, nk, config.causal)
+
+    def select_blocks_indices(
+        self, scores: Any, config: UniSparseConfig, nq: int, nk: int
+    ) -> tuple[BlockMask, Any, Any]:
+        """:meth:`select_blocks` plus the index form from the same kernel.
+
+        Returns
+        -------
+        block_mask : BlockMask
+        kv_counts : cupy int32 ``[B, Hm, nQb]``
+        kv_indices : cupy int32 ``[B, Hm, nQb, nKb]`` (ascending, -1 padded)
+        """
+        config = check_config(config)
+        s = scores_input(scores, config, nq, nk)
+        mask, counts, indices = selection.launch_select(s, config, nq, nk, with_indices=True)
+        return BlockMask(mask, config.block_size, config.c_h, nq, nk, config.causal), counts, indices
+
+    # -------------------------------------------------------------- stage 4
+    def block_sparse_attention(
+        self, q: Any, k: Any, v: Any, block_mask: BlockMask, config: UniSparseConfig
+    ) -> tuple[Any, Any]:
+        """Exact attention over the selected blocks (SPEC 6).
+
+        Returns
+        -------
+        out : ``[B, Hq, Nq, D]`` of q's dtype (bf16: see :func:`as_bfloat16`)
+        lse : cupy float32 ``[B, Hq, Nq]`` (``-inf`` on rows with no allowed key)
+        """
+        cp = cupy_module()
+        config = check_config(config)
+        if not isinstance(block_mask, BlockMask):
+            raise TypeError(f"block_mask must be a BlockMask, got {type(block_mask)!r}")
+        (qd, kd, vd), dt, (B, Hq, Hkv, Nq, Nk, D) = qkv_inputs(q, k, v, block_mask.causal)
+        check_mask_against(block_mask, B, Hq, Hkv, Nq, Nk, config)
+        check_finite_device(("q", qd, dt), ("k", kd, dt), ("v", vd, dt))
+        mask = cp.ascontiguousarray(cp.asarray(block_mask.mask, dtype=cp.bool_))
+        counts, indices = selection.launch_mask_to_indices(mask)
+        out, lse = attention.attend(qd, kd, vd, counts, indices, block_mask, config.scale_for(D))
+        return wrap_output(out, dt), lse
+
+    def dense_attention(
+        self, q: Any, k: Any, v: Any, causal: bool = True, softmax_scale: float | None = None
+    ) -> tuple[Any, Any]:
+        """Dense attention: :meth:`block_sparse_attention` with every visible block selected."""
+        cp = cupy_module()
+        if not isinstance(causal, bool):
+            raise TypeError(f"causal must be a bool, got {causal!r}")
+        (qd, kd, vd), dt, (B, Hq, Hkv, Nq, Nk, D) = qkv_inputs(q, k, v, causal)
+        config = UniSparseConfig(causal=causal, softmax_scale=softmax_scale)  # validates the scale
+        check_finite_device(("q", qd, dt), ("k", kd, dt), ("v", vd, dt))
+        S = config.block_size
+        # One mask head per KV head (heads_per_mask = G): the smallest index form the attention takes.
+        G = Hq // Hkv
+        bm = BlockMask.full(B, Hkv, Nq, Nk, block_size=S, heads_per_mask=G, causal=causal)
+        counts, indices = selection.launch_mask_to_indices(cp.asarray(bm.mask))
+        out, lse = attention.attend(qd, kd, vd, counts, indices, bm, config.scale_for(D))
+        return wrap_output(out, dt), lse
+
+    # -------------------------------------------------------------- pipeline
+    def unisparse_attention(
+        self, q: Any, k: Any, v: Any, config: UniSparseConfig
+    ) -> tuple[Any, Any, BlockMask, Any, Any, Any]:
+        """The whole pipeline (SPEC 3-6) in one call, for :func:`unisparse_ref.unisparse_attention`.
+
+        The same kernels and results as ``compress`` -> ``block_scores`` -> ``select_blocks`` ->
+        ``block_sparse_attention``, with less host work between them: ``q``, ``k``, ``v`` are
+        checked once (one host synchronisation for their finiteness), the intermediate arrays
+        are not re-checked (they come from our own kernels), and the attention reads the index
+        form that the selection kernel writes instead of converting the mask again. At 8K
+        tokens, where every kernel is short, the stage-by-stage calls spend a noticeable part of
+        the pipeline's time in those checks and launches.
+
+        Returns
+        -------
+        out, lse, block_mask, scores, q_c, k_c
+            As :class:`unisparse_ref.UniSparseResult` (CuPy arrays).
+        """
+        config = check_config(config)
+        (qd, kd, vd), dt, (_, Hq, Hkv, Nq, Nk, D) = qkv_inputs(q, k, v, config.causal)
+        check_head_pooling(Hq, Hkv, config.c_h)
+        check_finite_device(("q", qd, dt), ("k", kd, dt), ("v", vd, dt))
+        q_c = pooling.launch_pool(qd, dt, config.c_q, config.c_h)
+        k_c = pooling.launch_pool(kd, dt, config.c_k, 1)
+        sc = scores.launch_scores(q_c, k_c, config, Nq, Nk)
+        mask, counts, indices = selection.launch_select(sc, config, Nq, Nk, with_indices=True)
+        bm = BlockMask(mask, config.block_size, config.c_h, Nq, Nk, config.causal)
+        out, lse = attention.attend(qd, kd, vd, counts, indices, bm, config.scale_for(D))
+        return wrap_output(out, dt), lse, bm, sc, q_c, k_c
+
+    def __repr__(self) -> str:
+        return f"CupyBackend({self.device_name!r})"
+
+
+def make_backend() -> CupyBackend:
+    """The CuPy backend, or :class:`~unisparse_ref.BackendUnavailable` saying why not.
+
+    Raises
+    ------
+    BackendUnavailable
+        CuPy is not installed, or no CUDA device is usable.
+    """
+    try:
+        import cupy
+    except ImportError as e:
+        raise BackendUnavailable(
+            f"cupy is not installed ({e}); install unisparse-ref[cuda13] or [cuda12]"
+        ) from e
+    try:
+        n = cupy.cuda.runtime.getDeviceCount()
+    except Exception as e:  # noqa: BLE001 - CUDARuntimeError and driver failures alike
+        raise BackendUnavailable(f"cupy cannot reach a CUDA device: {e}") from e
+    if n < 1:
+        raise BackendUnavailable("cupy found no CUDA device")
+    try:
+        props = cupy.cuda.runtime.getDeviceProperties(cupy.cuda.Device().id)
+        name = props["name"].decode() if isinstance(props["name"], bytes) else str(props["name"])
+        major = int(props["major"])
+    except Exception as e:  # noqa: BLE001
+        raise BackendUnavailable(f"cupy cannot query the CUDA device: {e}") from e
+    if major < 8:
+        raise BackendUnavailable(f"the cupy backend needs compute capability >= 8.0 (bf16); {name} has {major}.x")
+    return CupyBackend(name)

@@ -1,0 +1,103 @@
+"""Stage 3 on the GPU: top-P block selection (SPEC 5) with ``raw_kernels/selection.cu``.
+
+``us_select_topp<float|double>``: one thread block per mask row ``(b, g, i)``; the candidate
+blocks are sorted by score (bitonic sort in shared memory, ties by lower block index), then one
+thread walks them in float64 in the reference's order of additions, so the mask equals the
+reference's bit for bit on the same scores. It can also write FlexAttention's index form
+(``kv_counts``, ascending ``kv_indices`` padded with -1), which the attention reads.
+``us_mask_to_indices`` writes that index form for any bool mask (a user's BlockMask).
+
+Here: the instantiations (:data:`INSTANTIATIONS`, NVRTC options :data:`OPTIONS`), the launch
+configurations (:func:`launch_config`, :func:`mask_to_indices_config`) and the launches
+(:func:`launch_select`, :func:`launch_mask_to_indices`). Imports without CuPy.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from ..config import UniSparseConfig
+from . import _loader
+from ._device import cupy_module, i32
+from ._loader import KernelSpec
+
+__all__ = ["FILE", "INSTANTIATIONS", "MASK_TO_INDICES", "OPTIONS", "THREADS", "launch_config",
+           "launch_mask_to_indices", "launch_select", "mask_to_indices_config", "select_spec"]
+
+FILE = "selection.cu"
+#: Threads per block (``US_SEL_THREADS`` in selection.cu).
+THREADS = 256
+#: NVRTC options of every instantiation of this stage (the one place they are written).
+OPTIONS: tuple[str, ...] = (f"-DUS_SEL_THREADS={THREADS}",)
+
+
+def select_spec(ctype: str) -> KernelSpec:
+    """``us_select_topp<ctype>`` for scores of C++ type ``ctype`` (``float`` or ``double``)."""
+    return KernelSpec(FILE, f"us_select_topp<{ctype}>", OPTIONS)
+
+
+MASK_TO_INDICES = KernelSpec(FILE, "us_mask_to_indices", OPTIONS)
+#: Every instantiation this stage launches.
+INSTANTIATIONS: list[KernelSpec] = [select_spec("float"), select_spec("double"), MASK_TO_INDICES]
+
+
+def launch_config(rows: int, nkb: int, score_itemsize: int) -> dict[str, Any]:
+    """``us_select_topp``: one block of ``THREADS`` per mask row; shared memory for the sort.
+
+    Dynamic shared memory holds ``NP`` sort keys (the scores' type), ``NP`` block ids and
+    ``NP`` keep flags (int32 each), ``NP`` the next power of two >= ``nKb``.
+    """
+    np2 = 1 << max(0, (nkb - 1).bit_length())
+    return {"grid": (rows, 1, 1), "block": (THREADS, 1, 1), "shared_mem": np2 * (score_itemsize + 8)}
+
+
+def mask_to_indices_config(rows: int, nkb: int) -> dict[str, Any]:
+    """``us_mask_to_indices``: one block per mask row; ``nKb`` int32 flags in shared memory."""
+    return {"grid": (rows, 1, 1), "block": (THREADS, 1, 1), "shared_mem": 4 * nkb}
+
+
+def launch_select(scores: Any, config: UniSparseConfig, nq: int, nk: int, with_indices: bool) -> tuple[Any, ...]:
+    """``us_select_topp<T>``: mask (and, ``with_indices``, kv_counts and kv_indices) from scores.
+
+    ``scores`` is a C-contiguous float32 or float64 CuPy array ``[B, Hm, nQb, nKb]``.
+
+    Returns
+    -------
+    mask : cupy bool ``[B, Hm, nQb, nKb]``
+    kv_counts : cupy int32 ``[B, Hm, nQb]`` or None
+    kv_indices : cupy int32 ``[B, Hm, nQb, nKb]`` or None
+    """
+    cp = cupy_module()
+    B, Hm, nqb, nkb = (int(s) for s in scores.shape)
+    ctype = "double" if scores.dtype == cp.float64 else "float"
+    mask = cp.empty((B, Hm, nqb, nkb), dtype=cp.bool_)
+    if with_indices:
+        counts = cp.empty((B, Hm, nqb), dtype=cp.int32)
+        indices = cp.empty((B, Hm, nqb, nkb), dtype=cp.int32)
+        cptr, iptr = counts, indices
+    else:
+        counts = indices = None
+        cptr = iptr = np.uintp(0)  # null pointers: the kernel skips the index form
+    lc = launch_config(B * Hm * nqb, nkb, scores.dtype.itemsize)
+    _loader.launch(
+        _loader.get_function(select_spec(ctype)), lc["grid"], lc["block"],
+        (scores, mask, cptr, iptr, i32(nqb), i32(nkb), i32(nq), i32(nk), i32(config.block_size),
+         i32(config.n_sink_blocks), i32(config.n_local_blocks), np.int32(1 if config.causal else 0),
+         np.float64(config.threshold)),
+        shared_mem=lc["shared_mem"],
+    )
+    return mask, counts, indices
+
+
+def launch_mask_to_indices(mask: Any) -> tuple[Any, Any]:
+    """``us_mask_to_indices``: FlexAttention index form of a C-contiguous CuPy bool mask ``[B, Hm, nQb, nKb]``."""
+    cp = cupy_module()
+    B, Hm, nqb, nkb = (int(s) for s in mask.shape)
+    counts = cp.empty((B, Hm, nqb), dtype=cp.int32)
+    indices = cp.empty((B, Hm, nqb, nkb), dtype=cp.int32)
+    lc = mask_to_indices_config(B * Hm * nqb, nkb)
+    _loader.launch(_loader.get_function(MASK_TO_INDICES), lc["grid"], lc["block"], (mask, counts, indices, i32(nkb)),
+                   shared_mem=lc["shared_mem"])
+    return counts, indices
