@@ -19,7 +19,7 @@
 // row); the CTA walks the key tiles K_j, V_j (Bc keys each) of its selected key blocks. The
 // CTA has three warpgroups (3 x 128 threads) with different jobs:
 //
-//   warpgroup 0, the PRODUCER. Gives most of its registers away (setmaxnreg.dec: 24 per
+//   warpgroup 0, the PRODUCER. Gives most of its registers away (setmaxnreg.dec: 40 per
 //     thread) and, from one thread, issues the Tensor Memory Accelerator (TMA) copies: Q_i
 //     once, then K_j and V_j of every selected tile into a ring of STAGES shared-memory
 //     slots. kv_indices gives the key block of each tile, i.e. the TMA coordinates. Each
@@ -27,7 +27,7 @@
 //     and an EMPTY mbarrier (the consumers' 8 warps arrive when their tensor-core reads of
 //     the slot are complete; the producer waits on it before refilling the slot).
 //
-//   warpgroups 1 and 2, the CONSUMERS. Take the registers (setmaxnreg.inc: 240 per thread);
+//   warpgroups 1 and 2, the CONSUMERS. Take the registers (setmaxnreg.inc: 232 per thread);
 //     consumer c owns query rows [64c, 64c + 64) of the tile. Per key tile j:
 //       S_ij = Q_i K_j^T          wgmma m64n{Bc}k16, Q and K read by the tensor cores straight
 //                                 from the TMA tiles (K-major, 128-byte swizzle)
@@ -54,11 +54,12 @@
 // The work: n_tasks = B * Hq * n_qtiles tasks (b, h, 128-row query tile), ordered "batch,
 // query tiles last-first (longest causal rows first), heads fastest" (GQA siblings share K/V
 // tiles through L2), or read from a work list of packed tasks ((b * Hq + h) * n_qtiles +
-// qtile) sorted by row length. The grid is persistent: about one CTA per SM, CTA c takes
-// tasks c, c + gridDim.x, ... (a static longest-first schedule), and its producer loads the
-// next task's Q_i and first K/V tiles while the consumers finish the current one. The ring
-// positions, the barrier phases and the ping-pong turns simply continue from task to task.
-// (A grid of n_tasks CTAs, one task each, is the same code.)
+// qtile) sorted by row length. The grid is persistent: about one CTA per SM; CTA c starts with
+// task c and takes the next from a global atomic counter (tasks leave the list in order, as
+// CTAs free up), and its producer loads the next task's Q_i and first K/V tiles while the
+// consumers finish the current one. The producer announces each task (its index in a shared
+// slot, then the Q barrier); the ring positions, the barrier phases and the ping-pong turns
+// simply continue from task to task. (A grid of n_tasks CTAs, one task each, is the same code.)
 // Requirements (the launcher checks): D in {64, 128, 256}; S a multiple of 128 (a 128-row
 // CTA stays inside one query block) and of Bc.
 //
@@ -68,8 +69,10 @@
 //                            us_fa3_fwd_gmem), 3-D views (D, N, B*H) with box (64, rows, 1)
 //                            and 128-byte swizzle
 //   kv_counts, kv_indices, work, out, lse,
-//   Hq, Hkv, Hm, Nq, Nk, nQb, idx_stride, S, c_h, causal, n_qtiles, scale_log2, n_tasks
-// attention.cu's, with q, k, v replaced by the three tensor maps, plus the task count.
+//   Hq, Hkv, Hm, Nq, Nk, nQb, idx_stride, S, c_h, causal, n_qtiles, scale_log2, n_tasks,
+//   task_counter
+// attention.cu's, with q, k, v replaced by the three tensor maps, plus the task count and a
+// zeroed int in device memory for the dynamic schedule (nullptr: static stride).
 
 #include <cuda_fp16.h>
 #include <cuda_bf16.h>
@@ -87,8 +90,10 @@ namespace us_fa3 {
 
 // Named barriers 1 and 2 order the two consumers' GEMM issue (barrier 0 is __syncthreads).
 constexpr int kBarSchedBase = 1;
-constexpr int kProducerRegs = 24;   // 128 x 24 + 256 x 240 = 64,512 <= 65,536 registers
-constexpr int kConsumerRegs = 240;
+// 128 x 40 + 256 x 232 = 64,512 <= 65,536 registers (the 168 per thread a 384-thread CTA gets at
+// launch). The producer's task loop spills at 24 (FA3's figure); the consumers use about 200.
+constexpr int kProducerRegs = 40;
+constexpr int kConsumerRegs = 232;
 
 // ----------------------------------------------------------------------------- small helpers
 template <typename T> struct Pack;
@@ -292,7 +297,7 @@ struct Smem {
   static constexpr int KV_ELEMS = BC * D;  // one stage of K (or V)
   static constexpr int TILE_BYTES = (Q_ELEMS + 2 * STAGES * KV_ELEMS) * (int)sizeof(T);
   static constexpr int BAR_BYTES = 8 * (2 + 4 * STAGES);
-  static constexpr int BYTES = 1024 + TILE_BYTES + BAR_BYTES;  // what the launcher must pass
+  static constexpr int BYTES = 1024 + TILE_BYTES + BAR_BYTES + 16;  // + the task slot; what the launcher passes
 };
 
 // The key tile j of a CTA: tile j is sub-tile (j % SUB) of the j / SUB-th visible block.
@@ -307,7 +312,7 @@ __device__ __forceinline__ void fwd_body(
     const int* __restrict__ kv_counts, const int* __restrict__ kv_indices, const int* __restrict__ work,
     T* __restrict__ out, float* __restrict__ lse,
     int Hq, int Hkv, int Hm, int Nq, int Nk, int nQb, int idx_stride, int S, int c_h, int causal,
-    int n_qtiles, float scale_log2, int n_tasks) {
+    int n_qtiles, float scale_log2, int n_tasks, int* __restrict__ task_counter) {
   using L = Smem<T, D, BC, STAGES>;
   constexpr int BR = L::BR;
   constexpr int NCH = D / 64;            // 64-element (128-byte) column regions of a tile
@@ -328,10 +333,16 @@ __device__ __forceinline__ void fwd_body(
   const unsigned bar_q = smem_u32(bars), bar_q_empty = bar_q + 8;
   const unsigned bar_full_k = bar_q + 16, bar_full_v = bar_full_k + 8 * STAGES;
   const unsigned bar_empty_k = bar_full_v + 8 * STAGES, bar_empty_v = bar_empty_k + 8 * STAGES;
+  // The task of the current round, written by the producer before it arrives on q_full (the
+  // arrive releases the store, the consumers' wait acquires it).
+  volatile int* task_slot = reinterpret_cast<volatile int*>(base + L::TILE_BYTES + L::BAR_BYTES);
 
-  // ---- the work: tasks (b, h, 128-row query tile), x = blockIdx.x, blockIdx.x + gridDim.x, ...
-  // (a persistent grid of about one CTA per SM walks the list with a static stride; a grid of
-  // n_tasks CTAs runs one task each). Task x is work[x] from a sorted work list, or (work ==
+  // ---- the work: tasks (b, h, 128-row query tile). CTA c starts with task c; its producer
+  // then takes the next one from the global counter (x = gridDim.x + atomicAdd(counter, 1):
+  // CTAs take tasks in list order as they free up, like the hardware block scheduler, so the
+  // tasks in flight stay a narrow window of the list and GQA siblings sweep the same K/V
+  // through L2 together), or, without a counter, with a static stride (x += gridDim.x).
+  // A grid of n_tasks CTAs runs one task each. Task x is work[x] from a sorted work list, or (work ==
   // nullptr) the fixed order: batch, then query tiles last-first (longest causal rows
   // first), heads fastest (GQA siblings run together and share K/V tiles through L2).
   const int G = Hq / Hkv;
@@ -378,7 +389,7 @@ __device__ __forceinline__ void fwd_body(
   // (fence.mbarrier_init) and to every thread (__syncthreads) before anyone uses them.
   if (threadIdx.x == 0) {
     mbar_init(bar_q, 1);        // the producer's arrive.expect_tx (+ the bytes of Q_i)
-    mbar_init(bar_q_empty, 8);  // lane 0 of each consumer warp, once its last S GEMM of the task is done
+    mbar_init(bar_q_empty, 8);  // lane 0 of each consumer warp, once done with Q_i and the task slot
 #pragma unroll
     for (int s = 0; s < STAGES; ++s) {
       mbar_init(bar_full_k + 8 * s, 1);   // the producer's arrive.expect_tx (+ the bytes)
@@ -398,12 +409,26 @@ __device__ __forceinline__ void fwd_body(
       tma_prefetch_desc(tm_k);
       tma_prefetch_desc(tm_v);
       int tile_ctr = 0;  // K/V tiles this CTA loaded so far: ring slot and phase of the next one
-      int q_ctr = 0;     // tasks (with tiles) loaded so far: phase of the Q barriers
-      for (int x = blockIdx.x; x < n_tasks; x += gridDim.x) {
+      int q_ctr = 0;     // tasks announced so far: phase of the Q barriers
+      int x = blockIdx.x;
+      while (true) {
+        // The next task may overwrite Q_i and the task slot once both consumers are done with
+        // the previous task's (its last S GEMM complete).
+        if (q_ctr > 0) {
+          mbar_wait(bar_q_empty, (q_ctr - 1) & 1);
+          x = task_counter != nullptr ? (int)gridDim.x + atomicAdd(task_counter, 1) : x + (int)gridDim.x;
+        }
+        *task_slot = x;
+        if (x >= n_tasks) {        // no work left: tell the consumers (q_full without bytes)
+          mbar_arrive(bar_q);
+          break;
+        }
         const Task tk = get_task(x);
-        if (tk.n_tiles == 0) continue;  // an empty row: the consumers just write zeros
-        // Q_i of this task once both consumers finished the previous task's last S GEMM.
-        if (q_ctr > 0) mbar_wait(bar_q_empty, (q_ctr - 1) & 1);
+        ++q_ctr;
+        if (tk.n_tiles == 0) {     // an empty mask row: the consumers just write zeros
+          mbar_arrive(bar_q);
+          continue;
+        }
         mbar_arrive_expect_tx(bar_q, Q_BYTES);
 #pragma unroll
         for (int c = 0; c < NCH; ++c)  // D/64 boxes of 64 x 128 (rows past Nq arrive as zeros)
@@ -428,7 +453,6 @@ __device__ __forceinline__ void fwd_body(
             tma_load_3d(smem_u32(Vs + s * L::KV_ELEMS + c * BC * 64), tm_v, bar_full_v + 8 * s, c * 64, n0, kvh);
         }
         tile_ctr += tk.n_tiles;
-        ++q_ctr;
       }
     }
     return;  // the CTA lives on until the consumers finish; the copies land on their barriers
@@ -535,8 +559,12 @@ __device__ __forceinline__ void fwd_body(
     if (cw == 0) named_bar_arrive(bar_mine, 256);
 
     int tile_ctr = 0;  // K/V tiles consumed so far (the producer's count, in the same order)
-    int q_ctr = 0;     // tasks with tiles so far (phase of the Q barrier)
-    for (int x = blockIdx.x; x < n_tasks; x += gridDim.x) {
+    int q_ctr = 0;     // tasks so far (phase of the Q barrier)
+    while (true) {
+      mbar_wait(bar_q, q_ctr & 1);  // the task announced (and, if it has tiles, Q_i landed)
+      const int x = *task_slot;
+      ++q_ctr;
+      if (x >= n_tasks) break;
       const Task tk = get_task(x);
       const int n_tiles = tk.n_tiles;
       const int* idx = tk.idx;
@@ -545,8 +573,8 @@ __device__ __forceinline__ void fwd_body(
       l_i[0] = l_i[1] = 0.f;
 #pragma unroll
       for (int n = 0; n < NO * 4; ++n) acc_o[n] = 0.f;
+      if (n_tiles == 0) release(bar_q_empty);  // nothing to compute: free the slot at once
       if (n_tiles > 0) {
-        mbar_wait(bar_q, q_ctr & 1);  // Q_i landed
 
         // ---- tile 0: S_i0, softmax, P_i0
         {
@@ -600,7 +628,7 @@ __device__ __forceinline__ void fwd_body(
           pack_p();
         }
 
-        // Every S GEMM of the task is complete: Q_i may be overwritten by the next task's.
+        // Every S GEMM of the task is complete: Q_i (and the task slot) may be overwritten.
         release(bar_q_empty);
 
         // ---- the last P V
@@ -619,7 +647,6 @@ __device__ __forceinline__ void fwd_body(
           release(bar_empty_v + 8 * sp);
         }
         tile_ctr += n_tiles;
-        ++q_ctr;
       }  // n_tiles > 0
 
       // ---- epilogue: O_i / l_i and lse (rows past Nq are not stored; empty rows: 0, -inf).
@@ -658,10 +685,11 @@ __global__ void __launch_bounds__(384, 1) us_fa3_fwd(
     const int* __restrict__ kv_counts, const int* __restrict__ kv_indices, const int* __restrict__ work,
     T* __restrict__ out, float* __restrict__ lse,
     int Hq, int Hkv, int Hm, int Nq, int Nk, int nQb, int idx_stride, int S, int c_h, int causal,
-    int n_qtiles, float scale_log2, int n_tasks) {
+    int n_qtiles, float scale_log2, int n_tasks, int* __restrict__ task_counter) {
 #if defined(US_FA3_HAVE_SM90A)
   us_fa3::fwd_body<T, D, BC, STAGES>(&tm_q, &tm_k, &tm_v, kv_counts, kv_indices, work, out, lse, Hq, Hkv, Hm,
-                                     Nq, Nk, nQb, idx_stride, S, c_h, causal, n_qtiles, scale_log2, n_tasks);
+                                     Nq, Nk, nQb, idx_stride, S, c_h, causal, n_qtiles, scale_log2, n_tasks,
+                                     task_counter);
 #else
   __trap();  // built without sm_90a: the launcher never selects this kernel then
 #endif
@@ -675,11 +703,11 @@ __global__ void __launch_bounds__(384, 1) us_fa3_fwd_gmem(
     const int* __restrict__ kv_counts, const int* __restrict__ kv_indices, const int* __restrict__ work,
     T* __restrict__ out, float* __restrict__ lse,
     int Hq, int Hkv, int Hm, int Nq, int Nk, int nQb, int idx_stride, int S, int c_h, int causal,
-    int n_qtiles, float scale_log2, int n_tasks) {
+    int n_qtiles, float scale_log2, int n_tasks, int* __restrict__ task_counter) {
 #if defined(US_FA3_HAVE_SM90A)
   us_fa3::fwd_body<T, D, BC, STAGES>(tmaps, tmaps + 1, tmaps + 2, kv_counts, kv_indices, work, out, lse, Hq,
                                      Hkv, Hm, Nq, Nk, nQb, idx_stride, S, c_h, causal, n_qtiles, scale_log2,
-                                     n_tasks);
+                                     n_tasks, task_counter);
 #else
   __trap();
 #endif

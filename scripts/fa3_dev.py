@@ -272,6 +272,7 @@ def fa3(
     sort_work=False,
     persistent=True,
     max_ctas=None,
+    schedule="dynamic",
 ):
     from unisparse_ref._fa3_launch import fa3_forward
 
@@ -293,6 +294,7 @@ def fa3(
         sort_work=sort_work,
         persistent=persistent,
         max_ctas=max_ctas,
+        schedule=schedule,
     )
 
 
@@ -337,9 +339,10 @@ def check_case(case, rng, modes=("param",)):
         r = {}
         try:
             outs = []
-            # runs: persistent twice (repeat), persistent on 3 CTAs (many tasks per CTA, ring
-            # and barrier phases across tasks), one CTA per task: all must be bit-identical.
-            for kw in ({}, {}, {"max_ctas": 3}, {"persistent": False}):
+            # runs: persistent (dynamic schedule) twice (repeat), on 3 CTAs (many tasks per
+            # CTA: ring, barrier phases and turns across tasks), static schedule on 3 CTAs, one
+            # CTA per task: all must be bit-identical.
+            for kw in ({}, {}, {"max_ctas": 3}, {"max_ctas": 3, "schedule": "static"}, {"persistent": False}):
                 out, lse = poison(q.shape, dt, cp)
                 fa3(
                     q,

@@ -63,10 +63,10 @@ class Fa3Config:
     stages: int
 
     def smem_bytes(self, itemsize: int = 2) -> int:
-        """Dynamic shared memory: 1 KiB alignment slack, Q, the K and V rings, the mbarriers
-        (the kernel's ``Smem<...>::BYTES``)."""
+        """Dynamic shared memory: 1 KiB alignment slack, Q, the K and V rings, the mbarriers,
+        the task slot (the kernel's ``Smem<...>::BYTES``)."""
         tiles = (FA3_BR + 2 * self.stages * self.bc) * self.head_dim * itemsize
-        return 1024 + tiles + 8 * (1 + 4 * self.stages)
+        return 1024 + tiles + 8 * (2 + 4 * self.stages) + 16
 
 
 #: Per head dim: Bc = 128 (one whole mask block per step) where the consumers' registers
@@ -355,6 +355,7 @@ def fa3_forward(
     tmap_mode: str = "param",
     stages: int | None = None,
     persistent: bool = True,
+    schedule: str = "dynamic",
     max_ctas: int | None = None,
     out: Any = None,
     lse: Any = None,
@@ -366,6 +367,8 @@ def fa3_forward(
     longest-first for causal masks); ``tmap_mode`` (``"param"``, ``"cupy"`` or ``"gmem"``:
     how the tensor maps reach the kernel); ``stages`` (K/V ring depth, default per head dim);
     ``persistent`` (one CTA per SM walking the tasks, default; else one CTA per task);
+    ``schedule`` (persistent grid: ``"dynamic"``, CTAs take the next task from an atomic
+    counter, default; ``"static"``, CTA c takes tasks c, c + grid, ...);
     ``max_ctas`` (a smaller persistent grid, for tests: many tasks per CTA);
     ``out``/``lse`` (preallocated outputs, for timing loops).
     """
@@ -449,6 +452,11 @@ def fa3_forward(
         encode_tensor_map(k, dtype, cfg.bc),
         encode_tensor_map(v, dtype, cfg.bc),
     ]
+    if schedule not in ("dynamic", "static"):
+        raise ValueError(f"schedule must be 'dynamic' or 'static', got {schedule!r}")
+    # The dynamic schedule's task counter (zeroed per launch; the first grid-size tasks are
+    # taken without it).
+    counter = cp.zeros(1, dtype=cp.int32) if persistent and schedule == "dynamic" else None
     i32 = np.int32
     rest = [
         kv_counts,
@@ -469,6 +477,7 @@ def fa3_forward(
         i32(cfgd["n_qtiles"]),
         np.float32(scale * math.log2(math.e)),
         i32(cfgd["n_tasks"]),
+        counter,
     ]
     ld = _loader()
     if tmap_mode == "gmem":
