@@ -26,26 +26,18 @@ class NvrtcUnavailable(RuntimeError):
 
 
 class CompileResult(NamedTuple):
-    """One NVRTC compilation of a ``.cu`` file for one architecture.
+    """One NVRTC compilation of a ``.cu`` file for one architecture (fields below)."""
 
-    Attributes
-    ----------
-    ok : bool
-    log : str
-        NVRTC's log (with ptxas' ``-v`` report).
-    cubin_size : int
-        Bytes of CUBIN (0 on failure).
-    lowered : dict
-        Name expression -> mangled kernel name.
-    resources : dict
-        Name expression -> ``{"registers", "smem", "spill_stores", "spill_loads"}`` (bytes
-        except registers), from the ptxas report.
-    """
-
+    #: Whether NVRTC succeeded.
     ok: bool
+    #: NVRTC's log (with ptxas' ``-v`` report).
     log: str
+    #: Bytes of CUBIN (0 on failure).
     cubin_size: int
+    #: Name expression -> mangled kernel name.
     lowered: dict[str, str]
+    #: Name expression -> ``{"registers", "smem", "spill_stores", "spill_loads"}`` (bytes except
+    #: registers), from the ptxas report.
     resources: dict[str, dict[str, int]]
 
 
