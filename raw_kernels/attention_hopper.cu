@@ -334,7 +334,10 @@ __device__ __forceinline__ void fwd_body(
   const unsigned bar_full_k = bar_q + 16, bar_full_v = bar_full_k + 8 * STAGES;
   const unsigned bar_empty_k = bar_full_v + 8 * STAGES, bar_empty_v = bar_empty_k + 8 * STAGES;
   // The task of the current round, written by the producer before it arrives on q_full (the
-  // arrive releases the store, the consumers' wait acquires it).
+  // arrive releases the store, the consumers' wait acquires it); rewritten only after every
+  // consumer warp arrived on q_empty, after its read. (compute-sanitizer's racecheck does not
+  // model this mbarrier ordering of plain shared-memory accesses and reports the slot as a
+  // write-read race; memcheck and synccheck are clean.)
   volatile int* task_slot = reinterpret_cast<volatile int*>(base + L::TILE_BYTES + L::BAR_BYTES);
 
   // ---- the work: tasks (b, h, 128-row query tile). CTA c starts with task c; its producer
