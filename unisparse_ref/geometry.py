@@ -90,6 +90,13 @@ def composite_visibility(nq: int, nk: int, c_q: int, c_k: int, causal: bool) -> 
     ``R = ceil(nq / c_q)``, ``C = ceil(nk / c_k)``. Causal: key group ``c`` is visible to
     query group ``r`` iff its first token ``c*c_k`` is at most ``p(last(r))`` with
     ``last(r) = min((r+1)*c_q, nq) - 1``. Non-causal: all visible.
+
+    Edges: the rule is judged at the group's *last* query (a short last group included), and
+    is inclusive: a key group whose first token is exactly ``p(last(r))`` is visible, even
+    though its other tokens lie in the future. With ``c_q = c_k`` and ``nk - nq`` a multiple
+    of ``c_k``, the two plausible mistakes (judging at the group's first query; a strict ``<``)
+    mostly give the same matrix, so the oracle's cases use other factors and offsets
+    (``tests/test_mutations.py`` plants both).
     """
     R, C = cdiv(nq, c_q), cdiv(nk, c_k)
     if not causal:

@@ -1,14 +1,21 @@
-"""``unisparse-ref verify MODULE:FUNCTION --stage attention|selection|pipeline``.
+"""``unisparse-ref verify MODULE:FUNCTION --stage compress|scores|selection|attention|pipeline``.
 
-Runs the oracle battery of :mod:`unisparse_ref.testing` against your function and prints a
-pass/fail table. Exit code 0 only when every case passes.
+Runs the oracle battery of :mod:`unisparse_ref.oracle.testing` against your function and
+prints a pass/fail table. Exit code 0 only when every case passes. What is checked is the
+specification, ``docs/spec.md`` (SPEC sections 3 to 6 for the stages, section 7 for the
+tolerances).
 
 Signatures expected for each stage:
 
-* ``attention``: ``fn(q, k, v, block_mask, config) -> (out, lse)`` (or ``out``);
-* ``selection``: ``fn(scores, config, nq, nk) -> BlockMask`` (or a bool ``[B, Hm, nQb, nKb]`` array);
+* ``compress`` (SPEC 3): ``fn(q, k, config) -> (q_c, k_c)``;
+* ``scores`` (SPEC 4): ``fn(q_c, k_c, config, nq, nk) -> scores`` ``[B, Hq/c_h, nQb, nKb]``;
+* ``selection`` (SPEC 5): ``fn(scores, config, nq, nk) -> BlockMask`` (or a bool
+  ``[B, Hm, nQb, nKb]`` array);
+* ``attention`` (SPEC 6): ``fn(q, k, v, block_mask, config) -> (out, lse)`` (or ``out``);
 * ``pipeline``: ``fn(q, k, v, config) -> out``, ``(out, lse)``, ``(out, lse, block_mask)`` or an
   object with ``out``, ``lse`` and ``block_mask`` attributes.
+
+``lse`` may be float32 or float64 (natural log; ``-inf`` on rows with no allowed key).
 
 ``MODULE`` is imported with the current directory on ``sys.path``; ``FUNCTION`` may be a
 dotted attribute path (``mypkg.kernels:Backend.attention``). The target ``numpy``,
@@ -29,9 +36,18 @@ import numpy as np
 from .._arrays import SUPPORTED_DTYPES, dtype_name
 from . import testing
 
-__all__ = ["main", "resolve_target"]
+__all__ = ["STAGES", "main", "resolve_target"]
 
 _DTYPES = {dtype_name(d): d for d in SUPPORTED_DTYPES}
+
+#: The stages and the signature each expects.
+STAGES = {
+    "compress": "fn(q,k,config)->(q_c,k_c) (SPEC 3)",
+    "scores": "fn(q_c,k_c,config,nq,nk)->scores (SPEC 4)",
+    "selection": "fn(scores,config,nq,nk)->BlockMask (SPEC 5)",
+    "attention": "fn(q,k,v,block_mask,config)->(out,lse) (SPEC 6)",
+    "pipeline": "fn(q,k,v,config)->out, (out,lse) or (out,lse,block_mask)",
+}
 
 
 def resolve_target(target: str, stage: str) -> Callable[..., Any]:
@@ -50,6 +66,10 @@ def resolve_target(target: str, stage: str) -> Callable[..., Any]:
             be = get_backend(target)
         except (ValueError, BackendUnavailable) as e:
             raise ValueError(f"target {target!r} is neither MODULE:FUNCTION nor an available backend: {e}") from e
+        if stage == "compress":
+            return be.compress
+        if stage == "scores":
+            return be.block_scores
         if stage == "attention":
             return be.block_sparse_attention
         if stage == "selection":
@@ -85,21 +105,21 @@ def main(argv: list[str] | None = None) -> int:
     """Entry point of ``unisparse-ref verify``; returns the exit code."""
     p = argparse.ArgumentParser(
         prog="unisparse-ref verify",
-        description="Check your implementation of a UniSparse stage against the float64 reference "
-                    "(SPEC section 7 tolerances) on a battery of edge cases.",
+        description="Check your implementation of a UniSparse stage against the float64 reference on a "
+                    "battery of edge cases. The definition checked is docs/spec.md (the specification: "
+                    "sections 3-6 for the stages, section 7 for the tolerances).",
     )
     p.add_argument("target", help="MODULE:FUNCTION to check, or a backend name (numpy, numba, cupy)")
-    p.add_argument("--stage", choices=["attention", "selection", "pipeline"], required=True,
-                   help="attention: fn(q,k,v,block_mask,config)->(out,lse); selection: "
-                        "fn(scores,config,nq,nk)->BlockMask; pipeline: fn(q,k,v,config)->out")
+    p.add_argument("--stage", choices=list(STAGES), required=True,
+                   help="; ".join(f"{k}: {v}" for k, v in STAGES.items()))
     p.add_argument("--dtype", default="float32", choices=sorted(_DTYPES),
-                   help="input dtype for attention/pipeline; score dtype for selection (default float32 "
-                        "for attention/pipeline, float64 for selection unless given)")
+                   help="input dtype for compress/attention/pipeline, composite-token dtype for scores, score "
+                        "dtype for selection (default float32, float64 for selection unless given)")
     p.add_argument("--quick", action="store_true", help="a smaller battery")
     p.add_argument("--arrays", default="numpy", choices=["numpy", "cupy"],
                    help="array type handed to your function (default numpy)")
     p.add_argument("--score-eps", type=float, default=None,
-                   help="pipeline: your score tolerance eps (default 1e-6, or 1e-2 for float16/bfloat16)")
+                   help="scores/pipeline: your score tolerance eps (default 1e-6, or 1e-2 for float16/bfloat16)")
     p.add_argument("-v", "--verbose", action="store_true", help="show every line of every message")
     argv = list(sys.argv[1:] if argv is None else argv)
     dtype_given = any(a == "--dtype" or a.startswith("--dtype=") for a in argv)
@@ -111,7 +131,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"unisparse-ref verify: {e}", file=sys.stderr)
         return 2
     dtype = _DTYPES[args.dtype]
-    if args.stage == "attention":
+    if args.stage == "compress":
+        report = testing.check_compress(fn, dtype=dtype, quick=args.quick, to_device=dev)
+    elif args.stage == "scores":
+        report = testing.check_scores(fn, dtype=dtype, quick=args.quick, to_device=dev, score_eps=args.score_eps)
+    elif args.stage == "attention":
         report = testing.check_block_sparse_attention(fn, dtype=dtype, quick=args.quick, to_device=dev)
     elif args.stage == "selection":
         sdt = dtype if dtype_given else np.dtype(np.float64)
