@@ -1,6 +1,17 @@
 // attention_hopper.cu: a FlashAttention-3-class block-sparse attention forward for Hopper
 // (sm_90a), in plain CUDA C++ with inline PTX, compiled by NVRTC through CuPy.
 //
+// Version table (rung v9 of the attention ladder; v1, v6 and v7 are in attention.cu,
+// unisparse_ref/cupy_backend/attention.py has the registry, docs/performance.md the timings)
+// -------------------------------------------------------------------------------------------
+// | ver | kernel                              | Br  | Bc  | warps | what it adds              |
+// |-----|-------------------------------------|-----|-----|-------|---------------------------|
+// | v9  | us_fa3_fwd<T, D, Bc, STAGES>        | 128 | 128 | 12    | v7's wgmma, warp-         |
+// |     |   D = 64, 128 (Bc 128), 256 (Bc 64) |     | (64)|       | specialised: TMA producer |
+// |     | us_fa3_fwd_gmem<...> (maps in global|     |     |       | + 2 ping-pong consumers,  |
+// |     |   memory; same kernel otherwise)    |     |     |       | persistent grid. DEFAULT  |
+// |     |                                     |     |     |       | on Hopper                 |
+//
 // What it computes (identical to attention.cu, SPEC section 6)
 // ------------------------------------------------------------
 // q [B, Hq, Nq, D], k and v [B, Hkv, Nk, D] (C-contiguous, T = __half or __nv_bfloat16) and

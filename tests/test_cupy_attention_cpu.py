@@ -18,7 +18,7 @@ from unisparse_ref.cupy_backend._loader import KernelSpec
 
 
 def test_registry_and_default():
-    assert sorted(att.KERNEL_VERSIONS) == [1, 6, 7], "the ladder: scalar, mma.sync, wgmma"
+    assert sorted(att.KERNEL_VERSIONS) == [1, 6, 7, 9], "the ladder: scalar, mma.sync, wgmma, FA3-class"
     assert att.DEFAULT_VERSION in att.KERNEL_VERSIONS
     assert att.KERNEL_VERSIONS[att.DEFAULT_VERSION].wgmma
     assert not att.KERNEL_VERSIONS[att.FALLBACK_VERSION].wgmma, "the fallback must run off Hopper"
@@ -33,7 +33,7 @@ def test_registry_and_default():
 
 def test_instantiations_cover_every_version_dtype_and_head_dim():
     specs = att.INSTANTIATIONS
-    assert all(isinstance(s, KernelSpec) and s.file == "attention.cu" for s in specs)
+    assert all(isinstance(s, KernelSpec) and s.file in ("attention.cu", "attention_hopper.cu") for s in specs)
     assert len(set(specs)) == len(specs)
     assert set(specs) <= set(all_instantiations())
     names = {s.name_expression for s in specs}
@@ -42,7 +42,10 @@ def test_instantiations_cover_every_version_dtype_and_head_dim():
     assert "us_attn_fwd_v1<float, 32>" in names
     wg = [s for s in specs if "wgmma" in s.name_expression]
     assert len(wg) == 4 and all(s.options == ("-arch=sm_90a",) for s in wg)
-    assert all(s.options == () for s in specs if "wgmma" not in s.name_expression)
+    fa3 = [s for s in specs if s.file == "attention_hopper.cu"]
+    assert len(fa3) == 6 and all(s.options == ("-arch=sm_90a",) for s in fa3)  # fp16/bf16 x D 64/128/256
+    assert "us_fa3_fwd<__nv_bfloat16, 256, 64, 2>" in names
+    assert all(s.options == () for s in specs if "wgmma" not in s.name_expression and s not in fa3)
 
 
 @pytest.mark.parametrize("hopper", [True, False])
@@ -60,7 +63,10 @@ def test_every_kernel_the_launcher_picks_is_compiled(monkeypatch, hopper):
                         continue
                     assert att.kernel_spec(ver, dtype, D) in listed, (version, dtype, D, S)
                     if version is None:
-                        want = 1 if dtype == "float32" or D == 32 or S < 128 else (7 if hopper else 6)
+                        if dtype == "float32" or D == 32 or S < 128:
+                            want = 1
+                        else:
+                            want = 9 if hopper else 6
                         assert ver.number == want, (dtype, D, S, hopper)
 
 
@@ -79,12 +85,18 @@ def test_launch_config_numbers():
     v1 = att.KERNEL_VERSIONS[1]
     cfg = att.launch_config(v1, batch=1, q_heads=4, nq=100, block_size=32, head_dim=64, itemsize=4)
     assert cfg["block"] == (32,) and cfg["grid"] == (4, 4, 1) and cfg["shared_mem"] == 0
+    v9 = att.KERNEL_VERSIONS[9]  # persistent: at most one CTA per SM (132 on an H200)
+    cfg = att.launch_config(v9, batch=1, q_heads=32, nq=32768, block_size=128, head_dim=128, itemsize=2)
+    assert cfg["block"] == (384, 1, 1) and cfg["grid"] == (132, 1, 1) and cfg["n_tasks"] == 32 * 256
+    # 1 KiB alignment + Q [128][128] + K, V rings [2 stages][128][128] + 10 mbarriers + task slot
+    assert cfg["shared_mem"] == 1024 + (128 + 2 * 2 * 128) * 128 * 2 + 8 * (2 + 4 * 2) + 16 <= 227 * 1024
 
 
 def test_padded_head_dim():
-    assert [att.padded_head_dim(d) for d in (1, 32, 33, 64, 100, 128)] == [32, 32, 64, 64, 128, 128]
-    with pytest.raises(ValueError, match="head dims up to 128"):
-        att.padded_head_dim(129)
+    assert [att.padded_head_dim(d) for d in (1, 32, 33, 64, 100, 128, 129, 256)] == [32, 32, 64, 64, 128, 128,
+                                                                                     256, 256]
+    with pytest.raises(ValueError, match="head dims up to 256"):
+        att.padded_head_dim(257)
 
 
 def test_resolve_version_errors(monkeypatch):

@@ -105,12 +105,13 @@ class CupyBackend:
 
     name = "cupy"
     supported_dtypes = SUPPORTED_DTYPES
-    #: Any D up to 128 (the kernels run 32, 64 and 128; smaller D are zero-padded).
-    supported_head_dims = tuple(range(1, attention.KERNEL_HEAD_DIMS[-1] + 1))
     score_eps = 1e-6
 
-    def __init__(self, device_name: str = "") -> None:
+    def __init__(self, device_name: str = "", hopper: bool = False) -> None:
         self.device_name = device_name
+        #: Any D up to 128 (the kernels run 32, 64 and 128; smaller D are zero-padded), up to
+        #: 256 on Hopper (attention rung v9 runs D = 256).
+        self.supported_head_dims = tuple(range(1, (256 if hopper else 128) + 1))
 
     # -------------------------------------------------------------- stage 1
     def compress(self, q: Any, k: Any, config: UniSparseConfig) -> tuple[Any, Any]:
@@ -272,4 +273,4 @@ def make_backend() -> CupyBackend:
         raise BackendUnavailable(f"cupy cannot query the CUDA device: {e}") from e
     if major < 8:
         raise BackendUnavailable(f"the cupy backend needs compute capability >= 8.0 (bf16); {name} has {major}.x")
-    return CupyBackend(name)
+    return CupyBackend(name, hopper=(major, int(props["minor"])) == (9, 0))

@@ -16,7 +16,14 @@ ver   kernel                                 role
                                              and every head dim; always correct, slow
 6     ``us_attn_fwd_mma<T, D, 4, 2, 64>``    ``mma.sync`` tensor cores (sm_80+); the
                                              default off Hopper
-7     ``us_attn_fwd_wgmma<T, D>``            Hopper ``wgmma`` (sm_90a); the default on Hopper
+7     ``us_attn_fwd_wgmma<T, D>``            Hopper ``wgmma`` (sm_90a), synchronous inside
+                                             a CTA
+9     ``us_fa3_fwd<T, D, Bc, stages>``       FlashAttention-3-class (sm_90a): a TMA
+                                             producer warpgroup, two ping-pong consumer
+                                             warpgroups, persistent grid; D = 64, 128,
+                                             256; the default on Hopper
+                                             (``attention_hopper.cu``, launched by
+                                             :mod:`._hopper`)
 ====  =====================================  ============================================
 
 Arrays are CuPy arrays; bfloat16 travels as a ``uint16`` CuPy array holding the bits (the
@@ -40,7 +47,7 @@ import numpy as np
 
 from .._arrays import check_head_pooling, check_qkv
 from ..blockmask import BlockMask
-from . import _loader
+from . import _hopper, _loader
 from ._device import cupy_module
 from ._loader import CTYPES, KernelSpec
 
@@ -92,6 +99,8 @@ class AttentionVersion:
         Extra NVRTC options of every instantiation (the wgmma kernel: ``-arch=sm_90a``).
     file : str
         The ``.cu`` file in ``raw_kernels/``.
+    dims : tuple of int
+        Head dims it is built for (empty: v1's, or the mma/wgmma kernels').
 
     Tensor-core versions run a 1-D grid in the fixed longest-first order "query tiles
     last-first, heads fastest" (or, with ``sort_work=True``, a work list sorted by mask-row
@@ -107,6 +116,7 @@ class AttentionVersion:
     bc: int = 0
     options: tuple[str, ...] = ()
     file: str = FILE
+    dims: tuple[int, ...] = ()
 
     @property
     def tensor_core(self) -> bool:
@@ -115,7 +125,7 @@ class AttentionVersion:
     @property
     def wgmma(self) -> bool:
         """Needs Hopper (sm_90a)."""
-        return self.kind == "wgmma"
+        return self.kind in ("wgmma", "fa3")
 
     @property
     def sorted_work(self) -> bool:
@@ -124,6 +134,8 @@ class AttentionVersion:
 
     @property
     def head_dims(self) -> tuple[int, ...]:
+        if self.dims:
+            return self.dims
         return MMA_HEAD_DIMS if self.tensor_core else V1_HEAD_DIMS
 
     def rows_per_cta(self, block_size: int) -> int:
@@ -149,16 +161,23 @@ KERNEL_VERSIONS: dict[int, AttentionVersion] = {
     7: AttentionVersion(7, "Hopper wgmma (sm_90a): 2 warpgroups x 64 rows (Br=128), Q/K/V^T from swizzled smem "
                         "descriptors, P from registers, V transposed in smem, 2 CTAs/SM; 1-D longest-first grid",
                         "us_attn_fwd_wgmma", kind="wgmma", warps=8, m_tiles=1, bc=64, options=("-arch=sm_90a",)),
+    9: AttentionVersion(9, "FlashAttention-3-class (sm_90a): TMA producer warpgroup + two ping-pong consumer "
+                        "warpgroups (Br=128), K/V ring on mbarriers, S_{j+1} issued before softmax_j, V as an "
+                        "MN-major wgmma operand, Bc = one mask block (128; 64 at D=256), persistent grid",
+                        "us_fa3_fwd", kind="fa3", warps=8, m_tiles=1, bc=128, options=_hopper.FA3_OPTIONS,
+                        file=_hopper.FA3_FILE, dims=tuple(_hopper.FA3_HEAD_DIMS)),
 }
 
 #: The version used when ``version=None`` (fp16/bf16; float32 always runs v1).
-DEFAULT_VERSION = 7
+DEFAULT_VERSION = 9
 #: The default where the default needs hardware this GPU lacks (wgmma: Hopper only).
 FALLBACK_VERSION = 6
 
 
 def kernel_spec(ver: AttentionVersion, dtype: str, head_dim: int) -> KernelSpec:
     """The instantiation of ``ver`` for input dtype name ``dtype`` and head dim ``head_dim``."""
+    if ver.kind == "fa3":
+        return KernelSpec(ver.file, _hopper.name_expression(dtype, _hopper.fa3_config(head_dim)), ver.options)
     args = [CTYPES[dtype], str(head_dim)]
     if ver.kind == "mma":
         args += [str(ver.warps), str(ver.m_tiles), str(ver.bc)]
@@ -170,8 +189,9 @@ INSTANTIATIONS: list[KernelSpec] = [
     kernel_spec(ver, dt, d) for ver in KERNEL_VERSIONS.values() for dt in ver.dtypes() for d in ver.head_dims
 ]
 
-#: Head dims the backend runs; other D <= 128 are zero-padded up to the next (see :func:`attend`).
-KERNEL_HEAD_DIMS = V1_HEAD_DIMS
+#: Head dims the backend runs; other D are zero-padded up to the next (see :func:`attend`).
+#: 256 only on Hopper (v9); elsewhere up to 128.
+KERNEL_HEAD_DIMS = V1_HEAD_DIMS + (256,)
 
 
 def padded_head_dim(D: int) -> int:
@@ -180,8 +200,7 @@ def padded_head_dim(D: int) -> int:
         if D <= d:
             return d
     raise ValueError(
-        f"the cupy backend supports head dims up to {KERNEL_HEAD_DIMS[-1]}, got D={D} "
-        "(the numpy and numba backends take up to 256)"
+        f"the cupy backend supports head dims up to {KERNEL_HEAD_DIMS[-1]} (above 128 on Hopper only), got D={D}"
     )
 
 
@@ -213,6 +232,8 @@ def launch_config(
         Tensor-core versions use a 1-D grid of ``B * Hq * n_qtiles`` CTAs in the
         longest-first order (or over a sorted work list); v1 the 3-D grid ``(Hq, n_qtiles, B)``.
     """
+    if ver.kind == "fa3":  # v9: persistent grid of its own (one CTA per SM); see _hopper.launch_config
+        return _hopper.launch_config(batch=batch, q_heads=q_heads, nq=nq, head_dim=head_dim, itemsize=itemsize)
     br = ver.rows_per_cta(block_size)
     n_qtiles = _cdiv(nq, br)
     if ver.kind == "scalar":
@@ -317,12 +338,17 @@ def _has_sm90() -> bool:
 
 def _resolve_version(version: int | None, dtype: str, head_dim: int, block_size: int) -> AttentionVersion:
     if version is None:
-        ver = KERNEL_VERSIONS[DEFAULT_VERSION]
-        if ver.wgmma and not _has_sm90():
-            ver = KERNEL_VERSIONS[FALLBACK_VERSION]
-        if (dtype not in ver.dtypes() or head_dim not in ver.head_dims
-                or block_size % max(ver.rows_per_cta(block_size), ver.tile_keys())):
-            ver = KERNEL_VERSIONS[1]  # float32, other head dims or small S: the scalar kernel
+        # The first rung of DEFAULT_VERSION, FALLBACK_VERSION, v1 that runs this GPU, dtype,
+        # head dim and block size (float32 and small S end at the scalar kernel).
+        ver = KERNEL_VERSIONS[1]
+        for n in (DEFAULT_VERSION, FALLBACK_VERSION):
+            cand = KERNEL_VERSIONS[n]
+            if cand.wgmma and not _has_sm90():
+                continue
+            if (dtype in cand.dtypes() and head_dim in cand.head_dims
+                    and block_size % max(cand.rows_per_cta(block_size), cand.tile_keys()) == 0):
+                ver = cand
+                break
     else:
         if version not in KERNEL_VERSIONS:
             raise ValueError(f"version must be one of {sorted(KERNEL_VERSIONS)} or None, got {version!r}")
@@ -437,6 +463,10 @@ def attention_forward(
     q, k, v = (cp.ascontiguousarray(x) for x in (q, k, v))
     kv_counts = cp.ascontiguousarray(kv_counts, dtype=cp.int32)
     kv_indices = cp.ascontiguousarray(kv_indices, dtype=cp.int32)
+    if ver.kind == "fa3":  # its own launcher: tensor maps, persistent grid (launch_config there)
+        return _hopper.fa3_forward(q, k, v, kv_counts, kv_indices, nq=Nq, nk=Nk, block_size=block_size,
+                                   heads_per_mask=heads_per_mask, causal=causal, softmax_scale=scale,
+                                   work=work, sort_work=sort_work)
     out = cp.empty_like(q)
     lse = cp.empty((B, Hq, Nq), dtype=cp.float32)
 
@@ -460,7 +490,7 @@ def attention_forward(
 
 def attend(q: Any, k: Any, v: Any, kv_counts: Any, kv_indices: Any, block_mask: BlockMask,
            softmax_scale: float) -> tuple[Any, Any]:
-    """:func:`attention_forward` for any head dim up to 128, as the backend calls it.
+    """:func:`attention_forward` for any head dim up to 256 (above 128: Hopper), as the backend calls it.
 
     Head dims the kernels are not built for are zero-padded up to :func:`padded_head_dim`: zero
     columns change no dot product ``q . k`` and give zero output columns, which are cut off

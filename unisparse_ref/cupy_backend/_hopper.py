@@ -1,7 +1,8 @@
-"""Host side of the FlashAttention-3-class Hopper kernel in ``raw_kernels/attention_hopper.cu``.
+"""Host side of attention rung v9, the FlashAttention-3-class Hopper kernel in
+``raw_kernels/attention_hopper.cu`` (called by :mod:`unisparse_ref.cupy_backend.attention`).
 
 ``fa3_forward`` computes SPEC section 6 (block-sparse attention forward) with the same
-conventions as :func:`unisparse_ref._cupy_attention.attention_forward`: ``q`` ``[B, Hq, Nq, D]``,
+conventions as :func:`unisparse_ref.cupy_backend.attention.attention_forward`: ``q`` ``[B, Hq, Nq, D]``,
 ``k``/``v`` ``[B, Hkv, Nk, D]`` C-contiguous CuPy arrays of dtype float16 or uint16 (bfloat16
 bits); the block mask in FlexAttention's index form (``kv_counts`` ``[B, Hm, nQb]``,
 ``kv_indices`` ``[B, Hm, nQb, W]`` ascending, ``-1`` padded); query head ``h`` uses mask head
@@ -24,7 +25,6 @@ What the host does (the kernel's opening comment says what the device does):
   a pointer, the kernel ``us_fa3_fwd_gmem``).
 
 This module imports without CuPy (CuPy, NumPy and the driver are imported inside functions).
-The loader is imported in one place, :func:`_loader`, so that its path can move.
 """
 
 from __future__ import annotations
@@ -33,6 +33,9 @@ import ctypes
 import math
 from dataclasses import dataclass
 from typing import Any
+
+from . import _loader
+from ._loader import KernelSpec
 
 __all__ = [
     "FA3_FILE",
@@ -95,34 +98,26 @@ def name_expression(dtype: str, cfg: Fa3Config, gmem: bool = False) -> str:
     return f"{kern}<{_CTYPE[dtype]}, {cfg.head_dim}, {cfg.bc}, {cfg.stages}>"
 
 
-#: Every instantiation the launcher may ask for, as (file, name_expression, options).
-FA3_INSTANTIATIONS: list[tuple[str, str, tuple[str, ...]]] = [
-    (FA3_FILE, name_expression(dt, c, gm), FA3_OPTIONS)
+#: Every instantiation the backend launches (tensor maps as kernel parameters). The
+#: ``us_fa3_fwd_gmem`` variant (maps in device memory, ``tmap_mode="gmem"``) is compiled on
+#: request only.
+FA3_INSTANTIATIONS: list[KernelSpec] = [
+    KernelSpec(FA3_FILE, name_expression(dt, c), FA3_OPTIONS)
     for dt in ("float16", "bfloat16")
     for c in FA3_HEAD_DIMS.values()
-    for gm in (False, True)
 ]
-
-
-def _loader() -> Any:
-    """The kernel loader module (one place, so the package layout can change)."""
-    try:
-        from . import _loader as mod  # noqa: PLC0415
-    except ImportError:  # the restructured layout
-        from .cupy_backend import _loader as mod  # type: ignore[no-redef]  # noqa: PLC0415
-    return mod
 
 
 #: The name expressions of the one module that holds every instantiation (one NVRTC compile
 #: per process, then CuPy's disk cache; a few seconds).
-FA3_MODULE_NAMES: tuple[str, ...] = tuple(n for _, n, _ in FA3_INSTANTIATIONS)
+FA3_MODULE_NAMES: tuple[str, ...] = tuple(s.name_expression for s in FA3_INSTANTIATIONS)
 
 
 def _get_kernel(name: str) -> Any:
     """The compiled kernel, from the loader's cached module of all instantiations; a name
     outside the list (another ``stages``) gets a module of its own."""
     names = FA3_MODULE_NAMES if name in FA3_MODULE_NAMES else (name,)
-    return _loader().get_module(FA3_FILE, names, FA3_OPTIONS).get_function(name)
+    return _loader.get_module(FA3_FILE, names, FA3_OPTIONS).get_function(name)
 
 
 _NUM_SMS: dict[int, int] = {}
@@ -479,7 +474,7 @@ def fa3_forward(
         i32(cfgd["n_tasks"]),
         counter,
     ]
-    ld = _loader()
+    ld = _loader
     if tmap_mode == "gmem":
         kernel = _get_kernel(name_expression(dtype, cfg, gmem=True))
         maps = cp.asarray(np.frombuffer(b"".join(tmaps), dtype=np.uint8))  # pool blocks: >= 256-byte aligned
