@@ -2,7 +2,7 @@
 """GPU harness of the FlashAttention-3-class Hopper kernel (raw_kernels/attention_hopper.cu).
 
 Standalone: compiles the kernel with NVRTC through ``cupy.RawModule`` (the loader's
-``read_source``), launches it through ``unisparse_ref._fa3_launch.fa3_forward`` (host-side TMA
+``read_source``), launches it through ``unisparse_ref.cupy_backend._hopper.fa3_forward`` (host-side TMA
 tensor maps), checks it against a float64 reference, checks bit-identical repeats, and only
 then times it with CUDA events against v7 of ``attention.cu`` and, when PyTorch is importable,
 SDPA with the cuDNN and the FlashAttention backends on the same inputs.
@@ -162,9 +162,9 @@ def read_source_inlined(fname):
     """raw_kernels/<fname> with local #include "*.cuh" inlined (the loader's read_source if
     importable, else the same by hand)."""
     try:
-        from unisparse_ref._fa3_launch import _loader
+        from unisparse_ref.cupy_backend import _loader
 
-        return _loader().read_source(fname)
+        return _loader.read_source(fname)
     except Exception:  # noqa: BLE001
         text = (REPO / "raw_kernels" / fname).read_text()
         inc = re.compile(r'^[ \t]*#[ \t]*include[ \t]*"([A-Za-z0-9_./-]+\.cuh)"[ \t]*$', re.M)
@@ -274,7 +274,7 @@ def fa3(
     max_ctas=None,
     schedule="dynamic",
 ):
-    from unisparse_ref._fa3_launch import fa3_forward
+    from unisparse_ref.cupy_backend._hopper import fa3_forward
 
     return fa3_forward(
         q,
@@ -508,7 +508,7 @@ def cmd_smoke(args):
         Nk=256,
         causal=True,
     )
-    from unisparse_ref._fa3_launch import FA3_MODULE_NAMES
+    from unisparse_ref.cupy_backend._hopper import FA3_MODULE_NAMES
 
     names = list(FA3_MODULE_NAMES)  # the launcher's module: CuPy's disk cache serves it after this
     mods, secs = compile_fa3(names)
