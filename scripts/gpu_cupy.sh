@@ -3,7 +3,7 @@
 #   bash scripts/gpu_cupy.sh [quick|full]
 #   1. environment (GPU, driver, CuPy);
 #   2. the cupy GPU suite (tests/test_cupy_layer.py; "full" adds the 131072-token slow test);
-#   3. compute-sanitizer memcheck and racecheck on scripts/sanitize_cupy.py (every kernel).
+#   3. compute-sanitizer memcheck, racecheck and synccheck on scripts/sanitize_cupy.py (every kernel).
 # Logs go to $OUT (or ./gpu_cupy_logs). Every step runs; the exit status is non-zero if any failed.
 set -u
 MODE=${1:-full}
@@ -28,5 +28,6 @@ SEL="not slow"
 step tests $PY -m pytest -q -p no:cacheprovider -rs tests/test_cupy_layer.py ${SEL:+-m "$SEL"}
 step memcheck compute-sanitizer --tool memcheck --error-exitcode 3 $PY scripts/sanitize_cupy.py
 step racecheck compute-sanitizer --tool racecheck --racecheck-report all --error-exitcode 3 $PY scripts/sanitize_cupy.py
+step synccheck compute-sanitizer --tool synccheck --error-exitcode 3 $PY scripts/sanitize_cupy.py
 cat "$LOG/summary.txt"
 exit $status

@@ -8,7 +8,7 @@ out-of-bounds access is caught at the array's edge rather than inside a pooled c
 Covers: us_pool_seq<half|bf16|float>; us_scores_onepass (also in chunks of one head) with
 RB < TR, RB > TR, KB > TC, RB = KB = 1 (opt-in dynamic shared memory) and ragged lengths;
 us_select_topp<float|double> with and without the index form; us_mask_to_indices; every rung
-of the attention ladder (v1, v6, and v7 on Hopper) directly, and the default one through the
+of the attention ladder (v1, v6, and v7, v9 on Hopper) directly, and the default one through the
 backend.
 Exits non-zero if any result disagrees with the NumPy reference.
 """
@@ -74,10 +74,10 @@ def main() -> int:
     for number, ver in attention.KERNEL_VERSIONS.items():
         if ver.wgmma and not hopper:
             continue
-        for dt in (np.float16, BFLOAT16):
-            q = rng.standard_normal((1, 4, 300, 64)).astype(dt)
-            k = rng.standard_normal((1, 2, 333, 64)).astype(dt)
-            v = rng.standard_normal((1, 2, 333, 64)).astype(dt)
+        for dt, D in [(np.float16, 64), (BFLOAT16, 64)] + [(BFLOAT16, d) for d in (128, 256) if d in ver.head_dims]:
+            q = rng.standard_normal((1, 4, 300, D)).astype(dt)
+            k = rng.standard_normal((1, 2, 333, D)).astype(dt)
+            v = rng.standard_normal((1, 2, 333, D)).astype(dt)
             bm = BlockMask(rng.random((1, 4, 3, 3)) < 0.6, 128, 1, 300, 333, True)
             counts, idx = (cp.asarray(a) for a in bm.to_indices())
             dev = [cp.asarray(x.view(np.uint16) if dt == BFLOAT16 else x) for x in (q, k, v)]
@@ -87,7 +87,7 @@ def main() -> int:
             got = cp.asnumpy(out).view(BFLOAT16) if dt == BFLOAT16 else cp.asnumpy(out)
             want, _ = ref.block_sparse_attention(q, k, v, bm, UniSparseConfig(block_size=128))
             if not np.isfinite(got.astype(np.float64)).all() or np.abs(got.astype(np.float64) - want).max() > 0.05:
-                failures.append(f"attention v{number} {np.dtype(dt)} disagrees with the reference")
+                failures.append(f"attention v{number} {np.dtype(dt)} D={D} disagrees with the reference")
     cp.cuda.Device().synchronize()
     for f in failures:
         print("FAIL", f)

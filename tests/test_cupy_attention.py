@@ -1,6 +1,6 @@
 """GPU tests of the CuPy block-sparse attention kernels (``raw_kernels/attention.cu``).
 
-Every rung of the kernel ladder (v1, v6, v7) against the float64 NumPy reference under SPEC section 7
+Every rung of the kernel ladder (v1, v6, v7, v9) against the float64 NumPy reference under SPEC section 7
 (:func:`tests.conftest.assert_attention_matches_reference`): ragged lengths, ``Nq < Nk``,
 GQA groups 1/2/4/8, ``c_h > 1``, empty mask rows, head dims 64/128, fp16/bf16/fp32, causal
 and not; repeated runs are bit-identical. Skipped without CuPy and a CUDA GPU.
@@ -90,8 +90,9 @@ def _cases():
     for ver in VERSIONS:
         dts = KERNEL_VERSIONS[ver].dtypes()
         for dt in dts:
-            for D in (64, 128):
-                yield ver, dt, D
+            for D in (64, 128, 256):
+                if D in KERNEL_VERSIONS[ver].head_dims:
+                    yield ver, dt, D
 
 
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "B{}Hq{}Hkv{}ch{}_{}x{}_{}".format(*s[:6], "c" if s[6] else "nc"))
