@@ -8,7 +8,8 @@ Layout: :mod:`unisparse_ref.reference` (NumPy, the oracle), :mod:`unisparse_ref.
 (Numba CUDA prototypes) and :mod:`unisparse_ref.cupy_backend` (CUDA C++ through CuPy) hold the
 same four stage modules (``pooling``, ``scores``, ``selection``, ``attention``);
 :mod:`unisparse_ref.oracle` checks implementations against the reference and
-:mod:`unisparse_ref.evaluation` compares selection methods.
+:mod:`unisparse_ref.evaluation` compares selection methods. Serving-shaped inputs (packed
+ragged batches, paged KV caches, merging partial results): :mod:`unisparse_ref.varlen`.
 """
 
 from __future__ import annotations
@@ -25,6 +26,13 @@ from .backends import (
 from .blockmask import BlockMask
 from .config import UniSparseConfig
 from .errors import BackendUnavailable
+from .reference.paged import PagedKVCache
+from .varlen import (
+    VarlenResult,
+    merge_attention_states,
+    unisparse_attention_paged,
+    unisparse_attention_varlen,
+)
 
 __version__ = "0.1.0"
 
@@ -34,13 +42,18 @@ __all__ = [
     "Backend",
     "BackendUnavailable",
     "BlockMask",
+    "PagedKVCache",
     "UniSparseConfig",
     "UniSparseResult",
+    "VarlenResult",
     "__version__",
     "available_backends",
     "backend_status",
     "get_backend",
+    "merge_attention_states",
     "register_backend",
     "to_numpy",
     "unisparse_attention",
+    "unisparse_attention_paged",
+    "unisparse_attention_varlen",
 ]

@@ -9,7 +9,16 @@ host code around them), each entered through one function:
 :mod:`.selection`             stage 3, :func:`~.selection.select_blocks`
 :mod:`.attention`             stage 4, :func:`~.attention.block_sparse_attention`
                               (and :func:`~.attention.dense_attention`)
+:mod:`.varlen`                stage 4 on serving layouts: packed ragged batches
+                              and paged KV caches, one launch for the batch
+:mod:`.merge`                 merging partial attention states
 ============================  ==================================================
+
+Serving layouts (the *Serving layouts* page): the backend's
+``block_sparse_attention_varlen`` and ``block_sparse_attention_paged`` read ``cu_seqlens``
+and the block table in the kernel; pooling, scoring and selection of a packed batch run
+through the batch stages one sequence at a time
+(:func:`unisparse_ref.unisparse_attention_varlen` drives them).
 
 :class:`NumbaBackend` only checks its inputs (with the shared checks of
 :mod:`unisparse_ref._arrays`), puts them on the device and calls those functions. The stage
@@ -43,9 +52,13 @@ from .._arrays import (
     check_finite,
     check_head_pooling,
     check_mask_against,
+    check_merge_states,
+    check_packed_mask,
+    check_paged_qkv,
     check_qkv,
     check_scores,
     check_scores_shape,
+    check_varlen_qkv,
     dtype_name,
     to_numpy,
 )
@@ -72,10 +85,11 @@ class NumbaBackend:
     def __init__(self) -> None:
         from numba import cuda
 
-        from . import attention, pooling, scores, selection  # these import numba
+        from . import attention, merge, pooling, scores, selection, varlen  # these import numba
 
         self._cuda = cuda
         self._pooling, self._scores, self._selection, self._attention = pooling, scores, selection, attention
+        self._varlen, self._merge = varlen, merge
 
     # ------------------------------------------------------------------ arrays
     def _check_supported(self, name: str, dt: np.dtype) -> None:
@@ -152,6 +166,89 @@ class NumbaBackend:
         config = UniSparseConfig(causal=bool(causal), softmax_scale=softmax_scale)
         dq, dk, dv, (_, _, _, _, _, D) = self._qkv(q, k, v, config.causal)
         return self._attention.dense_attention(dq, dk, dv, config.causal, config.scale_for(D), config.block_size)
+
+    # ------------------------------------------------------------------ serving layouts
+    def _packed_device(self, name: str, x: Any) -> Any:
+        """``x`` on the device (:meth:`_device`), refused if a CUDA array is not C-contiguous (the kernel reshapes it)."""
+        d = self._device(name, x)
+        if not d.is_c_contiguous():
+            raise ValueError(f"{name}: the numba varlen kernels need a C-contiguous CUDA array")
+        return d
+
+    def block_sparse_attention_varlen(
+        self, q: Any, k: Any, v: Any, cu_seqlens_q: Any, cu_seqlens_k: Any, kv_counts: Any, kv_indices: Any,
+        config: UniSparseConfig,
+    ) -> tuple[Any, Any]:
+        """Packed attention in one launch: ``(out [total_q, Hq, D] input dtype, lse float32 [Hq, total_q])``.
+
+        ``q [total_q, Hq, D]``, ``k``, ``v [total_k, Hkv, D]``; the masks in the packed index
+        form (``kv_counts [Hm, total_qb]``, ``kv_indices [Hm, total_qb, W]``); block size,
+        ``c_h`` and causality from ``config``. The kernel reads ``cu_seqlens`` itself
+        (:mod:`unisparse_ref.numba_backend.varlen`).
+        """
+        config = check_config(config)
+        for name, x in (("q", q), ("k", k), ("v", v)):
+            if not hasattr(x, "shape"):
+                raise TypeError(f"{name} must be an array with .shape and .dtype, got {type(x)!r}")
+        dq, dk = self._packed_device("q", q), self._packed_device("k", k)
+        dv = dk if v is k else self._packed_device("v", v)
+        cu_q, cu_k, Hq, _, D = check_varlen_qkv(dq, dk, dv, cu_seqlens_q, cu_seqlens_k, causal=config.causal)
+        counts, indices, _ = check_packed_mask(kv_counts, kv_indices, cu_q, np.diff(cu_k), config.block_size,
+                                               Hq // config.c_h)
+        return self._varlen.block_sparse_attention_varlen(dq, dk, dv, cu_q, cu_k, counts, indices, config.block_size,
+                                                          config.c_h, config.causal, config.scale_for(D))
+
+    def block_sparse_attention_paged(
+        self, q: Any, k_pages: Any, v_pages: Any, cu_seqlens_q: Any, block_table: Any, seqused_k: Any,
+        kv_counts: Any, kv_indices: Any, config: UniSparseConfig,
+    ) -> tuple[Any, Any]:
+        """Packed queries against a paged KV cache in one launch; the kernel reads the block table itself.
+
+        ``q [total_q, Hq, D]``, ``k_pages``, ``v_pages [num_pages, page_size, Hkv, D]``,
+        ``block_table [batch, max_pages]``, ``seqused_k [batch]``, the packed masks as in
+        :meth:`block_sparse_attention_varlen`. Returns ``(out [total_q, Hq, D], lse float32 [Hq, total_q])``.
+        """
+        config = check_config(config)
+        for name, x in (("q", q), ("k_pages", k_pages), ("v_pages", v_pages)):
+            if not hasattr(x, "shape"):
+                raise TypeError(f"{name} must be an array with .shape and .dtype, got {type(x)!r}")
+        dq = self._packed_device("q", q)
+        dk, dv = self._packed_device("k_pages", k_pages), self._packed_device("v_pages", v_pages)
+        cu_q, table, used, Hq, _, D = check_paged_qkv(dq, dk, dv, cu_seqlens_q, block_table, seqused_k,
+                                                      causal=config.causal)
+        counts, indices, _ = check_packed_mask(kv_counts, kv_indices, cu_q, used, config.block_size, Hq // config.c_h)
+        return self._varlen.block_sparse_attention_paged(dq, dk, dv, cu_q, table, used, counts, indices,
+                                                         config.block_size, config.c_h, config.causal,
+                                                         config.scale_for(D))
+
+    def _lse_device(self, name: str, x: Any) -> Any:
+        """An ``lse`` as a contiguous float32 device array; host values checked (no NaN, no ``+inf``)."""
+        if hasattr(x, "__cuda_array_interface__"):
+            d = self._cuda.as_cuda_array(x)
+            if np.dtype(d.dtype) != np.float32 or not d.is_c_contiguous():
+                raise TypeError(f"{name}: a CUDA lse must be a C-contiguous float32 array, got {d.dtype}")
+            return d
+        a = np.ascontiguousarray(to_numpy(x), dtype=np.float32)
+        if np.isnan(a).any() or np.isposinf(a).any():
+            raise ValueError(f"{name} must be finite or -inf (an empty row), it holds NaN or +inf")
+        return self._cuda.to_device(a)
+
+    def merge_attention_states(self, out_a: Any, lse_a: Any, out_b: Any, lse_b: Any) -> tuple[Any, Any]:
+        """Merge two partial states over disjoint key sets on the device (:mod:`unisparse_ref.numba_backend.merge`).
+
+        ``out_a``, ``out_b [..., D]`` (float16 or float32, the same), ``lse_a``, ``lse_b``
+        ``[...]`` (out's shape without ``D``; ``lse.T`` for the packed layout). Returns
+        ``(out [..., D] of the inputs' dtype, lse float32 [...])`` as device arrays.
+        """
+        check_merge_states(out_a, lse_a, out_b, lse_b)
+        da, db = self._packed_device("out_a", out_a), self._packed_device("out_b", out_b)
+        if np.dtype(da.dtype) != np.dtype(db.dtype):
+            raise TypeError(f"out_b has dtype {db.dtype} but out_a has {da.dtype}; they must match")
+        la, lb = self._lse_device("lse_a", lse_a), self._lse_device("lse_b", lse_b)
+        shape = tuple(int(s) for s in da.shape)
+        rows, D = int(np.prod(shape[:-1], dtype=np.int64)), shape[-1]
+        out, lse = self._merge.merge(da.reshape(rows, D), la.reshape(rows), db.reshape(rows, D), lb.reshape(rows))
+        return out.reshape(*shape), lse.reshape(*shape[:-1])
 
     def __repr__(self) -> str:
         return "NumbaBackend()"

@@ -14,6 +14,14 @@ under the same names in every layer:
 - :mod:`.tiled` (section 6): the same attention walked tile by tile with the online softmax,
   as the GPU kernels do, for teaching.
 
+Serving-shaped inputs (the *Serving layouts* page), built on the stages above:
+
+- :mod:`~unisparse_ref.reference.varlen`: packed ragged batches (``cu_seqlens``), every stage packed;
+- :mod:`~unisparse_ref.reference.paged`: a paged KV cache that keeps its composite keys
+  (:class:`~unisparse_ref.reference.paged.PagedKVCache`), and attention against it;
+- :mod:`~unisparse_ref.reference.merge`: :func:`~unisparse_ref.reference.merge.merge_attention_states`,
+  exact combination of partial attention over disjoint key sets.
+
 Every function is also importable from this package (``reference.compress`` and so on).
 
 Notation (see the docs' notation table): ``B`` batch, ``Hq`` query heads, ``Hkv`` key/value
@@ -33,7 +41,10 @@ from typing import Any
 from .._convert import SUPPORTED_DTYPES
 from ..blockmask import BlockMask
 from ..config import UniSparseConfig
+from . import varlen as _varlen
 from .attention import block_sparse_attention, dense_attention, expand_block_mask
+from .merge import merge_attention_states
+from .paged import block_sparse_attention_paged
 from .pooling import compress, pool_heads, pool_sequence
 from .scores import block_scores, kv_head_of_mask_head
 from .selection import select_blocks, selection_margin
@@ -82,6 +93,39 @@ class NumpyBackend:
         self, q: Any, k: Any, v: Any, causal: bool = True, softmax_scale: float | None = None
     ) -> tuple[Any, Any]:
         return dense_attention(q, k, v, causal, softmax_scale)
+
+    # ------------------------------------------------------------------ serving layouts
+    # Packed ragged batches, paged KV caches and merging (:mod:`.varlen`, :mod:`.paged`,
+    # :mod:`.merge`); unisparse_attention_varlen and unisparse_attention_paged call these.
+    def compress_varlen(self, q: Any, k: Any, cu_seqlens_q: Any, cu_seqlens_k: Any,
+                        config: UniSparseConfig) -> tuple[Any, Any]:
+        return _varlen.compress_varlen(q, k, cu_seqlens_q, cu_seqlens_k, config)
+
+    def compress_queries_varlen(self, q: Any, cu_seqlens_q: Any, config: UniSparseConfig,
+                                num_kv_heads: int | None = None) -> Any:
+        return _varlen.compress_queries_varlen(q, cu_seqlens_q, config, num_kv_heads=num_kv_heads)
+
+    def block_scores_varlen(self, q_c: Any, k_c: Any, cu_seqlens_q: Any, cu_seqlens_k: Any,
+                            config: UniSparseConfig) -> Any:
+        return _varlen.block_scores_varlen(q_c, k_c, cu_seqlens_q, cu_seqlens_k, config)
+
+    def select_blocks_varlen(self, scores: Any, cu_seqlens_q: Any, cu_seqlens_k: Any,
+                             config: UniSparseConfig) -> tuple[Any, Any]:
+        return _varlen.select_blocks_varlen(scores, cu_seqlens_q, cu_seqlens_k, config)
+
+    def block_sparse_attention_varlen(self, q: Any, k: Any, v: Any, cu_seqlens_q: Any, cu_seqlens_k: Any,
+                                      kv_counts: Any, kv_indices: Any, config: UniSparseConfig) -> tuple[Any, Any]:
+        return _varlen.block_sparse_attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, kv_counts, kv_indices,
+                                                     config)
+
+    def block_sparse_attention_paged(self, q: Any, k_pages: Any, v_pages: Any, cu_seqlens_q: Any, block_table: Any,
+                                     seqused_k: Any, kv_counts: Any, kv_indices: Any,
+                                     config: UniSparseConfig) -> tuple[Any, Any]:
+        return block_sparse_attention_paged(q, k_pages, v_pages, cu_seqlens_q, block_table, seqused_k, kv_counts,
+                                            kv_indices, config)
+
+    def merge_attention_states(self, out_a: Any, lse_a: Any, out_b: Any, lse_b: Any) -> tuple[Any, Any]:
+        return merge_attention_states(out_a, lse_a, out_b, lse_b)
 
     def __repr__(self) -> str:
         return "NumpyBackend()"

@@ -1,0 +1,442 @@
+"""Serving-shaped inputs (issue 16): packed ragged batches, paged KV caches, merging partial states.
+
+One test body per property, over every backend (the ``backend`` fixture) where the property
+is a backend's: the reference must equal the per-sequence calls *exactly*; other backends are
+held to SPEC section 7 (:mod:`unisparse_ref.tolerance`: masks eps-valid under the reference
+scores, outputs within the rule of their dtype against the reference run with their masks).
+The paged cache's composite keys and chunked prefill are properties of the reference (the
+cache is the reference's); the backends' part of them, attention against pages, is
+``test_paged_attention_equals_contiguous``. Numba cases run in the CUDA simulator with tiny
+sizes (``NUMBA_ENABLE_CUDASIM=1 UNISPARSE_TEST_BACKENDS=numba``).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+import unisparse_ref as us
+from tests.conftest import SIM
+from unisparse_ref import BlockMask, PagedKVCache, UniSparseConfig
+from unisparse_ref import reference as ref
+from unisparse_ref._arrays import packed_offsets
+from unisparse_ref.geometry import cdiv, num_blocks
+from unisparse_ref.reference import varlen as rv
+from unisparse_ref.tolerance import (
+    attention_tolerance,
+    check_attention,
+    check_lse,
+    compare_selection,
+    eps_valid_rows,
+)
+
+#: (lengths_q, lengths_k, Hq, Hkv, D, config): lengths 1, odd, non-multiples of S and c,
+#: Nq < Nk, sequences without queries (with and without keys), GQA with head pooling,
+#: non-causal with Nq > Nk, no forced blocks.
+CASES = [
+    ([1, 19, 0, 33, 0], [3, 40, 5, 33, 0], 2, 1, 16, UniSparseConfig(block_size=16, c_q=4, c_k=8, threshold=0.7)),
+    ([21, 3], [13, 40], 2, 2, 16, UniSparseConfig(block_size=16, c_q=2, c_k=4, causal=False, threshold=0.6)),
+]
+if not SIM:
+    CASES += [
+        ([1, 37, 0, 50, 23], [1, 61, 0, 50, 90], 4, 2, 16, UniSparseConfig(block_size=16, c_q=4, c_k=8, threshold=0.8)),
+        ([17, 0, 64], [45, 9, 64], 4, 2, 24, UniSparseConfig(block_size=16, c_q=16, c_k=2, c_h=2, threshold=0.5)),
+        ([40, 3], [19, 77], 2, 1, 16, UniSparseConfig(block_size=32, c_q=8, c_k=8, causal=False, threshold=0.9)),
+        ([70, 5], [100, 5], 2, 2, 32, UniSparseConfig(block_size=16, c_q=2, c_k=4, n_sink_blocks=0, n_local_blocks=0,
+                                                      threshold=0.3)),
+    ]
+IDS = [f"nq{'-'.join(map(str, c[0]))}_nk{'-'.join(map(str, c[1]))}_S{c[5].block_size}" for c in CASES]
+
+
+def offsets(lengths) -> np.ndarray:
+    return np.concatenate([[0], np.cumsum(lengths)]).astype(np.int32)
+
+
+def packed_qkv(case, dtype=np.float32, seed=0):
+    """``q [total_q, Hq, D]``, ``k``, ``v [total_k, Hkv, D]`` and the offsets of ``case``."""
+    nq, nk, Hq, Hkv, D, _ = case
+    rng = np.random.default_rng(seed)
+    cu_q, cu_k = offsets(nq), offsets(nk)
+    q = (1.5 * rng.standard_normal((cu_q[-1], Hq, D))).astype(dtype)
+    k = (1.5 * rng.standard_normal((cu_k[-1], Hkv, D))).astype(dtype)
+    v = rng.standard_normal((cu_k[-1], Hkv, D)).astype(dtype)
+    return q, k, v, cu_q, cu_k
+
+
+def assert_varlen_attention_close(out, lse, q, k, v, cu_q, cu_k, kv_counts, kv_indices, cfg) -> None:
+    """SPEC section 7 for a packed ``out [total_q, Hq, D]`` and ``lse [Hq, total_q]`` against the reference
+    run with the same packed masks (and, for float16, its low-precision mode)."""
+    dtype = np.dtype(q.dtype)
+    ref64, ref_lse = rv.block_sparse_attention_varlen(q, k, v, cu_q, cu_k, kv_counts, kv_indices, cfg)
+    lp = None
+    if dtype not in (np.dtype(np.float32), np.dtype(np.float64)):
+        lp = rv.block_sparse_attention_varlen(q, k, v, cu_q, cu_k, kv_counts, kv_indices, cfg, precision=dtype)
+    chk = check_attention(out, ref64, None if lp is None else lp[0], dtype)
+    assert chk.ok, chk.message()
+    lchk = check_lse(lse, ref_lse, None if lp is None else lp[1])
+    assert lchk.ok, lchk.message()
+
+
+# ============================================================================ varlen pipeline
+@pytest.mark.parametrize("case", CASES, ids=IDS)
+def test_varlen_equals_per_sequence_calls(backend, case):
+    """Reference: bit for bit the per-sequence ``unisparse_attention`` calls, every detail.
+    Other backends: masks eps-valid under the reference scores, out and lse within SPEC 7."""
+    nq, nk, Hq, Hkv, D, cfg = case
+    q, k, v, cu_q, cu_k = packed_qkv(case)
+    res = us.unisparse_attention_varlen(q, k, v, cu_q, cu_k, cfg, backend=backend, return_details=True)
+    out, lse = us.to_numpy(res.out), us.to_numpy(res.lse)
+    assert out.shape == q.shape and lse.shape == (Hq, q.shape[0]) and lse.dtype == np.float32
+    S = cfg.block_size
+    cu_qb, cu_r, cu_c = res.cu_qblocks, packed_offsets(cu_q, cfg.c_q), packed_offsets(cu_k, cfg.c_k)
+    np.testing.assert_array_equal(cu_qb, packed_offsets(cu_q, S))
+    if backend.name != "numpy":
+        expected = us.unisparse_attention_varlen(q, k, v, cu_q, cu_k, cfg, return_details=True)
+        for i in range(len(nq)):
+            bm = res.block_mask(i)
+            if bm is None:
+                continue
+            scores_i = expected.scores[None, :, cu_qb[i] : cu_qb[i + 1], : num_blocks(nk[i], S)]
+            assert eps_valid_rows(bm, scores_i, cfg, nq[i], nk[i], backend.score_eps).all(), f"sequence {i}"
+        assert_varlen_attention_close(out, lse, q, k, v, cu_q, cu_k, res.kv_counts, res.kv_indices, cfg)
+        return
+    for i in range(len(nq)):
+        if nq[i] == 0:  # no rows, no mask; its keys are still pooled
+            assert res.block_mask(i) is None and cu_qb[i] == cu_qb[i + 1] and cu_r[i] == cu_r[i + 1]
+            if nk[i]:
+                np.testing.assert_array_equal(
+                    res.k_c[cu_c[i] : cu_c[i + 1]], ref.pool_sequence(rv.sequence_view(k, cu_k, i), cfg.c_k)[0].swapaxes(0, 1)
+                )
+            continue
+        q_i, k_i, v_i = (rv.sequence_view(x, c, i) for x, c in ((q, cu_q), (k, cu_k), (v, cu_k)))
+        one = us.unisparse_attention(q_i, k_i, v_i, cfg, backend=backend, return_details=True)
+        rows = slice(cu_q[i], cu_q[i + 1])
+        np.testing.assert_array_equal(out[rows], one.out[0].swapaxes(0, 1))
+        np.testing.assert_array_equal(lse[:, rows], one.lse[0])
+        np.testing.assert_array_equal(res.block_mask(i).mask, one.block_mask.mask)
+        nkb = num_blocks(nk[i], S)
+        np.testing.assert_array_equal(res.scores[:, cu_qb[i] : cu_qb[i + 1], :nkb], one.scores[0])
+        assert not res.scores[:, cu_qb[i] : cu_qb[i + 1], nkb:].any()
+        np.testing.assert_array_equal(res.q_c[cu_r[i] : cu_r[i + 1]], one.q_c[0].swapaxes(0, 1))
+        np.testing.assert_array_equal(res.k_c[cu_c[i] : cu_c[i + 1]], one.k_c[0].swapaxes(0, 1))
+        counts = res.kv_counts[:, cu_qb[i] : cu_qb[i + 1]]
+        idx = res.kv_indices[:, cu_qb[i] : cu_qb[i + 1]]
+        assert (idx[:, :, nkb:] == -1).all() and (counts <= nkb).all()
+
+
+@pytest.mark.parametrize("dtype", [np.float16, np.float32])
+@pytest.mark.parametrize("case", CASES, ids=IDS)
+def test_varlen_attention_stage_with_arbitrary_masks(backend, case, dtype):
+    """The packed attention stage on random packed masks (empty rows included) within SPEC 7."""
+    if not hasattr(backend, "block_sparse_attention_varlen"):
+        pytest.skip(f"backend {backend.name!r} has no packed attention stage (runs one sequence at a time)")
+    if np.dtype(dtype) not in backend.supported_dtypes:
+        pytest.skip(f"backend {backend.name!r} does not take {np.dtype(dtype)}")
+    nq, nk, Hq, Hkv, D, cfg = case
+    q, k, v, cu_q, cu_k = packed_qkv(case, dtype, seed=1)
+    S, Hm = cfg.block_size, Hq // cfg.c_h
+    rng = np.random.default_rng(2)
+    masks = []
+    for i in range(len(nq)):
+        if nq[i] == 0:
+            masks.append(None)
+            continue
+        m = rng.random((1, Hm, num_blocks(nq[i], S), num_blocks(nk[i], S))) < 0.5
+        m[0, 0, -1] = False  # an empty mask row: out 0, lse -inf
+        masks.append(BlockMask(m, S, cfg.c_h, nq[i], nk[i], cfg.causal))
+    counts, indices = rv.pack_block_masks(masks, cu_q, cu_k, S, Hm)
+    out, lse = backend.block_sparse_attention_varlen(q, k, v, cu_q, cu_k, counts, indices, cfg)
+    out, lse = us.to_numpy(out), us.to_numpy(lse)
+    if backend.name == "numpy":
+        for i, bm in enumerate(masks):
+            if bm is not None:
+                views = (rv.sequence_view(x, c, i) for x, c in ((q, cu_q), (k, cu_k), (v, cu_k)))
+                o, l_ = ref.block_sparse_attention(*views, bm, cfg)
+                np.testing.assert_array_equal(out[cu_q[i] : cu_q[i + 1]], o[0].swapaxes(0, 1))
+                np.testing.assert_array_equal(lse[:, cu_q[i] : cu_q[i + 1]], l_[0])
+    assert np.isneginf(lse).any(), "the empty mask rows give lse = -inf"
+    assert out.dtype == (np.float64 if backend.name == "numpy" else np.dtype(dtype))
+    assert_varlen_attention_close(out, lse, q, k, v, cu_q, cu_k, counts, indices, cfg)
+
+
+# ============================================================================ edge cases
+BAD_OFFSETS = [
+    ("float", lambda cu: cu.astype(np.float32), TypeError, "must hold integers"),
+    ("bool", lambda cu: cu.astype(bool), TypeError, "must hold integers"),
+    ("rank 2", lambda cu: cu[None], ValueError, "rank 1"),
+    ("no sequence", lambda cu: cu[:1], ValueError, "batch \\+ 1 >= 2"),
+    ("not from 0", lambda cu: cu + 1, ValueError, "must start at 0"),
+    ("decreasing", lambda cu: np.array([0, 30, 20, cu[-1]], np.int32), ValueError, "non-decreasing"),
+    ("wrong end", lambda cu: np.concatenate([cu[:-1], [cu[-1] - 1]]), ValueError, "must end at the packed length"),
+]
+
+
+@pytest.mark.parametrize("name,change,error,match", BAD_OFFSETS, ids=[b[0] for b in BAD_OFFSETS])
+def test_invalid_cu_seqlens_are_refused(backend, name, change, error, match):
+    case = ([10, 30], [20, 30], 2, 1, 16, UniSparseConfig(block_size=16, c_q=4, c_k=8))
+    q, k, v, cu_q, cu_k = packed_qkv(case)
+    with pytest.raises(error, match=f"cu_seqlens_q.*{match}"):
+        us.unisparse_attention_varlen(q, k, v, change(cu_q), cu_k, case[-1], backend=backend)
+    with pytest.raises(error, match=f"cu_seqlens_k.*{match}"):
+        us.unisparse_attention_varlen(q, k, v, cu_q, change(cu_k), case[-1], backend=backend)
+
+
+def test_sequences_that_break_spec_section_1_are_named(backend):
+    cfg = UniSparseConfig(block_size=16, c_q=4, c_k=8)
+    q, k, v, cu_q, cu_k = packed_qkv(([5, 9], [5, 7], 2, 1, 16, cfg))
+    with pytest.raises(ValueError, match="sequence 1 has Nq=9, Nk=7"):
+        us.unisparse_attention_varlen(q, k, v, cu_q, cu_k, cfg, backend=backend)
+    noncausal = UniSparseConfig(block_size=16, c_q=4, c_k=8, causal=False)
+    q, k, v, cu_q, cu_k = packed_qkv(([5, 3], [12, 0], 2, 1, 16, noncausal))
+    with pytest.raises(ValueError, match="sequence 1 has 3 queries but no key"):
+        us.unisparse_attention_varlen(q, k, v, cu_q, cu_k, noncausal, backend=backend)
+    with pytest.raises(ValueError, match="cu_seqlens_q has 3 entries"):
+        us.unisparse_attention_varlen(q, k, v, cu_q, [0, 12], noncausal, backend=backend)
+    with pytest.raises(ValueError, match="rank 3"):
+        us.unisparse_attention_varlen(q[None], k, v, cu_q, cu_k, noncausal, backend=backend)
+
+
+def test_a_batch_of_empty_sequences_gives_empty_outputs():
+    cfg = UniSparseConfig(block_size=16, c_q=4, c_k=8)
+    q, k, v, cu_q, cu_k = packed_qkv(([0, 0], [0, 7], 2, 1, 16, cfg))
+    res = us.unisparse_attention_varlen(q, k, v, cu_q, cu_k, cfg, return_details=True)
+    assert res.out.shape == (0, 2, 16) and res.lse.shape == (2, 0) and res.kv_counts.shape == (2, 0)
+    assert res.k_c.shape == (1, 1, 16) and res.density == 0.0  # ceil(7 / c_k) composite keys
+
+
+# ============================================================================ paged KV cache
+PAGED = [(8, 8), (16, 4)] if SIM else [(8, 8), (16, 4), (32, 8), (64, 16)]  # (page_size, c_k)
+
+
+@pytest.mark.parametrize("page_size,c_k", PAGED, ids=[f"page{p}-ck{c}" for p, c in PAGED])
+def test_paged_attention_equals_contiguous(backend, page_size, c_k):
+    """The attention stage against pages scattered over the pool equals the contiguous packed stage
+    (exactly in the reference and the Numba kernel: one computation, only the address of a key
+    differs), and the paged pipeline equals the packed one (exactly in the reference)."""
+    nq, nk, Hq, Hkv, D, cfg = CASES[0] if SIM else CASES[2]
+    cfg = UniSparseConfig(block_size=cfg.block_size, c_q=cfg.c_q, c_k=c_k, threshold=cfg.threshold)
+    q, k, v, cu_q, cu_k = packed_qkv((nq, nk, Hq, Hkv, D, cfg))
+    num_pages = sum(cdiv(n, page_size) for n in nk) + 3
+    cache = PagedKVCache.for_config(cfg, num_pages, page_size, Hkv, D, batch=len(nq),
+                                    page_order=np.random.default_rng(3).permutation(num_pages))
+    cache.append_varlen(k, v, cu_k)
+    np.testing.assert_array_equal(cache.cu_seqlens_k, cu_k)
+    contiguous = us.unisparse_attention_varlen(q, k, v, cu_q, cu_k, cfg, return_details=True)
+    counts, indices = contiguous.kv_counts, contiguous.kv_indices
+    if hasattr(backend, "block_sparse_attention_paged"):
+        out, lse = backend.block_sparse_attention_paged(q, cache.k_pages, cache.v_pages, cu_q, cache.block_table,
+                                                        cache.seqused_k, counts, indices, cfg)
+        out, lse = us.to_numpy(out), us.to_numpy(lse)
+        if backend.name in ("numpy", "numba"):
+            o, l_ = backend.block_sparse_attention_varlen(q, k, v, cu_q, cu_k, counts, indices, cfg)
+            np.testing.assert_array_equal(out, us.to_numpy(o))
+            np.testing.assert_array_equal(lse, us.to_numpy(l_))
+        assert_varlen_attention_close(out, lse, q, k, v, cu_q, cu_k, counts, indices, cfg)
+    paged = us.unisparse_attention_paged(q, cache, cu_q, cfg, backend=backend, return_details=True)
+    np.testing.assert_array_equal(paged.k_c, contiguous.k_c)  # the cache's composite keys: bit for bit
+    if backend.name == "numpy":
+        for name in ("out", "lse", "kv_counts", "kv_indices", "scores", "q_c"):
+            np.testing.assert_array_equal(getattr(paged, name), getattr(contiguous, name), err_msg=name)
+    else:
+        for i in range(len(nq)):
+            bm = paged.block_mask(i)
+            if bm is not None:
+                cu_qb = paged.cu_qblocks
+                s_i = contiguous.scores[None, :, cu_qb[i] : cu_qb[i + 1], : num_blocks(nk[i], cfg.block_size)]
+                assert eps_valid_rows(bm, s_i, cfg, nq[i], nk[i], backend.score_eps).all()
+        assert_varlen_attention_close(us.to_numpy(paged.out), us.to_numpy(paged.lse), q, k, v, cu_q, cu_k,
+                                      paged.kv_counts, paged.kv_indices, cfg)
+
+
+@pytest.mark.parametrize("page_size,c_k", [(8, 8), (16, 4), (32, 8)])
+def test_cache_composite_keys_equal_one_shot_pooling(page_size, c_k):
+    """After any sequence of appends (lengths 1, odd, partial groups filled later, two sequences
+    interleaved) the cached composite keys are those of pooling the whole sequence, bit for bit."""
+    rng = np.random.default_rng(4)
+    Hkv, D = 2, 8
+    cache = PagedKVCache(64, page_size, Hkv, D, batch=2, c_k=c_k, dtype=np.float16, page_order=rng.permutation(64))
+    keys = [np.zeros((0, Hkv, D), np.float16) for _ in range(2)]
+    for n, seq in [(1, 0), (3, 1), (c_k - 1, 0), (1, 0), (2 * page_size + 5, 1), (7, 0), (page_size, 0), (1, 1)]:
+        k_new = rng.standard_normal((n, Hkv, D)).astype(np.float16)
+        cache.append(k_new, -k_new, seq)
+        keys[seq] = np.concatenate([keys[seq], k_new])
+        for b in range(2):
+            L = keys[b].shape[0]
+            assert cache.seqused_k[b] == L
+            np.testing.assert_array_equal(cache.keys(b), keys[b])
+            np.testing.assert_array_equal(cache.values(b), -keys[b])
+            if L:
+                whole = ref.pool_sequence(keys[b].swapaxes(0, 1)[None], c_k)[0].swapaxes(0, 1)
+                np.testing.assert_array_equal(cache.composite_keys(b), whole)
+    assert cache.free_pages == 64 - sum(cdiv(len(x), page_size) for x in keys)
+
+
+def test_cache_refusals():
+    with pytest.raises(ValueError, match="c_k=16 must divide page_size=8"):
+        PagedKVCache(4, 8, 1, 16, c_k=16)
+    cache = PagedKVCache(2, 8, 1, 4, c_k=4, max_pages=2)
+    with pytest.raises(TypeError, match="dtype float16 but the cache holds float32"):
+        cache.append(np.zeros((3, 1, 4), np.float16), np.zeros((3, 1, 4), np.float16))
+    with pytest.raises(ValueError, match="would need 3 pages"):
+        cache.append(np.zeros((17, 1, 4), np.float32), np.zeros((17, 1, 4), np.float32))
+    assert cache.seqused_k[0] == 0 and cache.free_pages == 2  # nothing written
+    with pytest.raises(ValueError, match="shape \\[n, Hkv=1, D=4\\]"):
+        cache.append(np.zeros((3, 2, 4), np.float32), np.zeros((3, 2, 4), np.float32))
+    cfg = UniSparseConfig(block_size=16, c_q=4, c_k=8)
+    with pytest.raises(ValueError, match="c_k=4 but config.c_k=8"):
+        us.unisparse_attention_paged(np.zeros((1, 1, 4), np.float32), cache, [0, 1], cfg)
+    cache.append(np.ones((5, 1, 4), np.float32), np.ones((5, 1, 4), np.float32))
+    with pytest.raises(ValueError, match="sequence 0 has Nq=6, Nk=5"):
+        us.unisparse_attention_paged(np.zeros((6, 1, 4), np.float32), cache, [0, 6], UniSparseConfig(
+            block_size=16, c_q=4, c_k=4))
+    with pytest.raises(ValueError, match="block_table\\[0, 1\\] = 7 is read"):
+        ref.block_sparse_attention_paged(np.zeros((5, 1, 4), np.float32), cache.k_pages, cache.v_pages, [0, 5],
+                                         [[0, 7]], [9], np.zeros((1, 1), np.int32), np.zeros((1, 1, 1), np.int32))
+
+
+@pytest.mark.parametrize("chunks", [(32, 16, 48, 54), (150,), (16,) * 9 + (6,)], ids=["mixed", "one", "sixteens"])
+def test_chunked_prefill_on_the_paged_cache_equals_one_shot(chunks):
+    """Chunks whose boundaries are multiples of S, each appended then attended against the cache:
+
+    * the cache's composite keys are the one-shot ones bit for bit, and so are the chunk's
+      composite queries (its groups of c_q start where the one-shot groups do);
+    * the chunk's block scores equal the one-shot rows of its query blocks up to float64
+      rounding (the softmax sums run over a different number of invisible zeros), within the
+      float64 rule of SPEC 7;
+    * its mask rows are the one-shot rows, except SPEC 7's borderline rows;
+    * its out and lse rows agree with the one-shot call within the float64 rule of SPEC 7.
+    """
+    cfg = UniSparseConfig(block_size=16, c_q=4, c_k=8, threshold=0.7)
+    S, L, Hq, Hkv, D = cfg.block_size, sum(chunks), 4, 2, 16
+    rng = np.random.default_rng(5)
+    q = (1.5 * rng.standard_normal((L, Hq, D))).astype(np.float32)
+    k = (1.5 * rng.standard_normal((L, Hkv, D))).astype(np.float32)
+    v = rng.standard_normal((L, Hkv, D)).astype(np.float32)
+    one = us.unisparse_attention(q.swapaxes(0, 1)[None], k.swapaxes(0, 1)[None], v.swapaxes(0, 1)[None], cfg,
+                                 return_details=True)
+    margin = ref.selection_margin(one.scores, cfg, L, L)
+    cache = PagedKVCache.for_config(cfg, 32, 16, Hkv, D, page_order=rng.permutation(32))
+    start = 0
+    for n in chunks:
+        end = start + n
+        assert start % S == 0
+        cache.append(k[start:end], v[start:end])
+        np.testing.assert_array_equal(cache.composite_keys(0), one.k_c[0, :, : cdiv(end, cfg.c_k)].swapaxes(0, 1))
+        res = us.unisparse_attention_paged(q[start:end], cache, [0, n], cfg, return_details=True)
+        np.testing.assert_array_equal(res.q_c, one.q_c[0, :, start // cfg.c_q : cdiv(end, cfg.c_q)].swapaxes(0, 1))
+        blocks, nkb = slice(start // S, cdiv(end, S)), num_blocks(end, S)
+        one_scores = one.scores[0, :, blocks]
+        assert not one_scores[..., nkb:].any()  # the one-shot rows see nothing past the chunk
+        tol, _ = attention_tolerance(one_scores, None, np.float64)
+        assert np.abs(res.scores[..., :nkb] - one_scores[..., :nkb]).max() <= tol
+        sel = compare_selection(res.block_mask(0).mask, one.block_mask.mask[:, :, blocks, :nkb], margin[:, :, blocks])
+        assert sel.ok, sel.message()
+        chk = check_attention(res.out, one.out[0, :, start:end].swapaxes(0, 1), None, np.float64)
+        assert chk.ok, chk.message()
+        lchk = check_lse(res.lse, one.lse[0, :, start:end])
+        assert lchk.ok, lchk.message()
+        start = end
+
+
+# ============================================================================ merging
+def _split_mask_case():
+    """A reference mask with rows whose selected blocks are all even, all odd, or none."""
+    cfg = UniSparseConfig(block_size=16, c_q=4, c_k=8, threshold=0.6)
+    B, Hq, Hkv, Nq, Nk, D = (1, 2, 1, 40, 70, 16) if SIM else (2, 4, 2, 100, 150, 32)
+    rng = np.random.default_rng(6)
+    q = (1.5 * rng.standard_normal((B, Hq, Nq, D))).astype(np.float32)
+    k = (1.5 * rng.standard_normal((B, Hkv, Nk, D))).astype(np.float32)
+    v = rng.standard_normal((B, Hkv, Nk, D)).astype(np.float32)
+    mask = us.unisparse_attention(q, k, v, cfg, return_details=True).block_mask.mask.copy()
+    mask[0, 0, 0] = False
+    mask[0, 0, 0, 0] = True  # only block 0 (even)
+    mask[0, 0, 1] = False
+    mask[0, 0, 1, 1] = True  # only block 1 (odd)
+    mask[0, 0, 2] = False  # nothing
+    even = np.arange(mask.shape[-1]) % 2 == 0
+    whole, a, b = (BlockMask(m, cfg.block_size, cfg.c_h, Nq, Nk, cfg.causal) for m in (mask, mask & even, mask & ~even))
+    return q, k, v, cfg, whole, a, b
+
+
+def _check_merge(backend, out_a, lse_a, out_b, lse_b, whole, lse_whole, dtype):
+    """SPEC 7 for the merged result (float32 rule: the halves' lse are float32; float16 against the
+    reference merge of the halves rounded to float16), and the empty-row cases exactly."""
+    oa, ob = out_a.astype(dtype), out_b.astype(dtype)
+    out, lse = us.merge_attention_states(oa, lse_a, ob, lse_b, backend=backend)
+    out, lse = us.to_numpy(out), us.to_numpy(lse)
+    assert not np.isnan(out).any() and not np.isnan(lse).any() and lse.dtype == np.float32
+    lp = None
+    if np.dtype(dtype) == np.float16:
+        lp = ref.merge_attention_states(oa, lse_a, ob, lse_b)[0].astype(np.float16)
+    chk = check_attention(out, whole, lp, np.float32 if lp is None else dtype)
+    assert chk.ok, chk.message()
+    lchk = check_lse(lse, lse_whole)
+    assert lchk.ok, lchk.message()
+    a_only = np.isneginf(lse_b) & np.isfinite(lse_a)
+    b_only = np.isneginf(lse_a) & np.isfinite(lse_b)
+    neither = np.isneginf(lse_a) & np.isneginf(lse_b)
+    assert a_only.any() and b_only.any() and neither.any()
+    np.testing.assert_array_equal(out[a_only], oa[a_only])  # exactly the non-empty side
+    np.testing.assert_array_equal(lse[a_only], lse_a[a_only])
+    np.testing.assert_array_equal(out[b_only], ob[b_only])
+    np.testing.assert_array_equal(lse[b_only], lse_b[b_only])
+    assert (out[neither] == 0).all() and np.isneginf(lse[neither]).all()
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float16])
+@pytest.mark.parametrize("layout", ["bhnd", "packed"])
+def test_merge_of_two_halves_equals_the_whole(backend, layout, dtype):
+    """Selected key blocks split by parity: merging the two block-sparse results is the whole one."""
+    if np.dtype(dtype) not in backend.supported_dtypes:
+        pytest.skip(f"backend {backend.name!r} does not take {np.dtype(dtype)}")
+    q, k, v, cfg, whole, a, b = _split_mask_case()
+    (ow, lw), (oa, la), (ob, lb) = (ref.block_sparse_attention(q, k, v, m, cfg) for m in (whole, a, b))
+    if layout == "packed":  # out [total_q, Hq, D], lse [Hq, total_q] passed as lse.T
+        ow, oa, ob = (o[0].swapaxes(0, 1) for o in (ow, oa, ob))
+        lw, la, lb = (x[0].T for x in (lw, la, lb))
+    _check_merge(backend, oa, la, ob, lb, ow, lw, dtype)
+
+
+def test_merge_cascade_prefix_and_suffix(backend):
+    """Cascade attention: the prefix attended without a mask, the suffix causally, merged: causal
+    attention over the whole (queries are the last Nq positions, so the prefix is visible to all)."""
+    B, Hq, Hkv, Nq, Nk, D, m = (1, 2, 1, 20, 50, 16, 24) if SIM else (2, 4, 2, 60, 200, 32, 96)
+    rng = np.random.default_rng(7)
+    q, k, v = (rng.standard_normal(s).astype(np.float32) for s in ((B, Hq, Nq, D), (B, Hkv, Nk, D), (B, Hkv, Nk, D)))
+    whole, lw = ref.dense_attention(q, k, v, causal=True)
+    pre, lp = ref.dense_attention(q, k[:, :, :m], v[:, :, :m], causal=False)
+    suf, ls = ref.dense_attention(q, k[:, :, m:], v[:, :, m:], causal=True)
+    out, lse = us.merge_attention_states(pre.astype(np.float32), lp, suf.astype(np.float32), ls, backend=backend)
+    chk = check_attention(out, whole, None, np.float32)
+    assert chk.ok, chk.message()
+    lchk = check_lse(us.to_numpy(lse), lw)
+    assert lchk.ok, lchk.message()
+
+
+def test_merge_refusals(backend):
+    o = np.zeros((3, 2, 4), np.float32)
+    lse = np.zeros((3, 2), np.float32)
+    with pytest.raises(ValueError, match="same shape"):
+        us.merge_attention_states(o, lse, o[:2], lse[:2], backend=backend)
+    with pytest.raises(ValueError, match="pass lse.T"):
+        us.merge_attention_states(o, lse.T, o, lse.T, backend=backend)
+    for bad in (np.nan, np.inf):
+        lse_bad = lse.copy()
+        lse_bad[1, 1] = bad
+        with pytest.raises(ValueError, match="NaN or \\+inf"):
+            us.merge_attention_states(o, lse_bad, o, lse, backend=backend)
+
+
+# ============================================================================ the Numba layer
+def test_numba_work_list_is_longest_first_across_sequences():
+    pytest.importorskip("numba")
+    from unisparse_ref.numba_backend.varlen import work_list
+
+    cu_q, nk = offsets([1, 40, 0, 17]), np.array([3, 100, 9, 17])
+    work = work_list(cu_q, nk, 16, causal=True)
+    tiles = {(b, t) for b, n in enumerate(np.diff(cu_q)) for t in range(cdiv(int(n), 16))}
+    assert sorted(map(tuple, work.tolist())) == sorted(tiles)  # every tile once; none for sequence 2
+    span = [min((t + 1) * 16, int(cu_q[b + 1] - cu_q[b])) - 1 + int(nk[b] - (cu_q[b + 1] - cu_q[b])) + 1
+            for b, t in work.tolist()]
+    assert span == sorted(span, reverse=True)
+    assert work.tolist()[0] == [1, 2]  # the last tile of the longest sequence starts first
