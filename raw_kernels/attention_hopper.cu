@@ -68,8 +68,8 @@
 // qtile) sorted by row length. The grid is persistent: about one CTA per SM; CTA c starts with
 // task c and takes the next from a global atomic counter (tasks leave the list in order, as
 // CTAs free up), and its producer loads the next task's Q_i and first K/V tiles while the
-// consumers finish the current one. The producer announces each task (its index in a shared
-// slot, then the Q barrier); the ring positions, the barrier phases and the ping-pong turns
+// consumers finish the current one. The producer announces each task (its index in the CTA's
+// slot of the global array sched, then the Q barrier); the ring positions, the barrier phases and the ping-pong turns
 // simply continue from task to task. (A grid of n_tasks CTAs, one task each, is the same code.)
 // Requirements (the launcher checks): D in {64, 128, 256}; S a multiple of 128 (a 128-row
 // CTA stays inside one query block) and of Bc.
@@ -81,9 +81,11 @@
 //                            and 128-byte swizzle
 //   kv_counts, kv_indices, work, out, lse,
 //   Hq, Hkv, Hm, Nq, Nk, nQb, idx_stride, S, c_h, causal, n_qtiles, scale_log2, n_tasks,
-//   task_counter
-// attention.cu's, with q, k, v replaced by the three tensor maps, plus the task count and a
-// zeroed int in device memory for the dynamic schedule (nullptr: static stride).
+//   sched, dynamic
+// attention.cu's, with q, k, v replaced by the three tensor maps, plus the task count, an int32
+// array sched of 1 + gridDim.x entries in device memory (sched[0] zeroed: the dynamic
+// schedule's counter; sched[1 + c]: CTA c's task slot) and dynamic (1: take tasks from the
+// counter; 0: static stride).
 
 #include <cuda_fp16.h>
 #include <cuda_bf16.h>
@@ -308,7 +310,7 @@ struct Smem {
   static constexpr int KV_ELEMS = BC * D;  // one stage of K (or V)
   static constexpr int TILE_BYTES = (Q_ELEMS + 2 * STAGES * KV_ELEMS) * (int)sizeof(T);
   static constexpr int BAR_BYTES = 8 * (2 + 4 * STAGES);
-  static constexpr int BYTES = 1024 + TILE_BYTES + BAR_BYTES + 16;  // + the task slot; what the launcher passes
+  static constexpr int BYTES = 1024 + TILE_BYTES + BAR_BYTES;  // what the launcher passes
 };
 
 // The key tile j of a CTA: tile j is sub-tile (j % SUB) of the j / SUB-th visible block.
@@ -323,7 +325,7 @@ __device__ __forceinline__ void fwd_body(
     const int* __restrict__ kv_counts, const int* __restrict__ kv_indices, const int* __restrict__ work,
     T* __restrict__ out, float* __restrict__ lse,
     int Hq, int Hkv, int Hm, int Nq, int Nk, int nQb, int idx_stride, int S, int c_h, int causal,
-    int n_qtiles, float scale_log2, int n_tasks, int* __restrict__ task_counter) {
+    int n_qtiles, float scale_log2, int n_tasks, int* __restrict__ sched, int dynamic) {
   using L = Smem<T, D, BC, STAGES>;
   constexpr int BR = L::BR;
   constexpr int NCH = D / 64;            // 64-element (128-byte) column regions of a tile
@@ -345,11 +347,14 @@ __device__ __forceinline__ void fwd_body(
   const unsigned bar_full_k = bar_q + 16, bar_full_v = bar_full_k + 8 * STAGES;
   const unsigned bar_empty_k = bar_full_v + 8 * STAGES, bar_empty_v = bar_empty_k + 8 * STAGES;
   // The task of the current round, written by the producer before it arrives on q_full (the
-  // arrive releases the store, the consumers' wait acquires it); rewritten only after every
-  // consumer warp arrived on q_empty, after its read. (compute-sanitizer's racecheck does not
-  // model this mbarrier ordering of plain shared-memory accesses and reports the slot as a
-  // write-read race; memcheck and synccheck are clean.)
-  volatile int* task_slot = reinterpret_cast<volatile int*>(base + L::TILE_BYTES + L::BAR_BYTES);
+  // arrive releases the store at CTA scope, the consumers' wait acquires it); rewritten only
+  // after every consumer warp arrived on q_empty, after its read (the same pair, the other
+  // way). The slot lives in global memory, one int per CTA, not in shared memory:
+  // compute-sanitizer's racecheck checks shared memory and does not model this mbarrier
+  // ordering of plain accesses, so a shared slot is reported as a race it cannot vouch for;
+  // every other shared access of the kernel it then does check. One L2 round trip per task.
+  volatile int* task_slot = sched + 1 + blockIdx.x;
+  int* task_counter = dynamic ? sched : nullptr;
 
   // ---- the work: tasks (b, h, 128-row query tile). CTA c starts with task c; its producer
   // then takes the next one from the global counter (x = gridDim.x + atomicAdd(counter, 1):
@@ -699,11 +704,11 @@ __global__ void __launch_bounds__(384, 1) us_fa3_fwd(
     const int* __restrict__ kv_counts, const int* __restrict__ kv_indices, const int* __restrict__ work,
     T* __restrict__ out, float* __restrict__ lse,
     int Hq, int Hkv, int Hm, int Nq, int Nk, int nQb, int idx_stride, int S, int c_h, int causal,
-    int n_qtiles, float scale_log2, int n_tasks, int* __restrict__ task_counter) {
+    int n_qtiles, float scale_log2, int n_tasks, int* __restrict__ sched, int dynamic) {
 #if defined(US_FA3_HAVE_SM90A)
   us_fa3::fwd_body<T, D, BC, STAGES>(&tm_q, &tm_k, &tm_v, kv_counts, kv_indices, work, out, lse, Hq, Hkv, Hm,
                                      Nq, Nk, nQb, idx_stride, S, c_h, causal, n_qtiles, scale_log2, n_tasks,
-                                     task_counter);
+                                     sched, dynamic);
 #else
   __trap();  // built without sm_90a: the launcher never selects this kernel then
 #endif
@@ -717,11 +722,11 @@ __global__ void __launch_bounds__(384, 1) us_fa3_fwd_gmem(
     const int* __restrict__ kv_counts, const int* __restrict__ kv_indices, const int* __restrict__ work,
     T* __restrict__ out, float* __restrict__ lse,
     int Hq, int Hkv, int Hm, int Nq, int Nk, int nQb, int idx_stride, int S, int c_h, int causal,
-    int n_qtiles, float scale_log2, int n_tasks, int* __restrict__ task_counter) {
+    int n_qtiles, float scale_log2, int n_tasks, int* __restrict__ sched, int dynamic) {
 #if defined(US_FA3_HAVE_SM90A)
   us_fa3::fwd_body<T, D, BC, STAGES>(tmaps, tmaps + 1, tmaps + 2, kv_counts, kv_indices, work, out, lse, Hq,
                                      Hkv, Hm, Nq, Nk, nQb, idx_stride, S, c_h, causal, n_qtiles, scale_log2,
-                                     n_tasks, task_counter);
+                                     n_tasks, sched, dynamic);
 #else
   __trap();
 #endif

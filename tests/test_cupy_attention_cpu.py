@@ -63,7 +63,7 @@ def test_every_kernel_the_launcher_picks_is_compiled(monkeypatch, hopper):
                         continue
                     assert att.kernel_spec(ver, dtype, D) in listed, (version, dtype, D, S)
                     if version is None:
-                        if dtype == "float32" or D == 32 or S < 128:
+                        if dtype == "float32" or D == 32 or S < 128 or (D == 256 and not hopper):
                             want = 1
                         else:
                             want = 9 if hopper else 6
@@ -88,8 +88,8 @@ def test_launch_config_numbers():
     v9 = att.KERNEL_VERSIONS[9]  # persistent: at most one CTA per SM (132 on an H200)
     cfg = att.launch_config(v9, batch=1, q_heads=32, nq=32768, block_size=128, head_dim=128, itemsize=2)
     assert cfg["block"] == (384, 1, 1) and cfg["grid"] == (132, 1, 1) and cfg["n_tasks"] == 32 * 256
-    # 1 KiB alignment + Q [128][128] + K, V rings [2 stages][128][128] + 10 mbarriers + task slot
-    assert cfg["shared_mem"] == 1024 + (128 + 2 * 2 * 128) * 128 * 2 + 8 * (2 + 4 * 2) + 16 <= 227 * 1024
+    # 1 KiB alignment + Q [128][128] + K, V rings [2 stages][128][128] + 10 mbarriers
+    assert cfg["shared_mem"] == 1024 + (128 + 2 * 2 * 128) * 128 * 2 + 8 * (2 + 4 * 2) <= 227 * 1024
 
 
 def test_padded_head_dim():

@@ -564,7 +564,7 @@ def _reference_attention_forward():
         assert kv_counts.dtype == np.int32 and kv_indices.dtype == np.int32
         assert kv_counts.shape == (q.shape[0], q.shape[1] // heads_per_mask, -(-nq // block_size))
         assert q.dtype == k.dtype == v.dtype and q.dtype in (np.float16, np.float32, np.uint16)
-        assert q.shape[3] in (32, 64, 128), "the kernels are built for head dims 32, 64, 128"
+        assert q.shape[3] in (32, 64, 128, 256), "the kernels are built for head dims 32, 64, 128, 256"
         bf16 = q.dtype == np.uint16
         host = [x.get().view(BFLOAT16) if bf16 else x.get() for x in (q, k, v)]
         bm = BlockMask.from_indices(kv_counts.get(), kv_indices.get(), block_size=block_size, nq=nq, nk=nk,

@@ -37,10 +37,15 @@ def _swap_heads_and_tokens(name: str, x: Any) -> Any:
     """``[B, N, H, D] <-> [B, H, N, D]``: a view (no copy) for NumPy, CuPy and PyTorch arrays."""
     if len(x.shape) != 4:
         raise ValueError(f"{name} must have rank 4, got shape {tuple(x.shape)}")
-    if hasattr(x, "swapaxes"):
+    if hasattr(x, "swapaxes"):  # NumPy, CuPy, PyTorch
         return x.swapaxes(1, 2)
-    if hasattr(x, "transpose"):
-        return x.transpose(1, 2)
+    if hasattr(x, "gpu_data") and hasattr(x, "strides"):  # a Numba device array: a strided view
+        from numba.cuda.cudadrv.devicearray import DeviceNDArray
+
+        shape, strides = list(x.shape), list(x.strides)
+        shape[1], shape[2] = shape[2], shape[1]
+        strides[1], strides[2] = strides[2], strides[1]
+        return DeviceNDArray(tuple(shape), tuple(strides), x.dtype, stream=x.stream, gpu_data=x.gpu_data)
     raise TypeError(f"{name}: cannot reorder the axes of a {type(x).__name__} (give layout='bhnd')")
 
 

@@ -107,11 +107,12 @@ class CupyBackend:
     supported_dtypes = SUPPORTED_DTYPES
     score_eps = 1e-6
 
-    def __init__(self, device_name: str = "", hopper: bool = False) -> None:
+    #: Any D up to 256 (the kernels run 32, 64, 128 and 256; other D are zero-padded up to the
+    #: next). Off Hopper, D > 128 runs on the scalar rung v1.
+    supported_head_dims = tuple(range(1, attention.KERNEL_HEAD_DIMS[-1] + 1))
+
+    def __init__(self, device_name: str = "") -> None:
         self.device_name = device_name
-        #: Any D up to 128 (the kernels run 32, 64 and 128; smaller D are zero-padded), up to
-        #: 256 on Hopper (attention rung v9 runs D = 256).
-        self.supported_head_dims = tuple(range(1, (256 if hopper else 128) + 1))
 
     # -------------------------------------------------------------- stage 1
     def compress(self, q: Any, k: Any, config: UniSparseConfig) -> tuple[Any, Any]:
@@ -273,4 +274,4 @@ def make_backend() -> CupyBackend:
         raise BackendUnavailable(f"cupy cannot query the CUDA device: {e}") from e
     if major < 8:
         raise BackendUnavailable(f"the cupy backend needs compute capability >= 8.0 (bf16); {name} has {major}.x")
-    return CupyBackend(name, hopper=(major, int(props["minor"])) == (9, 0))
+    return CupyBackend(name)

@@ -66,10 +66,10 @@ class Fa3Config:
     stages: int
 
     def smem_bytes(self, itemsize: int = 2) -> int:
-        """Dynamic shared memory: 1 KiB alignment slack, Q, the K and V rings, the mbarriers,
-        the task slot (the kernel's ``Smem<...>::BYTES``)."""
+        """Dynamic shared memory: 1 KiB alignment slack, Q, the K and V rings, the mbarriers
+        (the kernel's ``Smem<...>::BYTES``)."""
         tiles = (FA3_BR + 2 * self.stages * self.bc) * self.head_dim * itemsize
-        return 1024 + tiles + 8 * (2 + 4 * self.stages) + 16
+        return 1024 + tiles + 8 * (2 + 4 * self.stages)
 
 
 #: Per head dim: Bc = 128 (one whole mask block per step) where the consumers' registers
@@ -449,9 +449,11 @@ def fa3_forward(
     ]
     if schedule not in ("dynamic", "static"):
         raise ValueError(f"schedule must be 'dynamic' or 'static', got {schedule!r}")
-    # The dynamic schedule's task counter (zeroed per launch; the first grid-size tasks are
-    # taken without it).
-    counter = cp.zeros(1, dtype=cp.int32) if persistent and schedule == "dynamic" else None
+    # sched[0]: the dynamic schedule's task counter (zeroed per launch; the first grid-size
+    # tasks are taken without it); sched[1 + c]: CTA c's task slot (the producer announces
+    # each task there).
+    sched = cp.zeros(1 + int(cfgd["grid"][0]), dtype=cp.int32)
+    dynamic = persistent and schedule == "dynamic"
     i32 = np.int32
     rest = [
         kv_counts,
@@ -472,7 +474,8 @@ def fa3_forward(
         i32(cfgd["n_qtiles"]),
         np.float32(scale * math.log2(math.e)),
         i32(cfgd["n_tasks"]),
-        counter,
+        sched,
+        i32(1 if dynamic else 0),
     ]
     ld = _loader
     if tmap_mode == "gmem":

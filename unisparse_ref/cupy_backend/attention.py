@@ -69,8 +69,9 @@ __all__ = [
 
 FILE = "attention.cu"
 
-#: Head dims the scalar v1 kernel is instantiated for.
-V1_HEAD_DIMS: tuple[int, ...] = (32, 64, 128)
+#: Head dims the scalar v1 kernel is instantiated for (it runs every D the backend takes, so
+#: any GPU serves D up to 256; only Hopper's v9 runs D = 256 fast).
+V1_HEAD_DIMS: tuple[int, ...] = (32, 64, 128, 256)
 #: Head dims of the tensor-core kernels.
 MMA_HEAD_DIMS: tuple[int, ...] = (64, 128)
 _V1_BC = 16  # keys per v1 tile (V1_BC in attention.cu)
@@ -190,8 +191,7 @@ INSTANTIATIONS: list[KernelSpec] = [
 ]
 
 #: Head dims the backend runs; other D are zero-padded up to the next (see :func:`attend`).
-#: 256 only on Hopper (v9); elsewhere up to 128.
-KERNEL_HEAD_DIMS = V1_HEAD_DIMS + (256,)
+KERNEL_HEAD_DIMS = V1_HEAD_DIMS
 
 
 def padded_head_dim(D: int) -> int:
@@ -200,7 +200,7 @@ def padded_head_dim(D: int) -> int:
         if D <= d:
             return d
     raise ValueError(
-        f"the cupy backend supports head dims up to {KERNEL_HEAD_DIMS[-1]} (above 128 on Hopper only), got D={D}"
+        f"the cupy backend supports head dims up to {KERNEL_HEAD_DIMS[-1]}, got D={D}"
     )
 
 
@@ -490,7 +490,7 @@ def attention_forward(
 
 def attend(q: Any, k: Any, v: Any, kv_counts: Any, kv_indices: Any, block_mask: BlockMask,
            softmax_scale: float) -> tuple[Any, Any]:
-    """:func:`attention_forward` for any head dim up to 256 (above 128: Hopper), as the backend calls it.
+    """:func:`attention_forward` for any head dim up to 256, as the backend calls it.
 
     Head dims the kernels are not built for are zero-padded up to :func:`padded_head_dim`: zero
     columns change no dot product ``q . k`` and give zero output columns, which are cut off
