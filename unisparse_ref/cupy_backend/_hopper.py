@@ -12,8 +12,10 @@ dtype of ``q``, ``lse`` float32 ``[B, Hq, Nq]`` (natural log).
 
 What the host does (the kernel's opening comment says what the device does):
 
-* encodes three TMA tensor maps (``cuTensorMapEncodeTiled``, through ``cuda-bindings``, or the
-  driver library through ``ctypes`` when ``cuda-bindings`` is absent): 3-D views
+* encodes three TMA tensor maps (``cuTensorMapEncodeTiled`` of the driver library
+  ``libcuda.so.1`` through ``ctypes``, or through ``cuda-bindings`` where the library cannot be
+  opened by that name; cuda-bindings' start-up looks up driver symbols that do not exist,
+  which compute-sanitizer reports as API errors): 3-D views
   ``(D, N, B*H)`` of q, k, v with boxes of ``64 x rows x 1`` elements and 128-byte swizzle;
   rows past ``Nq``/``Nk`` are zero-filled by the copy engine;
 * computes grid, block and shared memory in ONE function, :func:`launch_config`;
@@ -247,11 +249,11 @@ def encode_tensor_map(arr: Any, dtype: str, rows_box: int, *, backend: str = "au
         out = _encode_ctypes(dt, ptr, dims, strides, box)
     elif backend == "cuda-bindings":
         out = _encode_cuda_bindings(dt, ptr, dims, strides, box)
-    else:
+    else:  # the driver's own entry point first: no extra package, no symbol-table look-ups
         try:
-            out = _encode_cuda_bindings(dt, ptr, dims, strides, box)
-        except ImportError:
             out = _encode_ctypes(dt, ptr, dims, strides, box)
+        except OSError:  # no libcuda.so.1 by that name: cuda-bindings finds the driver its own way
+            out = _encode_cuda_bindings(dt, ptr, dims, strides, box)
     if len(_TMAP_CACHE) > 256:
         _TMAP_CACHE.clear()
     _TMAP_CACHE[key] = out
