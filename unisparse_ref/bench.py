@@ -8,12 +8,19 @@ Contenders (each only when it can be imported and run here):
 * ``ours-dense``: :func:`unisparse_ref.cupy_backend.attention.attention_forward` with every visible block;
 * ``ours-sparse``: the same kernel given a block mask of ~10% / ~30% of the causal blocks;
 * ``ours-pipeline``: the whole UniSparse pipeline with the CuPy backend (estimation = pooling,
-  scores, selection; then the sparse kernel) on :func:`unisparse_ref.workloads.structured_workload`;
+  scores, selection; then the sparse kernel) on :func:`unisparse_ref.evaluation.workloads.structured_workload`;
 * ``sdpa-flash`` / ``sdpa-cudnn``: PyTorch ``scaled_dot_product_attention`` pinned to the
   FlashAttention / cuDNN backend (dense);
 * ``flex``: PyTorch FlexAttention (``torch.compile``'d) given the identical block mask through
   ``BlockMask.from_kv_blocks`` (diagonal blocks partial with the causal ``mask_mod``, the others full);
 * ``numba``: the Numba prototype's block-sparse attention (small sizes only).
+
+Correctness first: before a contender is timed at a size, its output on that size's first
+input set is compared with the float64 NumPy reference (:mod:`unisparse_ref.reference`) on
+sampled query blocks of the heads that share KV head 0, under the rule of SPEC section 7
+(:func:`unisparse_ref.tolerance.check_attention`, with the reference's low-precision mode for
+the dtype). A contender that fails is not timed: its row says ``refused: ...`` and the
+command exits with status 1 after writing the results (as llm.c's ``dev/cuda`` does).
 
 Reports milliseconds, effective TFLOP/s (``4 * D`` FLOPs per query-key pair the mask allows,
 causal counted exactly) and each contender's time over ours (``> 1``: ours is faster). Writes
@@ -37,29 +44,19 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["main", "allowed_pairs", "random_block_mask", "time_calls"]
+from . import geometry
+
+__all__ = ["main", "allowed_pairs", "random_block_mask", "reference_check", "time_calls"]
 
 
 # ----------------------------------------------------------------------------- FLOP counting
 def allowed_pairs_matrix(nq: int, nk: int, S: int, causal: bool) -> np.ndarray:
     """``P[i, j]``: query-key pairs of query block ``i`` and key block ``j`` the causal rule allows.
 
-    float64 ``[nQb, nKb]``; exact (bottom-right alignment, ragged last blocks).
+    float64 ``[nQb, nKb]``; exact (bottom-right alignment, ragged last blocks):
+    :func:`unisparse_ref.geometry.block_pair_counts`.
     """
-    nqb, nkb = -(-nq // S), -(-nk // S)
-    t = np.arange(nq, dtype=np.int64)
-    j0 = np.arange(nkb, dtype=np.int64) * S
-    jlen = np.minimum(j0 + S, nk) - j0
-    out = np.zeros((nqb, nkb))
-    for i in range(nqb):
-        rows = t[i * S : (i + 1) * S]
-        if causal:
-            p = rows + (nk - nq)
-            cnt = np.clip(p[:, None] + 1 - j0[None, :], 0, jlen[None, :])
-            out[i] = cnt.sum(axis=0)
-        else:
-            out[i] = rows.size * jlen
-    return out
+    return geometry.block_pair_counts(nq, nk, S, causal).astype(np.float64)
 
 
 def allowed_pairs(mask: np.ndarray, nq: int, nk: int, S: int, causal: bool, heads_per_mask: int = 1) -> float:
@@ -68,28 +65,14 @@ def allowed_pairs(mask: np.ndarray, nq: int, nk: int, S: int, causal: bool, head
     return float((mask.astype(np.float64) * P).sum() * heads_per_mask)
 
 
-def visible_blocks(nq: int, nk: int, S: int, causal: bool) -> np.ndarray:
-    nqb, nkb = -(-nq // S), -(-nk // S)
-    if not causal:
-        return np.ones((nqb, nkb), dtype=bool)
-    i = np.arange(nqb)
-    p_last = np.minimum((i + 1) * S, nq) - 1 + (nk - nq)
-    return np.arange(nkb)[None, :] * S <= p_last[:, None]
-
-
 def random_block_mask(
     B: int, Hm: int, nq: int, nk: int, S: int, density: float, causal: bool = True, seed: int = 0
 ) -> np.ndarray:
     """A block mask keeping ~``density`` of the visible blocks: sink + diagonal + random others."""
     rng = np.random.default_rng(seed)
-    vis = visible_blocks(nq, nk, S, causal)
+    vis = geometry.visible_blocks(nq, nk, S, causal)
     nqb, nkb = vis.shape
-    diag = np.zeros_like(vis)
-    last_vis = vis.shape[1] - 1 - np.argmax(vis[:, ::-1], axis=1)
-    diag[np.arange(nqb), last_vis] = True
-    sink = np.zeros_like(vis)
-    sink[:, 0] = True
-    forced = (diag | sink) & vis
+    forced = geometry.forced_blocks(nq, nk, S, 1, 1, causal)  # sink block and diagonal block
     n_vis = vis.sum(axis=1, keepdims=True)
     n_forced = forced.sum(axis=1, keepdims=True)
     # Probability for the other visible blocks so that the expected density is `density`.
@@ -302,6 +285,63 @@ class _Torch:
         )
 
 
+# ----------------------------------------------------------------------------- correctness gate
+def _sample_blocks(nqb: int, n: int = 3) -> list[int]:
+    """Query blocks the gate checks: the first, the middle and the last (longest causal rows)."""
+    return sorted({0, nqb // 2, nqb - 1})[:n]
+
+
+def reference_check(out: Any, q: Any, k: Any, v: Any, mask: np.ndarray, *, S: int, causal: bool,
+                    heads_per_mask: int = 1, softmax_scale: float | None = None) -> Any:
+    """SPEC section 7 for a contender's ``out`` on sampled rows, against the float64 reference.
+
+    Checks the query heads of KV head 0 (``h < G``) on the query blocks of
+    :func:`_sample_blocks`, so the reference's work stays small at any length.
+
+    Parameters
+    ----------
+    out : array ``[B, Hq, Nq, D]``
+        CuPy (bf16 as ``uint16`` bits or a bf16 CuPy array), PyTorch or NumPy: the output
+        under test.
+    q, k, v : arrays ``[B, Hq, Nq, D]``, ``[B, Hkv, Nk, D]``
+        The inputs it was computed from (CuPy; bf16 as ``uint16`` bits).
+    mask : bool ``[B, Hm, nQb, nKb]``
+        The block mask it was computed with (every visible block for dense attention).
+
+    Returns
+    -------
+    unisparse_ref.tolerance.AttentionCheck
+    """
+    from . import reference as ref
+    from ._convert import BFLOAT16, to_numpy
+    from .blockmask import BlockMask
+    from .config import UniSparseConfig
+    from .tolerance import check_attention
+
+    def host(x: Any, heads: int, rows: Any = None) -> np.ndarray:
+        if type(x).__module__.split(".")[0] == "torch":
+            x = x.detach()
+            part = x[:, :heads] if rows is None else x[:, :heads][:, :, rows]
+            return part.float().cpu().numpy()
+        a = to_numpy(x[:, :heads])
+        a = a.view(BFLOAT16) if np.dtype(a.dtype) == np.uint16 else a
+        return a if rows is None else a[:, :, rows]
+
+    B, Hq, Nq, D = (int(x) for x in q.shape)
+    Hkv, Nk = int(k.shape[1]), int(k.shape[2])
+    G = Hq // Hkv
+    blocks = _sample_blocks(-(-Nq // S))
+    rows = np.concatenate([np.arange(i * S, min((i + 1) * S, Nq)) for i in blocks])
+    qh, kh, vh = host(q, G), host(k, 1), host(v, 1)
+    m = np.asarray(to_numpy(mask))[:, : max(1, G // heads_per_mask)]
+    bm = BlockMask(m, S, heads_per_mask, Nq, Nk, causal)
+    cfg = UniSparseConfig(block_size=S, causal=causal, softmax_scale=softmax_scale)
+    ref64, _ = ref.block_sparse_attention(qh, kh, vh, bm, cfg, query_blocks=blocks)
+    lp, _ = ref.block_sparse_attention(qh, kh, vh, bm, cfg, precision=qh.dtype, query_blocks=blocks)
+    got = host(out, G, rows)
+    return check_attention(got.astype(np.float64), ref64, lp, qh.dtype)
+
+
 # ----------------------------------------------------------------------------- main
 def _parse(argv: Sequence[str]) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="unisparse-ref bench", description=__doc__.split("\n\n")[0])
@@ -342,7 +382,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Run the benchmark; returns a process exit code."""
     args = _parse(sys.argv[1:] if argv is None else argv)
     if args.replot:
-        data = json.loads(Path(args.replot).read_text())
+        try:
+            data = json.loads(Path(args.replot).read_text())
+            data["rows"], data["meta"]  # noqa: B018 - the keys a bench.json has
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            print(f"unisparse-ref bench: cannot replot {args.replot!r}: {type(e).__name__}: {e}", file=sys.stderr)
+            return 2
         Path(args.out_dir).mkdir(parents=True, exist_ok=True)
         _plot(Path(args.out_dir), data["rows"], data["meta"])
         print(f"wrote {Path(args.out_dir) / 'bench.png'}")
@@ -401,11 +446,24 @@ def main(argv: Sequence[str] | None = None) -> int:
         tf = f"{row['tflops']:.1f} TFLOP/s" if row["tflops"] is not None else note
         print(f"  N={N:>6} D={D:>3} {mode:<10} {contender:<16} {ms:>12}  {tf}", flush=True)
 
+    wrong: list[str] = []  # contenders refused by the correctness gate
+
     def guarded(N: int, D: int, mode: str, contender: str, pairs: float, density: float,
-                fn: Callable[[], dict[str, float]]) -> None:
+                fn: Callable[[], dict[str, float]], check: Callable[[], Any] | None = None) -> None:
+        """Check (when ``check`` is given) and only then time; a contender that cannot run this
+        shape is reported, not fatal; one that runs and is wrong is refused and remembered."""
         try:
-            record(N, D, mode, contender, fn(), pairs, density)
-        except Exception as e:  # a contender that cannot run this shape is reported, not fatal
+            note = ""
+            if check is not None:
+                res = check()
+                if not res.ok:
+                    wrong.append(f"N={N} D={D} {mode} {contender}: {res.message()}")
+                    record(N, D, mode, contender, None, pairs, density, note=f"refused: wrong result ({res.message()})")
+                    return
+                note = f"checked: max err {res.max_error:.2e} <= {res.tolerance:.2e}"
+            t = fn()
+            record(N, D, mode, contender, t, pairs, density, note=note)
+        except Exception as e:
             msg = f"{type(e).__name__}: {str(e).splitlines()[0][:160] if str(e) else ''}"
             record(N, D, mode, contender, None, pairs, density, note=f"failed ({msg})")
 
@@ -415,8 +473,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         sizes = _ints(args.sizes) if D == head_dims[0] or not args.d64_sizes else _ints(args.d64_sizes)
         for N in sizes:
             sets = [_make_inputs(B, Hq, Hkv, N, D, dt, seed=100 * N + D + s) for s in range(args.input_sets)]
-            vis = visible_blocks(N, N, S, causal)
+            vis = geometry.visible_blocks(N, N, S, causal)
             dense_mask = np.broadcast_to(vis, (B, Hq, *vis.shape))
+
+            def gate(call: Callable[[], Any], mask: np.ndarray, s0: Any = sets[0], N: int = N) -> Callable[[], Any]:
+                """The correctness check of one contender: its output on input set 0 vs the reference."""
+                return lambda: reference_check(call(), *s0, mask, S=S, causal=causal)
+
             dense_pairs = allowed_pairs(dense_mask, N, N, S, causal)
             # ---- dense
             if "ours" in want:
@@ -425,12 +488,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                     name = f"ours-v{ver or att.DEFAULT_VERSION}"
                     calls = [lambda s=s, ver=ver, counts=counts, idx=idx, N=N: att.attention_forward(
                         *s, counts, idx, nq=N, nk=N, block_size=S, heads_per_mask=1, causal=causal,
-                        softmax_scale=None, version=ver) for s in sets]
-                    guarded(N, D, "dense", name, dense_pairs, 1.0, lambda calls=calls: time_calls(calls, **kw))
-            if th is not None and th.torch is not None and "ours" in want:
-                _spot_check(th, att, sets[0], N, S, causal, dt, versions, record_note=lambda msg, N=N, D=D:
-                            rows.append({"N": N, "D": D, "mode": "dense", "contender": "check", "density": 1.0,
-                                         "ms": None, "tflops": None, "note": msg}) or print(f"  {msg}"))
+                        softmax_scale=None, version=ver)[0] for s in sets]
+                    guarded(N, D, "dense", name, dense_pairs, 1.0, lambda calls=calls: time_calls(calls, **kw),
+                            check=gate(calls[0], dense_mask))
             if th is not None and th.torch is not None:
                 tsets = [tuple(_to_torch(x, dt) for x in s) for s in sets]
                 for be in ("flash", "cudnn"):
@@ -438,7 +498,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                         f = th.sdpa(be)
                         calls = [lambda s=s, f=f: f(*s, causal) for s in tsets]
                         guarded(N, D, "dense", f"sdpa-{be}", dense_pairs, 1.0,
-                                lambda calls=calls: time_calls(calls, events="torch", **kw))
+                                lambda calls=calls: time_calls(calls, events="torch", **kw),
+                                check=gate(calls[0], dense_mask))
             # ---- sparse with a given mask
             for dens in densities:
                 mask = random_block_mask(B, Hq, N, N, S, dens, causal, seed=N + D)
@@ -454,81 +515,58 @@ def main(argv: Sequence[str] | None = None) -> int:
                         name = f"ours-v{ver or att.DEFAULT_VERSION}"
                         calls = [lambda s=s, ver=ver, counts=counts, idx=idx, N=N: att.attention_forward(
                             *s, counts, idx, nq=N, nk=N, block_size=S, heads_per_mask=1, causal=causal,
-                            softmax_scale=None, version=ver) for s in sets]
-                        guarded(N, D, mode, name, pairs, real, lambda calls=calls: time_calls(calls, **kw))
+                            softmax_scale=None, version=ver)[0] for s in sets]
+                        guarded(N, D, mode, name, pairs, real, lambda calls=calls: time_calls(calls, **kw),
+                                check=gate(calls[0], mask))
                 if "flex" in want and th is not None and th.torch is not None:
-                    def flex_run(mask: np.ndarray = mask, N: int = N, sets: list = sets) -> dict[str, float]:
-                        fbm = th.flex_block_mask(mask, N, N, S, causal)
-                        fx = th.flex()
-                        tsets = [tuple(_to_torch(x, dt) for x in s) for s in sets]
-                        calls = [lambda s=s: fx(*s, block_mask=fbm, enable_gqa=Hq != Hkv) for s in tsets]
-                        return time_calls(calls, events="torch", **kw)
+                    flex: dict[str, Any] = {}
 
-                    guarded(N, D, mode, "flex", pairs, real, flex_run)
-                    if "ours" in want and dens == densities[0]:
-                        _flex_check(th, att, sets[0], mask, N, S, causal, dt, Hq != Hkv,
-                                    lambda msg, N=N, D=D, mode=mode: rows.append(
-                                        {"N": N, "D": D, "mode": mode, "contender": "check", "density": 0.0,
-                                         "ms": None, "tflops": None, "note": msg}) or print(f"  {msg}"))
+                    def flex_calls(mask: np.ndarray = mask, N: int = N, sets: list = sets,
+                                   flex: dict[str, Any] = flex) -> list[Callable[[], Any]]:
+                        if "calls" not in flex:  # compiled once, for the check and the timing
+                            fbm = th.flex_block_mask(mask, N, N, S, causal)
+                            fx = th.flex()
+                            tsets = [tuple(_to_torch(x, dt) for x in s) for s in sets]
+                            flex["calls"] = [lambda s=s: fx(*s, block_mask=fbm, enable_gqa=Hq != Hkv) for s in tsets]
+                        return flex["calls"]
+
+                    guarded(N, D, mode, "flex", pairs, real,
+                            lambda flex_calls=flex_calls: time_calls(flex_calls(), events="torch", **kw),
+                            check=gate(lambda flex_calls=flex_calls: flex_calls()[0](), mask))
                 if "numba" in want and N <= args.numba_max:
+                    nb: dict[str, Any] = {}
+
+                    def numba_calls(mask: np.ndarray = mask, N: int = N, sets: list = sets,
+                                    nb: dict[str, Any] = nb) -> list[Callable[[], Any]]:
+                        if "calls" not in nb:
+                            nb["calls"] = _numba_calls(sets, mask, N, S, causal)
+                        return nb["calls"]
+
                     guarded(N, D, mode, "numba", pairs, real,
-                            lambda mask=mask, N=N, sets=sets: _time_numba(sets, mask, N, S, causal, dt, kw))
+                            lambda numba_calls=numba_calls: time_calls(numba_calls(), **kw),
+                            check=gate(lambda numba_calls=numba_calls: numba_calls()[0]()[0], mask))
             cp.get_default_memory_pool().free_all_blocks()
         # ---- whole pipeline on the structured workload
         pdims = _ints(args.pipeline_head_dims) if args.pipeline_head_dims else head_dims
         if "pipeline" in want and D in pdims:
             psizes = _ints(args.pipeline_sizes) if args.pipeline_sizes else sizes
             for N in psizes:
-                _bench_pipeline(N, D, B, Hq, Hkv, S, args.pipeline_dtype or dt, causal, kw, record)
+                _bench_pipeline(N, D, B, Hq, Hkv, S, args.pipeline_dtype or dt, causal, kw, record, wrong)
 
+    meta["refused"] = wrong
     _write(out_dir, rows, meta)
     _summary(rows)
+    if wrong:
+        print(f"\nunisparse-ref bench: {len(wrong)} contender(s) gave wrong results and were not timed:",
+              file=sys.stderr)
+        for w in wrong:
+            print(f"  {w}", file=sys.stderr)
+        return 1
     return 0
 
 
-def _spot_check(th: _Torch, att: Any, s: Any, N: int, S: int, causal: bool, dt: str,
-                versions: list[int | None], record_note: Callable[[str], Any]) -> None:
-    """max|ours - SDPA flash| on one input set (a guard against timing a wrong kernel)."""
-    torch = th.torch
-    try:
-        tq, tk, tv = (_to_torch(x, dt) for x in s)
-        ref = th.sdpa("flash")(tq, tk, tv, causal).float()
-        B, Hq = s[0].shape[:2]
-        counts, idx = att.dense_indices(B, Hq, N, N, S, causal)
-        for ver in versions:
-            out, _ = att.attention_forward(*s, counts, idx, nq=N, nk=N, block_size=S, heads_per_mask=1,
-                                           causal=causal, softmax_scale=None, version=ver)
-            o = _to_torch(out, dt).float()
-            diff = float((o - ref).abs().max())
-            record_note(f"check v{ver or att.DEFAULT_VERSION}: max|ours - sdpa_flash| = {diff:.3e} "
-                        f"(max|ref| = {float(ref.abs().max()):.3e})")
-        del ref
-        torch.cuda.empty_cache()
-    except Exception as e:
-        record_note(f"check failed: {type(e).__name__}: {e}"[:200])
-
-
-def _flex_check(th: _Torch, att: Any, s: Any, mask: np.ndarray, N: int, S: int, causal: bool, dt: str,
-                gqa: bool, record_note: Callable[[str], Any]) -> None:
-    """max|ours - FlexAttention| on the same block mask (default version)."""
-    import cupy as cp
-
-    from .blockmask import BlockMask
-
-    try:
-        fbm = th.flex_block_mask(mask, N, N, S, causal)
-        ref = th.flex()(*(_to_torch(x, dt) for x in s), block_mask=fbm, enable_gqa=gqa).float()
-        counts, idx = BlockMask(cp.asarray(mask), S, 1, N, N, causal).to_indices()
-        out, _ = att.attention_forward(*s, counts, idx, nq=N, nk=N, block_size=S, heads_per_mask=1,
-                                       causal=causal, softmax_scale=None)
-        diff = float((_to_torch(out, dt).float() - ref).abs().max())
-        record_note(f"check v{att.DEFAULT_VERSION} sparse: max|ours - flex| = {diff:.3e} "
-                    f"(max|ref| = {float(ref.abs().max()):.3e})")
-    except Exception as e:
-        record_note(f"flex check failed: {type(e).__name__}: {e}"[:200])
-
-
-def _time_numba(sets: Any, mask: np.ndarray, N: int, S: int, causal: bool, dt: str, kw: dict[str, Any]) -> dict[str, float]:
+def _numba_calls(sets: Any, mask: np.ndarray, N: int, S: int, causal: bool) -> list[Callable[[], Any]]:
+    """One call of the Numba prototype's block-sparse attention per input set."""
     from .backends import get_backend
     from .blockmask import BlockMask
     from .config import UniSparseConfig
@@ -536,19 +574,21 @@ def _time_numba(sets: Any, mask: np.ndarray, N: int, S: int, causal: bool, dt: s
     be = get_backend("numba")
     cfg = UniSparseConfig(block_size=S, causal=causal)
     bm = BlockMask(mask, S, 1, N, N, causal)
-    calls = [lambda s=s: be.block_sparse_attention(*s, bm, cfg) for s in sets]
-    return time_calls(calls, **kw)
+    return [lambda s=s: be.block_sparse_attention(*s, bm, cfg) for s in sets]
 
 
 def _bench_pipeline(N: int, D: int, B: int, Hq: int, Hkv: int, S: int, dt: str, causal: bool,
-                    kw: dict[str, Any], record: Callable[..., None]) -> None:
-    """Estimation (compress, scores, select) + sparse attention with the CuPy backend."""
+                    kw: dict[str, Any], record: Callable[..., None], wrong: list[str]) -> None:
+    """Estimation (compress, scores, select) + sparse attention with the CuPy backend.
+
+    Checked before it is timed: the output of the whole pipeline against the reference run
+    with the mask the pipeline selected (sampled rows, :func:`reference_check`)."""
     import cupy as cp
 
     from .api import unisparse_attention
     from .backends import get_backend
     from .config import UniSparseConfig
-    from .workloads import structured_workload
+    from .evaluation.workloads import structured_workload
 
     try:
         be = get_backend("cupy")
@@ -582,6 +622,13 @@ def _bench_pipeline(N: int, D: int, B: int, Hq: int, Hkv: int, S: int, dt: str, 
         return unisparse_attention(q, k, v, cfg, backend=be)
 
     try:
+        res = unisparse_attention(q, k, v, cfg, backend=be, return_details=True)
+        chk = reference_check(res.out, q, k, v, res.block_mask.mask, S=S, causal=causal,
+                              heads_per_mask=res.block_mask.heads_per_mask)
+        if not chk.ok:
+            wrong.append(f"N={N} D={D} pipeline ours-pipeline: {chk.message()}")
+            record(N, D, "pipeline", "ours-pipeline", None, 0.0, 0.0, note=f"refused: wrong result ({chk.message()})")
+            return
         t_all = time_calls([whole], **kw)
         t_est = time_calls([estimate], **kw)
         t_att = time_calls([attend], **kw)
