@@ -227,12 +227,16 @@ def cmd_passkey(args: argparse.Namespace) -> None:
     model = SmolLM2.from_package()
     rng = np.random.default_rng(0)
     out = {"meta": meta(), "config": dataclasses.asdict(CFG), "trials": []}
+    if args.append and (OUT / args.json).exists():
+        out["trials"] = json.loads((OUT / args.json).read_text())["trials"]
     attentions = {"dense": None}
     for p in args.thresholds:
         attentions[f"unisparse P={p}"] = dataclasses.replace(CFG, threshold=p)
     for n in args.lengths:
         for depth in args.depths:
             key = int(rng.integers(10000, 99999))
+            if any(t["target"] == n and t["depth"] == depth for t in out["trials"]):
+                continue  # already run (--append)
             ids = passkey_prompt(model, n, depth, key)
             for name, att in attentions.items():
                 t0 = time.perf_counter()
@@ -311,6 +315,14 @@ def _accuracy_md(acc: dict) -> list[str]:
                 okr = [r for r in recs if r is not None]
                 L.append(f"| {s} | {_f(np.mean(ok) if len(ok) == len(errs) else None)} | "
                          f"{_f(np.mean(okr) if len(okr) == len(recs) else None)} |")
+            L += ["", "Every sweep point on those layers (means over the layers):", "",
+                  "| selector | param | density | recall | rel. error |", "| --- | --- | --- | --- | --- |"]
+            for s in sels:
+                params = list(dict.fromkeys(x["param"] for x in with_b[0]["results"] if x["selector"] == s))
+                for prm in params:
+                    pts = [[x for x in lay["results"] if x["selector"] == s and x["param"] == prm][0] for lay in with_b]
+                    L.append(f"| {s} | {prm} | {np.mean([x['density'] for x in pts]):.3f} | "
+                             f"{np.mean([x['recall'] for x in pts]):.3f} | {np.mean([x['rel_error'] for x in pts]):.3f} |")
             L.append("")
     return L
 
@@ -388,6 +400,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--depths", type=float, nargs="+", default=[0.1, 0.5, 0.9])
     p.add_argument("--thresholds", type=float, nargs="+", default=[0.9])
     p.add_argument("--json", default="passkey.json")
+    p.add_argument("--append", action="store_true", help="add to the trials already in --json")
     sub.add_parser("report")
     args = ap.parse_args(argv)
     if args.cmd == "accuracy":
