@@ -113,6 +113,7 @@ def _compile(group: tuple[str, tuple[str, ...], str]):
     return _POOL[group].result()
 
 
+@pytest.mark.nvrtc
 @pytest.mark.parametrize(
     "group", sorted(GROUPS), ids=[f"{f}-{a}{'-' + '-'.join(o) if o else ''}" for f, o, a in sorted(GROUPS)]
 )
@@ -136,6 +137,7 @@ def test_nvrtc_compiles(group: tuple[str, tuple[str, ...], str]) -> None:
 _LAYER_SM90 = sorted(g for g in GROUPS if g[0] in ("pooling.cu", "scores.cu", "selection.cu") and g[2] == "sm_90")
 
 
+@pytest.mark.nvrtc
 @pytest.mark.parametrize("group", _LAYER_SM90, ids=[f"{g[0]}-{'-'.join(g[1])}" for g in _LAYER_SM90])
 def test_layer_kernels_do_not_spill_on_sm90(group) -> None:
     """Pooling, scores and selection fit in registers on Hopper (no local-memory spills)."""
