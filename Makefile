@@ -23,7 +23,7 @@ test-nvrtc:
 	$(PYTEST) -q -m nvrtc tests/test_cupy_compile.py
 
 docs:
-	$(PY) -m sphinx -W --keep-going -b html docs docs/_build/html
+	$(PY) -m sphinx -n -W --keep-going -b html docs docs/_build/html
 
 ## On a machine with an NVIDIA GPU: every backend, full sizes, sanitizers, the big checks.
 gpu-test:

@@ -1,8 +1,8 @@
 """Sphinx configuration of the unisparse-ref documentation.
 
-Build (from the repository root; must pass with no warnings):
+Build (from the repository root; must pass with no warnings, cross-references included):
 
-    sphinx-build -W --keep-going -b html docs docs/_build/html
+    sphinx-build -n -W --keep-going -b html docs docs/_build/html
 
 The tutorials live in the top-level ``tutorials/`` folder, where users open them. This file
 copies them into ``docs/tutorials/`` (git-ignored) before Sphinx reads its sources, and
@@ -94,7 +94,17 @@ html_static_path = ["_static"]
 html_css_files = ["custom.css"]
 
 # -- warnings ------------------------------------------------------------------------------
-# Nothing is suppressed. Pages written by other layers may be absent (performance.md,
+# Nitpicky: every cross-reference must resolve (``-n``). Two kinds of target cannot, and are
+# named here instead: other projects' types (the docs build offline, without intersphinx),
+# and the informal words of NumPy-style type lines ("array, shape [B, H, N, D]", "optional").
+nitpicky = True
+nitpick_ignore_regex = [
+    ("py:class", r"(numpy|np|cupy|collections\.abc|typing|numba|torch)(\..*)?"),
+    ("py:class", r"(optional|array|array-like|arrays|sequence|callable|dtype|backend object|int|float|bool|str|"
+                 r"None|tuple|list|dict|type|object|default|of|any|shape)( .*)?"),
+    ("py:class", r"(list|tuple|dict)\[.*"),
+]
+# Nothing else is suppressed. Pages written by other layers may be absent (performance.md,
 # layers/*, gpu_results/*); instead of silencing the toctree warnings for every page, the
 # hook below drops exactly the toctree entries of the index that match no document.
 suppress_warnings: list[str] = []
@@ -188,7 +198,57 @@ def _append_optional_api(app, docname: str, source: list[str]) -> None:
         source[0] += f"\n## `{module}`\n\n```{{eval-rst}}\n.. automodule:: {module}\n```\n"
 
 
+# -- re-exported names -------------------------------------------------------------------
+def _lookup(dotted: str):
+    """The object a dotted name denotes (module prefix imported, then attributes), or None."""
+    parts = dotted.split(".")
+    for i in range(len(parts), 0, -1):
+        try:
+            obj = importlib.import_module(".".join(parts[:i]))
+        except Exception:  # noqa: BLE001 - not a module: try a shorter prefix
+            continue
+        try:
+            for attr in parts[i:]:
+                obj = getattr(obj, attr)
+        except AttributeError:
+            return None
+        return obj
+    return None
+
+
+def _resolve_reexports(app, env, node, contnode):
+    """``missing-reference``: ``unisparse_ref.BlockMask`` (a re-export, as users write it) or a
+    bare ``BlockMask`` resolves to where the name is documented (``unisparse_ref.blockmask.BlockMask``)."""
+    if node.get("refdomain") != "py":
+        return None
+    target = node["reftarget"]
+    cands = [target] if target.startswith("unisparse_ref") else [f"unisparse_ref.{target}"]
+    if node.get("py:module") and not target.startswith("unisparse_ref"):
+        cands.append(f"{node['py:module']}.{target}")
+    domain = env.get_domain("py")
+    for cand in cands:
+        if cand != target:  # documented under the re-exported name itself (module data)
+            res = domain.resolve_xref(env, node["refdoc"], app.builder, node["reftype"], cand, node, contnode)
+            if res is not None:
+                return res
+        obj = _lookup(cand)
+        mod, qual = getattr(obj, "__module__", None), getattr(obj, "__qualname__", None)
+        if isinstance(obj, type(sys)):
+            mod, qual = obj.__name__, None
+        if mod is None or not mod.startswith("unisparse_ref"):
+            continue
+        canonical = f"{mod}.{qual}" if qual else mod
+        if canonical == target:
+            continue
+        for reftype in (node["reftype"], "obj"):
+            res = domain.resolve_xref(env, node["refdoc"], app.builder, reftype, canonical, node, contnode)
+            if res is not None:
+                return res
+    return None
+
+
 def setup(app) -> dict:
+    app.connect("missing-reference", _resolve_reexports)
     app.connect("source-read", _append_optional_api)
     app.connect("source-read", _drop_missing_toctree_entries)
     app.connect("env-get-outdated", _always_reread_indexes)

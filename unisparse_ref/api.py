@@ -100,8 +100,8 @@ def unisparse_attention(
         ``"numpy"`` (the reference), ``"numba"`` or ``"cupy"``.
     return_details : bool
         Return a :class:`UniSparseResult` instead of ``out`` alone.
-    layout : {"bhnd", "bnhd"}
-        How q, k, v (and ``out``) are laid out. ``"bhnd"`` is SPEC's ``[B, H, N, D]``.
+    layout : str
+        ``"bhnd"`` (default) or ``"bnhd"``: how q, k, v (and ``out``) are laid out. ``"bhnd"`` is SPEC's ``[B, H, N, D]``.
         ``"bnhd"`` is FlashAttention's ``[B, N, H, D]``: the arrays are read through a
         transposed view (the GPU backends copy a non-contiguous view into a contiguous one
         once) and ``out`` comes back as ``[B, Nq, Hq, D]``; ``lse``, the block mask and the

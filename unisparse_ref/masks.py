@@ -154,7 +154,8 @@ def to_flex_block_mask(block_mask: BlockMask, *, per_query_head: bool | None = N
     per_query_head : bool, optional
         Expand the heads to one per query head (FlexAttention broadcasts a head dimension of
         1 but not ``Hq / c_h``). Default: expand when ``heads_per_mask > 1``.
-    device : torch device, optional
+    device : optional
+        A PyTorch device (``torch.device`` or a string).
         Where to put the index tensors (default CPU).
 
     Raises

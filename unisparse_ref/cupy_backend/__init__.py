@@ -3,7 +3,7 @@
 Every stage of the pipeline is a CUDA C++ kernel in ``raw_kernels/`` compiled by NVRTC
 through :class:`cupy.RawModule`. Each stage has one module here holding its kernel
 instantiations with their NVRTC options, its launch configuration (one visible function) and
-its launch; :mod:`~unisparse_ref.cupy_backend._loader` reads, compiles and launches:
+its launch; ``unisparse_ref.cupy_backend._loader`` reads, compiles and launches:
 
 ============================  ==============================================  =====================
 method                        kernels (module)                                source

@@ -84,7 +84,8 @@ class BFloat16Array:
 
     Attributes
     ----------
-    data : cupy.ndarray of uint16
+    data : cupy.ndarray
+        Of dtype ``uint16``:
         The raw bf16 bit patterns.
 
     ``get()`` / ``copy_to_host()`` return an ``ml_dtypes.bfloat16`` NumPy array, so

@@ -151,7 +151,7 @@ class AttentionVersion:
         return ("float16", "bfloat16") if self.tensor_core else ("float16", "bfloat16", "float32")
 
 
-#: The kernel ladder: version number -> description and tile parameters. The numbers are the
+#: The kernel ladder, version number -> description and tile parameters. The numbers are the
 #: historical ones (v2-v5 and v8 were retired; their timings are on docs/performance.md).
 KERNEL_VERSIONS: dict[int, AttentionVersion] = {
     1: AttentionVersion(1, "scalar FMA, one thread per query row, K/V tiles as float in shared memory",
@@ -171,7 +171,7 @@ KERNEL_VERSIONS: dict[int, AttentionVersion] = {
 
 #: The version used when ``version=None`` (fp16/bf16; float32 always runs v1).
 DEFAULT_VERSION = 9
-#: The default where the default needs hardware this GPU lacks (wgmma: Hopper only).
+#: The default where the default needs hardware this GPU lacks (wgmma runs on Hopper only).
 FALLBACK_VERSION = 6
 
 

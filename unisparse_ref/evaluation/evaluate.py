@@ -1,9 +1,9 @@
 """``unisparse-ref evaluate``: UniSparse's selection against other methods, on synthetic workloads.
 
 For every workload (:data:`unisparse_ref.evaluation.workloads.WORKLOADS`) x selector
-(:data:`unisparse_ref.evaluation.baselines.SELECTORS`) x setting of its swept parameter, it measures
+(``unisparse_ref.evaluation.baselines.SELECTORS``) x setting of its swept parameter, it measures
 
-* **density**: selected visible blocks / visible blocks (:attr:`BlockMask.density`);
+* **density**: selected visible blocks / visible blocks (:attr:`~unisparse_ref.blockmask.BlockMask.density`);
 * **recall**: the share of the dense attention mass inside the selected blocks, averaged
   over query rows and heads;
 * **rel_error**: ``||out_sparse - out_dense||_F / ||out_dense||_F`` over the whole output;
@@ -94,9 +94,11 @@ class DenseEvaluator:
     q : ``[B, Hq, Nq, D]``; k, v : ``[B, Hkv, Nk, D]``
     config : UniSparseConfig
         Block size ``S``, causality and scale.
-    xp : module
+    xp : numpy or cupy
         ``numpy`` (float64) or ``cupy`` (float32).
 
+    Notes
+    -----
     For query block ``i`` (rows ``t``) and key block ``j``:
     ``m_tj = max_s logit``, ``l_tj = sum_s exp(logit - m_tj)``, ``O_tj = sum_s exp(logit - m_tj) v_s``.
     A mask's output is ``sum_j sel_j w_tj O_tj / sum_j sel_j w_tj l_tj`` with
@@ -152,7 +154,7 @@ class DenseEvaluator:
         return m, l_, O.reshape(self.B, self.Hq, r, J, self.D)
 
     def block_mass(self) -> np.ndarray:
-        """Dense attention mass per block, ``[B, Hq, nQb, nKb]`` (as :func:`dense_block_mass`)."""
+        """Dense attention mass per block, ``[B, Hq, nQb, nKb]`` (as ``dense_block_mass``)."""
         xp = self.xp
         out = np.zeros((self.B, self.Hq, self.nqb, self.nkb))
         for i in range(self.nqb):
@@ -804,7 +806,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def load_results(path: str) -> tuple[list[Record], dict[str, Any]]:
-    """Records and metadata from a ``results.json`` written by :func:`write_json`."""
+    """Records and metadata from a ``results.json`` written by ``write_json``."""
     with open(path) as f:
         doc = json.load(f)
     recs = [Record(**{k: (float("nan") if v is None and k == "needle_hit" else v) for k, v in r.items()})

@@ -3,11 +3,11 @@
 :func:`compress` is the stage (the backend's ``compress`` calls it on device arrays); it
 launches two elementwise kernels, one thread per output element (grid-stride loop):
 
-* :func:`pool_sequence_kernel` -- sequence granularity,
+* ``pool_sequence_kernel`` -- sequence granularity,
   ``Qc[b, h, r, d] = mean(q[b, h, t, d] for t in [r*c, min((r+1)*c, N)))``; the last group
   averages only the tokens that exist. Used with ``c = c_q`` for queries and ``c = c_k`` for
   keys (``R = ceil(Nq/c_q)``, ``C = ceil(Nk/c_k)``).
-* :func:`pool_heads_kernel` -- head granularity,
+* ``pool_heads_kernel`` -- head granularity,
   ``Qh[b, g, r, d] = mean(Qc[b, h, r, d] for h in [g*c_h, (g+1)*c_h))``.
 
 Consecutive threads handle consecutive ``d``, so every load and store is coalesced along
@@ -74,7 +74,7 @@ def pool_heads_kernel(x, c_h, out):
 
 
 def pool_sequence(x, c: int):
-    """Launch :func:`pool_sequence_kernel` on device array ``x [B,H,N,D]``; float64 ``[B,H,ceil(N/c),D]``."""
+    """Launch ``pool_sequence_kernel`` on device array ``x [B,H,N,D]``; float64 ``[B,H,ceil(N/c),D]``."""
     B, H, N, D = x.shape
     out = cuda.device_array((B, H, cdiv(N, c), D), dtype="float64")
     grid, block = launch_geometry(out.size)
@@ -83,7 +83,7 @@ def pool_sequence(x, c: int):
 
 
 def pool_heads(x, c_h: int):
-    """Launch :func:`pool_heads_kernel` on float64 device array ``x [B,H,R,D]``; ``[B,H/c_h,R,D]``."""
+    """Launch ``pool_heads_kernel`` on float64 device array ``x [B,H,R,D]``; ``[B,H/c_h,R,D]``."""
     B, H, R, D = x.shape
     out = cuda.device_array((B, H // c_h, R, D), dtype="float64")
     grid, block = launch_geometry(out.size)

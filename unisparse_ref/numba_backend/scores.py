@@ -14,9 +14,9 @@ For composite head ``g`` (KV head ``(g*c_h) // G``) and composite query ``r``:
 arrays); it launches three kernels, through :func:`transpose` and :func:`row_stats` for the
 first two, and the ``[R, C]`` matrix ``A`` is never stored:
 
-1. :func:`transpose_kernel` copies ``Qh`` and ``Kc`` to ``[B, H, D, n]`` layouts, so that
+1. ``transpose_kernel`` copies ``Qh`` and ``Kc`` to ``[B, H, D, n]`` layouts, so that
    threads that differ in the token index read consecutive addresses (coalesced).
-2. :func:`row_stats_kernel`, one thread per ``(b, g, r)``: an online softmax (running max
+2. ``row_stats_kernel``, one thread per ``(b, g, r)``: an online softmax (running max
    ``M`` and sum ``L``, rescaled when the max grows) along the row's visible keys. The
    threads of a warp hold consecutive ``r`` and read the same ``Kc[c]`` (a broadcast).
 3. :func:`block_scores_kernel`, one thread block per query block ``(b, g, i)``. First each
@@ -53,12 +53,12 @@ MAX_BLOCKS = 65535
 
 
 def transpose_geometry(total: int) -> tuple[int, int]:
-    """``(grid, block)`` of :func:`transpose_kernel` over ``total`` elements."""
+    """``(grid, block)`` of ``transpose_kernel`` over ``total`` elements."""
     return max(1, min(cdiv(total, THREADS), MAX_BLOCKS)), THREADS
 
 
 def row_stats_geometry(B: int, Hm: int, R: int) -> tuple[tuple[int, int, int], int]:
-    """``(grid, block)`` of :func:`row_stats_kernel`: one thread per composite query ``r`` of ``(g, b)``."""
+    """``(grid, block)`` of ``row_stats_kernel``: one thread per composite query ``r`` of ``(g, b)``."""
     return (cdiv(R, THREADS), Hm, B), THREADS
 
 
@@ -155,7 +155,7 @@ def block_scores_kernel(q_c, k_t, row_max, row_sum, scale, S, c_q, c_k, c_h, gro
 
 
 def transpose(x):
-    """Launch :func:`transpose_kernel`: a new device array ``[B, H, D, n]`` from ``x [B, H, n, D]``."""
+    """Launch ``transpose_kernel``: a new device array ``[B, H, D, n]`` from ``x [B, H, n, D]``."""
     B, H, N, D = x.shape
     out = cuda.device_array((B, H, D, N), dtype=x.dtype)
     grid, block = transpose_geometry(out.size)
@@ -164,7 +164,7 @@ def transpose(x):
 
 
 def row_stats(q_t, k_t, config: UniSparseConfig, group: int, nq: int, nk: int):
-    """Launch :func:`row_stats_kernel`: float64 device arrays ``(row_max, row_sum)``, each ``[B, Hm, R]``.
+    """Launch ``row_stats_kernel``: float64 device arrays ``(row_max, row_sum)``, each ``[B, Hm, R]``.
 
     ``q_t [B,Hm,D,R]`` and ``k_t [B,Hkv,D,C]`` are the transposed composite tokens
     (:func:`transpose`); ``group`` is ``G = Hq // Hkv``.

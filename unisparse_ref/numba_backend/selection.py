@@ -1,7 +1,7 @@
 """Stage 3 of the Numba layer: top-P block selection with forced blocks (SPEC section 5).
 
 :func:`select_blocks` is the stage (the backend's ``select_blocks`` calls it on checked host
-scores); :func:`select` launches its kernel, :func:`select_kernel`, with one thread block per
+scores); :func:`select` launches its kernel, ``select_kernel``, with one thread block per
 row ``(b, g, i)`` of the scores ``[B, Hm, nQb, nKb]``:
 
 1. *Rank* (all threads, strided over ``j``): the mask starts as the forced blocks ``F(i)``
@@ -86,7 +86,7 @@ def select_kernel(scores, visible, forced, P, keep_all, order, mask):
 
 
 def select(scores, visible, forced, threshold: float):
-    """Launch :func:`select_kernel` on host arrays; ``(mask uint8, order int32)`` device arrays.
+    """Launch ``select_kernel`` on host arrays; ``(mask uint8, order int32)`` device arrays.
 
     ``scores`` float64 ``[B, Hm, nQb, nKb]``; ``visible``, ``forced`` uint8 ``[nQb, nKb]``;
     ``threshold`` is ``P``. ``order[b, g, i, :n]`` lists the ``n`` candidates of row

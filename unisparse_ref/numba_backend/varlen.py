@@ -1,6 +1,6 @@
 """Stage 4 of the Numba layer for serving layouts: packed (varlen) and paged block-sparse attention.
 
-One kernel, :func:`_make_kernel`'s ``varlen_attention_kernel``, reads a packed ragged batch
+One kernel, ``_make_kernel``'s ``varlen_attention_kernel``, reads a packed ragged batch
 directly, with no per-sequence launch and no repacking copy:
 
 * queries ``q [total_q, Hq, D]`` and the output ``out [total_q, Hq, D]``: sequence ``b``'s
@@ -14,7 +14,7 @@ directly, with no per-sequence launch and no repacking copy:
   ``kv_indices [Hm, total_qb, W]``, row ``cu_qblocks[b] + i`` for query block ``i`` of
   sequence ``b`` (:func:`unisparse_ref._arrays.check_packed_mask`).
 
-The tile loop is that of :mod:`~unisparse_ref.numba_backend.attention` (one thread block per query tile of ``Br`` rows
+The tile loop is that of ``unisparse_ref.numba_backend.attention`` (one thread block per query tile of ``Br`` rows
 and head ``h``; K/V tiles of ``Bc`` keys in shared memory; the online softmax with float32
 accumulation and ``P`` rounded to the input dtype; the same :func:`~unisparse_ref.numba_backend.attention.choose_tiles`);
 only the addressing differs. Bottom-right causal alignment is per sequence:
@@ -74,7 +74,7 @@ def get_kernel(d: int, br: int, bc: int, tpr: int, dtype: np.dtype):
 
 
 def _make_kernel(D: int, BR: int, BC: int, TPR: int, storage, itemsize: int):
-    """Build the kernel with its tile shapes as compile-time constants (as :mod:`~unisparse_ref.numba_backend.attention` does)."""
+    """Build the kernel with its tile shapes as compile-time constants (as ``unisparse_ref.numba_backend.attention`` does)."""
     THREADS = BR * TPR
     CPT = cdiv(BC, TPR)  # tile columns per thread
     DPT = cdiv(D, TPR)  # output dims per thread

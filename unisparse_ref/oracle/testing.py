@@ -94,8 +94,8 @@ class CaseResult:
         One or more lines: the numbers on success, the fault on failure.
     skipped : bool
         The function raised ``NotImplementedError`` (an unsupported shape or dtype).
-    borderline_rows : list of (b, g, i)
-        Selection rows within ``1e-6`` of ``P`` (SPEC section 7), reported, not hidden.
+    borderline_rows : list of tuple
+        Selection rows ``(b, g, i)`` within ``1e-6`` of ``P`` (SPEC section 7), reported, not hidden.
     """
 
     name: str
