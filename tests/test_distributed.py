@@ -1,0 +1,317 @@
+"""Context-parallel UniSparse (unisparse_ref.distributed, issue 17), on simulated ranks.
+
+Every distributed run is compared with the one-device reference
+(``unisparse_attention(..., backend="numpy", return_details=True)``): composite tokens bit for
+bit, block masks identical, scores within 1e-13, ``out`` within 1e-12, ``lse`` within one
+float32 ulp; and the bytes every rank counted equal the formula of
+``docs/layers/distributed.md`` (:func:`expected_bytes`).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import threading
+
+import numpy as np
+import pytest
+
+import unisparse_ref as us
+from unisparse_ref import geometry
+from unisparse_ref.distributed import (
+    TAGS,
+    LocalShard,
+    NcclComm,
+    context_parallel_attention,
+    expected_bytes,
+    head_tail_order,
+    make_plan,
+    nccl_unique_id,
+    partition_by_midpoint,
+    query_block_costs,
+    run_simulated,
+    shard_inputs,
+    simulate_context_parallel,
+)
+from unisparse_ref.distributed.__main__ import main as launcher
+from unisparse_ref.distributed.model import scaling_model
+from unisparse_ref.errors import BackendUnavailable
+
+HAS_CUPY = importlib.util.find_spec("cupy") is not None
+
+
+def _inputs(B, Hq, Hkv, nq, nk, D, seed=0, dtype=np.float32):
+    rng = np.random.default_rng(seed)
+    q = rng.standard_normal((B, Hq, nq, D)).astype(dtype)
+    k = rng.standard_normal((B, Hkv, nk, D)).astype(dtype)
+    v = rng.standard_normal((B, Hkv, nk, D)).astype(dtype)
+    # A few strong keys so that selection is sparse, not near-uniform.
+    k[:, :, :: max(1, nk // 5)] *= 3.0
+    return q, k, v
+
+
+def _check(res, q, k, v, cfg):
+    ref = us.unisparse_attention(q, k, v, cfg, backend="numpy", return_details=True)
+    assert np.array_equal(res.q_c, ref.q_c), "composite queries differ"
+    assert np.array_equal(res.k_c, ref.k_c), "composite keys differ"
+    assert np.abs(res.scores - ref.scores).max() <= 1e-13
+    assert np.array_equal(res.block_mask.mask, ref.block_mask.mask), "block masks differ"
+    assert np.abs(res.out - ref.out).max() <= 1e-12
+    assert res.lse.dtype == np.float32
+    fin = np.isfinite(ref.lse)
+    assert np.array_equal(np.isfinite(res.lse), fin)
+    ulp = np.spacing(np.abs(ref.lse[fin]))
+    assert (np.abs(res.lse[fin].astype(np.float64) - ref.lse[fin]) <= ulp).all()
+    # Bytes: counted == formula, per rank, tag and direction; all-to-all conserves them.
+    exp = expected_bytes(res.plan, ref.block_mask.mask, kv_heads=k.shape[1], head_dim=k.shape[3],
+                         kv_itemsize=k.dtype.itemsize, c_k=cfg.c_k, heads_per_mask=cfg.c_h)
+    for r, (got, want) in enumerate(zip(res.stats, exp, strict=True)):
+        for way in ("sent", "recv"):
+            assert {t: got[way].get(t, 0) for t in TAGS} == want[way], (r, way)
+    for t in TAGS:
+        assert sum(s["sent"].get(t, 0) for s in res.stats) == sum(s["recv"].get(t, 0) for s in res.stats)
+    return ref
+
+
+# (B, Hq, Hkv, nq, nk, D, S, c_q, c_k, c_h, causal)
+CASES = {
+    "ragged-causal": (1, 4, 2, 333, 333, 16, 32, 8, 8, 1, True),       # N not a multiple of S or W*S
+    "gqa-ch2-nq<nk": (2, 8, 2, 250, 410, 16, 32, 8, 16, 2, True),     # GQA G=4, c_h=2, prefix keys
+    "prefix-unaligned": (1, 2, 1, 97, 301, 8, 16, 4, 8, 1, True),     # Nk - Nq not a multiple of S
+    "non-causal": (1, 4, 4, 180, 260, 8, 32, 16, 8, 1, False),
+    "non-causal-nq>nk": (1, 2, 1, 200, 90, 8, 16, 8, 4, 1, False),
+}
+
+
+@pytest.mark.parametrize("world_size", [2, 3, 4, 8])
+@pytest.mark.parametrize("case", list(CASES))
+def test_simulated_ranks_equal_one_device(case, world_size):
+    B, Hq, Hkv, nq, nk, D, S, cq, ck, ch, causal = CASES[case]
+    q, k, v = _inputs(B, Hq, Hkv, nq, nk, D, seed=world_size)
+    cfg = us.UniSparseConfig(block_size=S, c_q=cq, c_k=ck, c_h=ch, threshold=0.8, causal=causal)
+    res = simulate_context_parallel(q, k, v, cfg, world_size)
+    ref = _check(res, q, k, v, cfg)
+    assert ref.block_mask.density < 1.0 or not causal  # the selection did drop blocks
+
+
+@pytest.mark.parametrize("combine", ["gather", "merge"])
+@pytest.mark.parametrize("strategy", ["zigzag", "contiguous"])
+def test_combine_and_strategy(combine, strategy):
+    q, k, v = _inputs(1, 4, 2, 300, 300, 16, seed=3)
+    cfg = us.UniSparseConfig(block_size=32, c_q=8, c_k=8, threshold=0.7, n_local_blocks=2)
+    _check(simulate_context_parallel(q, k, v, cfg, 3, strategy=strategy, combine=combine), q, k, v, cfg)
+
+
+@pytest.mark.parametrize("dtype", [np.float16, us.BFLOAT16, np.float64])
+def test_input_dtypes_travel_as_given(dtype):
+    q, k, v = _inputs(1, 2, 1, 130, 130, 8, seed=4, dtype=dtype)
+    cfg = us.UniSparseConfig(block_size=16, c_q=4, c_k=4, threshold=0.9)
+    _check(simulate_context_parallel(q, k, v, cfg, 4), q, k, v, cfg)  # kv bytes use the dtype's itemsize
+
+
+def test_one_rank_moves_nothing_and_threshold_one():
+    q, k, v = _inputs(1, 2, 2, 100, 100, 8)
+    cfg = us.UniSparseConfig(block_size=16, c_q=4, c_k=4, threshold=1.0)
+    res = simulate_context_parallel(q, k, v, cfg, 1)
+    _check(res, q, k, v, cfg)
+    assert res.stats[0]["recv"] == {t: 0 for t in TAGS} and res.stats[0]["sent"] == {t: 0 for t in TAGS}
+
+
+def test_more_ranks_than_query_blocks():
+    q, k, v = _inputs(1, 2, 1, 40, 200, 8)  # 3 query blocks, 13 key blocks, 8 ranks
+    cfg = us.UniSparseConfig(block_size=16, c_q=4, c_k=4, threshold=0.8)
+    res = simulate_context_parallel(q, k, v, cfg, 8)
+    _check(res, q, k, v, cfg)
+    q_tokens, k_tokens = res.plan.tokens()
+    assert (q_tokens == 0).sum() == 5 and k_tokens.sum() == 200
+    q, k, v = _inputs(1, 2, 1, 20, 20, 8)  # 2 blocks, 8 ranks: ranks without queries and without keys
+    res = simulate_context_parallel(q, k, v, cfg, 8)
+    _check(res, q, k, v, cfg)
+
+
+def test_composite_keys_bytes_are_a_ck_th_of_k():
+    q, k, v = _inputs(1, 4, 2, 512, 512, 16)
+    cfg = us.UniSparseConfig(block_size=32, c_q=16, c_k=16, threshold=0.8)
+    res = simulate_context_parallel(q.astype(np.float64), k.astype(np.float64), v.astype(np.float64), cfg, 4)
+    for r in range(4):  # float64 composite keys of the other ranks' keys: 1/c_k of their K
+        others = 512 - res.plan.k_rows(r).size
+        assert res.stats[r]["recv"]["composite_keys"] * cfg.c_k == 1 * 2 * others * 16 * 8
+
+
+# -- sharding ----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("nq,nk,S,causal", [(1000, 1000, 16, True), (999, 1500, 32, True), (77, 77, 16, True),
+                                            (640, 640, 64, False), (5000, 5000, 128, True), (300, 4000, 16, True)])
+@pytest.mark.parametrize("world_size", [1, 2, 3, 4, 8, 16])
+@pytest.mark.parametrize("strategy", ["zigzag", "contiguous"])
+def test_sharding_balances_causal_work(nq, nk, S, causal, world_size, strategy):
+    plan = make_plan(nq, nk, S, causal, world_size, strategy)
+    costs = query_block_costs(nq, nk, S, causal)
+    assert np.array_equal(costs, geometry.block_pair_counts(nq, nk, S, causal).sum(axis=1))
+    loads = plan.loads()
+    T = costs.sum() / world_size
+    assert loads.sum() == costs.sum()
+    assert (np.abs(loads - T) <= costs.max()).all()  # the bound of the docs page
+    # every block owned once; rows and keys partition the sequence
+    assert np.array_equal(np.sort(np.concatenate([plan.q_rows(r) for r in range(world_size)])), np.arange(nq))
+    assert np.array_equal(np.sort(np.concatenate([plan.k_rows(r) for r in range(world_size)])), np.arange(nk))
+    if nq == nk:  # a rank owns the keys of its own query blocks
+        assert np.array_equal(plan.k_owner, plan.q_owner)
+
+
+@pytest.mark.parametrize("world_size", [2, 4, 8])
+def test_zigzag_bound_and_token_balance(world_size):
+    N, S = 64 * 128, 128  # nQb = 64
+    z = make_plan(N, N, S, True, world_size, "zigzag")
+    c = make_plan(N, N, S, True, world_size, "contiguous")
+    nqb = N // S
+    assert z.loads().max() / z.loads().mean() <= 1 + 2 * world_size / nqb
+    zq, _ = z.tokens()
+    cq, _ = c.tokens()
+    assert zq.max() - zq.min() <= 2 * S  # zigzag: equal tokens too (up to a block per cut)
+    assert cq.max() / cq.min() > 1.5  # contiguous: the early ranks hold many more tokens
+    # every zigzag rank holds a head chunk and a tail chunk
+    for r in range(world_size):
+        blocks = z.q_blocks(r)
+        assert blocks.min() < nqb // 2 <= blocks.max()
+
+
+def test_head_tail_order_and_partition():
+    assert head_tail_order(5).tolist() == [0, 4, 1, 3, 2]
+    assert head_tail_order(4).tolist() == [0, 3, 1, 2]
+    assert partition_by_midpoint(np.ones(8, dtype=int), 4).tolist() == [0, 0, 1, 1, 2, 2, 3, 3]
+    with pytest.raises(ValueError, match="positive"):
+        partition_by_midpoint(np.array([1, 0]), 2)
+
+
+# -- refusals --------------------------------------------------------------------------------
+
+
+def test_bad_plans_refused():
+    with pytest.raises(ValueError, match="world_size"):
+        make_plan(10, 10, 16, True, 0)
+    with pytest.raises(TypeError, match="world_size"):
+        make_plan(10, 10, 16, True, 2.0)
+    with pytest.raises(ValueError, match="nq <= nk"):
+        make_plan(20, 10, 16, True, 2)
+    with pytest.raises(ValueError, match="strategy"):
+        make_plan(10, 10, 16, True, 2, "ring")
+    q, k, v = _inputs(1, 2, 1, 64, 64, 8)
+    cfg = us.UniSparseConfig(block_size=16, c_q=4, c_k=4)
+    with pytest.raises(ValueError, match="combine"):
+        simulate_context_parallel(q, k, v, cfg, 2, combine="sum")
+    with pytest.raises(ValueError, match="c_h"):
+        simulate_context_parallel(q, k, v, us.UniSparseConfig(block_size=16, c_q=4, c_k=4, c_h=4), 2)
+    q[0, 0, 3, 0] = np.nan
+    with pytest.raises(ValueError, match="NaN|finite"):
+        simulate_context_parallel(q, k, v, cfg, 2)
+
+
+def _run(shards, plan, cfg, **kw):
+    return run_simulated(lambda c: context_parallel_attention(shards[c.rank], plan, cfg, c, **kw), plan.world_size,
+                         timeout_s=20)
+
+
+def test_bad_shards_refused_on_every_rank_without_hanging():
+    q, k, v = _inputs(1, 4, 2, 96, 96, 8)
+    cfg = us.UniSparseConfig(block_size=16, c_q=4, c_k=4)
+    plan = make_plan(96, 96, 16, True, 3)
+    shards = shard_inputs(q, k, v, plan)
+    bad = list(shards)
+    bad[1] = LocalShard(1, shards[1].q[:, :, :-1], shards[1].k, shards[1].v)  # a row short
+    with pytest.raises(ValueError, match="query rows"):
+        _run(bad, plan, cfg)
+    bad = list(shards)
+    bad[2] = LocalShard(2, shards[2].q[..., :4], shards[2].k[..., :4], shards[2].v[..., :4])  # other D
+    with pytest.raises(ValueError, match="disagree"):
+        _run(bad, plan, cfg)
+    with pytest.raises(ValueError, match="does not match the config"):
+        _run(shards, plan, us.UniSparseConfig(block_size=32, c_q=4, c_k=4))
+    with pytest.raises(ValueError, match="nq=96"):
+        shard_inputs(q[:, :, :50], k, v, plan)
+
+
+# -- communicators --------------------------------------------------------------------------
+
+
+def test_simulated_comm_semantics_and_counts():
+    def fn(comm):
+        r = comm.rank
+        got = comm.all_gather(np.full(r + 1, r, dtype=np.int64), tag="g")
+        back = comm.all_to_all([np.full(d + 1, 10 * r + d, dtype=np.int32) for d in range(comm.world_size)], tag="a")
+        seen = [g.tolist() for g in got]
+        comm.barrier()
+        if r == 0:
+            got[2][0] = 99  # received arrays are copies: rank 1's copy stays
+        comm.barrier()
+        return seen, back, comm.stats, got
+
+    res = run_simulated(fn, 3)
+    for r, (seen, back, stats, _) in enumerate(res):
+        assert seen == [[0], [1, 1], [2, 2, 2]]
+        assert [b.tolist() for b in back] == [[10 * s + r] * (r + 1) for s in range(3)]
+        assert stats.recv["g"] == 8 * sum(s + 1 for s in range(3) if s != r)
+        assert stats.sent["g"] == 8 * (r + 1) * 2
+        assert stats.recv["a"] == 4 * (r + 1) * 2
+        assert stats.sent["a"] == 4 * sum(d + 1 for d in range(3) if d != r)
+    assert res[1][3][2][0] == 2 and res[0][3][2][0] == 99
+
+
+def test_simulated_errors_propagate():
+    def boom(comm):
+        if comm.rank == 1:
+            raise KeyError("rank one fails")
+        comm.all_gather(np.zeros(1), tag="x")
+
+    with pytest.raises(KeyError, match="rank one fails"):
+        run_simulated(boom, 3, timeout_s=20)
+
+    def mismatched(comm):
+        comm.all_gather(np.zeros(1), tag="a" if comm.rank else "b")
+
+    with pytest.raises(RuntimeError, match="different collective calls"):
+        run_simulated(mismatched, 2, timeout_s=20)
+
+    def short(comm):
+        comm.all_to_all([np.zeros(1)], tag="t")
+
+    with pytest.raises(ValueError, match="one array per rank"):
+        run_simulated(short, 2, timeout_s=20)
+    assert threading.active_count() < 50
+
+
+@pytest.mark.skipif(HAS_CUPY, reason="CuPy is installed: the error path needs a machine without it")
+def test_nccl_comm_imports_without_cupy_and_refuses_clearly():
+    with pytest.raises(BackendUnavailable, match="CuPy"):
+        NcclComm(0, 1, None)
+    with pytest.raises(BackendUnavailable, match="CuPy"):
+        nccl_unique_id()
+    assert launcher(["nccl"]) == 2  # the GPU check says FAIL and exits non-zero
+
+
+@pytest.mark.skipif(importlib.util.find_spec("mpi4py") is not None, reason="mpi4py installed")
+def test_nccl_from_mpi_without_mpi4py():
+    with pytest.raises(BackendUnavailable):
+        NcclComm.from_mpi()
+
+
+# -- launcher and model ---------------------------------------------------------------------
+
+
+def test_launcher_simulate(capsys):
+    assert launcher(["simulate", "--n", "300", "--nk", "420", "--block-size", "32", "--c-q", "8", "--c-k", "8",
+                     "--head-dim", "8", "--q-heads", "4", "--kv-heads", "2", "--world-sizes", "1,3",
+                     "--combine", "merge"]) == 0
+    out = capsys.readouterr().out
+    assert out.count("PASS") == 2 and "kv_blocks" in out
+
+
+def test_scaling_model():
+    one = scaling_model(1 << 20, 1)
+    assert one.comm_bytes == 0 and one.speedup == 1.0
+    eight = scaling_model(1 << 20, 8)
+    # K/V upper bound: 7/8 of 2 N Hkv D bf16 bytes, plus the composite keys and requests
+    kv = 7 / 8 * 2 * (1 << 20) * 8 * 128 * 2
+    assert kv < eight.comm_bytes < kv * 1.1
+    assert 7.0 < eight.speedup <= 8.0
+    assert abs(scaling_model(131072, 1).attention_ms - 29.98) / 29.98 < 0.02  # run 8's 10% at 128K

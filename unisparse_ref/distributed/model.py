@@ -1,0 +1,147 @@
+"""The scaling model of context-parallel UniSparse on H200s (``docs/layers/distributed.md``).
+
+Time per rank = compute, scaled from single-GPU kernel times measured in run 8 of
+``docs/performance.md`` (H200, bf16, B=1, Hq=32, Hkv=8, D=128, S=128, c_q=c_k=16, causal),
+divided over ``W`` ranks (the zigzag plan balances causal work within ``1 + 2W/nQb``), plus
+communication at an assumed NVLink bandwidth. Nothing here is measured on several GPUs.
+
+* estimator, scaled from 128K: pooling 0.745 ms (linear in N), scores 16.22 ms and selection
+  4.227 ms (quadratic: composite pairs, ``nQb x nKb``);
+* sparse attention: ``density * 4 D Hq N (N + 1) / 2`` FLOPs at 466 TFLOP/s (v9, 10%, 128K);
+  dense at 571 TFLOP/s (v9, 128K);
+* communication per rank, bytes received: composite keys ``(W-1)/W * (N/c_k) Hkv D e_c``
+  (``e_c = 4``, float32 composite keys on a GPU), requests ``(W-1) Hkv nKb`` (one byte each),
+  K/V ``f * (W-1)/W * 2 N Hkv D e_kv`` (``e_kv = 2``, bf16), with ``f`` the fraction of the
+  non-owned K/V a rank's query blocks select (``f = 1``: every block, the volume of the
+  all-gather-KV scheme; an upper bound);
+* bandwidth: 450 GB/s per direction per GPU, i.e. the H200 SXM datasheet's NVLink 4 figure of
+  900 GB/s bidirectional, through NVSwitch for any ``W`` (an assumption, not measured here;
+  NCCL reaches less in practice, so the communication times are optimistic by that factor).
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+__all__ = ["H200", "ScalingPoint", "scaling_model", "scaling_table"]
+
+#: Run-8 figures (docs/performance.md) and the bandwidth assumption.
+H200 = {
+    "ref_tokens": 131072,
+    "pool_ms": 0.745,
+    "scores_ms": 16.22,
+    "select_ms": 4.227,
+    "sparse_tflops": 466.0,
+    "dense_tflops": 571.0,
+    "nvlink_gbs_per_direction": 450.0,
+    "q_heads": 32,
+    "kv_heads": 8,
+    "head_dim": 128,
+    "block_size": 128,
+    "c_k": 16,
+    "composite_bytes": 4,
+    "kv_bytes": 2,
+}
+
+
+@dataclass(frozen=True)
+class ScalingPoint:
+    """Modelled time of one rank (milliseconds) and bytes it receives.
+
+    Attributes
+    ----------
+    tokens, world_size : int
+    density : float
+        Selected share of the causal work.
+    estimator_ms, attention_ms, dense_ms : float
+        Per rank: pooling + scores + selection; sparse attention; dense attention (for scale).
+    comm_bytes : int
+        Received per rank, with every non-owned K/V block fetched (``f = 1``).
+    comm_ms : float
+        ``comm_bytes`` at the assumed bandwidth.
+    total_ms : float
+        estimator + attention + communication, nothing overlapped.
+    speedup : float
+        Single-GPU total over this total.
+    imbalance : float
+        The zigzag bound on max work / mean work, ``1 + 2 W / nQb``.
+    """
+
+    tokens: int
+    world_size: int
+    density: float
+    estimator_ms: float
+    attention_ms: float
+    dense_ms: float
+    comm_bytes: int
+    comm_ms: float
+    total_ms: float
+    speedup: float
+    imbalance: float
+
+
+def _single(n: int, density: float, h: dict) -> tuple[float, float, float]:
+    x = n / h["ref_tokens"]
+    est = h["pool_ms"] * x + (h["scores_ms"] + h["select_ms"]) * x * x
+    flops = 4.0 * h["head_dim"] * h["q_heads"] * n * (n + 1) / 2
+    attn = density * flops / (h["sparse_tflops"] * 1e12) * 1e3
+    dense = flops / (h["dense_tflops"] * 1e12) * 1e3
+    return est, attn, dense
+
+
+def scaling_model(tokens: int, world_size: int, density: float = 0.1, fetch_fraction: float = 1.0,
+                  hw: dict | None = None) -> ScalingPoint:
+    """Model one rank of a ``world_size``-GPU run over ``tokens`` tokens (see the module docstring).
+
+    Parameters
+    ----------
+    tokens : int
+        ``N`` (``Nq = Nk``, causal).
+    world_size : int
+        ``W``.
+    density : float
+        Share of the causal work the selection keeps.
+    fetch_fraction : float
+        ``f``: share of the non-owned K/V a rank fetches (1: all, the upper bound).
+    hw : dict, optional
+        Overrides of :data:`H200`.
+
+    Returns
+    -------
+    ScalingPoint
+    """
+    h = {**H200, **(hw or {})}
+    W, n = int(world_size), int(tokens)
+    est, attn, dense = _single(n, density, h)
+    nkb = -(-n // h["block_size"])
+    share = (W - 1) / W
+    ck = share * (n / h["c_k"]) * h["kv_heads"] * h["head_dim"] * h["composite_bytes"]
+    req = (W - 1) * h["kv_heads"] * nkb
+    kv = fetch_fraction * share * 2 * n * h["kv_heads"] * h["head_dim"] * h["kv_bytes"]
+    comm_bytes = int(ck + req + kv)
+    comm_ms = comm_bytes / (h["nvlink_gbs_per_direction"] * 1e9) * 1e3
+    total = est / W + attn / W + comm_ms
+    return ScalingPoint(n, W, density, est / W, attn / W, dense / W, comm_bytes, comm_ms, total,
+                        (est + attn) / total, 1 + 2 * W / (n / h["block_size"]))
+
+
+def scaling_table(tokens: tuple[int, ...] = (1 << 20, 1 << 22), world_sizes: tuple[int, ...] = (1, 2, 4, 8),
+                  density: float = 0.1) -> str:
+    """The model as a Markdown table (what the docs page shows)."""
+    head = ("| N | GPUs | estimator ms | sparse attention ms | dense ms (for scale) | received GB | "
+            "comm ms | total ms | speedup | comm share | work bound |\n| " + " | ".join(["---"] * 11) + " |")
+    rows = [head]
+    for n in tokens:
+        for W in world_sizes:
+            p = scaling_model(n, W, density)
+            rows.append(
+                f"| {n // (1 << 20)}M | {W} | {p.estimator_ms:.1f} | {p.attention_ms:.1f} | {p.dense_ms:.1f} | "
+                f"{p.comm_bytes / 1e9:.2f} | {p.comm_ms:.2f} | {p.total_ms:.1f} | {p.speedup:.2f}x | "
+                f"{100 * p.comm_ms / p.total_ms:.1f} % | {p.imbalance:.4f} |"
+            )
+    return "\n".join(rows)
+
+
+def as_dicts(points: list[ScalingPoint]) -> list[dict]:
+    """Plain dictionaries of :class:`ScalingPoint` values."""
+    return [asdict(p) for p in points]
