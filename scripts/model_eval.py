@@ -357,7 +357,7 @@ def cmd_report(args: argparse.Namespace) -> None:
     if (OUT / "passkey.json").exists():
         pk = json.loads((OUT / "passkey.json").read_text())
         L += ["## Passkey retrieval", "",
-              f"Run: {pk['meta']['date']}, commit `{pk['meta']['commit']}`. A five-digit key hidden at a depth of "
+              f"Last run: {pk['meta']['date']}, commit `{pk['meta']['commit']}`. A five-digit key hidden at a depth of "
               "the filler text, the chat template, the answer started with \"The pass key is\", 8 greedy tokens; "
               "a hit when the key appears in the answer. UniSparse is used for the prefill, the new tokens attend "
               "densely.", ""]
@@ -370,7 +370,8 @@ def cmd_report(args: argparse.Namespace) -> None:
             cells = []
             for a in atts:
                 t = row.get(a)
-                cells.append("-" if t is None else ("hit" if t["ok"] else "miss") + f" (`{t['answer'].strip()[:14]}`)")
+                ans = t["answer"].replace("<|im_end|>", "").strip().replace("|", "/")[:14] if t else ""
+                cells.append("-" if t is None else ("hit" if t["ok"] else "miss") + f" (`{ans}`)")
             L.append(f"| {ntok} | {d} | " + " | ".join(cells) + " |")
         L.append("")
     tail = OUT / "page_tail.md"
