@@ -107,31 +107,64 @@ def cmd_time(args: argparse.Namespace) -> None:
         import torch.nn.functional as F
     except ImportError:
         torch = None
+    from unisparse_ref import geometry
+    from unisparse_ref.bench import reference_check
+
+    refused: list[str] = []
+
+    def checked(name: str, out_arr, mask, rec: dict) -> bool:
+        """Correctness first: sampled rows against the float64 reference (SPEC 7), else no timing."""
+        chk = reference_check(out_arr, q, k, v, mask, S=128, causal=True)
+        rec[f"{name}_check"] = chk.message()
+        if not chk.ok:
+            refused.append(f"layer {i} {name}: {chk.message()}")
+        return chk.ok
+
     for i in data["layers"].tolist():
         q, k, v = (cp.asarray(data[f"{x}{i}"]) for x in "qkv")
-        rec: dict = {"layer": i, "shape_q": list(q.shape), "dtype": str(q.dtype)}
+        B, Hq, N = (int(x) for x in q.shape[:3])
+        rec: dict = {"layer": i, "shape_q": list(q.shape), "shape_k": list(k.shape), "dtype": str(q.dtype)}
+        vis = geometry.visible_blocks(N, N, 128, True)
+        dense_mask = np.broadcast_to(vis, (B, Hq, *vis.shape))
         d_out, _ = be.dense_attention(q, k, v, True, None)
-        rec["dense_ms"] = _timer(cp, lambda q=q, k=k, v=v: be.dense_attention(q, k, v, True, None), args.repeats)
+        if checked("dense", d_out, dense_mask, rec):
+            rec["dense_ms"] = _timer(cp, lambda q=q, k=k, v=v: be.dense_attention(q, k, v, True, None), args.repeats)
         dn = float(cp.linalg.norm(d_out.astype(cp.float32)))
         rec["unisparse"] = []
         for p in THRESHOLDS:
             cfg = us.UniSparseConfig(block_size=128, c_q=16, c_k=16, threshold=p)
             r = us.unisparse_attention(q, k, v, cfg, backend=be, return_details=True)
+            if not checked(f"unisparse_P{p}", r.out, r.block_mask.mask, rec):
+                continue
             err = float(cp.linalg.norm(r.out.astype(cp.float32) - d_out.astype(cp.float32))) / dn
             ms = _timer(cp, lambda q=q, k=k, v=v, cfg=cfg: us.unisparse_attention(q, k, v, cfg, backend=be),
                         args.repeats)
             rec["unisparse"].append({"P": p, "ms": ms, "density": float(r.block_mask.density), "rel_error": err,
-                                     "speedup_vs_dense": rec["dense_ms"] / ms})
+                                     "speedup_vs_dense": rec["dense_ms"] / ms if "dense_ms" in rec else None})
         if torch is not None and torch.cuda.is_available():
             tq, tk, tv = (torch.from_dlpack(x) for x in (q, k, v))
             G = tq.shape[1] // tk.shape[1]
             tk, tv = tk.repeat_interleave(G, 1), tv.repeat_interleave(G, 1)
-            rec["sdpa_ms"] = _timer(cp, lambda tq=tq, tk=tk, tv=tv: F.scaled_dot_product_attention(tq, tk, tv, is_causal=True),
-                                    args.repeats)
+            from torch.nn.attention import SDPBackend, sdpa_kernel
+
+            for name, bk in (("sdpa_flash", SDPBackend.FLASH_ATTENTION), ("sdpa_cudnn", SDPBackend.CUDNN_ATTENTION)):
+                try:
+                    def run(tq=tq, tk=tk, tv=tv, bk=bk):
+                        with sdpa_kernel(bk):
+                            return F.scaled_dot_product_attention(tq, tk, tv, is_causal=True)
+
+                    if checked(name, run(), dense_mask, rec):
+                        rec[f"{name}_ms"] = _timer(cp, run, args.repeats)
+                except RuntimeError as e:  # a backend that does not take this shape
+                    rec[f"{name}_error"] = str(e).splitlines()[0][:200]
         out["layers"].append(rec)
         log(json.dumps(rec))
+    out["refused"] = refused
     Path(args.out).mkdir(parents=True, exist_ok=True)
     (Path(args.out) / "model_gpu_time.json").write_text(json.dumps(out, indent=1))
+    if refused:
+        log("refused (wrong results, not timed):", *refused)
+        sys.exit(1)
 
 
 def cmd_forward(args: argparse.Namespace) -> None:
