@@ -99,7 +99,8 @@ html_css_files = ["custom.css"]
 # and the informal words of NumPy-style type lines ("array, shape [B, H, N, D]", "optional").
 nitpicky = True
 nitpick_ignore_regex = [
-    ("py:class", r"(numpy|np|cupy|collections\.abc|typing|numba|torch)(\..*)?"),
+    ("py:class", r"(numpy|np|cupy|collections\.abc|typing|numba|torch|pathlib)(\..*)?"),
+    ("py:class", r"Path"),  # pathlib's, in signatures
     ("py:class", r"(optional|array|array-like|arrays|sequence|callable|dtype|backend object|int|float|bool|str|"
                  r"None|tuple|list|dict|type|object|default|of|any|shape)( .*)?"),
     ("py:class", r"(list|tuple|dict)\[.*"),

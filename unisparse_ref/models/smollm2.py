@@ -141,7 +141,8 @@ class ScoreResult:
         ``log p(ids[t + 1] | ids[:t + 1])``.
     top1 : int64 ``[N - 1]``
         The most likely next token at every position (greedy prediction of ``ids[t + 1]``).
-    captured : dict of int -> (q, k, v)
+    captured : dict
+        ``{layer: (q, k, v)}``:
         For each layer of ``capture_layers``: float32 NumPy ``q [1, Hq, N, D]``, ``k, v
         [1, Hkv, N, D]``, q and k after RoPE (the attention's inputs).
     layer_density : list of float or None
