@@ -87,8 +87,7 @@
 // schedule's counter; sched[1 + c]: CTA c's task slot) and dynamic (1: take tasks from the
 // counter; 0: static stride).
 
-#include <cuda_fp16.h>
-#include <cuda_bf16.h>
+#include "common.cuh"  // element types, us::pack2 (two floats rounded to T in one register)
 
 // NVRTC has no <cuda.h>: the tensor map is an opaque 128-byte, 64-byte-aligned blob that
 // the host encodes with cuTensorMapEncodeTiled.
@@ -109,20 +108,6 @@ constexpr int kProducerRegs = 40;
 constexpr int kConsumerRegs = 232;
 
 // ----------------------------------------------------------------------------- small helpers
-template <typename T> struct Pack;
-template <> struct Pack<__half> {
-  static __device__ __forceinline__ unsigned two(float a, float b) {  // low half = a
-    __half2 h = __floats2half2_rn(a, b);
-    return *reinterpret_cast<unsigned*>(&h);
-  }
-};
-template <> struct Pack<__nv_bfloat16> {
-  static __device__ __forceinline__ unsigned two(float a, float b) {
-    __nv_bfloat162 h = __floats2bfloat162_rn(a, b);
-    return *reinterpret_cast<unsigned*>(&h);
-  }
-};
-
 __device__ __forceinline__ unsigned smem_u32(const void* p) {
   return static_cast<unsigned>(__cvta_generic_to_shared(p));
 }
@@ -550,10 +535,10 @@ __device__ __forceinline__ void fwd_body(
   auto pack_p = [&]() {
 #pragma unroll
     for (int kk = 0; kk < BC / 16; ++kk) {
-      pa[kk][0] = Pack<T>::two(acc_s[(2 * kk) * 4 + 0], acc_s[(2 * kk) * 4 + 1]);
-      pa[kk][1] = Pack<T>::two(acc_s[(2 * kk) * 4 + 2], acc_s[(2 * kk) * 4 + 3]);
-      pa[kk][2] = Pack<T>::two(acc_s[(2 * kk + 1) * 4 + 0], acc_s[(2 * kk + 1) * 4 + 1]);
-      pa[kk][3] = Pack<T>::two(acc_s[(2 * kk + 1) * 4 + 2], acc_s[(2 * kk + 1) * 4 + 3]);
+      pa[kk][0] = us::pack2<T>(acc_s[(2 * kk) * 4 + 0], acc_s[(2 * kk) * 4 + 1]);
+      pa[kk][1] = us::pack2<T>(acc_s[(2 * kk) * 4 + 2], acc_s[(2 * kk) * 4 + 3]);
+      pa[kk][2] = us::pack2<T>(acc_s[(2 * kk + 1) * 4 + 0], acc_s[(2 * kk + 1) * 4 + 1]);
+      pa[kk][3] = us::pack2<T>(acc_s[(2 * kk + 1) * 4 + 2], acc_s[(2 * kk + 1) * 4 + 3]);
     }
   };
   // A consumer warp is done with a slot once its wgmma reads of it completed (its wait_group);
@@ -683,7 +668,7 @@ __device__ __forceinline__ void fwd_body(
 #pragma unroll
         for (int n = 0; n < NO; ++n)
           *reinterpret_cast<unsigned*>(orow + n * 8 + 2 * tq) =
-              Pack<T>::two(acc_o[n * 4 + 2 * r] * inv, acc_o[n * 4 + 2 * r + 1] * inv);
+              us::pack2<T>(acc_o[n * 4 + 2 * r] * inv, acc_o[n * 4 + 2 * r + 1] * inv);
         if (tq == 0) lse[bh * Nq + t] = l > 0.f ? m_i[r] * scale_log2 * US_FA3_LN2 + logf(l) : US_FA3_NEG_INF;
       }
     }  // tasks
