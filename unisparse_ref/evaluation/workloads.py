@@ -539,7 +539,7 @@ def real_llm_workload(
     )
 
 
-#: Workloads that need a real model: run only when named, never in the default list.
+#: name -> generator of the workloads that need a real model, run only when named (never by default).
 MODEL_WORKLOADS: dict[str, Callable[..., Workload]] = {
     "real_llm": real_llm_workload,
 }
