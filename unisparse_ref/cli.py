@@ -11,7 +11,7 @@ import sys
 
 #: command -> (module, one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
-    "demo": ("unisparse_ref.demo", "run UniSparse on a synthetic 8K long-context workload with every backend"),
+    "demo": ("unisparse_ref.demo", "run UniSparse on a synthetic 8K workload with every backend (--model smollm2: a real LLM)"),
     "info": ("unisparse_ref.info", "print versions, available backends and the GPU"),
     "bench": ("unisparse_ref.bench", "benchmark the GPU kernels against other attention kernels"),
     "verify": ("unisparse_ref.oracle.verify", "check your own implementation against the reference"),
