@@ -87,7 +87,8 @@
 // schedule's counter; sched[1 + c]: CTA c's task slot) and dynamic (1: take tasks from the
 // counter; 0: static stride).
 
-#include "common.cuh"  // element types, us::pack2 (two floats rounded to T in one register)
+// element types, us::pack2 (two floats rounded to T in one register); the loader inlines it
+#include "common.cuh"
 
 // NVRTC has no <cuda.h>: the tensor map is an opaque 128-byte, 64-byte-aligned blob that
 // the host encodes with cuTensorMapEncodeTiled.

@@ -71,7 +71,8 @@ CTYPES: dict[str, str] = {"float16": "__half", "bfloat16": "__nv_bfloat16", "flo
 DEFAULT_SHARED_LIMIT = 48 * 1024
 
 _PACKAGE = "unisparse_ref.raw_kernels"
-_INCLUDE = re.compile(r'^[ \t]*#[ \t]*include[ \t]*"([A-Za-z0-9_./-]+\.cuh)"[ \t]*$', re.MULTILINE)
+# A local include, optionally followed by a // comment (which goes with the inlined text).
+_INCLUDE = re.compile(r'^[ \t]*#[ \t]*include[ \t]*"([A-Za-z0-9_./-]+\.cuh)"[ \t]*(?://[^\n]*)?$', re.MULTILINE)
 
 
 class KernelSpec(NamedTuple):
