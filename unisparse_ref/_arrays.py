@@ -166,6 +166,29 @@ def check_config(config: Any) -> UniSparseConfig:
     return config
 
 
+def check_spec_variants(config: Any, layer: str) -> None:
+    """Refuse a config that sets a research variant the layer ``layer`` does not implement.
+
+    The options ``threshold_mode``, ``sink_tokens`` and ``diagonal_correction`` of
+    :class:`~unisparse_ref.UniSparseConfig` exist in the NumPy reference only; the GPU layers
+    call this at the start of their scoring, selection and pipeline entry points so that a
+    variant is never silently ignored. ``None`` (the default config) passes.
+
+    Raises
+    ------
+    NotImplementedError
+        Naming the option(s) and the layer.
+    """
+    if config is None or not isinstance(config, UniSparseConfig):
+        return
+    variants = config.spec_variants()
+    if variants:
+        raise NotImplementedError(
+            f"{layer}: the research option(s) {', '.join(variants)} of UniSparseConfig are implemented "
+            "in the NumPy reference only (backend='numpy'); this layer computes the SPEC default"
+        )
+
+
 def as_checked_numpy(name: str, x: Any) -> np.ndarray:
     """``x`` as a NumPy array of a supported dtype, checked for NaN and infinity (looks at values)."""
     a = to_numpy(x)

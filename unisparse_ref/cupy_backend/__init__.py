@@ -50,7 +50,13 @@ from typing import Any
 
 import numpy as np
 
-from .._arrays import check_composite_shapes, check_config, check_head_pooling, check_mask_against
+from .._arrays import (
+    check_composite_shapes,
+    check_config,
+    check_head_pooling,
+    check_mask_against,
+    check_spec_variants,
+)
 from ..blockmask import BlockMask
 from ..config import UniSparseConfig
 from ..errors import BackendUnavailable
@@ -142,6 +148,7 @@ class CupyBackend:
     def block_scores(self, q_c: Any, k_c: Any, config: UniSparseConfig, nq: int, nk: int) -> Any:
         """Block scores (SPEC 4): cupy float32 ``[B, Hq/c_h, nQb, nKb]``, rows summing to 1."""
         config = check_config(config)
+        check_spec_variants(config, "cupy backend block_scores")
         qc, kc = composite_input("q_c", q_c), composite_input("k_c", k_c)
         check_composite_shapes(qc, kc, config, nq, nk)
         return scores.launch_scores(qc, kc, config, int(nq), int(nk))
@@ -150,6 +157,7 @@ class CupyBackend:
     def select_blocks(self, scores: Any, config: UniSparseConfig, nq: int, nk: int) -> BlockMask:
         """Top-P selection (SPEC 5): a :class:`BlockMask` with a CuPy bool mask."""
         config = check_config(config)
+        check_spec_variants(config, "cupy backend select_blocks")
         s = scores_input(scores, config, nq, nk)
         mask, _, _ = selection.launch_select(s, config, nq, nk, with_indices=False)
         return BlockMask(mask, config.block_size, config.c_h, nq, nk, config.causal)
@@ -166,6 +174,7 @@ class CupyBackend:
         kv_indices : cupy int32 ``[B, Hm, nQb, nKb]`` (ascending, -1 padded)
         """
         config = check_config(config)
+        check_spec_variants(config, "cupy backend select_blocks_indices")
         s = scores_input(scores, config, nq, nk)
         mask, counts, indices = selection.launch_select(s, config, nq, nk, with_indices=True)
         return BlockMask(mask, config.block_size, config.c_h, nq, nk, config.causal), counts, indices
@@ -231,6 +240,7 @@ class CupyBackend:
             As :class:`unisparse_ref.UniSparseResult` (CuPy arrays).
         """
         config = check_config(config)
+        check_spec_variants(config, "cupy backend unisparse_attention")
         (qd, kd, vd), dt, (_, Hq, Hkv, Nq, Nk, D) = qkv_inputs(q, k, v, config.causal)
         check_head_pooling(Hq, Hkv, config.c_h)
         check_finite_device(("q", qd, dt), ("k", kd, dt), ("v", vd, dt))

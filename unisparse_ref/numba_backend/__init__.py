@@ -58,6 +58,7 @@ from .._arrays import (
     check_qkv,
     check_scores,
     check_scores_shape,
+    check_spec_variants,
     check_varlen_qkv,
     dtype_name,
     to_numpy,
@@ -136,6 +137,7 @@ class NumbaBackend:
     def block_scores(self, q_c: Any, k_c: Any, config: UniSparseConfig, nq: int, nk: int) -> Any:
         """Block scores, float64 device array ``[B, Hm, nQb, nKb]`` (rows sum to 1)."""
         config = check_config(config)
+        check_spec_variants(config, "numba backend block_scores")
         check_composite_shapes(q_c, k_c, config, nq, nk)
         return self._scores.block_scores(self._device_float64(q_c), self._device_float64(k_c), config, nq, nk)
 
@@ -143,6 +145,7 @@ class NumbaBackend:
     def select_blocks(self, scores: Any, config: UniSparseConfig, nq: int, nk: int) -> BlockMask:
         """Top-P selection on the device; a :class:`BlockMask` with a NumPy ``mask``."""
         config = check_config(config)
+        check_spec_variants(config, "numba backend select_blocks")
         s = check_scores(scores)  # on the host: small ([B, Hm, nQb, nKb]); checks finite, >= 0
         check_scores_shape(s.shape, config, nq, nk)
         return self._selection.select_blocks(s, config, nq, nk)

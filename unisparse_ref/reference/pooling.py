@@ -14,7 +14,7 @@ from .. import geometry
 from .._arrays import as_checked_numpy, check_config, check_head_pooling, check_qkv
 from ..config import UniSparseConfig
 
-__all__ = ["compress", "pool_heads", "pool_sequence"]
+__all__ = ["compress", "pool_heads", "pool_sequence", "pool_keys_with_sinks"]
 
 
 def pool_sequence(x: np.ndarray, c: int) -> np.ndarray:
@@ -52,6 +52,39 @@ def pool_heads(x: np.ndarray, c_h: int) -> np.ndarray:
     return x.reshape(B, H // c_h, c_h, R, D).mean(axis=2)
 
 
+def pool_keys_with_sinks(k: np.ndarray, c_k: int, sink_tokens: int) -> np.ndarray:
+    """Composite keys with the first ``t = sink_tokens`` keys un-pooled (research variant).
+
+    Parameters
+    ----------
+    k : array, shape ``[B, Hkv, Nk, D]``
+    c_k : int
+    sink_tokens : int
+        ``t``, ``0 <= t < c_k``.
+
+    Returns
+    -------
+    numpy.ndarray of float64, shape ``[B, Hkv, t + C, D]``
+        Columns ``0 .. t-1`` are the keys ``0 .. t-1`` themselves; column ``t + c`` is composite
+        key ``c`` of SPEC section 3, except that composite key 0 averages only the keys
+        ``t .. min(c_k, Nk) - 1`` (zeros when that range is empty: its weight is then 0 in
+        :func:`~unisparse_ref.reference.scores.block_scores`). ``t = 0`` gives SPEC's ``Kc``.
+    """
+    k = np.asarray(k, dtype=np.float64)
+    t = int(sink_tokens)
+    pooled = pool_sequence(k, c_k)
+    if t == 0:
+        return pooled
+    Nk = k.shape[2]
+    hi = min(c_k, Nk)
+    if hi > t:
+        pooled[:, :, 0] = k[:, :, t:hi].mean(axis=2)
+    else:
+        pooled[:, :, 0] = 0.0
+    return np.concatenate([k[:, :, : min(t, Nk)], np.zeros(k.shape[:2] + (t - min(t, Nk), k.shape[3])),
+                           pooled], axis=2)
+
+
 def compress(q: Any, k: Any, config: UniSparseConfig | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Composite tokens: pool queries over ``c_q`` tokens and ``c_h`` heads, keys over ``c_k``.
 
@@ -66,12 +99,16 @@ def compress(q: Any, k: Any, config: UniSparseConfig | None = None) -> tuple[np.
     q_c : float64, shape ``[B, Hq/c_h, R, D]``
         ``Qh[b, g, r]``, sequence pooling then head pooling (both means; they commute).
     k_c : float64, shape ``[B, Hkv, C, D]``
-        ``Kc[b, h, c]``; keys are never pooled across heads.
+        ``Kc[b, h, c]``; keys are never pooled across heads. With the research option
+        ``config.sink_tokens = t > 0``: ``[B, Hkv, t + C, D]``, the first ``t`` keys un-pooled
+        in front (``pool_keys_with_sinks``).
     """
     config = check_config(config)
     q, k = as_checked_numpy("q", q), as_checked_numpy("k", k)
     _, Hq, Hkv, _, _, _ = check_qkv(q, k, k, causal=config.causal)
     check_head_pooling(Hq, Hkv, config.c_h)
     q_c = pool_heads(pool_sequence(q, config.c_q), config.c_h)
+    if config.sink_tokens > 0:
+        return q_c, pool_keys_with_sinks(k, config.c_k, config.sink_tokens)
     k_c = pool_sequence(k, config.c_k)
     return q_c, k_c

@@ -45,10 +45,20 @@ def _selection(
     sorted_scores = np.take_along_axis(np.where(candidate, scores, 0.0), order, axis=-1)
     sorted_is_cand = np.take_along_axis(candidate, order, axis=-1)
 
-    # Mass before taking the k-th candidate: m0 + s_1 + ... + s_(k-1), added left to right.
-    running = np.cumsum(np.concatenate([m0[..., None], sorted_scores], axis=-1), axis=-1)
-    before = running[..., :-1]
-    take = sorted_is_cand & (before < P)  # "while m < P, take the next block"
+    if config.threshold_mode == "remaining":
+        # Research variant: P of the mass outside the forced blocks. The candidates' running
+        # mass (from 0) is compared with target = P * (T - m0), T the row's visible mass.
+        total = np.cumsum(np.where(np.broadcast_to(visible, shape), scores, 0.0), axis=-1)[..., -1]
+        target = P * (total - m0)
+        running = np.cumsum(np.concatenate([np.zeros_like(m0)[..., None], sorted_scores], axis=-1), axis=-1)
+        before = running[..., :-1]
+        take = sorted_is_cand & (before < target[..., None])
+        P = target  # the margins below are measured against this row's target
+    else:
+        # Mass before taking the k-th candidate: m0 + s_1 + ... + s_(k-1), added left to right.
+        running = np.cumsum(np.concatenate([m0[..., None], sorted_scores], axis=-1), axis=-1)
+        before = running[..., :-1]
+        take = sorted_is_cand & (before < P)  # "while m < P, take the next block"
 
     mask = forced_b.copy()
     np.put_along_axis(mask, order, take | np.take_along_axis(mask, order, axis=-1), axis=-1)
