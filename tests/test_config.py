@@ -16,7 +16,10 @@ def test_defaults_match_spec():
     assert [f.name for f in dataclasses.fields(c)] == [
         "block_size", "c_q", "c_k", "c_h", "threshold", "n_sink_blocks", "n_local_blocks",
         "causal", "softmax_scale",
+        # research variants (issue 15), all defaulting to SPEC's behaviour:
+        "threshold_mode", "sink_tokens", "diagonal_correction",
     ]
+    assert (c.threshold_mode, c.sink_tokens, c.diagonal_correction) == ("total", 0, False)
 
 
 def test_frozen():
