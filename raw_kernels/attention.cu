@@ -66,6 +66,8 @@
 // Element conversions (us::to_float, us::from_float, us::pack2) come from common.cuh.
 
 #include "common.cuh"
+// the wgmma wrappers of rung v7 (WgmmaSS, WgmmaRS, fence/commit/wait), shared with attention_hopper.cu
+#include "wgmma.cuh"
 
 namespace us_attn {
 
@@ -535,10 +537,6 @@ __device__ __forceinline__ unsigned long long wg_desc(const void* p) {
 __device__ __forceinline__ void fence_async_smem() {
   asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
 }
-__device__ __forceinline__ void wg_fence() { asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory"); }
-__device__ __forceinline__ void wg_commit() { asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory"); }
-__device__ __forceinline__ void wg_wait0() { asm volatile("wgmma.wait_group.sync.aligned 0;\n" ::: "memory"); }
-
 template <typename T, int D, int NT>
 __device__ __forceinline__ void load_tile128(T* sm, const T* g, int r0, int rows, int n) {
   constexpr int CPR = D / 8;
@@ -551,57 +549,7 @@ __device__ __forceinline__ void load_tile128(T* sm, const T* g, int r0, int rows
 }
 
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
-#define US_HAVE_WGMMA 1
-template <typename T, int N> struct WgmmaSS;
-template <typename T, int N> struct WgmmaRS;
-// The three wgmma shapes the kernel uses, for T = __half (PTX type f16) and __nv_bfloat16 (bf16):
-// the instruction strings differ only in the element type, so one macro per shape stamps both.
-#define US_WGMMA_SS64(T, PT) \
-template <> struct WgmmaSS<T, 64> {                                                                                                                                                                                                                                                                                                                                                                                            \
-  /* D[64 x 64] (+)= A[64 x 16] (smem desc) * B[16 x 64] (smem desc, K-major) */                                                                                                                                                                                                                                                                                                                                               \
-  static __device__ __forceinline__ void run(float* d, unsigned long long da, unsigned long long db, int accumulate) {                                                                                                                                                                                                                                                                                                         \
-    asm volatile(                                                                                                                                                                                                                                                                                                                                                                                                              \
-        "{\n.reg .pred p;\nsetp.ne.b32 p, %34, 0;\n"                                                                                                                                                                                                                                                                                                                                                                           \
-        "wgmma.mma_async.sync.aligned.m64n64k16.f32." PT "." PT " {%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31}, %32, %33, p, 1, 1, 0, 0;\n}\n"                                                                                                                                                                       \
-        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]), "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]), "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31]) \
-        : "l"(da), "l"(db), "r"(accumulate));                                                                                                                                                                                                                                                                                                                                                                                  \
-  }                                                                                                                                                                                                                                                                                                                                                                                                                            \
-};
-
-#define US_WGMMA_RS64(T, PT) \
-template <> struct WgmmaRS<T, 64> {                                                                                                                                                                                                                                                                                                                                                                                            \
-  /* D[64 x 64] += A[64 x 16] (registers, mma.sync A-fragment layout per warp) * B[16 x 64] (smem desc, K-major) */                                                                                                                                                                                                                                                                                                            \
-  static __device__ __forceinline__ void run(float* d, const unsigned* a, unsigned long long db) {                                                                                                                                                                                                                                                                                                                             \
-    asm volatile(                                                                                                                                                                                                                                                                                                                                                                                                              \
-        "{\n.reg .pred p;\nsetp.ne.b32 p, %37, 0;\n"                                                                                                                                                                                                                                                                                                                                                                           \
-        "wgmma.mma_async.sync.aligned.m64n64k16.f32." PT "." PT " {%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31}, {%32, %33, %34, %35}, %36, p, 1, 1, 0;\n}\n"                                                                                                                                                         \
-        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]), "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]), "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31]) \
-        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(db), "r"(1));                                                                                                                                                                                                                                                                                                                                                        \
-  }                                                                                                                                                                                                                                                                                                                                                                                                                            \
-};
-
-#define US_WGMMA_RS128(T, PT) \
-template <> struct WgmmaRS<T, 128> {                                                                                                                                                                                                                                                                                                                                                                                                                                                                                                                                                                                                                                                                                                                                                                                                                           \
-  /* D[64 x 128] += A[64 x 16] (registers, mma.sync A-fragment layout per warp) * B[16 x 128] (smem desc, K-major) */                                                                                                                                                                                                                                                                                                                                                                                                                                                                                                                                                                                                                                                                                                                                          \
-  static __device__ __forceinline__ void run(float* d, const unsigned* a, unsigned long long db) {                                                                                                                                                                                                                                                                                                                                                                                                                                                                                                                                                                                                                                                                                                                                                             \
-    asm volatile(                                                                                                                                                                                                                                                                                                                                                                                                                                                                                                                                                                                                                                                                                                                                                                                                                                              \
-        "{\n.reg .pred p;\nsetp.ne.b32 p, %69, 0;\n"                                                                                                                                                                                                                                                                                                                                                                                                                                                                                                                                                                                                                                                                                                                                                                                                           \
-        "wgmma.mma_async.sync.aligned.m64n128k16.f32." PT "." PT " {%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, %32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, %48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63}, {%64, %65, %66, %67}, %68, p, 1, 1, 0;\n}\n"                                                                                                                                                                                                                                                                                                                                                                                                                        \
-        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]), "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]), "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31]), "+f"(d[32]), "+f"(d[33]), "+f"(d[34]), "+f"(d[35]), "+f"(d[36]), "+f"(d[37]), "+f"(d[38]), "+f"(d[39]), "+f"(d[40]), "+f"(d[41]), "+f"(d[42]), "+f"(d[43]), "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47]), "+f"(d[48]), "+f"(d[49]), "+f"(d[50]), "+f"(d[51]), "+f"(d[52]), "+f"(d[53]), "+f"(d[54]), "+f"(d[55]), "+f"(d[56]), "+f"(d[57]), "+f"(d[58]), "+f"(d[59]), "+f"(d[60]), "+f"(d[61]), "+f"(d[62]), "+f"(d[63]) \
-        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(db), "r"(1));                                                                                                                                                                                                                                                                                                                                                                                                                                                                                                                                                                                                                                                                                                                                                                                        \
-  }                                                                                                                                                                                                                                                                                                                                                                                                                                                                                                                                                                                                                                                                                                                                                                                                                                                            \
-};
-
-US_WGMMA_SS64(__half, "f16")
-US_WGMMA_RS64(__half, "f16")
-US_WGMMA_RS128(__half, "f16")
-US_WGMMA_SS64(__nv_bfloat16, "bf16")
-US_WGMMA_RS64(__nv_bfloat16, "bf16")
-US_WGMMA_RS128(__nv_bfloat16, "bf16")
-#undef US_WGMMA_SS64
-#undef US_WGMMA_RS64
-#undef US_WGMMA_RS128
-
+#define US_HAVE_WGMMA 1  // the wrappers of wgmma.cuh exist
 #endif
 }  // namespace us_attn
 
@@ -701,14 +649,14 @@ __global__ void __launch_bounds__(us_attn::WG_NWG * 128, 2) us_attn_fwd_wgmma(
     for (int n = 0; n < NS; ++n)
 #pragma unroll
       for (int e = 0; e < 4; ++e) acc_s[n][e] = 0.f;
-    wg_fence();
+    us::wg_fence();
 #pragma unroll
     for (int kk = 0; kk < KD; ++kk) {
       const T* qa = Qs + (kk >> 2) * BR * 64 + (wg * 64) * 64 + (kk & 3) * 16;
       const T* kb = Kt + (kk >> 2) * BC * 64 + (kk & 3) * 16;
-      WgmmaSS<T, BC>::run(&acc_s[0][0], wg_desc(qa), wg_desc(kb), kk > 0);
+      us::WgmmaSS<T, BC>::run(&acc_s[0][0], wg_desc(qa), wg_desc(kb), kk > 0);
     }
-    wg_commit();
+    us::wg_commit();
 
     cp_async_wait<1>();  // all but {K_it+1}: V_it landed (this thread's part)
     __syncthreads();     // ... and every other thread's part, before the transpose reads it
@@ -733,7 +681,7 @@ __global__ void __launch_bounds__(us_attn::WG_NWG * 128, 2) us_attn_fwd_wgmma(
       }
     }
     fence_async_smem();  // the V^T stores, seen by the tensor cores' async proxy
-    wg_wait0();          // S_ij is in registers
+    us::wg_wait<0>();          // S_ij is in registers
 
     const bool need_mask = (n0 + BC > Nk) || (causal && n0 + BC - 1 > q0 + wr0 + shift);
     if (need_mask) {
@@ -785,11 +733,11 @@ __global__ void __launch_bounds__(us_attn::WG_NWG * 128, 2) us_attn_fwd_wgmma(
     cp_async_commit();
 
     // ---- O_i += P V_j
-    wg_fence();
+    us::wg_fence();
 #pragma unroll
-    for (int kk = 0; kk < BC / 16; ++kk) WgmmaRS<T, D>::run(&acc_o[0][0], pa[kk], wg_desc(Vt + kk * 16));
-    wg_commit();
-    wg_wait0();
+    for (int kk = 0; kk < BC / 16; ++kk) us::WgmmaRS<T, D, 0>::run(&acc_o[0][0], pa[kk], wg_desc(Vt + kk * 16));
+    us::wg_commit();
+    us::wg_wait<0>();
     __syncthreads();  // all warps are done with K/V buffer `buf` and V^T before they are refilled
   }
   cp_async_wait<0>();  // no copy may still target shared memory when the CTA exits

@@ -89,6 +89,8 @@
 
 // element types, us::pack2 (two floats rounded to T in one register); the loader inlines it
 #include "common.cuh"
+// the wgmma wrappers (WgmmaSS, WgmmaRS with V as an MN-major operand, fence/commit/wait)
+#include "wgmma.cuh"
 
 // NVRTC has no <cuda.h>: the tensor map is an opaque 128-byte, 64-byte-aligned blob that
 // the host encodes with cuTensorMapEncodeTiled.
@@ -194,11 +196,6 @@ __device__ __forceinline__ unsigned long long desc_mnmajor(unsigned addr, unsign
   return ((addr & 0x3FFFFull) >> 4) | ((unsigned long long)((region_bytes >> 4) & 0x3FFF) << 16) |
          ((1024ull >> 4) << 32) | (1ull << 62);
 }
-__device__ __forceinline__ void wg_fence() { asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory"); }
-__device__ __forceinline__ void wg_commit() { asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory"); }
-template <int N> __device__ __forceinline__ void wg_wait() {
-  asm volatile("wgmma.wait_group.sync.aligned %0;\n" ::"n"(N) : "memory");
-}
 // Pin accumulator registers at a point of the program: the compiler must assume the empty
 // asm reads and rewrites them, so it cannot move their uses across a wgmma wait.
 template <int N> __device__ __forceinline__ void fence_regs(float* r) {
@@ -209,79 +206,6 @@ template <int N> __device__ __forceinline__ void fence_regs(unsigned* r) {
 #pragma unroll
   for (int i = 0; i < N; ++i) asm volatile("" : "+r"(r[i])::"memory");
 }
-
-// WgSS<T, N>::run: D[64 x N] (+)= A[64 x 16] (smem, K-major) * B[16 x N] (smem, K-major).
-// WgRSt<T, N>::run: D[64 x N] += A[64 x 16] (registers) * B[16 x N] (smem, MN-major).
-// The register A fragment and the accumulator of each warp follow the mma.sync m16n8k16
-// layouts (the accumulator's n8 tiles repeated along N). Generated text: the strings differ
-// only in the shape and the PTX element type.
-template <typename T, int N> struct WgSS;
-template <typename T, int N> struct WgRSt;
-#define US_FA3_WG_SS64(T, PT) \
-template <> struct WgSS<T, 64> { \
-  static __device__ __forceinline__ void run(float* d, unsigned long long da, unsigned long long db, int accumulate) { \
-    asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, %34, 0;\n" \
-                 "wgmma.mma_async.sync.aligned.m64n64k16.f32." PT "." PT " {%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31}, %32, %33, p, 1, 1, 0, 0;\n}\n" \
-                 : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]), "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]), "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31]) \
-                 : "l"(da), "l"(db), "r"(accumulate)); \
-  } \
-};
-
-#define US_FA3_WG_SS128(T, PT) \
-template <> struct WgSS<T, 128> { \
-  static __device__ __forceinline__ void run(float* d, unsigned long long da, unsigned long long db, int accumulate) { \
-    asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, %66, 0;\n" \
-                 "wgmma.mma_async.sync.aligned.m64n128k16.f32." PT "." PT " {%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, %32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, %48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63}, %64, %65, p, 1, 1, 0, 0;\n}\n" \
-                 : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]), "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]), "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31]), "+f"(d[32]), "+f"(d[33]), "+f"(d[34]), "+f"(d[35]), "+f"(d[36]), "+f"(d[37]), "+f"(d[38]), "+f"(d[39]), "+f"(d[40]), "+f"(d[41]), "+f"(d[42]), "+f"(d[43]), "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47]), "+f"(d[48]), "+f"(d[49]), "+f"(d[50]), "+f"(d[51]), "+f"(d[52]), "+f"(d[53]), "+f"(d[54]), "+f"(d[55]), "+f"(d[56]), "+f"(d[57]), "+f"(d[58]), "+f"(d[59]), "+f"(d[60]), "+f"(d[61]), "+f"(d[62]), "+f"(d[63]) \
-                 : "l"(da), "l"(db), "r"(accumulate)); \
-  } \
-};
-
-#define US_FA3_WG_RS64(T, PT) \
-template <> struct WgRSt<T, 64> { \
-  static __device__ __forceinline__ void run(float* d, const unsigned* a, unsigned long long db) { \
-    asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, %37, 0;\n" \
-                 "wgmma.mma_async.sync.aligned.m64n64k16.f32." PT "." PT " {%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31}, {%32, %33, %34, %35}, %36, p, 1, 1, 1;\n}\n" \
-                 : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]), "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]), "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31]) \
-                 : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(db), "r"(1)); \
-  } \
-};
-
-#define US_FA3_WG_RS128(T, PT) \
-template <> struct WgRSt<T, 128> { \
-  static __device__ __forceinline__ void run(float* d, const unsigned* a, unsigned long long db) { \
-    asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, %69, 0;\n" \
-                 "wgmma.mma_async.sync.aligned.m64n128k16.f32." PT "." PT " {%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, %32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, %48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63}, {%64, %65, %66, %67}, %68, p, 1, 1, 1;\n}\n" \
-                 : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]), "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]), "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31]), "+f"(d[32]), "+f"(d[33]), "+f"(d[34]), "+f"(d[35]), "+f"(d[36]), "+f"(d[37]), "+f"(d[38]), "+f"(d[39]), "+f"(d[40]), "+f"(d[41]), "+f"(d[42]), "+f"(d[43]), "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47]), "+f"(d[48]), "+f"(d[49]), "+f"(d[50]), "+f"(d[51]), "+f"(d[52]), "+f"(d[53]), "+f"(d[54]), "+f"(d[55]), "+f"(d[56]), "+f"(d[57]), "+f"(d[58]), "+f"(d[59]), "+f"(d[60]), "+f"(d[61]), "+f"(d[62]), "+f"(d[63]) \
-                 : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(db), "r"(1)); \
-  } \
-};
-
-#define US_FA3_WG_RS256(T, PT) \
-template <> struct WgRSt<T, 256> { \
-  static __device__ __forceinline__ void run(float* d, const unsigned* a, unsigned long long db) { \
-    asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, %133, 0;\n" \
-                 "wgmma.mma_async.sync.aligned.m64n256k16.f32." PT "." PT " {%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, %32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, %48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63, %64, %65, %66, %67, %68, %69, %70, %71, %72, %73, %74, %75, %76, %77, %78, %79, %80, %81, %82, %83, %84, %85, %86, %87, %88, %89, %90, %91, %92, %93, %94, %95, %96, %97, %98, %99, %100, %101, %102, %103, %104, %105, %106, %107, %108, %109, %110, %111, %112, %113, %114, %115, %116, %117, %118, %119, %120, %121, %122, %123, %124, %125, %126, %127}, {%128, %129, %130, %131}, %132, p, 1, 1, 1;\n}\n" \
-                 : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]), "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]), "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31]), "+f"(d[32]), "+f"(d[33]), "+f"(d[34]), "+f"(d[35]), "+f"(d[36]), "+f"(d[37]), "+f"(d[38]), "+f"(d[39]), "+f"(d[40]), "+f"(d[41]), "+f"(d[42]), "+f"(d[43]), "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47]), "+f"(d[48]), "+f"(d[49]), "+f"(d[50]), "+f"(d[51]), "+f"(d[52]), "+f"(d[53]), "+f"(d[54]), "+f"(d[55]), "+f"(d[56]), "+f"(d[57]), "+f"(d[58]), "+f"(d[59]), "+f"(d[60]), "+f"(d[61]), "+f"(d[62]), "+f"(d[63]), "+f"(d[64]), "+f"(d[65]), "+f"(d[66]), "+f"(d[67]), "+f"(d[68]), "+f"(d[69]), "+f"(d[70]), "+f"(d[71]), "+f"(d[72]), "+f"(d[73]), "+f"(d[74]), "+f"(d[75]), "+f"(d[76]), "+f"(d[77]), "+f"(d[78]), "+f"(d[79]), "+f"(d[80]), "+f"(d[81]), "+f"(d[82]), "+f"(d[83]), "+f"(d[84]), "+f"(d[85]), "+f"(d[86]), "+f"(d[87]), "+f"(d[88]), "+f"(d[89]), "+f"(d[90]), "+f"(d[91]), "+f"(d[92]), "+f"(d[93]), "+f"(d[94]), "+f"(d[95]), "+f"(d[96]), "+f"(d[97]), "+f"(d[98]), "+f"(d[99]), "+f"(d[100]), "+f"(d[101]), "+f"(d[102]), "+f"(d[103]), "+f"(d[104]), "+f"(d[105]), "+f"(d[106]), "+f"(d[107]), "+f"(d[108]), "+f"(d[109]), "+f"(d[110]), "+f"(d[111]), "+f"(d[112]), "+f"(d[113]), "+f"(d[114]), "+f"(d[115]), "+f"(d[116]), "+f"(d[117]), "+f"(d[118]), "+f"(d[119]), "+f"(d[120]), "+f"(d[121]), "+f"(d[122]), "+f"(d[123]), "+f"(d[124]), "+f"(d[125]), "+f"(d[126]), "+f"(d[127]) \
-                 : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(db), "r"(1)); \
-  } \
-};
-
-US_FA3_WG_SS64(__half, "f16")
-US_FA3_WG_SS128(__half, "f16")
-US_FA3_WG_RS64(__half, "f16")
-US_FA3_WG_RS128(__half, "f16")
-US_FA3_WG_RS256(__half, "f16")
-US_FA3_WG_SS64(__nv_bfloat16, "bf16")
-US_FA3_WG_SS128(__nv_bfloat16, "bf16")
-US_FA3_WG_RS64(__nv_bfloat16, "bf16")
-US_FA3_WG_RS128(__nv_bfloat16, "bf16")
-US_FA3_WG_RS256(__nv_bfloat16, "bf16")
-#undef US_FA3_WG_SS64
-#undef US_FA3_WG_SS128
-#undef US_FA3_WG_RS64
-#undef US_FA3_WG_RS128
-#undef US_FA3_WG_RS256
 
 // ----------------------------------------------------------------------------- the CTA
 // Shared memory (dynamic, aligned up to 1024 bytes by the kernel; the launcher adds 1 KiB):
@@ -488,7 +412,7 @@ __device__ __forceinline__ void fwd_body(
     for (int kk = 0; kk < KD; ++kk) {
       const unsigned qa = q_addr + (kk >> 2) * (BR * 128) + (kk & 3) * 32;
       const unsigned kb = k_addr + s * KV_BYTES + (kk >> 2) * (BC * 128) + (kk & 3) * 32;
-      WgSS<T, BC>::run(acc_s, desc_kmajor(qa), desc_kmajor(kb), kk > 0);
+      us::WgmmaSS<T, BC>::run(acc_s, desc_kmajor(qa), desc_kmajor(kb), kk > 0);
     }
   };
   // O += P V_j for slot s: BC/16 k16-steps over the keys; step kk reads keys [16kk, 16kk+16)
@@ -496,7 +420,7 @@ __device__ __forceinline__ void fwd_body(
   auto issue_pv = [&](int s) {
 #pragma unroll
     for (int kk = 0; kk < BC / 16; ++kk)
-      WgRSt<T, D>::run(acc_o, pa[kk], desc_mnmajor(v_addr + s * KV_BYTES + kk * 16 * 128, BC * 128));
+      us::WgmmaRS<T, D, 1>::run(acc_o, pa[kk], desc_mnmajor(v_addr + s * KV_BYTES + kk * 16 * 128, BC * 128));
   };
   // Online softmax of tile j (keys from n0) on acc_s; returns the O rescale factors.
   auto softmax = [&](int n0, float* alpha) {
@@ -586,11 +510,11 @@ __device__ __forceinline__ void fwd_body(
           const int s0 = tile_ctr % STAGES;
           turn_begin();
           mbar_wait(bar_full_k + 8 * s0, (tile_ctr / STAGES) & 1);
-          wg_fence();
+          us::wg_fence();
           issue_s(s0);
-          wg_commit();
+          us::wg_commit();
           turn_end();
-          wg_wait<0>();
+          us::wg_wait<0>();
           fence_regs<NS * 4>(acc_s);
           release(bar_empty_k + 8 * s0);
         }
@@ -608,19 +532,19 @@ __device__ __forceinline__ void fwd_body(
           turn_begin();
           mbar_wait(bar_full_k + 8 * s, (ct / STAGES) & 1);         // K_j landed
           mbar_wait(bar_full_v + 8 * sp, ((ct - 1) / STAGES) & 1);  // V_j-1 landed (long ago, as a rule)
-          wg_fence();
+          us::wg_fence();
           fence_regs<BC / 16 * 4>(&pa[0][0]);
           issue_s(s);
-          wg_commit();
+          us::wg_commit();
           issue_pv(sp);
-          wg_commit();
+          us::wg_commit();
           turn_end();
-          wg_wait<1>();               // S_ij is in registers (P V_{j-1} may still run)
+          us::wg_wait<1>();               // S_ij is in registers (P V_{j-1} may still run)
           fence_regs<NS * 4>(acc_s);
           release(bar_empty_k + 8 * s);
           float alpha[2];
           softmax(tile_key0(idx, j, SUB, S, BC), alpha);
-          wg_wait<0>();               // P_{j-1} V_{j-1} is done: O_i and pa may be touched
+          us::wg_wait<0>();               // P_{j-1} V_{j-1} is done: O_i and pa may be touched
           fence_regs<NO * 4>(acc_o);
           release(bar_empty_v + 8 * sp);
 #pragma unroll
@@ -642,12 +566,12 @@ __device__ __forceinline__ void fwd_body(
           const int sp = ct % STAGES;
           turn_begin();
           mbar_wait(bar_full_v + 8 * sp, (ct / STAGES) & 1);
-          wg_fence();
+          us::wg_fence();
           fence_regs<BC / 16 * 4>(&pa[0][0]);
           issue_pv(sp);
-          wg_commit();
+          us::wg_commit();
           turn_end();
-          wg_wait<0>();
+          us::wg_wait<0>();
           fence_regs<NO * 4>(acc_o);
           release(bar_empty_v + 8 * sp);
         }
