@@ -8,8 +8,8 @@
 // |-----|-------------------------------------|-----|-----|-------|---------------------------|
 // | v9  | us_fa3_fwd<T, D, Bc, STAGES>        | 128 | 128 | 12    | v7's wgmma, warp-         |
 // |     |   D = 64, 128 (Bc 128), 256 (Bc 64) |     | (64)|       | specialised: TMA producer |
-// |     | us_fa3_fwd_gmem<...> (maps in global|     |     |       | + 2 ping-pong consumers,  |
-// |     |   memory; same kernel otherwise)    |     |     |       | persistent grid. DEFAULT  |
+// |     |                                     |     |     |       | + 2 ping-pong consumers,  |
+// |     |                                     |     |     |       | persistent grid. DEFAULT  |
 // |     |                                     |     |     |       | on Hopper                 |
 //
 // What it computes (identical to attention.cu, SPEC section 6)
@@ -75,10 +75,8 @@
 // CTA stays inside one query block) and of Bc.
 //
 // Kernel arguments, in order:
-//   tmap_q, tmap_k, tmap_v   128-byte CUtensorMaps (by value as __grid_constant__ parameters
-//                            in us_fa3_fwd, or a pointer to the three in device memory in
-//                            us_fa3_fwd_gmem), 3-D views (D, N, B*H) with box (64, rows, 1)
-//                            and 128-byte swizzle
+//   tmap_q, tmap_k, tmap_v   128-byte CUtensorMaps, by value as __grid_constant__ parameters:
+//                            3-D views (D, N, B*H) with box (64, rows, 1) and 128-byte swizzle
 //   kv_counts, kv_indices, work, out, lse,
 //   Hq, Hkv, Hm, Nq, Nk, nQb, idx_stride, S, c_h, causal, n_qtiles, scale_log2, n_tasks,
 //   sched, dynamic
@@ -621,23 +619,5 @@ __global__ void __launch_bounds__(384, 1) us_fa3_fwd(
                                      sched, dynamic);
 #else
   __trap();  // built without sm_90a: the launcher never selects this kernel then
-#endif
-}
-
-// The same kernel with the three tensor maps in device memory (64-byte aligned), for
-// launchers that cannot pass a 128-byte struct by value.
-template <typename T, int D, int BC, int STAGES>
-__global__ void __launch_bounds__(384, 1) us_fa3_fwd_gmem(
-    const CUtensorMap_st* __restrict__ tmaps,
-    const int* __restrict__ kv_counts, const int* __restrict__ kv_indices, const int* __restrict__ work,
-    T* __restrict__ out, float* __restrict__ lse,
-    int Hq, int Hkv, int Hm, int Nq, int Nk, int nQb, int idx_stride, int S, int c_h, int causal,
-    int n_qtiles, float scale_log2, int n_tasks, int* __restrict__ sched, int dynamic) {
-#if defined(US_FA3_HAVE_SM90A)
-  us_fa3::fwd_body<T, D, BC, STAGES>(tmaps, tmaps + 1, tmaps + 2, kv_counts, kv_indices, work, out, lse, Hq,
-                                     Hkv, Hm, Nq, Nk, nQb, idx_stride, S, c_h, causal, n_qtiles, scale_log2,
-                                     n_tasks, sched, dynamic);
-#else
-  __trap();
 #endif
 }

@@ -195,3 +195,25 @@ def test_default_version_and_errors():
     out, lse = run(q32, k32, v32, bm, None)  # float32 default: v1
     cfg = UniSparseConfig(block_size=128, causal=True)
     assert_attention_matches_reference(out, lse, q32, k32, v32, bm, cfg)
+
+
+def test_v9_schedules_give_identical_results():
+    """Rung v9's grids (persistent with the dynamic task counter, the default; persistent with a
+    static stride; 3 CTAs walking every task; one CTA per task) compute every task the same way:
+    the same bits out. (Checked by the retired development harness in GPU runs 2-3 of
+    docs/gpu_results/fa3.md; this is its place in the suite.)"""
+    if 9 not in VERSIONS or str(cp.cuda.Device().compute_capability) != "90":
+        pytest.skip("rung v9 needs a Hopper GPU")
+    from unisparse_ref.cupy_backend import _hopper
+
+    rng = np.random.default_rng(17)
+    q, k, v = random_qkv(rng, 1, 8, 2, 700, 900, 128, dtype=BFLOAT16)
+    bm = random_mask(rng, 1, 8, 700, 900, 128, 1, True, density=0.5)
+    counts, idx = (cp.asarray(a) for a in bm.to_indices())
+    res = []
+    for opts in ({}, {"schedule": "static"}, {"max_ctas": 3}, {"persistent": False}):
+        out, lse = _hopper.fa3_forward(to_device(q), to_device(k), to_device(v), counts, idx, nq=700, nk=900,
+                                       block_size=128, heads_per_mask=1, causal=True, softmax_scale=None, **opts)
+        res.append((cp.asnumpy(out).view(np.uint16), cp.asnumpy(lse).view(np.uint32)))
+    for o, l_ in res[1:]:
+        assert np.array_equal(o, res[0][0]) and np.array_equal(l_, res[0][1])

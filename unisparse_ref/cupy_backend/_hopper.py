@@ -19,12 +19,12 @@ What the host does (the kernel's opening comment says what the device does):
   ``(D, N, B*H)`` of q, k, v with boxes of ``64 x rows x 1`` elements and 128-byte swizzle;
   rows past ``Nq``/``Nk`` are zero-filled by the copy engine;
 * computes grid, block and shared memory in ONE function, :func:`launch_config`;
-* launches. Tensor maps are 128-byte kernel parameters (``__grid_constant__``); three ways to
-  hand them over (``tmap_mode``): ``"param"`` (default: a ``ctypes`` array of parameter
-  pointers and ``cuLaunchKernel`` through ``cupy.cuda.driver.launchKernel``, which copies each
-  parameter by the size the kernel declares), ``"cupy"`` (CuPy's own ``RawKernel`` call with
-  NumPy void scalars, if this CuPy accepts them) and ``"gmem"`` (the maps in device memory and
-  a pointer, the kernel ``us_fa3_fwd_gmem``).
+* launches. Tensor maps are 128-byte kernel parameters (``__grid_constant__``), handed over as
+  a ``ctypes`` array of parameter pointers to ``cuLaunchKernel`` (through
+  ``cupy.cuda.driver.launchKernel``, which copies each parameter by the size the kernel
+  declares). (Two other ways, CuPy's own call with NumPy void scalars and the maps in device
+  memory, gave identical results in the development runs of ``docs/gpu_results/fa3.md`` and
+  were retired.)
 
 This module imports without CuPy (CuPy, NumPy and the driver are imported inside functions).
 """
@@ -95,14 +95,11 @@ def fa3_config(head_dim: int, stages: int | None = None, bc: int | None = None) 
     return Fa3Config(head_dim, bc or c.bc, stages or c.stages)
 
 
-def name_expression(dtype: str, cfg: Fa3Config, gmem: bool = False) -> str:
-    kern = "us_fa3_fwd_gmem" if gmem else "us_fa3_fwd"
-    return f"{kern}<{_CTYPE[dtype]}, {cfg.head_dim}, {cfg.bc}, {cfg.stages}>"
+def name_expression(dtype: str, cfg: Fa3Config) -> str:
+    return f"us_fa3_fwd<{_CTYPE[dtype]}, {cfg.head_dim}, {cfg.bc}, {cfg.stages}>"
 
 
-#: Every instantiation the backend launches (tensor maps as kernel parameters). The
-#: ``us_fa3_fwd_gmem`` variant (maps in device memory, ``tmap_mode="gmem"``) is compiled on
-#: request only.
+#: Every instantiation the backend launches.
 FA3_INSTANTIATIONS: list[KernelSpec] = [
     KernelSpec(FA3_FILE, name_expression(dt, c), FA3_OPTIONS)
     for dt in ("float16", "bfloat16")
@@ -297,11 +294,6 @@ def _launch_param(kernel: Any, cfg: dict[str, Any], tmaps: list[bytes], args: li
     )
 
 
-def _tmap_scalar(tm: bytes) -> Any:
-    import numpy as np  # noqa: PLC0415
-
-    return np.frombuffer(tm, dtype=np.dtype((np.void, 128)))[0]
-
 
 def _work_list(
     kv_counts: Any, *, batch: int, q_heads: int, heads_per_mask: int, n_qtiles: int, block_size: int
@@ -349,7 +341,6 @@ def fa3_forward(
     softmax_scale: float | None,
     work: Any = None,
     sort_work: bool = False,
-    tmap_mode: str = "param",
     stages: int | None = None,
     persistent: bool = True,
     schedule: str = "dynamic",
@@ -361,8 +352,7 @@ def fa3_forward(
 
     Parameters beyond ``attention_forward``'s: ``work`` (a precomputed int32 work list) or
     ``sort_work`` (sort CTAs by mask-row length, longest first; the fixed order is already
-    longest-first for causal masks); ``tmap_mode`` (``"param"``, ``"cupy"`` or ``"gmem"``:
-    how the tensor maps reach the kernel); ``stages`` (K/V ring depth, default per head dim);
+    longest-first for causal masks); ``stages`` (K/V ring depth, default per head dim);
     ``persistent`` (one CTA per SM walking the tasks, default; else one CTA per task);
     ``schedule`` (persistent grid: ``"dynamic"``, CTAs take the next task from an atomic
     counter, default; ``"static"``, CTA c takes tasks c, c + grid, ...);
@@ -479,21 +469,5 @@ def fa3_forward(
         sched,
         i32(1 if dynamic else 0),
     ]
-    ld = _loader
-    if tmap_mode == "gmem":
-        kernel = _get_kernel(name_expression(dtype, cfg, gmem=True))
-        maps = cp.asarray(np.frombuffer(b"".join(tmaps), dtype=np.uint8))  # pool blocks: >= 256-byte aligned
-        if maps.data.ptr % 64:
-            raise RuntimeError("device tensor maps must be 64-byte aligned")
-        args = [maps] + [np.uint64(0) if a is None else a for a in rest]
-        ld.launch(kernel, cfgd["grid"], cfgd["block"], tuple(args), shared_mem=cfgd["shared_mem"])
-        return out, lse
-    kernel = _get_kernel(name_expression(dtype, cfg))
-    if tmap_mode == "cupy":
-        args = [_tmap_scalar(t) for t in tmaps] + [np.uint64(0) if a is None else a for a in rest]
-        ld.launch(kernel, cfgd["grid"], cfgd["block"], tuple(args), shared_mem=cfgd["shared_mem"])
-    elif tmap_mode == "param":
-        _launch_param(kernel, cfgd, tmaps, rest)
-    else:
-        raise ValueError(f"tmap_mode must be 'param', 'cupy' or 'gmem', got {tmap_mode!r}")
+    _launch_param(_get_kernel(name_expression(dtype, cfg)), cfgd, tmaps, rest)
     return out, lse
