@@ -130,3 +130,71 @@ def test_check_index_form_accepts_blockmask_indices_and_rejects_bad_ones():
         att.check_index_form(counts, bad, 5)
     with pytest.raises(ValueError, match="kv_counts"):
         att.check_index_form(counts + 6, idx, 5)
+
+
+def _numpy_cupy():
+    """A NumPy-backed stand-in for the few CuPy calls the v9 launch glue makes (no GPU here)."""
+    import types
+
+    fake = types.ModuleType("cupy")
+
+    class ndarray(np.ndarray):
+        @property
+        def data(self):
+            return types.SimpleNamespace(ptr=self.ctypes.data)
+
+    ndarray.__module__ = "cupy"
+
+    def wrap(fn):
+        return lambda *a, **k: np.asarray(fn(*a, **k)).view(ndarray)
+
+    for n in ("float16", "float32", "uint16", "int32", "int64", "bool_"):
+        setattr(fake, n, getattr(np, n))
+    fake.ndarray = ndarray
+    for n in ("empty", "zeros", "ascontiguousarray", "arange", "argsort", "empty_like", "asarray"):
+        setattr(fake, n, wrap(getattr(np, n)))
+    dev = types.SimpleNamespace(id=0, compute_capability="90", attributes={"MultiProcessorCount": 132})
+    fake.cuda = types.SimpleNamespace(Device=lambda *a: dev)
+    return fake, ndarray
+
+
+@pytest.mark.parametrize("sort_work", [False, True])
+def test_v9_launch_glue(monkeypatch, sort_work):
+    """attention_forward -> _hopper.fa3_forward on the host: the instantiation, the tensor maps,
+    every scalar argument in the kernel's order, the persistent grid, and (sort_work) the work
+    list built once by attention_forward, longest mask rows first. The launch is recorded, not run."""
+    import sys
+
+    from unisparse_ref.cupy_backend import _hopper
+
+    fake, nd = _numpy_cupy()
+    monkeypatch.setitem(sys.modules, "cupy", fake)
+    launches = []
+    monkeypatch.setattr(_hopper, "_launch_param", lambda kernel, cfg, tmaps, rest: launches.append((kernel, cfg, tmaps, rest)))
+    monkeypatch.setattr(_hopper, "_get_kernel", lambda name: name)
+    monkeypatch.setattr(_hopper, "encode_tensor_map", lambda arr, dtype, rows: (dtype, tuple(arr.shape), rows))
+    monkeypatch.setattr(att, "_has_sm90", lambda: True)
+    rng = np.random.default_rng(0)
+    B, Hq, Hkv, N, D = 1, 8, 2, 700, 128
+    q = rng.standard_normal((B, Hq, N, D)).astype(np.float16).view(np.uint16).view(nd)  # bf16 bits
+    k = rng.standard_normal((B, Hkv, N, D)).astype(np.float16).view(np.uint16).view(nd)
+    bm = BlockMask(rng.random((B, Hq, 6, 6)) < 0.5, 128, 1, N, N, True)
+    counts, idx = (a.astype(np.int32).view(nd) for a in bm.to_indices())
+    out, lse = att.attention_forward(q, k, k, counts, idx, nq=N, nk=N, block_size=128, heads_per_mask=1,
+                                     causal=True, softmax_scale=None, sort_work=sort_work)
+    assert out.shape == q.shape and lse.shape == (B, Hq, N)
+    (kernel, cfg, tmaps, rest), = launches
+    assert kernel == "us_fa3_fwd<__nv_bfloat16, 128, 128, 2>"
+    assert tmaps == [("bfloat16", q.shape, 128), ("bfloat16", k.shape, 128), ("bfloat16", k.shape, 128)]
+    # Hq, Hkv, Hm, Nq, Nk, nQb, idx_stride, S, c_h, causal, n_qtiles; scale * log2(e); n_tasks; sched; dynamic
+    assert [int(x) for x in rest[5:16]] == [Hq, Hkv, Hq, N, N, 6, 6, 128, 1, 1, 6]
+    assert float(rest[16]) == pytest.approx(np.log2(np.e) / np.sqrt(D), rel=1e-6)
+    assert int(rest[17]) == B * Hq * 6 and cfg["grid"] == (48, 1, 1)  # fewer tasks than SMs: one CTA each
+    assert rest[18].shape == (1 + 48,) and not rest[18].any() and int(rest[19]) == 1
+    work = rest[2]
+    if not sort_work:
+        assert work is None
+        return
+    assert sorted(work.tolist()) == list(range(48))
+    lengths = [int(counts[0, (t // 6) % Hq, t % 6]) for t in work.tolist()]
+    assert lengths == sorted(lengths, reverse=True)

@@ -295,36 +295,6 @@ def _launch_param(kernel: Any, cfg: dict[str, Any], tmaps: list[bytes], args: li
 
 
 
-def _work_list(
-    kv_counts: Any, *, batch: int, q_heads: int, heads_per_mask: int, n_qtiles: int, block_size: int
-) -> Any:
-    """CTA tasks ``(b * Hq + h) * n_qtiles + qtile``, longest mask rows first (int32 CuPy);
-    ties in the fixed order (b, qtile descending, h)."""
-    import cupy as cp  # noqa: PLC0415
-
-    qt = cp.arange(n_qtiles, dtype=cp.int64)
-    i = (qt * FA3_BR) // block_size
-    h = cp.arange(q_heads, dtype=cp.int64)
-    counts = kv_counts.astype(cp.int64)[:, h // heads_per_mask][:, :, i]
-    b = cp.arange(batch, dtype=cp.int64)[:, None, None]
-    task = (b * q_heads + h[None, :, None]) * n_qtiles + qt[None, None, :]
-    rank = (b * n_qtiles + (n_qtiles - 1 - qt)[None, None, :]) * q_heads + h[None, :, None]
-    n = batch * q_heads * n_qtiles
-    order = cp.argsort(((-counts) * n + rank).ravel())
-    return task.ravel()[order].astype(cp.int32)
-
-
-def _dtype_name(arr: Any) -> str:
-    import numpy as np  # noqa: PLC0415
-
-    dt = np.dtype(arr.dtype)
-    if dt == np.uint16:
-        return "bfloat16"
-    if dt == np.float16:
-        return "float16"
-    raise TypeError(f"the Hopper kernel takes float16 or uint16 (bfloat16 bits), got {dt}")
-
-
 # ----------------------------------------------------------------------------- entry point
 def fa3_forward(
     q: Any,
@@ -340,7 +310,6 @@ def fa3_forward(
     causal: bool,
     softmax_scale: float | None,
     work: Any = None,
-    sort_work: bool = False,
     stages: int | None = None,
     persistent: bool = True,
     schedule: str = "dynamic",
@@ -350,9 +319,9 @@ def fa3_forward(
 ) -> tuple[Any, Any]:
     """Block-sparse attention forward on a Hopper GPU (SPEC section 6); see the module doc.
 
-    Parameters beyond ``attention_forward``'s: ``work`` (a precomputed int32 work list) or
-    ``sort_work`` (sort CTAs by mask-row length, longest first; the fixed order is already
-    longest-first for causal masks); ``stages`` (K/V ring depth, default per head dim);
+    Called by :func:`unisparse_ref.cupy_backend.attention.attention_forward`, which checks the
+    arguments and builds the optional ``work`` list (int32 tasks, longest mask rows first).
+    Parameters beyond its: ``stages`` (K/V ring depth, default per head dim);
     ``persistent`` (one CTA per SM walking the tasks, default; else one CTA per task);
     ``schedule`` (persistent grid: ``"dynamic"``, CTAs take the next task from an atomic
     counter, default; ``"static"``, CTA c takes tasks c, c + grid, ...);
@@ -362,33 +331,12 @@ def fa3_forward(
     import cupy as cp  # noqa: PLC0415
     import numpy as np  # noqa: PLC0415
 
-    for name, x in (("q", q), ("k", k), ("v", v), ("kv_counts", kv_counts), ("kv_indices", kv_indices)):
-        if not isinstance(x, cp.ndarray):
-            raise TypeError(f"{name} must be a CuPy array, got {type(x)!r}")
-    if q.ndim != 4 or k.ndim != 4 or v.shape != k.shape:
-        raise ValueError(
-            f"q must be [B, Hq, Nq, D] and k, v [B, Hkv, Nk, D]; got {q.shape}, {k.shape}, {v.shape}"
-        )
-    if k.dtype != q.dtype or v.dtype != q.dtype:
-        raise TypeError(f"q, k, v must share a dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
-    B, Hq, Nq, D = (int(s) for s in q.shape)
-    Bk, Hkv, Nk, Dk = (int(s) for s in k.shape)
-    if (Bk, Dk) != (B, D):
-        raise ValueError(f"k {k.shape} must match q {q.shape} in batch and head dim")
-    if (Nq, Nk) != (nq, nk):
-        raise ValueError(f"nq={nq}, nk={nk} do not match the shapes Nq={Nq}, Nk={Nk}")
-    if Nq < 1 or Nk < 1:
-        raise ValueError("Nq and Nk must be >= 1")
-    if Hq % Hkv:
-        raise ValueError(f"Hq={Hq} must be a multiple of Hkv={Hkv}")
-    G = Hq // Hkv
-    if heads_per_mask < 1 or G % heads_per_mask:
-        raise ValueError(f"heads_per_mask={heads_per_mask} must divide the GQA group size G={G}")
-    if causal and Nq > Nk:
-        raise ValueError(f"causal attention needs Nq <= Nk, got Nq={Nq}, Nk={Nk}")
-    if block_size < FA3_BR or block_size & (block_size - 1):
-        raise ValueError(f"the Hopper kernel needs block_size a power of two >= {FA3_BR}, got {block_size}")
-    dtype = _dtype_name(q)
+    # The arguments were checked once, by attention_forward (shapes, dtypes, GQA and mask-head
+    # grouping, the index form's shape, block_size a multiple of 128, a Hopper GPU, the scale),
+    # and arrive C-contiguous: only what is v9's own is looked at here.
+    B, Hq, Nq, D = (int(x) for x in q.shape)
+    Hkv, Nk = int(k.shape[1]), int(k.shape[2])
+    dtype = "bfloat16" if np.dtype(q.dtype) == np.uint16 else "float16"
     cfgd = launch_config(
         batch=B,
         q_heads=Hq,
@@ -403,36 +351,12 @@ def fa3_forward(
     if block_size % cfg.bc:
         raise ValueError(f"block_size {block_size} must be a multiple of Bc={cfg.bc}")
     Hm = Hq // heads_per_mask
-    nqb, nkb = _cdiv(Nq, block_size), _cdiv(Nk, block_size)
-    if kv_counts.shape != (B, Hm, nqb) or kv_indices.ndim != 4 or kv_indices.shape[:3] != (B, Hm, nqb):
-        raise ValueError(
-            f"kv_counts must be [B, Hm, nQb] = {(B, Hm, nqb)} and kv_indices [B, Hm, nQb, W]; "
-            f"got {kv_counts.shape} and {kv_indices.shape}"
-        )
-    if not 1 <= kv_indices.shape[3] <= nkb:
-        raise ValueError(f"kv_indices' last dim must be in [1, nKb={nkb}], got {kv_indices.shape[3]}")
-    if str(cp.cuda.Device().compute_capability) != "90":
-        raise ValueError("the Hopper kernel needs a compute capability 9.0 GPU")
+    nqb = _cdiv(Nq, block_size)
     scale = 1.0 / math.sqrt(D) if softmax_scale is None else float(softmax_scale)
-    if not math.isfinite(scale) or scale <= 0:
-        raise ValueError(f"softmax_scale must be a positive finite float, got {softmax_scale!r}")
-
-    q, k, v = (cp.ascontiguousarray(x) for x in (q, k, v))
-    kv_counts = cp.ascontiguousarray(kv_counts, dtype=cp.int32)
-    kv_indices = cp.ascontiguousarray(kv_indices, dtype=cp.int32)
     if out is None:
         out = cp.empty_like(q)
     if lse is None:
         lse = cp.empty((B, Hq, Nq), dtype=cp.float32)
-    if work is None and sort_work:
-        work = _work_list(
-            kv_counts,
-            batch=B,
-            q_heads=Hq,
-            heads_per_mask=heads_per_mask,
-            n_qtiles=cfgd["n_qtiles"],
-            block_size=block_size,
-        )
 
     tmaps = [
         encode_tensor_map(q, dtype, FA3_BR),

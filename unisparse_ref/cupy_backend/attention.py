@@ -464,9 +464,12 @@ def attention_forward(
     kv_counts = cp.ascontiguousarray(kv_counts, dtype=cp.int32)
     kv_indices = cp.ascontiguousarray(kv_indices, dtype=cp.int32)
     if ver.kind == "fa3":  # its own launcher: tensor maps, persistent grid (launch_config there)
+        if work is None and sort_work:
+            work = _work_list(kv_counts, batch=B, q_heads=Hq, heads_per_mask=heads_per_mask,
+                              n_qtiles=_cdiv(Nq, _hopper.FA3_BR), br=_hopper.FA3_BR, block_size=block_size)
         return _hopper.fa3_forward(q, k, v, kv_counts, kv_indices, nq=Nq, nk=Nk, block_size=block_size,
                                    heads_per_mask=heads_per_mask, causal=causal, softmax_scale=scale,
-                                   work=work, sort_work=sort_work)
+                                   work=work)
     out = cp.empty_like(q)
     lse = cp.empty((B, Hq, Nq), dtype=cp.float32)
 
