@@ -121,61 +121,49 @@ def block_scores(
     config = check_config(config)
     q_c, k_c = _check_composite(q_c, k_c, config, nq, nk)
     if config.sink_tokens > 0 or config.diagonal_correction:
-        return _variant_block_scores(q_c, k_c, config, nq, nk)
-    B, Hm, R, D = q_c.shape
-    Hkv, C = k_c.shape[1], k_c.shape[2]
-    G = Hm * config.c_h // Hkv
-    S = config.block_size
-    scale = config.scale_for(D)
-    nqb, nkb = geometry.num_blocks(nq, S), geometry.num_blocks(nk, S)
-    kv = kv_head_of_mask_head(Hm, config.c_h, G)
-    k_heads = k_c[:, kv]  # [B, Hm, C, D], composite head g reads KV head (g*c_h)//G
+        # Research variants: column j of a composite row also gets log_w[r, j] (-inf: invisible).
+        key_block, log_w = variant_log_weights(config, nq, nk)  # [W], [R, W]
+        return _summed_softmax(q_c, k_c, config, nq, nk, key_block, lambda r0, r1, x: x + log_w[r0:r1])
+    # SPEC: every column is a composite key; invisible ones are left out of the softmax.
+    k_block_of_c = (np.arange(k_c.shape[2]) * config.c_k) // config.block_size
     visible = geometry.composite_visibility(nq, nk, config.c_q, config.c_k, config.causal)
-    q_block_of_r = (np.arange(R) * config.c_q) // S
-    k_block_of_c = (np.arange(C) * config.c_k) // S
-    r_per_block = geometry.composite_counts_per_block(nq, config.c_q, S).astype(np.float64)
-
-    # One-hot [C, nKb] matrix that sums composite columns into key blocks.
-    col_to_block = np.zeros((C, nkb))
-    col_to_block[np.arange(C), k_block_of_c] = 1.0
-
-    scores = np.zeros((B, Hm, nqb, nkb), dtype=np.float64)
-    rows_per_chunk = max(1, _CHUNK_ELEMENTS // max(1, B * Hm * C))
-    for r0 in range(0, R, rows_per_chunk):
-        r1 = min(R, r0 + rows_per_chunk)
-        logits = scale * (q_c[:, :, r0:r1] @ np.swapaxes(k_heads, -1, -2))  # [B, Hm, rows, C]
-        logits = np.where(visible[r0:r1], logits, -np.inf)
-        logits -= logits.max(axis=-1, keepdims=True)  # every row sees composite key 0
-        A = np.exp(logits)
-        A /= A.sum(axis=-1, keepdims=True)
-        per_block = A @ col_to_block  # [B, Hm, rows, nKb]: sum over c in key block j
-        # sum over r in query block i (unbuffered add: several rows share a block)
-        np.add.at(scores, (slice(None), slice(None), q_block_of_r[r0:r1]), per_block)
-    return scores / r_per_block[None, None, :, None]
+    return _summed_softmax(q_c, k_c, config, nq, nk, k_block_of_c,
+                           lambda r0, r1, x: np.where(visible[r0:r1], x, -np.inf))
 
 
-def _variant_block_scores(q_c: np.ndarray, k_c: np.ndarray, config: UniSparseConfig, nq: int, nk: int) -> np.ndarray:
-    """:func:`block_scores` for the research variants: ``A[r, :] = softmax(scale * Qh[r] . K[j]
-    + log_w[r, j])`` over the columns ``j`` (sinks, then composites), summed into blocks."""
+def _summed_softmax(q_c: np.ndarray, k_c: np.ndarray, config: UniSparseConfig, nq: int, nk: int,
+                    key_block: np.ndarray, mask_logits: Any) -> np.ndarray:
+    """The row softmax over the key columns, summed into blocks (the body of :func:`block_scores`).
+
+    ``A[r, :] = softmax(mask_logits(scale * Qh[r] . K[:]))`` over the ``W`` columns of ``k_c``
+    (column ``j`` in key block ``key_block[j]``), then
+    ``scores[i, j] = (1/R_i) * sum(A[r, c] for r in query block i, c in key block j)``.
+    ``mask_logits(r0, r1, logits)`` returns the logits of rows ``[r0, r1)`` with the invisible
+    columns at ``-inf`` (and any additive weights), ``[B, Hm, rows, W]``.
+    """
     B, Hm, R, D = q_c.shape
     Hkv, W = k_c.shape[1], k_c.shape[2]
     G = Hm * config.c_h // Hkv
     S = config.block_size
     scale = config.scale_for(D)
     nqb, nkb = geometry.num_blocks(nq, S), geometry.num_blocks(nk, S)
-    key_block, log_w = variant_log_weights(config, nq, nk)  # [W], [R, W]
-    k_heads = k_c[:, kv_head_of_mask_head(Hm, config.c_h, G)]  # [B, Hm, W, D]
+    k_heads = k_c[:, kv_head_of_mask_head(Hm, config.c_h, G)]  # [B, Hm, W, D]: head g reads KV head (g*c_h)//G
     q_block_of_r = (np.arange(R) * config.c_q) // S
     r_per_block = geometry.composite_counts_per_block(nq, config.c_q, S).astype(np.float64)
+
+    # One-hot [W, nKb] matrix that sums key columns into key blocks.
     col_to_block = np.zeros((W, nkb))
     col_to_block[np.arange(W), key_block] = 1.0
+
     scores = np.zeros((B, Hm, nqb, nkb), dtype=np.float64)
     rows_per_chunk = max(1, _CHUNK_ELEMENTS // max(1, B * Hm * W))
     for r0 in range(0, R, rows_per_chunk):
         r1 = min(R, r0 + rows_per_chunk)
-        logits = scale * (q_c[:, :, r0:r1] @ np.swapaxes(k_heads, -1, -2)) + log_w[r0:r1]  # [B, Hm, rows, W]
-        logits -= logits.max(axis=-1, keepdims=True)  # every row sees key 0 (a sink or composite 0)
+        logits = mask_logits(r0, r1, scale * (q_c[:, :, r0:r1] @ np.swapaxes(k_heads, -1, -2)))  # [B, Hm, rows, W]
+        logits -= logits.max(axis=-1, keepdims=True)  # every row sees key column 0
         A = np.exp(logits)
         A /= A.sum(axis=-1, keepdims=True)
-        np.add.at(scores, (slice(None), slice(None), q_block_of_r[r0:r1]), A @ col_to_block)
+        per_block = A @ col_to_block  # [B, Hm, rows, nKb]: sum over the columns of key block j
+        # sum over r in query block i (unbuffered add: several rows share a block)
+        np.add.at(scores, (slice(None), slice(None), q_block_of_r[r0:r1]), per_block)
     return scores / r_per_block[None, None, :, None]
