@@ -2,13 +2,16 @@
 # Several GPU scripts in one device call, each with its own time limit and its own log folder:
 #   bash scripts/gpu_batch.sh BATCH_FILE
 # BATCH_FILE has one job a line: "NAME | COMMAND | SECONDS" (blank lines and # comments skipped).
-# Each job runs from the repo root with OUT=$OUT/NAME; its output goes to $OUT/NAME/log.txt
+# Each job runs from the repo root with OUT=<work>/NAME; its output goes to <work>/NAME/log.txt
 # (the last 40 lines are also printed). Every job runs; the exit status is non-zero if any failed.
+# At the end everything is packed into $OUT/batch.tgz (the device tool returns at most 8 files)
+# beside $OUT/summary.txt.
 # The lead uses it to run the helpers' scripts (scripts/gpu_*.sh) in one lease.
 set -u
 BATCH=$1
-LOG=${OUT:-gpu_batch_logs}
-mkdir -p "$LOG"
+DEST=${OUT:-gpu_batch_logs}
+LOG=$(mktemp -d /tmp/gpu_batch.XXXX)
+mkdir -p "$DEST"
 status=0
 { date -u; nvidia-smi --query-gpu=name,driver_version --format=csv,noheader 2>/dev/null; \
   echo "commit ${UNISPARSE_COMMIT:-$(git rev-parse HEAD 2>/dev/null || echo unknown)}"; } > "$LOG/summary.txt"
@@ -25,4 +28,6 @@ while IFS='|' read -r name cmd secs; do
   echo "$name exit=$r seconds=$(( $(date +%s) - t0 ))" >> "$LOG/summary.txt"
 done < "$BATCH"
 cat "$LOG/summary.txt"
+cp "$LOG/summary.txt" "$DEST/summary.txt"
+tar czf "$DEST/batch.tgz" -C "$LOG" .
 exit $status
