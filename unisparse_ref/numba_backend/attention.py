@@ -119,8 +119,80 @@ def get_kernel(d: int, br: int, bc: int, tpr: int, dtype: np.dtype):
     return _KERNELS[key]
 
 
+def make_tile_update(D: int, BC: int, TPR: int):
+    """The online-softmax update of ``(m_i, l_i, O_i)`` by one ``Bc``-key tile, a device function.
+
+    Shared by this module's kernel and the packed (varlen/paged) kernel of
+    :mod:`unisparse_ref.numba_backend.varlen`, which differ only in how they address Q, K, V
+    and the mask. On entry ``sQ`` holds ``Q_i`` and ``sK``, ``sV`` the tile ``K_j``, ``V_j``
+    (keys ``kv0 .. kv0 + Bc - 1``); ``live`` says whether this thread's row has work in the
+    tile. Every thread of the block must call it (it has block-wide barriers). Returns the
+    new ``(m_i, l_i)``; ``acc`` (``O_i``) is updated in place, ``s_loc`` is scratch.
+    """
+    CPT = cdiv(BC, TPR)  # tile columns per thread
+    DPT = cdiv(D, TPR)  # output dims per thread
+    D_EXACT = D % TPR == 0  # every d = lane + TPR*kd < D: the guard folds away at compile time
+
+    @cuda.jit(device=True, inline=True)
+    def tile_update(sQ, sK, sV, sP, s_max, s_sum, row, lane, live, kv0, nk, pos, causal, scale,
+                    m_i, l_i, acc, s_loc):
+        # S_ij = scale * Q_i K_j^T for my columns, masked; then my part of rowmax.
+        for kc in range(CPT):
+            s_loc[kc] = float32(0.0)
+        if live:
+            for d in range(D):
+                qd = float32(sQ[row, d])
+                for kc in range(CPT):  # c = lane + TPR*kc < Bc: Bc and TPR are powers of two
+                    s_loc[kc] += qd * float32(sK[lane + TPR * kc, d])
+        m_part = float32(-math.inf)
+        for kc in range(CPT):
+            c = lane + TPR * kc
+            s = kv0 + c  # key position
+            if live and s < nk and (not causal or s <= pos):
+                s_loc[kc] = scale * s_loc[kc]
+            else:
+                s_loc[kc] = float32(-math.inf)
+            m_part = max(m_part, s_loc[kc])
+        s_max[row, lane] = m_part
+        cuda.syncthreads()  # all partial row maxima are written before any row reads them
+
+        m_new = m_i
+        for ln in range(TPR):
+            m_new = max(m_new, s_max[row, ln])
+        # A row that has seen only masked keys keeps m = -inf: shift by 0, not by -inf.
+        shift = m_new if m_new != -math.inf else float32(0.0)
+        alpha = math.exp(m_i - shift)  # exp(m_old - m_new); 0 when m_old = -inf
+        l_part = float32(0.0)
+        for kc in range(CPT):
+            c = lane + TPR * kc
+            p = math.exp(s_loc[kc] - shift)  # masked entries: exp(-inf) = 0
+            l_part += p
+            sP[row, c] = p  # rounded to the input dtype here, before P V
+        s_sum[row, lane] = l_part
+        cuda.syncthreads()  # the P tile and the partial row sums are complete before use
+
+        l_new = float32(0.0)
+        for ln in range(TPR):
+            l_new += s_sum[row, ln]
+        l_i = alpha * l_i + l_new
+        m_i = m_new
+        for kd in range(DPT):
+            acc[kd] *= alpha
+        if live:  # O_i += P_ij V_j (a dead row's P is 0)
+            for c in range(BC):
+                p = float32(sP[row, c])
+                for kd in range(DPT):
+                    d = lane + TPR * kd
+                    if D_EXACT or d < D:
+                        acc[kd] += p * float32(sV[c, d])
+        return m_i, l_i
+
+    return tile_update
+
+
 def _make_kernel(D: int, BR: int, BC: int, TPR: int, storage, itemsize: int):
     """Build the kernel with its tile shapes as compile-time constants."""
+    tile_update = make_tile_update(D, BC, TPR)
     THREADS = BR * TPR
     CPT = cdiv(BC, TPR)  # tile columns per thread
     DPT = cdiv(D, TPR)  # output dims per thread
@@ -193,56 +265,8 @@ def _make_kernel(D: int, BR: int, BC: int, TPR: int, storage, itemsize: int):
 
                 # Row t has work in this tile iff it exists and (causal) the tile's first key is visible.
                 live = t < nq and (not causal or kv0 <= pos)
-
-                # S_ij = scale * Q_i K_j^T for my columns, masked; then my part of rowmax.
-                for kc in range(CPT):
-                    s_loc[kc] = float32(0.0)
-                if live:
-                    for d in range(D):
-                        qd = float32(sQ[row, d])
-                        for kc in range(CPT):  # c = lane + TPR*kc < Bc: Bc and TPR are powers of two
-                            s_loc[kc] += qd * float32(sK[lane + TPR * kc, d])
-                m_part = float32(-math.inf)
-                for kc in range(CPT):
-                    c = lane + TPR * kc
-                    s = kv0 + c  # key position
-                    if live and s < nk and (not causal or s <= pos):
-                        s_loc[kc] = scale * s_loc[kc]
-                    else:
-                        s_loc[kc] = float32(-math.inf)
-                    m_part = max(m_part, s_loc[kc])
-                s_max[row, lane] = m_part
-                cuda.syncthreads()  # all partial row maxima are written before any row reads them
-
-                m_new = m_i
-                for ln in range(TPR):
-                    m_new = max(m_new, s_max[row, ln])
-                # A row that has seen only masked keys keeps m = -inf: shift by 0, not by -inf.
-                shift = m_new if m_new != -math.inf else float32(0.0)
-                alpha = math.exp(m_i - shift)  # exp(m_old - m_new); 0 when m_old = -inf
-                l_part = float32(0.0)
-                for kc in range(CPT):
-                    c = lane + TPR * kc
-                    p = math.exp(s_loc[kc] - shift)  # masked entries: exp(-inf) = 0
-                    l_part += p
-                    sP[row, c] = p  # rounded to the input dtype here, before P V
-                s_sum[row, lane] = l_part
-                cuda.syncthreads()  # the P tile and the partial row sums are complete before use
-
-                l_new = float32(0.0)
-                for ln in range(TPR):
-                    l_new += s_sum[row, ln]
-                l_i = alpha * l_i + l_new
-                m_i = m_new
-                for kd in range(DPT):
-                    acc[kd] *= alpha
-                if live:  # O_i += P_ij V_j (a dead row's P is 0)
-                    for c in range(BC):
-                        p = float32(sP[row, c])
-                        for kd in range(DPT):
-                            d = lane + TPR * kd
-                            if D_EXACT or d < D:
-                                acc[kd] += p * float32(sV[c, d])
+                m_i, l_i = tile_update(sQ, sK, sV, sP, s_max, s_sum, row, lane, live, kv0, nk, pos, causal,
+                                       scale, m_i, l_i, acc, s_loc)
 
         if t < nq:
             if l_i > float32(0.0):

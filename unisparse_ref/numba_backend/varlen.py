@@ -15,9 +15,11 @@ directly, with no per-sequence launch and no repacking copy:
   sequence ``b`` (:func:`unisparse_ref._arrays.check_packed_mask`).
 
 The tile loop is that of ``unisparse_ref.numba_backend.attention`` (one thread block per query tile of ``Br`` rows
-and head ``h``; K/V tiles of ``Bc`` keys in shared memory; the online softmax with float32
-accumulation and ``P`` rounded to the input dtype; the same :func:`~unisparse_ref.numba_backend.attention.choose_tiles`);
-only the addressing differs. Bottom-right causal alignment is per sequence:
+and head ``h``; K/V tiles of ``Bc`` keys in shared memory; the same
+:func:`~unisparse_ref.numba_backend.attention.choose_tiles`), and the update of one tile (the
+online softmax with float32 accumulation and ``P`` rounded to the input dtype) is the same
+device function, :func:`~unisparse_ref.numba_backend.attention.make_tile_update`; only the
+addressing differs. Bottom-right causal alignment is per sequence:
 ``p(t) = t + N_k,b - N_q,b``.
 
 Scheduling: the grid is ``(n_work, Hq)`` over a *work list* built on the host,
@@ -38,7 +40,7 @@ from numpy import float32  # a conversion in kernels; cheaper than numba.float32
 from .._arrays import packed_offsets
 from ..geometry import cdiv
 from ._simulator import simulator_launch
-from .attention import _STORAGE, _jit_with_launch_bounds, choose_tiles
+from .attention import _STORAGE, _jit_with_launch_bounds, choose_tiles, make_tile_update
 
 __all__ = ["attend_varlen", "block_sparse_attention_varlen", "block_sparse_attention_paged", "work_list"]
 
@@ -74,7 +76,12 @@ def get_kernel(d: int, br: int, bc: int, tpr: int, dtype: np.dtype):
 
 
 def _make_kernel(D: int, BR: int, BC: int, TPR: int, storage, itemsize: int):
-    """Build the kernel with its tile shapes as compile-time constants (as ``unisparse_ref.numba_backend.attention`` does)."""
+    """Build the kernel with its tile shapes as compile-time constants (as ``unisparse_ref.numba_backend.attention`` does).
+
+    The update of one K/V tile is that module's :func:`~unisparse_ref.numba_backend.attention.make_tile_update`;
+    only the addressing of Q, K, V, the mask and the output is this kernel's own.
+    """
+    tile_update = make_tile_update(D, BC, TPR)
     THREADS = BR * TPR
     CPT = cdiv(BC, TPR)  # tile columns per thread
     DPT = cdiv(D, TPR)  # output dims per thread
@@ -152,53 +159,8 @@ def _make_kernel(D: int, BR: int, BC: int, TPR: int, storage, itemsize: int):
                 cuda.syncthreads()  # sK, sV (and sQ, on the first tile) are complete before use
 
                 live = t < nq and (not causal or kv0 <= pos)
-                for kc in range(CPT):
-                    s_loc[kc] = float32(0.0)
-                if live:
-                    for d in range(D):
-                        qd = float32(sQ[row, d])
-                        for kc in range(CPT):
-                            s_loc[kc] += qd * float32(sK[lane + TPR * kc, d])
-                m_part = float32(-math.inf)
-                for kc in range(CPT):
-                    c = lane + TPR * kc
-                    s = kv0 + c
-                    if live and s < nk and (not causal or s <= pos):
-                        s_loc[kc] = scale * s_loc[kc]
-                    else:
-                        s_loc[kc] = float32(-math.inf)
-                    m_part = max(m_part, s_loc[kc])
-                s_max[row, lane] = m_part
-                cuda.syncthreads()  # all partial row maxima are written before any row reads them
-
-                m_new = m_i
-                for ln in range(TPR):
-                    m_new = max(m_new, s_max[row, ln])
-                shift = m_new if m_new != -math.inf else float32(0.0)
-                alpha = math.exp(m_i - shift)
-                l_part = float32(0.0)
-                for kc in range(CPT):
-                    c = lane + TPR * kc
-                    p = math.exp(s_loc[kc] - shift)
-                    l_part += p
-                    sP[row, c] = p  # rounded to the input dtype here, before P V
-                s_sum[row, lane] = l_part
-                cuda.syncthreads()  # the P tile and the partial row sums are complete before use
-
-                l_new = float32(0.0)
-                for ln in range(TPR):
-                    l_new += s_sum[row, ln]
-                l_i = alpha * l_i + l_new
-                m_i = m_new
-                for kd in range(DPT):
-                    acc[kd] *= alpha
-                if live:
-                    for c in range(BC):
-                        p = float32(sP[row, c])
-                        for kd in range(DPT):
-                            d = lane + TPR * kd
-                            if D_EXACT or d < D:
-                                acc[kd] += p * float32(sV[c, d])
+                m_i, l_i = tile_update(sQ, sK, sV, sP, s_max, s_sum, row, lane, live, kv0, nk, pos, causal,
+                                       scale, m_i, l_i, acc, s_loc)
 
         if t < nq:
             if l_i > float32(0.0):
