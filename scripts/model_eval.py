@@ -206,6 +206,152 @@ def cmd_accuracy(args: argparse.Namespace) -> None:
         save(args.json, out)
 
 
+# ----------------------------------------------------------------------------- matched density
+#: The per-layer grids of the matched-density study: wide enough that every selector's mean
+#: density brackets UniSparse's at P = 0.9 and 0.95 at 8192 tokens (where densities are lower
+#: than at 4096, so the 4096-token sweeps of SWEEPS do not reach them).
+GRIDS = {
+    "unisparse": ("threshold", THRESHOLDS),
+    "oracle": ("threshold", (0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.99)),
+    "xattention": ("threshold", (0.6, 0.7, 0.8, 0.85, 0.9, 0.95, 0.99)),
+    "flexprefill": ("gamma", (0.3, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.99)),
+    "minference": ("budget", (0.002, 0.005, 0.01, 0.02, 0.05, 0.1)),
+    "sparge": ("cdf_threshold", (0.6, 0.7, 0.8, 0.85, 0.9, 0.95, 0.99)),
+}
+
+
+def _selector_mask(sel: str, q: np.ndarray, k: np.ndarray, v: np.ndarray, value: float,
+                   mass: np.ndarray | None = None) -> us.BlockMask:
+    """One selector's block mask; the oracle on ``mass`` (the true block mass) when given."""
+    param = GRIDS[sel][0]
+    if sel == "oracle":
+        if mass is None:
+            mass = DenseEvaluator(q, k, v, CFG).block_mass()
+        return baselines.oracle(q, k, v, CFG, threshold=value, block_mass=mass)
+    return getattr(baselines, sel)(q, k, v, CFG, **{param: value})
+
+
+def match_param(points: list[tuple[float, float]], target: float) -> tuple[float, bool]:
+    """The parameter whose mean density is ``target``, linear between grid points.
+
+    ``points`` are ``(param, mean density)``; density grows with the parameter for every
+    selector here. Returns ``(param, inside)``; outside the grid's densities the nearest end of
+    the grid, with ``inside = False``.
+    """
+    pts = sorted(points, key=lambda x: x[1])
+    ps, ds = [p for p, _ in pts], [d for _, d in pts]
+    if target <= ds[0]:
+        return ps[0], target == ds[0]
+    if target >= ds[-1]:
+        return ps[-1], target == ds[-1]
+    return float(np.interp(target, ds, ps)), True
+
+
+def _e2e_row(r: object, dense: dict, sel: str, param: float, **extra: object) -> dict:
+    return {"selector": sel, "param": param, "ce": r.cross_entropy,
+            "ce_increase": r.cross_entropy - dense["ce"],
+            "top1_agreement": float((r.top1 == dense["top1"]).mean()),
+            "mean_density": r.mean_density, "layer_density": r.layer_density,
+            "seconds": r.seconds, "attention_seconds": r.attention_seconds, **extra}
+
+
+def cmd_matched(args: argparse.Namespace) -> None:
+    """Baselines at UniSparse's density: per layer (every layer, wide grids) and end to end.
+
+    ``--stage layers``: per text, one dense forward capturing every layer; on each layer's
+    q, k, v every selector of ``GRIDS`` at every grid value (density, recall, relative output
+    error from :class:`DenseEvaluator`); then, per selector and target P, the one parameter whose
+    mean density over the layers equals UniSparse's at P (``matched``). The dense token
+    log-probs and top-1 go to ``dense_<text>.npz`` for the next stage.
+    ``--stage e2e``: each (target P, text, selector) forward with the matched parameter in every
+    layer; CE increase and top-1 agreement against the saved dense run. Every result is saved
+    as it arrives into ``--json``; rows already there are skipped (restartable).
+    """
+    d = Path(args.dir)
+    d.mkdir(parents=True, exist_ok=True)
+    path = d / args.json
+    out = json.loads(path.read_text()) if path.exists() else {"n": args.n, "config": dataclasses.asdict(CFG),
+                                                             "texts": {}}
+    out.setdefault("meta_matched", meta())
+
+    def save_() -> None:
+        path.write_text(json.dumps(out, indent=1, default=float))
+
+    model = SmolLM2.from_package()
+    texts = {"prose": prose_text(), "code": code_text()}
+    if args.stage == "layers":
+        for name in args.texts:
+            ids = model.encode(texts[name])[: args.n]
+            rec = out["texts"].setdefault(name, {})
+            log(f"{name}: dense forward, {len(ids)} tokens, capturing every layer")
+            dense = model.score(ids, capture_layers=range(model.hparams.n_layers))
+            np.savez(d / f"dense_{name}.npz", ids=ids, token_logprobs=dense.token_logprobs, top1=dense.top1)
+            rec["dense"] = {"ce": dense.cross_entropy, "seconds": dense.seconds,
+                            "attention_seconds": dense.attention_seconds}
+            log(f"{name}: dense CE {dense.cross_entropy:.4f} in {dense.seconds:.1f} s")
+            layers = []
+            for i in range(model.hparams.n_layers):
+                t0 = time.perf_counter()
+                q, k, v = dense.captured.pop(i)
+                ev = DenseEvaluator(q, k, v, CFG)
+                mass = ev.block_mass()
+                names, masks = [], []
+                for sel, (_, values) in GRIDS.items():
+                    for val in values:
+                        names.append((sel, val))
+                        masks.append(_selector_mask(sel, q, k, v, val, mass))
+                r = ev.evaluate(masks)
+                layers.append({"layer": i, "results": [
+                    {"selector": s, "param": p, "density": float(m.density), "recall": float(rc),
+                     "rel_error": float(re)}
+                    for (s, p), m, rc, re in zip(names, masks, r["recall"], r["rel_error"], strict=True)]})
+                log(f"{name} layer {i}: {len(masks)} masks in {time.perf_counter() - t0:.1f} s")
+            rec["layers"] = layers
+            rec["matched"] = {}
+            for target in args.targets:
+                u = np.mean([[x["density"] for x in lay["results"]
+                              if x["selector"] == "unisparse" and x["param"] == target][0] for lay in layers])
+                m: dict = {"unisparse_density": float(u)}
+                for sel, (_, values) in GRIDS.items():
+                    if sel == "unisparse":
+                        continue
+                    pts = [(val, float(np.mean([[x["density"] for x in lay["results"]
+                                                 if x["selector"] == sel and x["param"] == val][0]
+                                                for lay in layers]))) for val in values]
+                    p, inside = match_param(pts, float(u))
+                    m[sel] = {"param": p, "inside_grid": inside}
+                rec["matched"][str(target)] = m
+                log(f"{name}: matched to UniSparse P={target} (mean density {u:.3f}): "
+                    + ", ".join(f"{s} {v['param']:.4g}" for s, v in m.items() if s != "unisparse_density"))
+            save_()
+        return
+    # --stage e2e
+    for target in args.targets:
+        for name in args.texts:
+            rec = out["texts"][name]
+            dz = np.load(d / f"dense_{name}.npz")
+            dense = {"ce": rec["dense"]["ce"], "top1": dz["top1"]}
+            ids = dz["ids"]
+            rec.setdefault("e2e_matched", [])
+            for sel in args.selectors:
+                if any(e["selector"] == sel and e["matched_to"] == target for e in rec["e2e_matched"]):
+                    continue
+                mt = rec["matched"][str(target)][sel]
+                val = float(round(mt["param"], 4))
+
+                def fn(q: np.ndarray, k: np.ndarray, v: np.ndarray, sel: str = sel, val: float = val) -> us.BlockMask:
+                    return _selector_mask(sel, q, k, v, val)
+
+                log(f"{name} e2e {sel} {GRIDS[sel][0]}={val} (matched to UniSparse P={target}) ...")
+                r = model.score(ids, attention=fn)
+                row = _e2e_row(r, dense, sel, val, matched_to=target, inside_grid=mt["inside_grid"],
+                               target_density=rec["matched"][str(target)]["unisparse_density"])
+                rec["e2e_matched"].append(row)
+                log(f"{name} e2e {sel} {val}: CE {row['ce_increase']:+.4f}, top-1 {row['top1_agreement']:.4f}, "
+                    f"density {r.mean_density:.3f}, {r.seconds:.0f} s")
+                save_()
+
+
 # ----------------------------------------------------------------------------- passkey
 FILLER = ("The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again. ")
 
@@ -402,11 +548,21 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--thresholds", type=float, nargs="+", default=[0.9])
     p.add_argument("--json", default="passkey.json")
     p.add_argument("--append", action="store_true", help="add to the trials already in --json")
+    p = sub.add_parser("matched", help="baselines at UniSparse's density: per layer, then end to end")
+    p.add_argument("--stage", choices=("layers", "e2e"), required=True)
+    p.add_argument("--n", type=int, default=8192)
+    p.add_argument("--texts", nargs="+", default=["prose", "code"])
+    p.add_argument("--targets", type=float, nargs="+", default=[0.9, 0.95], help="UniSparse's P to match")
+    p.add_argument("--selectors", nargs="+", default=["xattention", "flexprefill", "minference", "sparge"],
+                   choices=[s for s in GRIDS if s != "unisparse"])
+    p.add_argument("--dir", default=str(ROOT / ".model_gpu" / "matched"), help="JSON, dense runs and log")
+    p.add_argument("--json", default="accuracy_8k_matched.json")
     sub.add_parser("report")
     args = ap.parse_args(argv)
     if args.cmd == "accuracy":
         args.e2e_baselines = [(s, k, float(v)) for s, k, v in args.e2e_baselines]
-    {"validate": cmd_validate, "accuracy": cmd_accuracy, "passkey": cmd_passkey, "report": cmd_report}[args.cmd](args)
+    {"validate": cmd_validate, "accuracy": cmd_accuracy, "passkey": cmd_passkey, "matched": cmd_matched,
+     "report": cmd_report}[args.cmd](args)
     return 0
 
 
