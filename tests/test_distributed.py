@@ -315,3 +315,122 @@ def test_scaling_model():
     assert kv < eight.comm_bytes < kv * 1.1
     assert 7.0 < eight.speedup <= 8.0
     assert abs(scaling_model(131072, 1).attention_ms - 29.98) / 29.98 < 0.02  # run 8's 10% at 128K
+
+
+# -- the stage path (backend="cupy" on a GPU): its glue on the CPU, through the reference's stages ---
+
+
+def _stage_cfg(case):
+    B, Hq, Hkv, nq, nk, D, S, cq, ck, ch, causal = CASES[case]
+    # non-causal runs through stage methods need n_local_blocks = 0 (see test_stage_path_refusals)
+    return us.UniSparseConfig(block_size=S, c_q=cq, c_k=ck, c_h=ch, threshold=0.8, causal=causal,
+                              n_local_blocks=1 if causal else 0)
+
+
+@pytest.mark.parametrize("world_size", [1, 2, 3, 4, 8])
+@pytest.mark.parametrize("case", list(CASES))
+def test_stage_path_with_reference_stages_equals_one_device(case, world_size):
+    """backend="numpy": the GPU path's glue (runs in bottom-right form, device-side gathers and
+    scatters, formula bytes with the backend's composite dtype) around the reference's stage
+    methods; as exact as the reference path."""
+    B, Hq, Hkv, nq, nk, D, *_ = CASES[case]
+    q, k, v = _inputs(B, Hq, Hkv, nq, nk, D, seed=world_size)
+    cfg = _stage_cfg(case)
+    timings = []
+    res = simulate_context_parallel(q, k, v, cfg, world_size, backend="numpy", timings=timings)
+    ref = _check(res, q, k, v, cfg)
+    assert ref.block_mask.density < 1.0 or not cfg.causal
+    assert len(timings) == world_size
+    assert all(set(t) == {"pool", "score_select", "pack", "unpack", "attend"} for t in timings)
+
+
+@pytest.mark.parametrize("world_size", [2, 3, 8])
+@pytest.mark.parametrize("case", ["ragged-causal", "gqa-ch2-nq<nk", "non-causal-nq>nk"])
+def test_stage_path_merge_within_spec7(case, world_size):
+    """combine="merge" merges two partial states whose lse the backend gives in float32: the
+    merge carries that rounding (about 6e-8 |lse| relative), so the rule is SPEC 7's float32 one."""
+    from unisparse_ref.tolerance import check_attention, check_lse
+
+    B, Hq, Hkv, nq, nk, D, *_ = CASES[case]
+    q, k, v = _inputs(B, Hq, Hkv, nq, nk, D, seed=world_size)
+    cfg = _stage_cfg(case)
+    res = simulate_context_parallel(q, k, v, cfg, world_size, backend="numpy", combine="merge")
+    ref = us.unisparse_attention(q, k, v, cfg, backend="numpy", return_details=True)
+    assert np.array_equal(res.block_mask.mask, ref.block_mask.mask)
+    chk = check_attention(res.out, ref.out, None, np.float32)
+    assert chk.ok, chk.message()
+    lchk = check_lse(res.lse, ref.lse)
+    assert lchk.ok, lchk.message()
+
+
+def test_stage_path_runs_and_bottom_right_form():
+    """A zigzag rank's runs, and the bottom-right form of each: the same positions, visible and
+    forced blocks and composite visibility as the one-device rows."""
+    from unisparse_ref.distributed.stages import chunks_of
+
+    assert chunks_of(np.array([0, 1, 2, 7, 8, 9])) == [(0, 3, 0), (7, 10, 3)]
+    assert chunks_of(np.array([4])) == [(4, 5, 0)]
+    assert chunks_of(np.array([], dtype=np.int64)) == []
+    for nq, nk, S, cq, ck in [(333, 333, 32, 8, 8), (250, 410, 32, 8, 16), (97, 301, 16, 4, 8)]:
+        plan = make_plan(nq, nk, S, True, 3)
+        vis = geometry.visible_blocks(nq, nk, S, True)
+        forced = geometry.forced_blocks(nq, nk, S, 1, 2, True)
+        cvis = geometry.composite_visibility(nq, nk, cq, ck, True)
+        for r in range(3):
+            for i0, i1, _ in chunks_of(plan.q_blocks(r)):
+                a, b = i0 * S, min(i1 * S, nq)
+                nq_c, nk_c = b - a, nk - nq + b
+                nkb_c, C_c = geometry.num_blocks(nk_c, S), geometry.cdiv(nk_c, ck)
+                assert np.array_equal(geometry.query_positions(nq_c, nk_c), geometry.query_positions(nq, nk)[a:b])
+                assert np.array_equal(geometry.visible_blocks(nq_c, nk_c, S, True), vis[i0:i1, :nkb_c])
+                assert not vis[i0:i1, nkb_c:].any()  # the truncated keys are invisible to the run
+                assert np.array_equal(geometry.forced_blocks(nq_c, nk_c, S, 1, 2, True), forced[i0:i1, :nkb_c])
+                rows = slice(a // cq, geometry.cdiv(b, cq))
+                assert np.array_equal(geometry.composite_visibility(nq_c, nk_c, cq, ck, True), cvis[rows, :C_c])
+                assert not cvis[rows, C_c:].any()
+
+
+def test_stage_path_merge_states_and_bf16_carrier():
+    """The elementwise lse merge against the reference merge (empty rows included), and the
+    device carrier of bf16 (bit patterns, round to nearest even) run on NumPy stand-ins."""
+    from unisparse_ref.distributed.stages import ArrayOps, merge_states
+    from unisparse_ref.reference import NumpyBackend
+    from unisparse_ref.reference.merge import merge_attention_states
+
+    rng = np.random.default_rng(0)
+    oa, ob = rng.standard_normal((2, 3, 5, 4)), rng.standard_normal((2, 3, 5, 4))
+    la, lb = (rng.standard_normal((2, 3, 5)) * 4).astype(np.float32), (rng.standard_normal((2, 3, 5)) * 4).astype(np.float32)
+    la[0, 0, :2] = -np.inf
+    lb[0, 0, 1:3] = -np.inf  # row 1 empty on both sides
+    ops = ArrayOps(NumpyBackend())
+    o, l_ = merge_states(ops, oa, la, ob, lb, np.dtype(np.float64))
+    ro, rl = merge_attention_states(oa, la, ob, lb)
+    assert np.abs(o - ro).max() <= 1e-15 and np.array_equal(l_, rl)
+    assert (o[0, 0, 1] == 0).all() and np.isneginf(l_[0, 0, 1])
+    assert np.array_equal(o[0, 0, 0], ob[0, 0, 0]) and np.array_equal(o[0, 0, 2], oa[0, 0, 2])  # one side empty
+    dev = ArrayOps(NumpyBackend())
+    dev.on_device = True  # the CuPy branches, on NumPy arrays
+    x = rng.standard_normal(1000).astype(np.float32) * 100
+    x[:4] = [1.0 + 2.0**-8, 1.0 + 3 * 2.0**-8, -0.0, 3.0e38]  # ties to even both ways, -0, near max
+    bits = dev.from_float(x, us.BFLOAT16)
+    assert bits.dtype == np.uint16 and np.array_equal(bits.view(us.BFLOAT16), x.astype(us.BFLOAT16))
+    assert np.array_equal(dev.to_float(bits, us.BFLOAT16), x.astype(us.BFLOAT16).astype(np.float32))
+    bad = x.astype(us.BFLOAT16)
+    bad[[3, 7]] = [np.inf, np.nan]
+    assert int(dev.count_nonfinite(bad.view(np.uint16), us.BFLOAT16)) == 2
+
+
+def test_stage_path_refusals():
+    q, k, v = _inputs(1, 2, 1, 64, 64, 8)
+    cfg = us.UniSparseConfig(block_size=16, c_q=4, c_k=4, causal=False)  # n_local_blocks = 1
+    with pytest.raises(ValueError, match="n_local_blocks=0"):
+        simulate_context_parallel(q, k, v, cfg, 2, backend="numpy")
+    cfg = us.UniSparseConfig(block_size=16, c_q=4, c_k=4)
+    q[0, 0, 50, 1] = np.inf
+    plan = make_plan(64, 64, 16, True, 2)
+    shards = [LocalShard(r, q[:, :, plan.q_rows(r)], k[:, :, plan.k_rows(r)], v[:, :, plan.k_rows(r)])
+              for r in range(2)]
+    with pytest.raises(ValueError, match="refused|non-finite"):
+        _run(shards, plan, cfg, backend="numpy")
+    with pytest.raises(ValueError, match="unknown backend"):
+        simulate_context_parallel(k, k, v, cfg, 2, backend="nope")

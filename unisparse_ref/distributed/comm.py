@@ -296,7 +296,7 @@ def run_simulated(fn: Callable[[Communicator], Any], world_size: int, *, timeout
 #: dtypes the NCCL communicator can move, with their header codes.
 _DTYPES: tuple[np.dtype, ...] = tuple(
     np.dtype(d) for d in (np.uint8, np.bool_, np.int32, np.int64, np.float16, np.float32, np.float64)
-) + (np.dtype(BFLOAT16),)
+) + (np.dtype(BFLOAT16), np.dtype(np.uint16))  # uint16: bf16 bit patterns of the CuPy path
 _MAX_DIMS = 8
 _HEADER = 2 + _MAX_DIMS  # dtype code, ndim, shape
 

@@ -47,6 +47,7 @@ import numpy as np
 from .. import geometry
 from .._arrays import as_checked_numpy, check_config, check_head_pooling, check_qkv
 from .._convert import SUPPORTED_DTYPES
+from ..backends import get_backend
 from ..blockmask import BlockMask
 from ..config import UniSparseConfig
 from ..reference.merge import merge_attention_states
@@ -286,18 +287,8 @@ def _needed(mask_rows: np.ndarray, kv_of_g: np.ndarray, Hkv: int) -> np.ndarray:
 
 
 def _check_local(shard: LocalShard, plan: ShardPlan, config: UniSparseConfig, comm: Communicator,
-                 combine: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    if combine not in COMBINES:
-        raise ValueError(f"combine must be one of {COMBINES}, got {combine!r}")
-    if comm.world_size != plan.world_size:
-        raise ValueError(f"the communicator has {comm.world_size} ranks, the plan {plan.world_size}")
-    if comm.rank != shard.rank:
-        raise ValueError(f"shard of rank {shard.rank} given to communicator rank {comm.rank}")
-    if plan.block_size != config.block_size or plan.causal != config.causal:
-        raise ValueError(
-            f"the plan (block_size={plan.block_size}, causal={plan.causal}) does not match the config "
-            f"(block_size={config.block_size}, causal={config.causal})"
-        )
+                 combine: str) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.dtype]:
+    _common_checks(shard, plan, config, comm)
     q, k, v = (as_checked_numpy(n, x) for n, x in (("q", shard.q), ("k", shard.k), ("v", shard.v)))
     for name, x in (("q", q), ("k", k), ("v", v)):
         if x.ndim != 4:
@@ -312,7 +303,61 @@ def _check_local(shard: LocalShard, plan: ShardPlan, config: UniSparseConfig, co
     stand = [x[:, :, :1] if x.shape[2] else np.zeros((*x.shape[:2], 1, x.shape[3]), x.dtype) for x in (q, k, v)]
     check_qkv(*stand, causal=False)
     check_head_pooling(q.shape[1], k.shape[1], config.c_h)
-    return q, k, v
+    return q, k, v, np.dtype(q.dtype)
+
+
+def _common_checks(shard: LocalShard, plan: ShardPlan, config: UniSparseConfig, comm: Communicator) -> None:
+    """The checks of the plan against the communicator and the config (both paths)."""
+    if comm.world_size != plan.world_size:
+        raise ValueError(f"the communicator has {comm.world_size} ranks, the plan {plan.world_size}")
+    if comm.rank != shard.rank:
+        raise ValueError(f"shard of rank {shard.rank} given to communicator rank {comm.rank}")
+    if plan.block_size != config.block_size or plan.causal != config.causal:
+        raise ValueError(
+            f"the plan (block_size={plan.block_size}, causal={plan.causal}) does not match the config "
+            f"(block_size={config.block_size}, causal={config.causal})"
+        )
+
+
+def _exchange_meta(comm: Communicator, plan: ShardPlan, check: Any) -> Any:
+    """Step 1 (meta): run ``check()`` -> ``(q, k, v, dtype)`` and tell every rank how it went.
+
+    Every rank all-gathers 8 int64 (ok, B, Hq, Hkv, D, nq, nk, dtype code) and its refusal
+    message; a rank whose check raised re-raises, every other rank raises ``ValueError`` with
+    the refusing ranks' messages; ranks that disagree on the shapes all raise. Returns what
+    ``check`` returned.
+    """
+    rank, W = comm.rank, comm.world_size
+    err: Exception | None = None
+    got = None
+    meta = np.full(_META, -1, dtype=np.int64)
+    try:
+        got = check()
+        q, k, _, dt = got
+        meta[:] = (1, q.shape[0], q.shape[1], k.shape[1], q.shape[3], plan.nq, plan.nk,
+                   list(SUPPORTED_DTYPES).index(np.dtype(dt)))
+    except (ValueError, TypeError, NotImplementedError) as e:
+        err = e
+        meta[0] = 0
+    record = np.zeros(_META_BYTES, dtype=np.uint8)
+    record[: 8 * _META] = meta.view(np.uint8)
+    text = (f"{type(err).__name__}: {err}" if err is not None else "").encode()[: _META_BYTES - 8 * _META]
+    record[8 * _META : 8 * _META + len(text)] = np.frombuffer(text, dtype=np.uint8)
+    records = comm.all_gather(record, tag="meta")
+    metas = np.stack([np.asarray(rec[: 8 * _META]).view(np.int64) for rec in records])
+    if err is not None:
+        raise err
+    bad = [r for r in range(W) if metas[r, 0] != 1]
+    if bad:
+        why = "; ".join(f"rank {r}: {bytes(records[r][8 * _META:]).rstrip(bytes(1)).decode(errors='replace')}"
+                        for r in bad)
+        raise ValueError(f"rank {rank}: ranks {bad} refused their inputs ({why})")
+    if (metas[:, 1:] != metas[rank, 1:]).any():
+        raise ValueError(
+            "ranks disagree on (B, Hq, Hkv, D, nq, nk, dtype): "
+            + "; ".join(f"rank {r}: {tuple(int(x) for x in metas[r, 1:])}" for r in range(W))
+        )
+    return got
 
 
 def context_parallel_attention(
@@ -322,6 +367,8 @@ def context_parallel_attention(
     comm: Communicator,
     *,
     combine: str = "gather",
+    backend: Any = "reference",
+    timings: dict[str, float] | None = None,
 ) -> RankResult:
     """UniSparse attention of one rank's shard (run on every rank, with the same ``plan``).
 
@@ -339,11 +386,22 @@ def context_parallel_attention(
     combine : str
         ``"gather"`` (default): one softmax over owned + fetched keys; ``"merge"``: two
         partial states merged by lse.
+    backend : str or object
+        ``"reference"`` (default): the float64 reference's own operations on the host.
+        ``"cupy"``: the rank computes on its GPU through the CuPy layer's stage methods
+        (:mod:`~unisparse_ref.distributed.stages`); any other registered name (``"numpy"``:
+        the reference's stage methods, the CPU tests of that glue) or a backend object
+        likewise.
+    timings : dict, optional
+        Stage path only: filled with the seconds of the rank's local steps
+        (:func:`~unisparse_ref.distributed.stages.stage_rank`).
 
     Returns
     -------
     RankResult
-        The rank's rows of ``out``, ``lse``, the block mask and the scores.
+        The rank's rows of ``out``, ``lse``, the block mask and the scores. Reference path:
+        the types below. Stage path: the backend's arrays (on ``"cupy"``: CuPy; ``out`` of
+        the input dtype, ``lse`` float32, ``scores`` and composite tokens float32).
 
     Raises
     ------
@@ -354,36 +412,21 @@ def context_parallel_attention(
         A key block was read that the rank neither owns nor fetched (an internal error).
     """
     config = check_config(config)
+    if combine not in COMBINES:
+        raise ValueError(f"combine must be one of {COMBINES}, got {combine!r}")
+    if backend != "reference":
+        from .stages import stage_rank
+
+        be = get_backend(backend) if isinstance(backend, str) else backend
+        got = stage_rank(shard, plan, config, comm, be, combine=combine, timings=timings,
+                         exchange_meta=lambda c, check: _exchange_meta(c, plan, lambda: _common_checks(
+                             shard, plan, config, c) or check()))
+        return RankResult(comm.rank, got["q_blocks"], got["out"], got["lse"], got["mask"], got["scores"],
+                          got["q_c"], got["k_c"], comm.stats.as_dict())
     rank, W = comm.rank, comm.world_size
 
     # 1. meta: refuse bad shards on every rank together.
-    err: Exception | None = None
-    meta = np.full(_META, -1, dtype=np.int64)
-    try:
-        q, k, v = _check_local(shard, plan, config, comm, combine)
-        meta[:] = (1, q.shape[0], q.shape[1], k.shape[1], q.shape[3], plan.nq, plan.nk,
-                   list(SUPPORTED_DTYPES).index(np.dtype(q.dtype)))
-    except (ValueError, TypeError) as e:
-        err = e
-        meta[0] = 0
-    record = np.zeros(_META_BYTES, dtype=np.uint8)
-    record[: 8 * _META] = meta.view(np.uint8)
-    text = (f"{type(err).__name__}: {err}" if err is not None else "").encode()[: _META_BYTES - 8 * _META]
-    record[8 * _META : 8 * _META + len(text)] = np.frombuffer(text, dtype=np.uint8)
-    records = comm.all_gather(record, tag="meta")
-    metas = np.stack([rec[: 8 * _META].view(np.int64) for rec in records])
-    if err is not None:
-        raise err
-    bad = [r for r in range(W) if metas[r, 0] != 1]
-    if bad:
-        why = "; ".join(f"rank {r}: {bytes(records[r][8 * _META:]).rstrip(bytes(1)).decode(errors='replace')}"
-                        for r in bad)
-        raise ValueError(f"rank {rank}: ranks {bad} refused their inputs ({why})")
-    if (metas[:, 1:] != metas[rank, 1:]).any():
-        raise ValueError(
-            "ranks disagree on (B, Hq, Hkv, D, nq, nk, dtype): "
-            + "; ".join(f"rank {r}: {tuple(int(x) for x in metas[r, 1:])}" for r in range(W))
-        )
+    q, k, v, _ = _exchange_meta(comm, plan, lambda: _check_local(shard, plan, config, comm, combine))
 
     B, Hq, _, D = q.shape
     Hkv = k.shape[1]
@@ -495,11 +538,30 @@ def context_parallel_attention(
 def shard_inputs(q: Any, k: Any, v: Any, plan: ShardPlan) -> list[LocalShard]:
     """Cut global ``q [B, Hq, Nq, D]``, ``k``, ``v [B, Hkv, Nk, D]`` into the plan's shards.
 
+    Host arrays are checked (dtype, finiteness) and cut on the host; CuPy arrays (or
+    ``BFloat16Array``) are cut on their GPU (shapes checked; the values are checked by the
+    ranks), and the shards are CuPy arrays (bf16 as the CuPy layer returns it).
+
     Returns
     -------
     list of LocalShard
         One per rank: ``q[:, :, plan.q_rows(r)]`` and ``k``, ``v[:, :, plan.k_rows(r)]`` (copies).
     """
+    if any(type(x).__module__.split(".")[0] == "cupy" or type(x).__name__ == "BFloat16Array" for x in (q, k, v)):
+        from .stages import ArrayOps
+
+        ops = ArrayOps("cupy")
+        (qr, dt), (kr, dk), (vr, dv) = (ops.raw(x) for x in (q, k, v))
+        if not dt == dk == dv:
+            raise TypeError(f"q, k, v must share a dtype, got {dt}, {dk}, {dv}")
+        _, _, _, nq, nk, _ = check_qkv(qr, kr, vr, causal=plan.causal, shape_only=True)
+        if (nq, nk) != (plan.nq, plan.nk):
+            raise ValueError(f"the inputs have nq={nq}, nk={nk}; the plan was made for nq={plan.nq}, nk={plan.nk}")
+        return [
+            LocalShard(r, ops.wrap(qr[:, :, ops.index(plan.q_rows(r))], dt),
+                       ops.wrap(kr[:, :, ops.index(plan.k_rows(r))], dt), ops.wrap(vr[:, :, ops.index(plan.k_rows(r))], dt))
+            for r in range(plan.world_size)
+        ]
     q, k, v = as_checked_numpy("q", q), as_checked_numpy("k", k), as_checked_numpy("v", v)
     _, _, _, nq, nk, _ = check_qkv(q, k, v, causal=plan.causal)
     if (nq, nk) != (plan.nq, plan.nk):
@@ -528,21 +590,36 @@ def assemble(results: Sequence[RankResult], plan: ShardPlan, config: UniSparseCo
     if len(results) != plan.world_size:
         raise ValueError(f"need {plan.world_size} rank results, got {len(results)}")
     r0 = results[0]
+    on_device = type(r0.lse).__module__.split(".")[0] == "cupy"
+    if on_device:  # the stage path on CuPy: assemble on the GPU
+        from .stages import ArrayOps
+
+        ops = ArrayOps("cupy")
+        xp, ix = ops.xp, ops.index
+    else:
+        ops, xp, ix = None, np, (lambda a: a)
+
+    def raw(x: Any) -> Any:
+        return ops.raw(x) if ops is not None else (np.asarray(x), np.dtype(np.asarray(x).dtype))
+
+    out0, dt = raw(r0.out)
     B, Hq, _, D = r0.out.shape
     Hm, nkb = r0.mask.shape[1], plan.nkb
     R = geometry.cdiv(plan.nq, config.c_q)
-    out = np.zeros((B, Hq, plan.nq, D))
-    lse = np.zeros((B, Hq, plan.nq), dtype=np.float32)
-    mask = np.zeros((B, Hm, plan.nqb, nkb), dtype=bool)
-    scores = np.zeros((B, Hm, plan.nqb, nkb))
-    q_c = np.zeros((B, Hm, R, D))
+    out = xp.zeros((B, Hq, plan.nq, D), dtype=out0.dtype)
+    lse = xp.zeros((B, Hq, plan.nq), dtype=np.float32)
+    mask = xp.zeros((B, Hm, plan.nqb, nkb), dtype=bool)
+    scores = xp.zeros((B, Hm, plan.nqb, nkb), dtype=r0.scores.dtype)
+    q_c = xp.zeros((B, Hm, R, D), dtype=r0.q_c.dtype)
     for r, res in enumerate(results):
-        rows = plan.q_rows(r)
-        out[:, :, rows], lse[:, :, rows] = res.out, res.lse
-        mask[:, :, res.q_blocks], scores[:, :, res.q_blocks] = res.mask, res.scores
-        q_c[:, :, _composite_index(res.q_blocks, plan.nq, config.c_q, plan.block_size)] = res.q_c
+        rows, qb = ix(plan.q_rows(r)), ix(res.q_blocks)
+        out[:, :, rows] = raw(res.out)[0]
+        lse[:, :, rows] = res.lse
+        mask[:, :, qb], scores[:, :, qb] = res.mask, res.scores
+        q_c[:, :, ix(_composite_index(res.q_blocks, plan.nq, config.c_q, plan.block_size))] = res.q_c
     bm = BlockMask(mask, plan.block_size, config.c_h, plan.nq, plan.nk, plan.causal)
-    return DistributedResult(out, lse, bm, scores, q_c, r0.k_c, plan, [res.stats for res in results])
+    out_w = ops.wrap(out, dt) if ops is not None else out
+    return DistributedResult(out_w, lse, bm, scores, q_c, r0.k_c, plan, [res.stats for res in results])
 
 
 def simulate_context_parallel(
@@ -554,6 +631,8 @@ def simulate_context_parallel(
     *,
     strategy: str = "zigzag",
     combine: str = "gather",
+    backend: Any = "reference",
+    timings: list[dict[str, float]] | None = None,
     timeout_s: float = 120.0,
 ) -> DistributedResult:
     """Shard ``q``, ``k``, ``v``, run every rank as a thread (:class:`~unisparse_ref.distributed.comm.SimulatedComm`), assemble.
@@ -569,6 +648,11 @@ def simulate_context_parallel(
         ``"zigzag"`` (default) or ``"contiguous"``.
     combine : str
         ``"gather"`` (default) or ``"merge"``.
+    backend : str or object
+        ``"reference"`` (default), ``"cupy"`` (all ranks on the one GPU, in turn), ``"numpy"``
+        or a backend object: see :func:`context_parallel_attention`.
+    timings : list, optional
+        Stage path: one dict per rank is appended, its local steps' seconds.
     timeout_s : float
 
     Returns
@@ -578,15 +662,22 @@ def simulate_context_parallel(
         return_details=True)``, plus the plan and the bytes every rank moved.
     """
     config = check_config(config)
-    q, k, v = as_checked_numpy("q", q), as_checked_numpy("k", k), as_checked_numpy("v", v)
-    _, Hq, Hkv, nq, nk, _ = check_qkv(q, k, v, causal=config.causal)
+    on_device = any(type(x).__module__.split(".")[0] == "cupy" or type(x).__name__ == "BFloat16Array"
+                    for x in (q, k, v))
+    if not on_device:
+        q, k, v = as_checked_numpy("q", q), as_checked_numpy("k", k), as_checked_numpy("v", v)
+    _, Hq, Hkv, nq, nk, _ = check_qkv(q, k, k, causal=config.causal, shape_only=on_device)
     check_head_pooling(Hq, Hkv, config.c_h)
     plan = make_plan(nq, nk, config.block_size, config.causal, world_size, strategy)
     shards = shard_inputs(q, k, v, plan)
+    per_rank: list[dict[str, float]] = [{} for _ in range(world_size)]
     results = run_simulated(
-        lambda comm: context_parallel_attention(shards[comm.rank], plan, config, comm, combine=combine),
+        lambda comm: context_parallel_attention(shards[comm.rank], plan, config, comm, combine=combine,
+                                                backend=backend, timings=per_rank[comm.rank]),
         world_size, timeout_s=timeout_s,
     )
+    if timings is not None:
+        timings.extend(per_rank)
     return assemble(results, plan, config)
 
 
@@ -619,19 +710,23 @@ def expected_bytes(
     Parameters
     ----------
     plan : ShardPlan
-    mask : bool array, shape ``[B, Hm, nQb, nKb]``
-        The block mask (the one-device mask; the distributed one equals it).
+    mask : bool array or BlockMask, shape ``[B, Hm, nQb, nKb]``
+        The block mask the ranks used (NumPy or CuPy).
     kv_heads, head_dim, kv_itemsize, c_k, heads_per_mask : int
         ``Hkv``, ``D``, bytes per element of K/V, ``c_k``, ``c_h``.
     composite_itemsize : int
-        Bytes per element of the composite keys (8: the reference sends float64).
+        Bytes per element of the composite keys (8: the reference sends float64; 4: the CuPy
+        stage path sends float32).
 
     Returns
     -------
     list of dict
         Per rank ``{"sent": {tag: bytes}, "recv": {tag: bytes}}``.
     """
-    m = np.asarray(mask, dtype=bool)
+    m = mask.mask if isinstance(mask, BlockMask) else mask
+    on_device = type(m).__module__.split(".")[0] == "cupy"  # reduce a GPU mask on its GPU
+    if not on_device:
+        m = np.asarray(m, dtype=bool)
     B, Hm, _, nkb = m.shape
     W, S, nk = plan.world_size, plan.block_size, plan.nk
     Hq = Hm * heads_per_mask
@@ -643,7 +738,13 @@ def expected_bytes(
     # need[r, b, h, j]
     need = np.zeros((W, B, kv_heads, nkb), dtype=bool)
     for r in range(W):
-        rows = m[:, :, plan.q_owner == r].any(axis=2)  # [B, Hm, nKb]
+        idx = np.flatnonzero(plan.q_owner == r)
+        if on_device:
+            import cupy
+
+            rows = m[:, :, cupy.asarray(idx)].any(axis=2).get()  # [B, Hm, nKb]
+        else:
+            rows = m[:, :, idx].any(axis=2)
         for h in range(kv_heads):
             need[r, :, h] = rows[:, kv_of_g == h].any(axis=1)
     owner = plan.k_owner
