@@ -166,26 +166,34 @@ def check_config(config: Any) -> UniSparseConfig:
     return config
 
 
-def check_spec_variants(config: Any, layer: str) -> None:
+def check_spec_variants(config: Any, layer: str, supported: tuple[str, ...] | frozenset[str] = ()) -> None:
     """Refuse a config that sets a research variant the layer ``layer`` does not implement.
 
     The options ``threshold_mode``, ``sink_tokens`` and ``diagonal_correction`` of
-    :class:`~unisparse_ref.UniSparseConfig` exist in the NumPy reference only; the GPU layers
-    call this at the start of their scoring, selection and pipeline entry points so that a
-    variant is never silently ignored. ``None`` (the default config) passes.
+    :class:`~unisparse_ref.UniSparseConfig` (the *Calibration* page) run in the NumPy reference
+    and the Numba layer; a layer that implements only some of them calls this at the start of
+    its scoring, selection and pipeline entry points, naming the ones it implements in
+    ``supported``, so that a variant is never silently ignored. ``None`` (the default config)
+    passes.
 
     Raises
     ------
     NotImplementedError
-        Naming the option(s) and the layer.
+        Naming the option(s) set and not supported, and the layer.
     """
     if config is None or not isinstance(config, UniSparseConfig):
         return
-    variants = config.spec_variants()
-    if variants:
+    unsupported = []
+    if config.threshold_mode != "total" and "threshold_mode" not in supported:
+        unsupported.append(f"threshold_mode={config.threshold_mode!r}")
+    if config.sink_tokens != 0 and "sink_tokens" not in supported:
+        unsupported.append(f"sink_tokens={config.sink_tokens}")
+    if config.diagonal_correction and "diagonal_correction" not in supported:
+        unsupported.append("diagonal_correction=True")
+    if unsupported:
         raise NotImplementedError(
-            f"{layer}: the research option(s) {', '.join(variants)} of UniSparseConfig are implemented "
-            "in the NumPy reference only (backend='numpy'); this layer computes the SPEC default"
+            f"{layer}: the research option(s) {', '.join(unsupported)} of UniSparseConfig are not implemented "
+            "in this layer (they are in the NumPy reference, backend='numpy', and the numba backend)"
         )
 
 

@@ -37,6 +37,12 @@ Precision: pooling, scoring and selection in float64, like the reference (``scor
 1e-9``: only the summation order differs; selection on identical scores gives the
 reference's mask); attention with float32 accumulation and probabilities rounded to the
 input dtype (float16 or float32). bfloat16 and float64 inputs raise ``TypeError``.
+
+The research variants of :class:`~unisparse_ref.UniSparseConfig` (``threshold_mode``,
+``sink_tokens``, ``diagonal_correction``; the *Calibration* page) run here as in the reference:
+``compress`` returns ``k_c [B, Hkv, t + C, D]`` with ``sink_tokens = t > 0``, ``block_scores``
+adds the variants' log-weights to the logits, ``select_blocks`` applies ``P`` to the remaining
+mass.
 """
 
 from __future__ import annotations
@@ -58,7 +64,6 @@ from .._arrays import (
     check_qkv,
     check_scores,
     check_scores_shape,
-    check_spec_variants,
     check_varlen_qkv,
     dtype_name,
     to_numpy,
@@ -68,6 +73,13 @@ from ..config import UniSparseConfig
 from ..errors import BackendUnavailable
 
 __all__ = ["NumbaBackend", "make_backend"]
+
+
+class _Shape:
+    """A stand-in with only ``.shape``: the shape checks of :mod:`unisparse_ref._arrays` look at nothing else."""
+
+    def __init__(self, shape: tuple[int, ...]) -> None:
+        self.shape = tuple(int(s) for s in shape)
 
 
 class NumbaBackend:
@@ -127,7 +139,8 @@ class NumbaBackend:
 
     # ------------------------------------------------------------------ stage 1
     def compress(self, q: Any, k: Any, config: UniSparseConfig) -> tuple[Any, Any]:
-        """Composite tokens: ``q_c`` float64 ``[B, Hq/c_h, R, D]``, ``k_c`` float64 ``[B, Hkv, C, D]``."""
+        """Composite tokens: ``q_c`` float64 ``[B, Hq/c_h, R, D]``, ``k_c`` float64 ``[B, Hkv, C, D]``
+        (``[B, Hkv, t + C, D]`` with the research option ``sink_tokens = t > 0``)."""
         config = check_config(config)
         dq, dk, _, (_, Hq, Hkv, _, _, _) = self._qkv(q, k, k, config.causal)
         check_head_pooling(Hq, Hkv, config.c_h)
@@ -135,17 +148,27 @@ class NumbaBackend:
 
     # ------------------------------------------------------------------ stage 2
     def block_scores(self, q_c: Any, k_c: Any, config: UniSparseConfig, nq: int, nk: int) -> Any:
-        """Block scores, float64 device array ``[B, Hm, nQb, nKb]`` (rows sum to 1)."""
+        """Block scores, float64 device array ``[B, Hm, nQb, nKb]`` (rows sum to 1).
+
+        With ``config.sink_tokens = t > 0``, ``k_c`` is ``[B, Hkv, t + C, D]`` as :meth:`compress`
+        returns it.
+        """
         config = check_config(config)
-        check_spec_variants(config, "numba backend block_scores")
-        check_composite_shapes(q_c, k_c, config, nq, nk)
+        t = config.sink_tokens
+        if t > 0:  # research variant: t un-pooled sink keys in front of the C composite keys
+            if not hasattr(k_c, "shape") or len(k_c.shape) != 4 or int(k_c.shape[2]) <= t:
+                raise ValueError(f"with sink_tokens={t}, k_c must be [B, Hkv, {t} + C, D]; "
+                                 f"got {getattr(k_c, 'shape', type(k_c))}")
+            check_composite_shapes(q_c, _Shape(tuple(k_c.shape[:2]) + (int(k_c.shape[2]) - t, k_c.shape[3])),
+                                   config, nq, nk)
+        else:
+            check_composite_shapes(q_c, k_c, config, nq, nk)
         return self._scores.block_scores(self._device_float64(q_c), self._device_float64(k_c), config, nq, nk)
 
     # ------------------------------------------------------------------ stage 3
     def select_blocks(self, scores: Any, config: UniSparseConfig, nq: int, nk: int) -> BlockMask:
         """Top-P selection on the device; a :class:`BlockMask` with a NumPy ``mask``."""
         config = check_config(config)
-        check_spec_variants(config, "numba backend select_blocks")
         s = check_scores(scores)  # on the host: small ([B, Hm, nQb, nKb]); checks finite, >= 0
         check_scores_shape(s.shape, config, nq, nk)
         return self._selection.select_blocks(s, config, nq, nk)

@@ -18,6 +18,12 @@ row ``(b, g, i)`` of the scores ``[B, Hm, nQb, nKb]``:
    the mask is identical to the reference's. ``P = 1`` (``keep_all``) keeps every visible
    block, whatever the rounding of the sums.
 
+   Research variant ``threshold_mode="remaining"`` (``remaining``; not SPEC): ``P`` applies to
+   the mass outside the forced blocks. Thread 0 also adds the row's visible mass ``T`` (all
+   visible blocks, ascending ``j``), sets ``target = P * (T - m_F)`` and takes candidates while
+   their running mass (from 0, in rank order) is ``< target``: the reference's sums in the
+   reference's order again.
+
 Deterministic: each output is written by one thread, in a fixed order.
 """
 
@@ -43,8 +49,11 @@ def selection_geometry(B: int, Hm: int, nqb: int) -> tuple[tuple[int, int, int],
 
 
 @cuda.jit
-def select_kernel(scores, visible, forced, P, keep_all, order, mask):
-    """``mask[b, g, i, :]`` (uint8) from float64 ``scores``; ``visible``/``forced`` uint8 ``[nQb, nKb]``."""
+def select_kernel(scores, visible, forced, P, keep_all, remaining, order, mask):
+    """``mask[b, g, i, :]`` (uint8) from float64 ``scores``; ``visible``/``forced`` uint8 ``[nQb, nKb]``.
+
+    ``remaining``: the research option ``threshold_mode="remaining"`` (else SPEC's total mass).
+    """
     i = cuda.blockIdx.x
     g = cuda.blockIdx.y
     b = cuda.blockIdx.z
@@ -70,27 +79,35 @@ def select_kernel(scores, visible, forced, P, keep_all, order, mask):
 
     # Phase 2: the cumulative walk to P, sequential and in float64.
     if tid == 0 and not keep_all:
-        m = float64(0.0)
+        m = float64(0.0)  # m_F: the forced mass, ascending j
         n_cand = 0
         for j in range(nkb):
             if forced[i, j] != 0:
                 m += scores[b, g, i, j]
             elif visible[i, j] != 0:
                 n_cand += 1
+        target = P
+        if remaining:
+            total = float64(0.0)  # T: the row's visible mass, ascending j
+            for j in range(nkb):
+                if visible[i, j] != 0:
+                    total += scores[b, g, i, j]
+            target = P * (total - m)
+            m = float64(0.0)  # the candidates' running mass starts from 0
         for k in range(n_cand):
-            if m >= P:  # "while m < P": the block that carried m past P is already kept
+            if m >= target:  # "while m < target": the block that carried m past it is already kept
                 break
             j = order[b, g, i, k]
             mask[b, g, i, j] = 1
             m += scores[b, g, i, j]
 
 
-def select(scores, visible, forced, threshold: float):
+def select(scores, visible, forced, threshold: float, remaining: bool = False):
     """Launch ``select_kernel`` on host arrays; ``(mask uint8, order int32)`` device arrays.
 
     ``scores`` float64 ``[B, Hm, nQb, nKb]``; ``visible``, ``forced`` uint8 ``[nQb, nKb]``;
-    ``threshold`` is ``P``. ``order[b, g, i, :n]`` lists the ``n`` candidates of row
-    ``(b, g, i)`` by rank (the rest of the row is unwritten); ``P >= 1`` keeps every visible
+    ``threshold`` is ``P``; ``remaining`` the research option ``threshold_mode="remaining"``.
+    ``order[b, g, i, :n]`` lists the ``n`` candidates of row ``(b, g, i)`` by rank (the rest of the row is unwritten); ``P >= 1`` keeps every visible
     block and ranks nothing.
     """
     order = cuda.device_array(scores.shape, dtype=np.int32)
@@ -101,7 +118,7 @@ def select(scores, visible, forced, threshold: float):
     with simulator_launch():
         select_kernel[grid, block](
             cuda.to_device(np.ascontiguousarray(scores)), cuda.to_device(visible), cuda.to_device(forced), P, P >= 1.0,
-            order, mask
+            bool(remaining), order, mask
         )
     return mask, order
 
@@ -115,5 +132,5 @@ def select_blocks(scores: np.ndarray, config: UniSparseConfig, nq: int, nk: int)
     S = config.block_size
     visible = visible_blocks(nq, nk, S, config.causal).astype(np.uint8)
     forced = forced_blocks(nq, nk, S, config.n_sink_blocks, config.n_local_blocks, config.causal).astype(np.uint8)
-    mask, _ = select(scores, visible, forced, config.threshold)
+    mask, _ = select(scores, visible, forced, config.threshold, config.threshold_mode == "remaining")
     return BlockMask(mask.copy_to_host().astype(bool), S, config.c_h, nq, nk, config.causal)
