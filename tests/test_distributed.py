@@ -434,3 +434,112 @@ def test_stage_path_refusals():
         _run(shards, plan, cfg, backend="numpy")
     with pytest.raises(ValueError, match="unknown backend"):
         simulate_context_parallel(k, k, v, cfg, 2, backend="nope")
+
+
+def _fake_cupy():
+    """A NumPy-backed stand-in for the CuPy calls of the stage path (arrays of a subclass whose
+    module is "cupy"; any other ``cupy.X`` is NumPy's, its array results viewed as that class)."""
+    import types
+
+    fake = types.ModuleType("cupy")
+
+    class ndarray(np.ndarray):
+        def get(self):
+            return np.array(self.view(np.ndarray))
+
+    ndarray.__module__ = "cupy"
+
+    def dev(x):
+        return x.view(ndarray) if isinstance(x, np.ndarray) else x
+
+    def asarray(x, dtype=None):
+        return np.array(np.asarray(x), dtype=dtype, copy=True, order="C").view(ndarray)
+
+    def attr(name):
+        fn = getattr(np, name)
+        return (lambda *a, **k: dev(fn(*a, **k))) if callable(fn) and not isinstance(fn, type) else fn
+
+    fake.ndarray, fake.asarray = ndarray, asarray
+    fake.__getattr__ = attr
+    stream = types.SimpleNamespace(synchronize=lambda: None)
+    fake.cuda = types.SimpleNamespace(get_current_stream=lambda: stream)
+    return fake
+
+
+class _FakeCupyBackend:
+    """The reference's stages with the CuPy backend's array conventions (named "cupy"): float32
+    composite tokens and scores, outputs of the input dtype (bf16 through ``as_bfloat16``)."""
+
+    name = "cupy"
+    supported_dtypes = (np.dtype(np.float16), us.BFLOAT16, np.dtype(np.float32))
+    score_eps = 1e-6
+
+    def __init__(self, cp):
+        from unisparse_ref.reference import NumpyBackend
+
+        self.cp, self.ref = cp, NumpyBackend()
+
+    def _host(self, x):
+        from unisparse_ref.cupy_backend import BFloat16Array
+
+        assert type(x).__module__ == "cupy" or isinstance(x, BFloat16Array), type(x)
+        return us.to_numpy(x)
+
+    def compress(self, q, k, cfg):
+        q_c, k_c = self.ref.compress(self._host(q), self._host(k), cfg)
+        return self.cp.asarray(q_c, np.float32), self.cp.asarray(k_c, np.float32)
+
+    def block_scores(self, q_c, k_c, cfg, nq, nk):
+        assert q_c.dtype == k_c.dtype == np.float32
+        return self.cp.asarray(self.ref.block_scores(self._host(q_c), self._host(k_c), cfg, nq, nk), np.float32)
+
+    def select_blocks(self, scores, cfg, nq, nk):
+        bm = self.ref.select_blocks(self._host(scores), cfg, nq, nk)
+        return us.BlockMask(self.cp.asarray(bm.mask), bm.block_size, bm.heads_per_mask, nq, nk, bm.causal)
+
+    def block_sparse_attention(self, q, k, v, bm, cfg):
+        from unisparse_ref.cupy_backend import as_bfloat16
+
+        host = [self._host(x) for x in (q, k, v)]
+        hbm = us.BlockMask(self._host(bm.mask), bm.block_size, bm.heads_per_mask, bm.nq, bm.nk, bm.causal)
+        dt = host[0].dtype
+        out, lse = self.ref.block_sparse_attention(*host, hbm, cfg)
+        out = out.astype(dt)
+        if dt == us.BFLOAT16:
+            return as_bfloat16(self.cp.asarray(out.view(np.uint16))), self.cp.asarray(lse)
+        return self.cp.asarray(out), self.cp.asarray(lse)
+
+
+@pytest.mark.parametrize("dtype", [us.BFLOAT16, np.float16])
+@pytest.mark.parametrize("combine", ["gather", "merge"])
+def test_stage_path_cupy_glue_on_a_numpy_stand_in(monkeypatch, dtype, combine):
+    """The CuPy branches of the stage path (bf16 carried as uint16 bits, shards cut and results
+    assembled on the "device", byte counts with float32 composite keys and 2-byte K/V) on a
+    stand-in CuPy made of NumPy, around the reference's stages (the kernels need a GPU)."""
+    import sys
+
+    from unisparse_ref.cupy_backend import _device
+    from unisparse_ref.tolerance import check_attention, check_lse
+
+    fake = _fake_cupy()
+    monkeypatch.setitem(sys.modules, "cupy", fake)
+    monkeypatch.setattr(_device, "_BF16_NATIVE", None)
+    be = _FakeCupyBackend(fake)
+    q, k, v = _inputs(2, 8, 2, 250, 410, 16, seed=5, dtype=dtype)
+    cfg = us.UniSparseConfig(block_size=32, c_q=8, c_k=16, c_h=2, threshold=0.8)
+    qd, kd, vd = (fake.asarray(x) for x in (q, k, v))
+    res = simulate_context_parallel(qd, kd, vd, cfg, 3, backend=be, combine=combine)
+    assert type(res.lse).__module__ == "cupy" and type(res.block_mask.mask).__module__ == "cupy"
+    assert np.dtype(res.out.dtype) == np.dtype(dtype)
+    ref = us.unisparse_attention(q, k, v, cfg, backend="numpy", return_details=True)
+    assert np.array_equal(us.to_numpy(res.block_mask.mask), ref.block_mask.mask)
+    lp, lse_lp = us.reference.block_sparse_attention(q, k, v, ref.block_mask, cfg, precision=dtype)
+    chk = check_attention(us.to_numpy(res.out), ref.out, lp, dtype)
+    assert chk.ok, chk.message()
+    lchk = check_lse(us.to_numpy(res.lse), ref.lse, lse_lp)
+    assert lchk.ok, lchk.message()
+    exp = expected_bytes(res.plan, res.block_mask.mask, kv_heads=2, head_dim=16, kv_itemsize=2, c_k=cfg.c_k,
+                         heads_per_mask=cfg.c_h, composite_itemsize=4)
+    for r, (got, want) in enumerate(zip(res.stats, exp, strict=True)):
+        for way in ("sent", "recv"):
+            assert {t: got[way].get(t, 0) for t in TAGS} == want[way], (r, way)

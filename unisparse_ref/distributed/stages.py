@@ -104,14 +104,14 @@ class ArrayOps:
 
         if isinstance(x, BFloat16Array):
             return x.data, BFLOAT16
-        if isinstance(x, np.ndarray):
-            dt = np.dtype(x.dtype)
-            return xp.asarray(np.ascontiguousarray(x).view(np.uint16) if dt == BFLOAT16 else x), dt
         if isinstance(x, xp.ndarray):
             dt = np.dtype(x.dtype)
             if dt == np.uint16:
                 raise TypeError("a uint16 CuPy array: pass bf16 bit patterns through cupy_backend.as_bfloat16")
             return (x.view(xp.uint16), dt) if dt == BFLOAT16 else (x, dt)
+        if isinstance(x, np.ndarray):
+            dt = np.dtype(x.dtype)
+            return xp.asarray(np.ascontiguousarray(x).view(np.uint16) if dt == BFLOAT16 else x), dt
         raise TypeError(f"backend 'cupy' takes CuPy or NumPy arrays (or BFloat16Array), got {type(x).__name__}")
 
     def wrap(self, raw: Any, dt: np.dtype) -> Any:
@@ -187,7 +187,7 @@ def merge_states(ops: ArrayOps, out_a: Any, lse_a: Any, out_b: Any, lse_b: Any, 
     wdt = oa.dtype
     la, lb = lse_a.astype(wdt), lse_b.astype(wdt)
     hi, lo = xp.maximum(la, lb), xp.minimum(la, lb)
-    empty = xp.isneginf(hi)
+    empty = hi == -np.inf
     w = xp.where(empty, 0.0, xp.exp(lo - xp.where(empty, 0.0, hi))).astype(wdt)
     a_hi = (la >= lb)[..., None]
     o_hi, o_lo = xp.where(a_hi, oa, ob), xp.where(a_hi, ob, oa)
