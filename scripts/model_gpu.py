@@ -1,25 +1,37 @@
-"""SmolLM2's real attention on the GPU: dense against UniSparse (cupy backend) and SDPA.
+"""SmolLM2's real attention on the GPU: the whole prefill through the cupy backend, and the
+captured attention, dense against UniSparse (cupy backend) and SDPA.
 
-Three steps; the first on the CPU (where the model is installed), the others on the GPU machine::
+The model is installed on the CPU machine; the GPU machine gets what it needs as carried files
+(64 MiB per call with the tree, no internet there)::
 
-    # 1. CPU: capture q, k, v (float16) of a few layers of an 8192-token prefill, plus the
-    #    dense token log-probs of the CPU forward, into .model_gpu/qkv.npz (about 32 MB).
+    # CPU: the dense NumPy forward of the 8192-token prose text; q, k, v (float16) of a few
+    # layers and the CPU's token log-probs into .model_gpu/qkv.npz (about 32 MB)
     python scripts/model_gpu.py capture --n 8192 --layers 3 20
-    #    (optional, for step 3) split the GGUF into two parts under 64 MiB, and fetch the gguf
-    #    and tokenizers wheels (see the device notes) into .whl/
-    python scripts/model_gpu.py split
+    # CPU: the GGUF (98 MB) in --parts parts under .model_gpu/part<j>/ (31 MiB each for 3), the
+    # last with a manifest (size, SHA-256), ids.npz (the tokens and the CPU's log-probs, from
+    # qkv.npz) and the wheels the GPU machine lacks (gguf, tokenizers, pyyaml: see --wheels)
+    python scripts/model_gpu.py split --parts 3
     echo /.model_gpu/ >> .git/info/exclude
 
-    # 2. GPU (carry .model_gpu): time dense, UniSparse at several P, and SDPA when torch exists
+    # GPU, captured attention only (carry .model_gpu/qkv.npz): time dense, UniSparse at each P
+    # and SDPA (when PyTorch is there), each checked against the float64 reference first
     python scripts/model_gpu.py time --out $OUT
 
-    # 3. GPU, optional (two calls on a warm machine: carry .model_gpu/part0 in the first and
-    #    .model_gpu/part1 in the second, which keeps the first): the whole prefill on CuPy arrays,
-    #    dense and UniSparse, the attention's share, and the token log-probs against the CPU's.
-    python scripts/model_gpu.py forward --out $OUT
+    # GPU, the whole prefill (back-to-back calls on one warm machine, which keeps ignored files
+    # between calls: carry .model_gpu/part0, then part1, then part2 with this command)
+    pip install --no-index --no-deps --target /tmp/msite .model_gpu/part2/wheels/*.whl
+    PYTHONPATH=/tmp/msite:$PYTHONPATH python scripts/model_gpu.py forward --out $OUT/model
 
-Every result is written as JSON (and printed). Timings: CUDA events around each call, after
-warm-up runs (the first call compiles the kernels), the median of ``--repeats``.
+``forward`` joins the parts (refusing a missing or corrupt part), runs the 8192-token prefill
+on CuPy arrays (cuBLAS matmuls, our kernels for every attention call): dense in float32 (the
+scalar kernel) and with ``attention_dtype=float16`` (the tensor-core kernels), UniSparse at each
+P in float16; per run the median wall time of ``--repeats`` prefills, the attention's share,
+the cross-entropy, the top-1 agreement with dense, and for dense the largest token log-prob
+difference to the CPU's NumPy forward. Then it times the attention of the layers it captured
+itself (as ``time`` does, without carrying q, k, v).
+
+Every result is written as JSON (and printed). Timings of single attention calls: CUDA events
+after warm-up runs (the first call compiles the kernels), the median of ``--repeats``.
 """
 
 from __future__ import annotations
@@ -65,17 +77,51 @@ def cmd_capture(args: argparse.Namespace) -> None:
     log(f"wrote {DIR / 'qkv.npz'} ({(DIR / 'qkv.npz').stat().st_size / 2**20:.1f} MiB)")
 
 
+def _sha256(data: bytes) -> str:
+    import hashlib
+
+    return hashlib.sha256(data).hexdigest()
+
+
 def cmd_split(args: argparse.Namespace) -> None:
     from unisparse_ref.models import find_smollm2_gguf
 
-    data = find_smollm2_gguf().read_bytes()
-    DIR.mkdir(exist_ok=True)
-    half = len(data) // 2
-    for j, part in enumerate((data[:half], data[half:])):
-        d = DIR / f"part{j}"
-        d.mkdir(exist_ok=True)
-        (d / "model.gguf.part").write_bytes(part)
-    log(f"wrote {DIR}/part0 and part1 ({half / 2**20:.1f} MiB each); carry one per call")
+    src = find_smollm2_gguf()
+    data = src.read_bytes()
+    d = Path(args.dir)
+    n = args.parts
+    size = -(-len(data) // n)
+    for j in range(n):
+        pd = d / f"part{j}"
+        pd.mkdir(parents=True, exist_ok=True)
+        for old in pd.glob("model.gguf.part*"):
+            old.unlink()
+        (pd / "model.gguf.part").write_bytes(data[j * size : (j + 1) * size])
+    last = d / f"part{n - 1}"
+    (last / "model.gguf.json").write_text(json.dumps(
+        {"file": src.name, "size": len(data), "sha256": _sha256(data), "parts": n,
+         "part_sha256": [_sha256(data[j * size : (j + 1) * size]) for j in range(n)]}, indent=1))
+    qkv = d / "qkv.npz"
+    if not qkv.exists():
+        raise SystemExit(f"{qkv} is missing: run `python scripts/model_gpu.py capture` first (the tokens and "
+                         "the CPU's log-probs come from it)")
+    z = np.load(qkv)
+    np.savez(last / "ids.npz", ids=z["ids"], token_logprobs=z["token_logprobs"])
+    wheels = sorted(Path(args.wheels).glob("*.whl")) if args.wheels else []
+    if wheels:
+        (last / "wheels").mkdir(exist_ok=True)
+        for w in wheels:
+            (last / "wheels" / w.name).write_bytes(w.read_bytes())
+    else:
+        log(f"no wheels in {args.wheels!r}: the GPU machine needs gguf, tokenizers and pyyaml for Python 3.12; "
+            "pip download --no-deps --only-binary=:all: --python-version 3.12 --platform manylinux_2_28_x86_64 "
+            "--platform manylinux_2_17_x86_64 -d .model_gpu/wheels gguf tokenizers pyyaml")
+    for j in range(n):
+        mib = sum(f.stat().st_size for f in (d / f"part{j}").rglob("*") if f.is_file()) / 2**20
+        log(f"{d / f'part{j}'}: {mib:.1f} MiB")
+        if mib > args.max_mib:
+            raise SystemExit(f"part{j} holds {mib:.1f} MiB, more than --max-mib {args.max_mib}: use more --parts")
+    log(f"carry one part per call, part{n - 1} (with the manifest, ids.npz and the wheels) in the last")
 
 
 def _timer(cp: object, fn: object, repeats: int, warmup: int = 2) -> float:
@@ -95,12 +141,23 @@ def _timer(cp: object, fn: object, repeats: int, warmup: int = 2) -> float:
 
 
 def cmd_time(args: argparse.Namespace) -> None:
+    data = np.load(Path(args.dir) / "qkv.npz")
+    layers = {i: tuple(data[f"{x}{i}"] for x in "qkv") for i in data["layers"].tolist()}
+    refused = _time_layers(layers, Path(args.out), args.repeats)
+    if refused:
+        sys.exit(1)
+
+
+def _time_layers(layers: dict, out_dir: Path, repeats: int) -> list[str]:
+    """Time the attention of ``layers`` (``{i: (q, k, v)}``, float16 NumPy): our dense, the
+    UniSparse pipeline at each P, SDPA; every contender checked against the float64 reference
+    first (a wrong one is refused, not timed). Writes ``model_gpu_time.json``; returns the refusals.
+    """
     import cupy as cp
 
     import unisparse_ref as us
 
     be = us.get_backend("cupy")
-    data = np.load(DIR / "qkv.npz")
     out: dict = {"device": cp.cuda.runtime.getDeviceProperties(0)["name"].decode(), "layers": []}
     try:
         import torch
@@ -120,15 +177,15 @@ def cmd_time(args: argparse.Namespace) -> None:
             refused.append(f"layer {i} {name}: {chk.message()}")
         return chk.ok
 
-    for i in data["layers"].tolist():
-        q, k, v = (cp.asarray(data[f"{x}{i}"]) for x in "qkv")
+    for i, arrays in layers.items():
+        q, k, v = (cp.asarray(x) for x in arrays)
         B, Hq, N = (int(x) for x in q.shape[:3])
         rec: dict = {"layer": i, "shape_q": list(q.shape), "shape_k": list(k.shape), "dtype": str(q.dtype)}
         vis = geometry.visible_blocks(N, N, 128, True)
         dense_mask = np.broadcast_to(vis, (B, Hq, *vis.shape))
         d_out, _ = be.dense_attention(q, k, v, True, None)
         if checked("dense", d_out, dense_mask, rec):
-            rec["dense_ms"] = _timer(cp, lambda q=q, k=k, v=v: be.dense_attention(q, k, v, True, None), args.repeats)
+            rec["dense_ms"] = _timer(cp, lambda q=q, k=k, v=v: be.dense_attention(q, k, v, True, None), repeats)
         dn = float(cp.linalg.norm(d_out.astype(cp.float32)))
         rec["unisparse"] = []
         for p in THRESHOLDS:
@@ -138,7 +195,7 @@ def cmd_time(args: argparse.Namespace) -> None:
                 continue
             err = float(cp.linalg.norm(r.out.astype(cp.float32) - d_out.astype(cp.float32))) / dn
             ms = _timer(cp, lambda q=q, k=k, v=v, cfg=cfg: us.unisparse_attention(q, k, v, cfg, backend=be),
-                        args.repeats)
+                        repeats)
             rec["unisparse"].append({"P": p, "ms": ms, "density": float(r.block_mask.density), "rel_error": err,
                                      "speedup_vs_dense": rec["dense_ms"] / ms if "dense_ms" in rec else None})
         if torch is not None and torch.cuda.is_available():
@@ -154,17 +211,52 @@ def cmd_time(args: argparse.Namespace) -> None:
                             return F.scaled_dot_product_attention(tq, tk, tv, is_causal=True)
 
                     if checked(name, run(), dense_mask, rec):
-                        rec[f"{name}_ms"] = _timer(cp, run, args.repeats)
+                        rec[f"{name}_ms"] = _timer(cp, run, repeats)
                 except RuntimeError as e:  # a backend that does not take this shape
                     rec[f"{name}_error"] = str(e).splitlines()[0][:200]
         out["layers"].append(rec)
         log(json.dumps(rec))
     out["refused"] = refused
-    Path(args.out).mkdir(parents=True, exist_ok=True)
-    (Path(args.out) / "model_gpu_time.json").write_text(json.dumps(out, indent=1))
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "model_gpu_time.json").write_text(json.dumps(out, indent=1))
     if refused:
         log("refused (wrong results, not timed):", *refused)
-        sys.exit(1)
+    return refused
+
+
+def _find_parts(dirs: list[Path]) -> tuple[Path, dict]:
+    """The first of ``dirs`` holding a manifest; the parts checked against it."""
+    for d in dirs:
+        man = sorted(d.glob("part*/model.gguf.json"))
+        if man:
+            return d, json.loads(man[0].read_text())
+    raise SystemExit("no .model_gpu/part<j>/model.gguf.json in " + ", ".join(map(str, dirs))
+                     + ": carry the part written by `model_gpu.py split` that holds the manifest")
+
+
+def _join_gguf(d: Path, man: dict) -> Path:
+    """``d/model.gguf`` from the parts, each checked (count, SHA-256) before it is used."""
+    path = d / "model.gguf"
+    if path.exists() and path.stat().st_size == man["size"] and _sha256(path.read_bytes()) == man["sha256"]:
+        return path
+    missing, bad, chunks = [], [], []
+    for j in range(man["parts"]):
+        f = d / f"part{j}" / "model.gguf.part"
+        if not f.exists():
+            missing.append(str(f))
+            continue
+        b = f.read_bytes()
+        if _sha256(b) != man["part_sha256"][j]:
+            bad.append(str(f))
+        chunks.append(b)
+    if missing or bad:
+        raise SystemExit(f"cannot join the GGUF: missing {missing or 'none'}, corrupt {bad or 'none'} "
+                         "(each part is carried by its own call on the same warm machine)")
+    data = b"".join(chunks)
+    if _sha256(data) != man["sha256"]:
+        raise SystemExit("the joined GGUF's SHA-256 differs from the manifest's")
+    path.write_bytes(data)
+    return path
 
 
 def cmd_forward(args: argparse.Namespace) -> None:
@@ -173,27 +265,75 @@ def cmd_forward(args: argparse.Namespace) -> None:
     import unisparse_ref as us
     from unisparse_ref.models import SmolLM2
 
-    gguf_path = DIR / "model.gguf"
-    if not gguf_path.exists():
-        parts = [DIR / f"part{j}" / "model.gguf.part" for j in (0, 1)]
-        gguf_path.write_bytes(b"".join(p.read_bytes() for p in parts))
+    d, man = _find_parts([Path(args.dir), ROOT / ".model_gpu", Path.cwd() / ".model_gpu",
+                          ROOT.parent / ".model_gpu"])
+    t0 = time.perf_counter()
+    gguf_path = _join_gguf(d, man)
     model = SmolLM2.from_package(gguf_path)
-    data = np.load(DIR / "qkv.npz")
-    ids = data["ids"]
-    out: dict = {"n_tokens": int(len(ids)), "runs": []}
-    for name, att in [("dense", None)] + [(f"unisparse P={p}", us.UniSparseConfig(threshold=p))
-                                           for p in THRESHOLDS]:
-        model.score(ids[:512], attention=att, backend="cupy")  # warm-up: kernels compiled, weights on device
-        cp.cuda.get_current_stream().synchronize()
-        r = model.score(ids, attention=att, backend="cupy")
-        rec = {"attention": name, "seconds": r.seconds, "attention_seconds": r.attention_seconds,
-               "ce": r.cross_entropy, "mean_density": r.mean_density}
+    log(f"model from {gguf_path} ({man['size'] / 2**20:.1f} MiB, SHA-256 checked) in {time.perf_counter() - t0:.1f} s")
+    z = np.load(sorted(d.glob("part*/ids.npz"))[0])
+    n = len(z["ids"]) if args.n is None else args.n
+    ids, cpu_lp = z["ids"][:n], z["token_logprobs"][: n - 1]
+    cpu_ce = float(-cpu_lp.mean())
+    props = cp.cuda.runtime.getDeviceProperties(0)
+    out: dict = {"device": props["name"].decode(), "cupy": cp.__version__, "numpy": np.__version__,
+                 "n_tokens": int(len(ids)), "cpu_dense_ce": cpu_ce, "repeats": args.repeats,
+                 "config": {"block_size": 128, "c_q": 16, "c_k": 16}, "runs": []}
+    runs = [("dense", None, None), ("dense", None, "float16")]
+    runs += [(f"unisparse P={p}", us.UniSparseConfig(block_size=128, c_q=16, c_k=16, threshold=p), "float16")
+             for p in THRESHOLDS]
+    runs += [("unisparse P=0.9", us.UniSparseConfig(block_size=128, c_q=16, c_k=16, threshold=0.9), None)]
+    dense_ref: dict = {}
+    captured: dict = {}
+    failed: list[str] = []
+    for name, att, dt in runs:
+        label = f"{name} ({dt or 'float32'} attention)"
+        try:
+            tw = time.perf_counter()
+            model.score(ids[: min(1024, n)], attention=att, backend="cupy", attention_dtype=dt)  # compiles the kernels
+            cp.cuda.get_current_stream().synchronize()
+            warm = time.perf_counter() - tw
+            res = []
+            for rep in range(args.repeats):
+                cap = args.time_layers if (att is None and dt is None and rep == 0) else ()
+                res.append(model.score(ids, attention=att, backend="cupy", attention_dtype=dt, capture_layers=cap))
+                if cap:
+                    captured = res[-1].captured
+        except Exception as e:  # noqa: BLE001 - recorded and reported, the other runs go on
+            failed.append(f"{label}: {type(e).__name__}: {e}")
+            log("FAILED", failed[-1])
+            continue
+        r = res[0]
+        secs = sorted(x.seconds for x in res)
+        att_secs = sorted(x.attention_seconds for x in res)
+        rec = {"attention": name, "attention_dtype": dt or "float32", "seconds": secs[len(secs) // 2],
+               "seconds_all": [x.seconds for x in res], "attention_seconds": att_secs[len(att_secs) // 2],
+               "warmup_seconds_1024_tokens": warm, "ce": r.cross_entropy, "mean_density": r.mean_density,
+               "layer_density": r.layer_density,
+               "repeat_max_logprob_diff": max(float(np.abs(x.token_logprobs - r.token_logprobs).max()) for x in res)}
+        rec["attention_share"] = rec["attention_seconds"] / rec["seconds"]
+        rec["max_logprob_diff_vs_cpu_dense"] = float(np.abs(r.token_logprobs - cpu_lp).max())
+        rec["ce_minus_cpu_dense"] = r.cross_entropy - cpu_ce
         if att is None:
-            rec["max_logprob_diff_vs_cpu"] = float(np.abs(r.token_logprobs - data["token_logprobs"]).max())
+            dense_ref[rec["attention_dtype"]] = r
+        ref = dense_ref.get(rec["attention_dtype"])
+        if ref is not None:
+            rec["ce_increase_vs_gpu_dense"] = r.cross_entropy - ref.cross_entropy
+            rec["top1_agreement_vs_gpu_dense"] = float((r.top1 == ref.top1).mean())
         out["runs"].append(rec)
-        log(json.dumps(rec))
-    Path(args.out).mkdir(parents=True, exist_ok=True)
-    (Path(args.out) / "model_gpu_forward.json").write_text(json.dumps(out, indent=1))
+        log(json.dumps({k: v for k, v in rec.items() if k not in ("layer_density", "seconds_all")}))
+    out["failed"] = failed
+    o = Path(args.out)
+    o.mkdir(parents=True, exist_ok=True)
+    (o / "model_gpu_forward.json").write_text(json.dumps(out, indent=1))
+    log("wrote", o / "model_gpu_forward.json")
+    refused: list[str] = []
+    if captured:
+        # the attention of the captured layers alone (the `time` step, on this run's own q, k, v)
+        refused = _time_layers({i: tuple(x.astype(np.float16) for x in qkv) for i, qkv in captured.items()},
+                               o, args.repeats_layers)
+    if failed or refused or "float32" not in dense_ref:
+        sys.exit(1)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -202,11 +342,23 @@ def main(argv: list[str] | None = None) -> int:
     p = sub.add_parser("capture")
     p.add_argument("--n", type=int, default=8192)
     p.add_argument("--layers", type=int, nargs="+", default=[3, 20])
-    sub.add_parser("split")
-    for name in ("time", "forward"):
-        p = sub.add_parser(name)
-        p.add_argument("--out", default=str(DIR / "results"))
-        p.add_argument("--repeats", type=int, default=10)
+    p = sub.add_parser("split")
+    p.add_argument("--dir", default=str(DIR))
+    p.add_argument("--parts", type=int, default=3)
+    p.add_argument("--max-mib", type=float, default=45.0, help="refuse a part above this size")
+    p.add_argument("--wheels", default=str(DIR / "wheels"), help="folder of wheels for the GPU machine")
+    p = sub.add_parser("time")
+    p.add_argument("--dir", default=str(DIR))
+    p.add_argument("--out", default=str(DIR / "results"))
+    p.add_argument("--repeats", type=int, default=10)
+    p = sub.add_parser("forward")
+    p.add_argument("--dir", default=str(DIR), help="where the parts are (also looked for next to the tree)")
+    p.add_argument("--out", default=str(DIR / "results"))
+    p.add_argument("--repeats", type=int, default=3, help="timed prefills per run (median)")
+    p.add_argument("--n", type=int, default=None, help="the first N tokens only (default: all, 8192)")
+    p.add_argument("--time-layers", type=int, nargs="*", default=[3, 20],
+                   help="layers whose captured attention is then timed alone (none: skip)")
+    p.add_argument("--repeats-layers", type=int, default=10)
     args = ap.parse_args(argv)
     {"capture": cmd_capture, "split": cmd_split, "time": cmd_time, "forward": cmd_forward}[args.cmd](args)
     return 0

@@ -336,6 +336,25 @@ def test_tiny_attention_plugins(tiny):
 
 
 @needs_readers
+def test_tiny_attention_dtype_casts_only_the_attention_inputs(tiny):
+    ids = np.arange(60) * 11 % tiny.hparams.vocab_size
+    seen = []
+
+    def att(q, k, v):
+        seen.append((q.dtype, k.dtype, v.dtype))
+        return causal_attention(q, k, v)
+
+    half = tiny.score(ids, attention=att, attention_dtype="float16", capture_layers=(0,))
+    assert seen == [(np.float16,) * 3] * 2
+    assert all(a.dtype == np.float32 for a in half.captured[0])  # captured before the cast
+    # the same as casting inside the callable: the cast is the only change
+    cast = tiny.score(ids, attention=lambda q, k, v: att(q.astype(np.float16), k.astype(np.float16),
+                                                         v.astype(np.float16)))
+    np.testing.assert_array_equal(half.token_logprobs, cast.token_logprobs)
+    assert not np.array_equal(half.token_logprobs, tiny.score(ids, attention=att).token_logprobs)
+
+
+@needs_readers
 def test_tiny_generate_is_greedy(tiny):
     ids = np.array([10, 20, 30, 40])
     new = tiny.generate(ids, 6, stop_ids=())

@@ -290,6 +290,7 @@ class SmolLM2:
         attention: AttentionSpec = None,
         backend: str | Any = "numpy",
         capture_layers: Sequence[int] = (),
+        attention_dtype: Any = None,
     ) -> ScoreResult:
         """One prefill over ``ids``; the log-probability of every actual next token.
 
@@ -302,7 +303,13 @@ class SmolLM2:
             The backend of every attention call (``"numpy"``, ``"numba"``, ``"cupy"``); with
             ``"cupy"`` the whole forward holds CuPy arrays.
         capture_layers : sequence of int
-            Layers whose attention inputs to return in ``result.captured``.
+            Layers whose attention inputs to return in ``result.captured`` (float32, before any
+            ``attention_dtype`` cast).
+        attention_dtype : dtype, optional
+            Cast ``q, k, v`` to this dtype for every attention call, the output back to float32
+            (default: none, float32 throughout). ``"float16"`` on the cupy backend runs the
+            tensor-core kernels, as a real fp16 prefill would; its float32 inputs go to the
+            scalar kernel.
 
         Returns
         -------
@@ -310,7 +317,8 @@ class SmolLM2:
         """
         ids = self._check_ids(ids, min_len=2)
         t0 = time.perf_counter()
-        h, _, captured, density, t_att = self._forward(ids, attention, backend, capture_layers, False)
+        h, _, captured, density, t_att = self._forward(ids, attention, backend, capture_layers, False,
+                                                       attention_dtype)
         logprobs, top1 = self._next_token_logprobs(h[:-1], ids[1:])
         return ScoreResult(logprobs, top1, captured, density, time.perf_counter() - t0, t_att)
 
@@ -404,7 +412,7 @@ class SmolLM2:
         return be, xp, self._weights[key]
 
     def _forward(self, ids: np.ndarray, attention: AttentionSpec, backend: str | Any,
-                 capture_layers: Sequence[int], keep_cache: bool
+                 capture_layers: Sequence[int], keep_cache: bool, attention_dtype: Any = None
                  ) -> tuple[Any, _KVCache | None, dict, list, float]:
         """Final normed hidden states ``[N, d]``, the KV cache (if asked), captures, densities."""
         hp = self.hparams
@@ -432,6 +440,8 @@ class SmolLM2:
                 captured[i] = (to_numpy(q).copy(), to_numpy(k).copy(), to_numpy(v).copy())
             if cache is not None:
                 cache.set_prefix(i, k[0], v[0])
+            if attention_dtype is not None:
+                q, k, v = (a.astype(attention_dtype) for a in (q, k, v))
             t1 = time.perf_counter()
             o, dens = attend(q, k, v, i)
             if xp is not np:

@@ -1,0 +1,56 @@
+#!/bin/bash
+# SmolLM2-135M's whole 8192-token prefill on the GPU through the cupy backend (issue 14), in
+# back-to-back calls on one warm machine: the GGUF (98 MB) is more than one call carries with the
+# tree (64 MiB), so `python scripts/model_gpu.py split` wrote it in parts under .model_gpu/part<j>
+# (31 MiB each; the last part also holds the manifest, the tokens with the CPU's log-probs, and
+# the gguf / tokenizers / pyyaml wheels the GPU machine lacks). The machine keeps ignored files
+# between calls, so:
+#
+#   call 1, carry .model_gpu/part0:  bash scripts/gpu_model.sh check part0
+#   call 2, carry .model_gpu/part1:  bash scripts/gpu_model.sh check part1
+#   call 3, carry .model_gpu/part2:  bash scripts/gpu_model.sh forward
+#
+# `forward` joins the parts (each SHA-256 checked; a missing part stops it with a message),
+# installs the wheels into /tmp/msite, runs `scripts/model_gpu.py forward` (dense and UniSparse
+# prefills, the attention's share, log-probs against the CPU's, then the captured layers' attention
+# timed alone, every contender checked against the float64 reference first) and writes
+# model_gpu_forward.json and model_gpu_time.json to $OUT/model/. Exit status non-zero on failure.
+# Runs from the repository root of a tree (a clean `git archive` one or the working tree); the
+# parts are looked for in that tree's .model_gpu/, in $PWD/.model_gpu/ and one level up.
+set -u
+here=$(cd "$(dirname "$0")/.." && pwd)
+D=""
+for c in "$here/.model_gpu" "$PWD/.model_gpu" "$here/../.model_gpu"; do
+    if ls "$c"/part*/model.gguf.part >/dev/null 2>&1; then D=$(cd "$c" && pwd); break; fi
+done
+if [ -z "$D" ]; then
+    echo "no .model_gpu/part*/model.gguf.part next to $here or in $PWD: carry .model_gpu/part<j>" >&2
+    exit 1
+fi
+echo "parts in $D:"
+ls -l "$D"/part*/model.gguf.part
+case "${1:-}" in
+check)
+    part=${2:?which part}
+    [ -f "$D/$part/model.gguf.part" ] || { echo "$part has not arrived" >&2; exit 1; }
+    echo "$part: $(stat -c %s "$D/$part/model.gguf.part") bytes, kept for the next call"
+    ;;
+forward)
+    wheels=$(ls "$D"/part*/wheels/*.whl 2>/dev/null)
+    if [ -n "$wheels" ]; then
+        python3 -m pip install -q --no-index --no-deps --target /tmp/msite $wheels || exit 1
+    fi
+    export PYTHONPATH=/tmp/msite${PYTHONPATH:+:$PYTHONPATH}:$here
+    out=${OUT:-/tmp/out}/model
+    mkdir -p "$out"
+    python3 "$here/scripts/model_gpu.py" forward --dir "$D" --out "$out" > /tmp/gpu_model.log 2>&1
+    rc=$?
+    tail -n 40 /tmp/gpu_model.log
+    echo "gpu_model.sh forward: exit $rc"
+    exit $rc
+    ;;
+*)
+    echo "usage: bash scripts/gpu_model.sh check part<j> | forward" >&2
+    exit 2
+    ;;
+esac
