@@ -1,10 +1,14 @@
 """Stage 3 on the GPU: top-P block selection (SPEC 5) with ``raw_kernels/selection.cu``.
 
-``us_select_topp<float|double>``: one thread block per mask row ``(b, g, i)``; the candidate
-blocks are sorted by score (bitonic sort in shared memory, ties by lower block index), then one
-thread walks them in float64 in the reference's order of additions, so the mask equals the
-reference's bit for bit on the same scores. It can also write FlexAttention's index form
-(``kv_counts``, ascending ``kv_indices`` padded with -1), which the attention reads.
+``us_select_topp<float|double>``: one thread block per mask row ``(b, g, i)``, whatever
+``nKb``; the visible candidate blocks are sorted by score in shared memory (bitonic sort of
+64-bit keys, ties by lower block index), the running masses are a block-wide float64 scan, and
+a row whose decisive mass lies within a rounding bound of the threshold is walked again by one
+thread in the reference's order of additions: the mask equals the reference's bit for bit on
+the same scores (the head of ``selection.cu`` gives the argument). Both threshold modes:
+``"total"`` (SPEC) and ``"remaining"`` (issue 15's research variant). It can also write
+FlexAttention's index form (``kv_counts``, ascending ``kv_indices`` padded with -1), which the
+attention reads.
 ``us_mask_to_indices`` writes that index form for any bool mask (a user's BlockMask).
 
 Here: the instantiations (:data:`INSTANTIATIONS`, NVRTC options :data:`OPTIONS`), the launch
@@ -23,12 +27,15 @@ from . import _loader
 from ._device import cupy_module, i32
 from ._loader import KernelSpec
 
-__all__ = ["FILE", "INSTANTIATIONS", "MASK_TO_INDICES", "OPTIONS", "THREADS", "launch_config",
+__all__ = ["FILE", "INSTANTIATIONS", "MASK_TO_INDICES", "OPTIONS", "THREADS", "THRESHOLD_MODES", "launch_config",
            "launch_mask_to_indices", "launch_select", "mask_to_indices_config", "select_spec"]
 
 FILE = "selection.cu"
-#: Threads per block (``US_SEL_THREADS`` in selection.cu).
+#: Most threads per block (``US_SEL_THREADS`` in selection.cu); :func:`launch_config` uses
+#: fewer for short rows.
 THREADS = 256
+#: ``UniSparseConfig.threshold_mode`` -> the kernel's ``threshold_mode`` argument.
+THRESHOLD_MODES: dict[str, int] = {"total": 0, "remaining": 1}
 #: NVRTC options of every instantiation of this stage (the one place they are written).
 OPTIONS: tuple[str, ...] = (f"-DUS_SEL_THREADS={THREADS}",)
 
@@ -43,25 +50,36 @@ MASK_TO_INDICES = KernelSpec(FILE, "us_mask_to_indices", OPTIONS)
 INSTANTIATIONS: list[KernelSpec] = [select_spec("float"), select_spec("double"), MASK_TO_INDICES]
 
 
-def launch_config(rows: int, nkb: int, score_itemsize: int) -> dict[str, Any]:
-    """``us_select_topp``: one block of ``THREADS`` per mask row; shared memory for the sort.
+def _threads(np2: int) -> int:
+    """Threads for a row of ``np2`` sort slots: ``np2 / 4`` (two compare-exchanges per thread
+    and sort stage), at least one warp, at most :data:`THREADS`; always a multiple of 32."""
+    return min(THREADS, max(32, np2 // 4))
 
-    Dynamic shared memory holds ``NP`` sort keys (the scores' type), ``NP`` block ids and
-    ``NP`` keep flags (int32 each), ``NP`` the next power of two >= ``nKb``.
+
+def launch_config(rows: int, nkb: int, score_itemsize: int) -> dict[str, Any]:
+    """``us_select_topp``: one block per mask row; shared memory for the sort keys and the flags.
+
+    Dynamic shared memory holds ``NP`` sort keys (8 bytes for float32 scores: score bits and
+    block id in one word; 16 bytes for float64: the bits and the id) and ``nKb`` keep flags
+    (one byte each), ``NP`` the next power of two >= ``nKb``. Threads: ``NP / 4`` clamped to
+    ``[32, THREADS]``.
     """
     np2 = 1 << max(0, (nkb - 1).bit_length())
-    return {"grid": (rows, 1, 1), "block": (THREADS, 1, 1), "shared_mem": np2 * (score_itemsize + 8)}
+    key_bytes = 8 if score_itemsize == 4 else 16
+    return {"grid": (rows, 1, 1), "block": (_threads(np2), 1, 1), "shared_mem": np2 * key_bytes + nkb}
 
 
 def mask_to_indices_config(rows: int, nkb: int) -> dict[str, Any]:
-    """``us_mask_to_indices``: one block per mask row; ``nKb`` int32 flags in shared memory."""
-    return {"grid": (rows, 1, 1), "block": (THREADS, 1, 1), "shared_mem": 4 * nkb}
+    """``us_mask_to_indices``: one block per mask row; ``nKb`` one-byte flags in shared memory."""
+    np2 = 1 << max(0, (nkb - 1).bit_length())
+    return {"grid": (rows, 1, 1), "block": (_threads(np2), 1, 1), "shared_mem": nkb}
 
 
 def launch_select(scores: Any, config: UniSparseConfig, nq: int, nk: int, with_indices: bool) -> tuple[Any, ...]:
     """``us_select_topp<T>``: mask (and, ``with_indices``, kv_counts and kv_indices) from scores.
 
-    ``scores`` is a C-contiguous float32 or float64 CuPy array ``[B, Hm, nQb, nKb]``.
+    ``scores`` is a C-contiguous float32 or float64 CuPy array ``[B, Hm, nQb, nKb]``;
+    ``config.threshold_mode`` may be ``"total"`` (SPEC) or ``"remaining"``.
 
     Returns
     -------
@@ -85,7 +103,7 @@ def launch_select(scores: Any, config: UniSparseConfig, nq: int, nk: int, with_i
         _loader.get_function(select_spec(ctype)), lc["grid"], lc["block"],
         (scores, mask, cptr, iptr, i32(nqb), i32(nkb), i32(nq), i32(nk), i32(config.block_size),
          i32(config.n_sink_blocks), i32(config.n_local_blocks), np.int32(1 if config.causal else 0),
-         np.float64(config.threshold)),
+         np.float64(config.threshold), np.int32(THRESHOLD_MODES[config.threshold_mode])),
         shared_mem=lc["shared_mem"],
     )
     return mask, counts, indices
