@@ -46,6 +46,7 @@ This package imports without CuPy; CuPy is imported by :func:`make_backend` and 
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from typing import Any
 
 import numpy as np
@@ -68,12 +69,15 @@ from ._device import (
     check_finite_device,
     composite_input,
     cupy_module,
+    nonfinite_counts,
     qkv_inputs,
+    raise_if_nonfinite,
     scores_input,
     wrap_output,
 )
 from ._loader import KernelSpec, read_source
 from ._nvrtc import CompileResult, NvrtcUnavailable, compile_offline
+from .plan import PipelinePlan
 
 __all__ = [
     "SUPPORTED_DTYPES",
@@ -82,6 +86,7 @@ __all__ = [
     "CupyBackend",
     "KernelSpec",
     "NvrtcUnavailable",
+    "PipelinePlan",
     "all_instantiations",
     "as_bfloat16",
     "compile_offline",
@@ -117,11 +122,23 @@ class CupyBackend:
     #: next). Off Hopper, D > 128 runs on the scalar rung v1.
     supported_head_dims = tuple(range(1, attention.KERNEL_HEAD_DIMS[-1] + 1))
 
+    #: Most pipeline plans (CUDA graphs) :meth:`unisparse_attention` keeps for ``graph=True``,
+    #: least recently used dropped first (each holds its buffers: see :class:`PipelinePlan`).
+    max_plans = 4
+    #: Research options of :class:`~unisparse_ref.UniSparseConfig` this layer implements
+    #: (``check_spec_variants`` refuses the others): ``threshold_mode`` (selection).
+    implemented_variants: tuple[str, ...] = ("threshold_mode",)
+
     def __init__(self, device_name: str = "") -> None:
         self.device_name = device_name
+        self._plans: OrderedDict[tuple[Any, ...], PipelinePlan] = OrderedDict()
+
+    def _refuse_variants(self, config: UniSparseConfig, layer: str) -> None:
+        """``check_spec_variants`` for the options this layer does not implement."""
+        check_spec_variants(config, layer, supported=self.implemented_variants)
 
     # -------------------------------------------------------------- stage 1
-    def compress(self, q: Any, k: Any, config: UniSparseConfig) -> tuple[Any, Any]:
+    def compress(self, q: Any, k: Any, config: UniSparseConfig, *, check_finite: bool = True) -> tuple[Any, Any]:
         """Composite tokens (SPEC 3).
 
         Parameters
@@ -129,6 +146,9 @@ class CupyBackend:
         q : array ``[B, Hq, Nq, D]``
         k : array ``[B, Hkv, Nk, D]``
         config : UniSparseConfig
+        check_finite : bool
+            Default ``True``: raise ``ValueError`` for NaN/infinity in q or k (counted on the
+            pooled tokens on the device; one synchronisation). ``False``: no check, no sync.
 
         Returns
         -------
@@ -140,30 +160,37 @@ class CupyBackend:
         check_head_pooling(Hq, Hkv, config.c_h)
         q_c = pooling.launch_pool(qd, dt, config.c_q, config.c_h)
         k_c = pooling.launch_pool(kd, dt, config.c_k, 1)
-        # Pooled means are non-finite iff some input in their group is: a cheap full check.
-        check_finite_device(("q", q_c, np.dtype(np.float32)), ("k", k_c, np.dtype(np.float32)))
+        if check_finite:  # pooled means are non-finite iff some input in their group is: a cheap full check
+            check_finite_device(("q", q_c, np.dtype(np.float32)), ("k", k_c, np.dtype(np.float32)))
         return q_c, k_c
 
     # -------------------------------------------------------------- stage 2
     def block_scores(self, q_c: Any, k_c: Any, config: UniSparseConfig, nq: int, nk: int) -> Any:
         """Block scores (SPEC 4): cupy float32 ``[B, Hq/c_h, nQb, nKb]``, rows summing to 1."""
         config = check_config(config)
-        check_spec_variants(config, "cupy backend block_scores")
+        self._refuse_variants(config, "cupy backend block_scores")
         qc, kc = composite_input("q_c", q_c), composite_input("k_c", k_c)
         check_composite_shapes(qc, kc, config, nq, nk)
         return scores.launch_scores(qc, kc, config, int(nq), int(nk))
 
     # -------------------------------------------------------------- stage 3
-    def select_blocks(self, scores: Any, config: UniSparseConfig, nq: int, nk: int) -> BlockMask:
-        """Top-P selection (SPEC 5): a :class:`BlockMask` with a CuPy bool mask."""
+    def select_blocks(
+        self, scores: Any, config: UniSparseConfig, nq: int, nk: int, *, check_finite: bool = True
+    ) -> BlockMask:
+        """Top-P selection (SPEC 5): a :class:`BlockMask` with a CuPy bool mask.
+
+        ``config.threshold_mode`` may be ``"total"`` (SPEC) or ``"remaining"``. ``check_finite``
+        (default ``True``) checks the scores finite and non-negative first (one synchronisation);
+        ``False`` skips that.
+        """
         config = check_config(config)
-        check_spec_variants(config, "cupy backend select_blocks")
-        s = scores_input(scores, config, nq, nk)
+        self._refuse_variants(config, "cupy backend select_blocks")
+        s = scores_input(scores, config, nq, nk, check=check_finite)
         mask, _, _ = selection.launch_select(s, config, nq, nk, with_indices=False)
         return BlockMask(mask, config.block_size, config.c_h, nq, nk, config.causal)
 
     def select_blocks_indices(
-        self, scores: Any, config: UniSparseConfig, nq: int, nk: int
+        self, scores: Any, config: UniSparseConfig, nq: int, nk: int, *, check_finite: bool = True
     ) -> tuple[BlockMask, Any, Any]:
         """:meth:`select_blocks` plus the index form from the same kernel.
 
@@ -174,16 +201,19 @@ class CupyBackend:
         kv_indices : cupy int32 ``[B, Hm, nQb, nKb]`` (ascending, -1 padded)
         """
         config = check_config(config)
-        check_spec_variants(config, "cupy backend select_blocks_indices")
-        s = scores_input(scores, config, nq, nk)
+        self._refuse_variants(config, "cupy backend select_blocks_indices")
+        s = scores_input(scores, config, nq, nk, check=check_finite)
         mask, counts, indices = selection.launch_select(s, config, nq, nk, with_indices=True)
         return BlockMask(mask, config.block_size, config.c_h, nq, nk, config.causal), counts, indices
 
     # -------------------------------------------------------------- stage 4
     def block_sparse_attention(
-        self, q: Any, k: Any, v: Any, block_mask: BlockMask, config: UniSparseConfig
+        self, q: Any, k: Any, v: Any, block_mask: BlockMask, config: UniSparseConfig, *, check_finite: bool = True
     ) -> tuple[Any, Any]:
         """Exact attention over the selected blocks (SPEC 6).
+
+        ``check_finite`` (default ``True``) raises ``ValueError`` for NaN/infinity in q, k or v
+        (counted on the device, one synchronisation); ``False`` skips it.
 
         Returns
         -------
@@ -196,14 +226,16 @@ class CupyBackend:
             raise TypeError(f"block_mask must be a BlockMask, got {type(block_mask)!r}")
         (qd, kd, vd), dt, (B, Hq, Hkv, Nq, Nk, D) = qkv_inputs(q, k, v, block_mask.causal)
         check_mask_against(block_mask, B, Hq, Hkv, Nq, Nk, config)
-        check_finite_device(("q", qd, dt), ("k", kd, dt), ("v", vd, dt))
+        if check_finite:
+            check_finite_device(("q", qd, dt), ("k", kd, dt), ("v", vd, dt))
         mask = cp.ascontiguousarray(cp.asarray(block_mask.mask, dtype=cp.bool_))
         counts, indices = selection.launch_mask_to_indices(mask)
         out, lse = attention.attend(qd, kd, vd, counts, indices, block_mask, config.scale_for(D))
         return wrap_output(out, dt), lse
 
     def dense_attention(
-        self, q: Any, k: Any, v: Any, causal: bool = True, softmax_scale: float | None = None
+        self, q: Any, k: Any, v: Any, causal: bool = True, softmax_scale: float | None = None, *,
+        check_finite: bool = True,
     ) -> tuple[Any, Any]:
         """Dense attention: :meth:`block_sparse_attention` with every visible block selected."""
         cp = cupy_module()
@@ -211,7 +243,8 @@ class CupyBackend:
             raise TypeError(f"causal must be a bool, got {causal!r}")
         (qd, kd, vd), dt, (B, Hq, Hkv, Nq, Nk, D) = qkv_inputs(q, k, v, causal)
         config = UniSparseConfig(causal=causal, softmax_scale=softmax_scale)  # validates the scale
-        check_finite_device(("q", qd, dt), ("k", kd, dt), ("v", vd, dt))
+        if check_finite:
+            check_finite_device(("q", qd, dt), ("k", kd, dt), ("v", vd, dt))
         S = config.block_size
         # One mask head per KV head (heads_per_mask = G): the smallest index form the attention takes.
         G = Hq // Hkv
@@ -222,17 +255,33 @@ class CupyBackend:
 
     # -------------------------------------------------------------- pipeline
     def unisparse_attention(
-        self, q: Any, k: Any, v: Any, config: UniSparseConfig
+        self, q: Any, k: Any, v: Any, config: UniSparseConfig, *, check_finite: bool = True,
+        graph: bool = False,
     ) -> tuple[Any, Any, BlockMask, Any, Any, Any]:
         """The whole pipeline (SPEC 3-6) in one call, for :func:`unisparse_ref.unisparse_attention`.
 
         The same kernels and results as ``compress`` -> ``block_scores`` -> ``select_blocks`` ->
-        ``block_sparse_attention``, with less host work between them: ``q``, ``k``, ``v`` are
-        checked once (one host synchronisation for their finiteness), the intermediate arrays
-        are not re-checked (they come from our own kernels), and the attention reads the index
-        form that the selection kernel writes instead of converting the mask again. At 8K
-        tokens, where every kernel is short, the stage-by-stage calls spend a noticeable part of
-        the pipeline's time in those checks and launches.
+        ``block_sparse_attention``, with no host synchronisation between them: the inputs are
+        checked once, the intermediate arrays are not re-checked (they come from our own
+        kernels), and the attention reads the index form that the selection kernel writes.
+
+        Parameters
+        ----------
+        q : array ``[B, Hq, Nq, D]``
+        k, v : array ``[B, Hkv, Nk, D]``
+        config : UniSparseConfig
+        check_finite : bool
+            Default ``True``: NaN/infinity in the pooled q, k and in v are counted on the device
+            while the stages run, and the counts are read once, after every kernel has been
+            queued (one synchronisation at the end of the call; ``ValueError`` naming the
+            input). ``False``: no check and no synchronisation at all; the call returns as soon
+            as the kernels are queued (a non-finite input then gives non-finite outputs).
+        graph : bool
+            Default ``False``. ``True`` runs a :class:`PipelinePlan`, the pipeline captured as a
+            CUDA graph, built on the first call for these shapes, dtype, config and
+            ``check_finite`` and kept (at most :attr:`max_plans`). The returned arrays are then
+            the plan's own buffers, overwritten by the next ``graph=True`` call of the same
+            shapes: copy what you keep.
 
         Returns
         -------
@@ -240,17 +289,65 @@ class CupyBackend:
             As :class:`unisparse_ref.UniSparseResult` (CuPy arrays).
         """
         config = check_config(config)
-        check_spec_variants(config, "cupy backend unisparse_attention")
-        (qd, kd, vd), dt, (_, Hq, Hkv, Nq, Nk, D) = qkv_inputs(q, k, v, config.causal)
+        if graph:
+            return self._plan_for(q, k, v, config, check_finite)(q, k, v)
+        self._refuse_variants(config, "cupy backend unisparse_attention")
+        (qd, kd, vd), dt, (_, Hq, Hkv, _, _, _) = qkv_inputs(q, k, v, config.causal)
         check_head_pooling(Hq, Hkv, config.c_h)
-        check_finite_device(("q", qd, dt), ("k", kd, dt), ("v", vd, dt))
+        outs, counts = self._queue_pipeline(qd, kd, vd, dt, config, check_finite)
+        if check_finite:
+            raise_if_nonfinite(counts, ("q", "k", "v"))
+        return outs
+
+    def plan(self, q: Any, k: Any, v: Any, config: UniSparseConfig, *, check_finite: bool = True) -> PipelinePlan:
+        """A :class:`PipelinePlan`: the pipeline for these shapes, dtype and config as a CUDA graph.
+
+        ``plan(q2, k2, v2)`` then runs it on new inputs of the same shapes (see
+        :class:`PipelinePlan` for what it keeps and overwrites).
+        """
+        return PipelinePlan(self, q, k, v, check_config(config), check_finite=check_finite)
+
+    def clear_plans(self) -> None:
+        """Drop the plans kept by ``unisparse_attention(..., graph=True)`` (and their memory)."""
+        self._plans.clear()
+
+    def _plan_for(self, q: Any, k: Any, v: Any, config: UniSparseConfig, check_finite: bool) -> PipelinePlan:
+        from .plan import plan_key
+
+        self._refuse_variants(config, "cupy backend unisparse_attention")
+        (qd, kd, vd), dt, _ = qkv_inputs(q, k, v, config.causal)
+        key = plan_key(qd, kd, vd, dt, config, check_finite)
+        plan = self._plans.get(key)
+        if plan is None:
+            plan = PipelinePlan(self, qd, kd, vd, config, check_finite=check_finite)
+            self._plans[key] = plan
+            while len(self._plans) > self.max_plans:
+                self._plans.popitem(last=False)
+        else:
+            self._plans.move_to_end(key)
+        return plan
+
+    def _queue_pipeline(
+        self, qd: Any, kd: Any, vd: Any, dt: np.dtype, config: UniSparseConfig, check_finite: bool
+    ) -> tuple[tuple[Any, Any, BlockMask, Any, Any, Any], Any]:
+        """Queue every kernel of the pipeline on the current stream; read nothing back.
+
+        ``qd``, ``kd``, ``vd`` are checked C-contiguous device arrays (bf16 as ``uint16``
+        bits) of dtype ``dt``. Returns the outputs and the device array of non-finite counts
+        of (pooled q, pooled k, v) (``None`` without ``check_finite``). The eager pipeline and
+        the graph capture of :class:`PipelinePlan` both run exactly this.
+        """
+        Nq, Nk, D = int(qd.shape[2]), int(kd.shape[2]), int(qd.shape[3])
         q_c = pooling.launch_pool(qd, dt, config.c_q, config.c_h)
         k_c = pooling.launch_pool(kd, dt, config.c_k, 1)
+        # Pooled means are non-finite iff some input in their group is (as compress checks).
+        counts = (nonfinite_counts(("q", q_c, np.dtype(np.float32)), ("k", k_c, np.dtype(np.float32)),
+                                   ("v", vd, dt)) if check_finite else None)
         sc = scores.launch_scores(q_c, k_c, config, Nq, Nk)
-        mask, counts, indices = selection.launch_select(sc, config, Nq, Nk, with_indices=True)
+        mask, kv_counts, kv_indices = selection.launch_select(sc, config, Nq, Nk, with_indices=True)
         bm = BlockMask(mask, config.block_size, config.c_h, Nq, Nk, config.causal)
-        out, lse = attention.attend(qd, kd, vd, counts, indices, bm, config.scale_for(D))
-        return wrap_output(out, dt), lse, bm, sc, q_c, k_c
+        out, lse = attention.attend(qd, kd, vd, kv_counts, kv_indices, bm, config.scale_for(D))
+        return (wrap_output(out, dt), lse, bm, sc, q_c, k_c), counts
 
     def __repr__(self) -> str:
         return f"CupyBackend({self.device_name!r})"

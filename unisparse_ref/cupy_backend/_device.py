@@ -10,8 +10,10 @@ through here:
 * :func:`qkv_inputs`, :func:`composite_input`, :func:`scores_input`: the inputs of the
   attention, of the scores and of the selection, with the shape checks of
   :mod:`unisparse_ref._arrays` (the checks every backend shares);
-* :func:`check_finite_device` and :func:`count_bad`: NaN / infinity (and negative-score)
-  counts summed on the device, read back with one synchronisation;
+* :func:`nonfinite_counts`, :func:`raise_if_nonfinite`, :func:`check_finite_device` and
+  :func:`count_bad`: NaN / infinity (and negative-score) counts kept on the device; reading
+  them back is the only host synchronisation of a check (the pipeline reads its counts once,
+  after every stage has been queued);
 * :class:`BFloat16Array` and :func:`as_bfloat16`: a bf16 device array on CuPy versions
   without a bf16 dtype.
 
@@ -33,6 +35,8 @@ __all__ = [
     "BFloat16Array",
     "as_bfloat16",
     "check_finite_device",
+    "nonfinite_counts",
+    "raise_if_nonfinite",
     "composite_input",
     "count_bad",
     "count_nonfinite",
@@ -244,8 +248,9 @@ def composite_input(name: str, x: Any) -> Any:
     return cp.ascontiguousarray(a, dtype=cp.float32)
 
 
-def scores_input(scores: Any, config: UniSparseConfig, nq: int, nk: int) -> Any:
-    """Block scores as a C-contiguous float32 or float64 CuPy array, checked on the device.
+def scores_input(scores: Any, config: UniSparseConfig, nq: int, nk: int, check: bool = True) -> Any:
+    """Block scores as a C-contiguous float32 or float64 CuPy array, checked on the device
+    (``check=False``: the shape only, no synchronisation).
 
     Raises
     ------
@@ -264,7 +269,7 @@ def scores_input(scores: Any, config: UniSparseConfig, nq: int, nk: int) -> Any:
         s = s.astype(cp.float64)
     s = cp.ascontiguousarray(s)
     check_scores_shape(tuple(s.shape), config, nq, nk)
-    if s.size and int(count_bad(s, "score")):
+    if check and s.size and int(count_bad(s, "score")):
         raise ValueError("scores must be finite and non-negative")
     return s
 
@@ -282,13 +287,16 @@ _BAD_EXPR = {
 }
 
 
-def count_bad(arr: Any, kind: str) -> Any:
-    """A 0-d device array: how many entries of ``arr`` fail the test ``kind`` (no host sync)."""
+def count_bad(arr: Any, kind: str, out: Any = None) -> Any:
+    """A 0-d device array: how many entries of ``arr`` fail the test ``kind`` (no host sync).
+
+    ``out``: a 0-d int64 device array to write the count into (e.g. ``flags[n, ...]``).
+    """
     cp = cupy_module()
     if kind not in _NONFINITE:
         _NONFINITE[kind] = cp.ReductionKernel("T v", "int64 y", _BAD_EXPR[kind], "a + b", "y = a", "0",
                                               f"us_bad_{kind}")
-    return _NONFINITE[kind](arr)
+    return _NONFINITE[kind](arr) if out is None else _NONFINITE[kind](arr, out=out)
 
 
 def count_nonfinite(arr: Any, dtype: np.dtype) -> int:
@@ -296,15 +304,32 @@ def count_nonfinite(arr: Any, dtype: np.dtype) -> int:
     return int(count_bad(arr, "bf16" if dtype == BFLOAT16 else "float"))
 
 
+def nonfinite_counts(*items: tuple[str, Any, np.dtype]) -> Any:
+    """NaN/inf counts of ``(name, array, dtype)`` items in one int64 device array (no host sync).
+
+    One reduction kernel per item writes its count into its slot; nothing is read back, so the
+    counts can be taken before later kernels are queued (or inside a captured CUDA graph) and
+    read once at the end by :func:`raise_if_nonfinite`.
+    """
+    cp = cupy_module()
+    counts = cp.empty(len(items), dtype=cp.int64)
+    for n, (_, a, dt) in enumerate(items):
+        count_bad(a, "bf16" if dt == BFLOAT16 else "float", out=counts[n, ...])
+    return counts
+
+
+def raise_if_nonfinite(counts: Any, names: tuple[str, ...] | list[str]) -> None:
+    """Read :func:`nonfinite_counts`' array back (one synchronisation); ``ValueError`` naming
+    the first of ``names`` whose count is not zero."""
+    host = np.asarray(counts.get()).reshape(-1)
+    for name, c in zip(names, host, strict=True):
+        if int(c):
+            raise ValueError(f"{name} holds non-finite values (NaN or infinity)")
+
+
 def check_finite_device(*items: tuple[str, Any, np.dtype]) -> None:
     """Raise ``ValueError`` naming the first of ``(name, array, dtype)`` holding NaN or infinity.
 
-    All counts are summed on the device and read back once (one synchronisation).
+    All counts are kept on the device and read back once (one synchronisation).
     """
-    counts = [count_bad(a, "bf16" if dt == BFLOAT16 else "float") for _, a, dt in items]
-    total = counts[0]
-    for c in counts[1:]:
-        total = total + c
-    if int(total):
-        bad = next(name for (name, _, _), c in zip(items, counts, strict=True) if int(c))
-        raise ValueError(f"{bad} holds non-finite values (NaN or infinity)")
+    raise_if_nonfinite(nonfinite_counts(*items), [name for name, _, _ in items])
