@@ -473,6 +473,152 @@ def _accuracy_md(acc: dict) -> list[str]:
     return L
 
 
+def _at_density(lay: dict, sel: str, target: float, key: str) -> float | None:
+    """``key`` (rel_error / recall) of ``sel`` on one layer, interpolated at density ``target``."""
+    pts = [x for x in lay["results"] if x["selector"] == sel]
+    return _matched([x["density"] for x in pts], [x[key] for x in pts], target)
+
+
+def _matched_md(m: dict, acc8: dict | None) -> list[str]:
+    """The matched-density study (``matched_8k.json``): per layer, then end to end."""
+    meta_ = m.get("meta_matched", {})
+    sels = [s for s in GRIDS if s != "unisparse"]
+    L = [f"### Baselines at matched density, {m['n']} tokens", "",
+         f"Run: {meta_.get('date', '?')}, commit `{meta_.get('commit', '?')}`, {meta_.get('machine', '?')}; "
+         f"N = {m['n']}, the same texts, S = 128, c_q = c_k = 16 (`python scripts/model_eval.py matched`). "
+         "Per layer: on the dense forward's q, k, v of **every** layer, each selector swept over a grid wide enough "
+         "to reach UniSparse's densities at this length (the grids are in the table of sweep means below); its "
+         "relative output error and recall interpolated along its own sweep at UniSparse's density of that layer. "
+         "End to end: one parameter per selector for all 30 layers, the one whose mean density over the 30 "
+         "layers' sweeps equals UniSparse's at the same P (linear between grid points), then the whole forward "
+         "with it; its actual mean density is reported next to UniSparse's. The mass oracle keeps the "
+         "largest true blocks (SPEC 5's top-P on the dense block mass, the same forced blocks), so at matched "
+         "density it is the best any scorer under this rule can do.", ""]
+    for name, rec in m["texts"].items():
+        layers = rec.get("layers", [])
+        if not layers:
+            continue
+        L += [f"#### {name}: {m['n']} tokens, dense cross-entropy {rec['dense']['ce']:.4f}", ""]
+        e2e = rec.get("e2e_matched", [])
+        u_rows = {e["param"]: e for e in (acc8 or {}).get("texts", {}).get(name, {}).get("e2e", [])
+                  if e["selector"] == "unisparse"}
+        targets = [float(t) for t in rec.get("matched", {})]
+        if targets:
+            L += ["End to end, at UniSparse's mean density (UniSparse's own rows from the run above):", "",
+                  "| matched to | selector | param | mean density | CE increase (nats) | top-1 agreement | forward (s) |",
+                  "| --- | --- | --- | --- | --- | --- | --- |"]
+            for t in targets:
+                u = u_rows.get(t)
+                if u:
+                    L.append(f"| P = {t} | **unisparse** | {t} | {u['mean_density']:.3f} | {u['ce_increase']:+.4f} | "
+                             f"{u['top1_agreement']:.4f} | {u['seconds']:.0f} |")
+                for sel in sels:
+                    e = [x for x in e2e if x["selector"] == sel and x["matched_to"] == t]
+                    mt = rec["matched"][str(t)].get(sel, {})
+                    if e:
+                        e = e[0]
+                        flag = "" if e.get("inside_grid", True) else " (grid end)"
+                        L.append(f"| P = {t} | {sel} | {GRIDS[sel][0]} {e['param']:.4g}{flag} | {e['mean_density']:.3f} | "
+                                 f"{e['ce_increase']:+.4f} | {e['top1_agreement']:.4f} | {e['seconds']:.0f} |")
+                    elif mt:
+                        L.append(f"| P = {t} | {sel} | {GRIDS[sel][0]} {mt['param']:.4g} | not run | | | |")
+            L.append("")
+        for t in THRESHOLDS:
+            if t not in (0.9, 0.95):
+                continue
+            L += [f"Per layer at UniSparse's density of that layer, P = {t}: relative output error (recall); "
+                  "`-` where the selector's sweep does not reach that density.", "",
+                  "| layer | UniSparse density | " + " | ".join(["unisparse"] + sels) + " |",
+                  "| --- | --- | " + " | ".join("---" for _ in range(len(sels) + 1)) + " |"]
+            acc: dict[str, list] = {s_: [] for s_ in ["unisparse"] + sels}
+            for lay in layers:
+                u = [x for x in lay["results"] if x["selector"] == "unisparse" and x["param"] == t][0]
+                cells = [f"{u['rel_error']:.3f} ({u['recall']:.3f})"]
+                acc["unisparse"].append((u["rel_error"], u["recall"]))
+                for sel in sels:
+                    er, rc = _at_density(lay, sel, u["density"], "rel_error"), _at_density(lay, sel, u["density"], "recall")
+                    cells.append("-" if er is None else f"{er:.3f} ({rc:.3f})")
+                    if er is not None:
+                        acc[sel].append((er, rc))
+                if t == 0.9:
+                    L.append(f"| {lay['layer']} | {u['density']:.3f} | " + " | ".join(cells) + " |")
+            means = []
+            for s_ in ["unisparse"] + sels:
+                v = acc[s_]
+                means.append("-" if not v else f"{np.mean([a for a, _ in v]):.3f} ({np.mean([b for _, b in v]):.3f})"
+                             + ("" if len(v) == len(layers) else f" [{len(v)} layers]"))
+            ud = np.mean([[x["density"] for x in lay["results"] if x["selector"] == "unisparse" and x["param"] == t][0]
+                          for lay in layers])
+            L += [f"| **mean** | {ud:.3f} | " + " | ".join(means) + " |", ""]
+        L += ["Sweep means over the 30 layers (density, recall, relative output error):", "",
+              "| selector | param | density | recall | rel. error |", "| --- | --- | --- | --- | --- |"]
+        for sel, (param, values) in GRIDS.items():
+            for val in values:
+                pts = [[x for x in lay["results"] if x["selector"] == sel and x["param"] == val][0] for lay in layers]
+                L.append(f"| {sel} | {param} {val} | {np.mean([x['density'] for x in pts]):.3f} | "
+                         f"{np.mean([x['recall'] for x in pts]):.3f} | {np.mean([x['rel_error'] for x in pts]):.3f} |")
+        L.append("")
+    return L
+
+
+def _gpu_md() -> list[str]:
+    """The GPU runs (``model_gpu_forward.json``, ``model_gpu_time.json``), when present."""
+    fw, tm = OUT / "model_gpu_forward.json", OUT / "model_gpu_time.json"
+    if not (fw.exists() or tm.exists()):
+        return []
+    L = ["## On the GPU", ""]
+    if fw.exists():
+        f = json.loads(fw.read_text())
+        mt = f.get("meta", {})
+        L += ["### The whole prefill through the cupy backend", "",
+              f"Run: {mt.get('date', '?')}, commit `{mt.get('commit', '?')}`, {f['device']}, CuPy {f['cupy']}, "
+              f"NumPy {f['numpy']}{'; ' + mt['source'] if mt.get('source') else ''}. "
+              f"`python scripts/model_gpu.py forward` (`scripts/gpu_model.sh`): the {f['n_tokens']}-token prose text, "
+              "every matmul in cuBLAS (float32), every attention call in our kernels; wall time of the whole prefill "
+              f"(embedding to the log-probs of every token on the host), median of {f['repeats']}, after a "
+              "1024-token warm-up run that compiles the kernels; *attention* is the time inside the attention "
+              "calls (host-timed, the stream synchronised after each), its share of the prefill. CE increase and "
+              "top-1 against the GPU's dense run with the same attention dtype.", "",
+              "| attention | q, k, v dtype | prefill (s) | attention (s) | share | mean density | cross-entropy | "
+              "CE increase | top-1 agreement |", "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+        for r in f["runs"]:
+            L.append(f"| {r['attention']} | {r['attention_dtype']} | {r['seconds']:.3f} | {r['attention_seconds']:.3f} | "
+                     f"{r['attention_share']:.0%} | {_f(r['mean_density'])} | {r['ce']:.4f} | "
+                     f"{r.get('ce_increase_vs_gpu_dense', float('nan')):+.4f} | "
+                     f"{r.get('top1_agreement_vs_gpu_dense', float('nan')):.4f} |")
+        dense = {r["attention_dtype"]: r for r in f["runs"] if r["attention"] == "dense"}
+        L.append("")
+        for dt, r in dense.items():
+            L.append(f"- NumPy (CPU, float32) against CuPy, dense, {dt} attention: max token log-prob difference "
+                     f"**{r['max_logprob_diff_vs_cpu_dense']:.1e}**, cross-entropy {r['ce']:.5f} against the CPU's "
+                     f"{f['cpu_dense_ce']:.5f}; repeated prefills differ by at most {r['repeat_max_logprob_diff']:.1e}.")
+        if f.get("failed"):
+            L.append("- Failed runs: " + "; ".join(f["failed"]))
+        L.append("")
+    if tm.exists():
+        t = json.loads(tm.read_text())
+        mt = t.get("meta", {})
+        ps = [u["P"] for u in t["layers"][0]["unisparse"]] if t["layers"] else []
+        L += ["### The attention of captured layers", "",
+              f"Run: {mt.get('date', '?')}, commit `{mt.get('commit', '?')}`, {t['device']}, CuPy {t.get('cupy', '?')}"
+              f"{', PyTorch ' + t['torch'] + ' (SDPA only)' if t.get('torch') else ''}"
+              f"{'; ' + mt['source'] if mt.get('source') else ''}. One attention call on one layer's float16 "
+              "q, k, v of the 8192-token prose prefill (q `[1, 9, 8192, 64]`, k, v `[1, 3, 8192, 64]`), median "
+              "of CUDA-event-timed calls; every contender checked against the float64 reference on sampled rows "
+              f"(SPEC 7) first{': refused ' + '; '.join(t['refused']) if t.get('refused') else ', none refused'}. "
+              "In brackets: density and relative output error against our dense output.", "",
+              "| layer | our dense | SDPA-FA2 | SDPA-cuDNN | " + " | ".join(f"UniSparse P={p}" for p in ps) + " |",
+              "| --- | --- | --- | --- | " + " | ".join("---" for _ in ps) + " |"]
+        for lay in t["layers"]:
+            def ms(k: str, lay: dict = lay) -> str:
+                return f"{lay[k]:.3f} ms" if k in lay else "-"
+            cells = [f"{u['ms']:.3f} ms ({u['density']:.3f}, {u['rel_error']:.2f})" for u in lay["unisparse"]]
+            L.append(f"| {lay['layer']} | {ms('dense_ms')} | {ms('sdpa_flash_ms')} | {ms('sdpa_cudnn_ms')} | "
+                     + " | ".join(cells) + " |")
+        L.append("")
+    return L
+
+
 def cmd_report(args: argparse.Namespace) -> None:
     L = [(OUT / "page_head.md").read_text().rstrip(), ""]
     v = json.loads((OUT / "validate.json").read_text()) if (OUT / "validate.json").exists() else None
@@ -500,6 +646,9 @@ def cmd_report(args: argparse.Namespace) -> None:
         L += ["## Accuracy", ""]
         for f in acc_files:
             L += _accuracy_md(json.loads(f.read_text()))
+    if (OUT / "matched_8k.json").exists():
+        acc8 = json.loads((OUT / "accuracy_8k.json").read_text()) if (OUT / "accuracy_8k.json").exists() else None
+        L += _matched_md(json.loads((OUT / "matched_8k.json").read_text()), acc8)
     if (OUT / "passkey.json").exists():
         pk = json.loads((OUT / "passkey.json").read_text())
         L += ["## Passkey retrieval", "",
@@ -520,6 +669,7 @@ def cmd_report(args: argparse.Namespace) -> None:
                 cells.append("-" if t is None else ("hit" if t["ok"] else "miss") + f" (`{ans}`)")
             L.append(f"| {ntok} | {d} | " + " | ".join(cells) + " |")
         L.append("")
+    L += _gpu_md()
     tail = OUT / "page_tail.md"
     if tail.exists():
         L += [tail.read_text().rstrip(), ""]

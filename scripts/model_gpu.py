@@ -158,10 +158,13 @@ def _time_layers(layers: dict, out_dir: Path, repeats: int) -> list[str]:
     import unisparse_ref as us
 
     be = us.get_backend("cupy")
-    out: dict = {"device": cp.cuda.runtime.getDeviceProperties(0)["name"].decode(), "layers": []}
+    out: dict = {"device": cp.cuda.runtime.getDeviceProperties(0)["name"].decode(), "cupy": cp.__version__,
+                 "layers": []}
     try:
         import torch
         import torch.nn.functional as F
+
+        out["torch"] = torch.__version__
     except ImportError:
         torch = None
     from unisparse_ref import geometry
@@ -336,6 +339,25 @@ def cmd_forward(args: argparse.Namespace) -> None:
         sys.exit(1)
 
 
+def cmd_ingest(args: argparse.Namespace) -> None:
+    """Copy a GPU run's JSON files into docs/_static/models/, with the run's date and commit."""
+    dst = ROOT / "docs" / "_static" / "models"
+    found = False
+    for name in ("model_gpu_forward.json", "model_gpu_time.json"):
+        f = Path(args.src) / name
+        if not f.exists():
+            log(f"{f}: not there")
+            continue
+        data = json.loads(f.read_text())
+        data["meta"] = {"date": args.date or time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime(f.stat().st_mtime)),
+                        "commit": args.commit, "source": args.note}
+        (dst / name).write_text(json.dumps(data, indent=1))
+        log("wrote", dst / name)
+        found = True
+    if not found:
+        raise SystemExit(f"no GPU results in {args.src}")
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = ap.add_subparsers(dest="cmd", required=True)
@@ -359,8 +381,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--time-layers", type=int, nargs="*", default=[3, 20],
                    help="layers whose captured attention is then timed alone (none: skip)")
     p.add_argument("--repeats-layers", type=int, default=10)
+    p = sub.add_parser("ingest", help="copy a GPU run's JSON files into docs/_static/models/")
+    p.add_argument("src", help="the folder holding model_gpu_forward.json / model_gpu_time.json")
+    p.add_argument("--commit", required=True, help="the commit the GPU ran")
+    p.add_argument("--date", default=None, help="the run's date (default: the files' modification time)")
+    p.add_argument("--note", default="", help="how it ran (machine, call)")
     args = ap.parse_args(argv)
-    {"capture": cmd_capture, "split": cmd_split, "time": cmd_time, "forward": cmd_forward}[args.cmd](args)
+    {"capture": cmd_capture, "split": cmd_split, "time": cmd_time, "forward": cmd_forward,
+     "ingest": cmd_ingest}[args.cmd](args)
     return 0
 
 
