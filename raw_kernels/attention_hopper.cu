@@ -11,6 +11,11 @@
 // |     |                                     |     |     |       | + 2 ping-pong consumers,  |
 // |     |                                     |     |     |       | persistent grid. DEFAULT  |
 // |     |                                     |     |     |       | on Hopper                 |
+// | v9  | us_fa3_fwd_varlen<T, D, Bc, STAGES> | 128 | 128 | 12    | the same body on a packed |
+// |     |   (issue 16, serving layouts)       |     | (64)|       | ragged batch (cu_seqlens) |
+// |     |                                     |     |     |       | or a paged KV cache: a    |
+// |     |                                     |     |     |       | tile list with offsets,   |
+// |     |                                     |     |     |       | lengths, block table      |
 //
 // What it computes (identical to attention.cu, SPEC section 6)
 // ------------------------------------------------------------
@@ -107,6 +112,10 @@ constexpr int kBarSchedBase = 1;
 // launch). The producer's task loop spills at 24 (FA3's figure); the consumers use about 200.
 constexpr int kProducerRegs = 40;
 constexpr int kConsumerRegs = 232;
+// The varlen producer also reads the tile entry and the block table: at 40 registers it
+// spills (20 bytes at D = 64); 128 x 56 + 256 x 224 = 64,512 again, and the consumers still fit.
+constexpr int kProducerRegsVarlen = 56;
+constexpr int kConsumerRegsVarlen = 224;
 
 // ----------------------------------------------------------------------------- small helpers
 __device__ __forceinline__ unsigned smem_u32(const void* p) {
@@ -226,14 +235,20 @@ __device__ __forceinline__ int tile_key0(const int* idx, int j, int SUB, int S, 
   return idx[j / SUB] * S + (j % SUB) * BC;
 }
 
-template <typename T, int D, int BC, int STAGES>
+// VARLEN = false: the batch layout [B, H, N, D] (us_fa3_fwd). VARLEN = true: a packed ragged
+// batch (us_fa3_fwd_varlen; the arguments after `dynamic` are used only then, see that kernel):
+// every VARLEN branch is an `if constexpr` or a constant-folded ternary, so the batch
+// instantiations compile to the same CUBIN as before the varlen mode existed.
+template <typename T, int D, int BC, int STAGES, bool VARLEN = false>
 __device__ __forceinline__ void fwd_body(
     const CUtensorMap_st* __restrict__ tm_q, const CUtensorMap_st* __restrict__ tm_k,
     const CUtensorMap_st* __restrict__ tm_v,
     const int* __restrict__ kv_counts, const int* __restrict__ kv_indices, const int* __restrict__ work,
     T* __restrict__ out, float* __restrict__ lse,
     int Hq, int Hkv, int Hm, int Nq, int Nk, int nQb, int idx_stride, int S, int c_h, int causal,
-    int n_qtiles, float scale_log2, int n_tasks, int* __restrict__ sched, int dynamic) {
+    int n_qtiles, float scale_log2, int n_tasks, int* __restrict__ sched, int dynamic,
+    const int* __restrict__ vtiles = nullptr, const int* __restrict__ block_table = nullptr, int bt_stride = 0,
+    int page_size = 0, int total_q = 0, int total_qb = 0) {
   using L = Smem<T, D, BC, STAGES>;
   constexpr int BR = L::BR;
   constexpr int NCH = D / 64;            // 64-element (128-byte) column regions of a tile
@@ -278,9 +293,37 @@ __device__ __forceinline__ void fwd_body(
   struct Task {
     int b, h, q0, n_tiles;
     const int* idx;                      // the mask row's selected key blocks
+    int qoff, koff, nq, nk;              // VARLEN: the sequence's offsets and lengths N_q,b, N_k,b
   };
   auto get_task = [&](int x) {
     Task tk;
+    if constexpr (VARLEN) {
+      // Task x = (query tile x / Hq of the longest-first tile list, head x % Hq): heads fastest,
+      // so the GQA siblings of a tile run together and share its K/V tiles through L2. A
+      // tile entry is 8 ints {q_off, N_q,b, k_off, N_k,b, qb_off, q0, b, 0}: the sequence's
+      // first packed query row and key row (k_off unused when paged), its lengths, its
+      // first packed mask row (cu_qblocks[b]), the tile's first row q0 (local) and b.
+      const int4 e0 = reinterpret_cast<const int4*>(vtiles)[2 * (x / Hq)];
+      const int4 e1 = reinterpret_cast<const int4*>(vtiles)[2 * (x / Hq) + 1];
+      tk.h = x % Hq;
+      tk.qoff = e0.x; tk.nq = e0.y; tk.koff = e0.z; tk.nk = e0.w;
+      tk.q0 = e1.y;
+      tk.b = e1.z;
+      // Packed mask row of query block q0 / S of sequence b, mask head h / c_h.
+      const size_t mrow = (size_t)(tk.h / c_h) * total_qb + e1.x + tk.q0 / S;
+      tk.idx = kv_indices + mrow * idx_stride;
+      const int cnt = kv_counts[mrow];
+      const int last_row = min(tk.q0 + BR, tk.nq) - 1;
+      // Bottom-right causal per sequence: p(t) = t + N_k,b - N_q,b.
+      const int key_lim = causal ? min(tk.nk, last_row + (tk.nk - tk.nq) + 1) : tk.nk;
+      const int nvis = visible_prefix(tk.idx, cnt, S, key_lim);
+      tk.n_tiles = 0;
+      if (nvis > 0) {
+        const int l0 = tk.idx[nvis - 1] * S;
+        tk.n_tiles = (nvis - 1) * SUB + (min(l0 + S, key_lim) - l0 + BC - 1) / BC;
+      }
+      return tk;
+    }
     int w;
     if (work != nullptr) {
       w = work[x];
@@ -330,7 +373,7 @@ __device__ __forceinline__ void fwd_body(
 
   if (wg == 0) {
     // =========================================================================== PRODUCER
-    asm volatile("setmaxnreg.dec.sync.aligned.u32 %0;\n" ::"n"(kProducerRegs));
+    asm volatile("setmaxnreg.dec.sync.aligned.u32 %0;\n" ::"n"(VARLEN ? kProducerRegsVarlen : kProducerRegs));
     if (warp == 0 && lane == 0) {
       tma_prefetch_desc(tm_q);
       tma_prefetch_desc(tm_k);
@@ -358,14 +401,29 @@ __device__ __forceinline__ void fwd_body(
         }
         mbar_arrive_expect_tx(bar_q, Q_BYTES);
 #pragma unroll
-        for (int c = 0; c < NCH; ++c)  // D/64 boxes of 64 x 128 (rows past Nq arrive as zeros)
-          tma_load_3d(smem_u32(Qs + c * BR * 64), tm_q, bar_q, c * 64, tk.q0, tk.b * Hq + tk.h);
-        const int kvh = tk.b * Hkv + tk.h / G;
+        for (int c = 0; c < NCH; ++c) {  // D/64 boxes of 64 x 128 (rows past Nq arrive as zeros)
+          if constexpr (VARLEN)  // packed map (D, total_q, Hq): rows past N_q,b are the next
+            // sequence's (computed, never stored) or, past total_q, zeros
+            tma_load_3d(smem_u32(Qs + c * BR * 64), tm_q, bar_q, c * 64, tk.qoff + tk.q0, tk.h);
+          else
+            tma_load_3d(smem_u32(Qs + c * BR * 64), tm_q, bar_q, c * 64, tk.q0, tk.b * Hq + tk.h);
+        }
+        const int kvh = VARLEN ? tk.h / G : tk.b * Hkv + tk.h / G;
         for (int j = 0; j < tk.n_tiles; ++j) {
           const int ct = tile_ctr + j;
           const int s = ct % STAGES;
           const unsigned fill = ct / STAGES;  // how many times slot s was filled before
-          const int n0 = tile_key0(tk.idx, j, SUB, S, BC);
+          int n0 = tile_key0(tk.idx, j, SUB, S, BC);
+          if constexpr (VARLEN) {
+            // The tile's first key row in the packed map (D, rows, Hkv): contiguous, the
+            // sequence's offset; paged, its page's first row plus the slot (page_size is a
+            // multiple of Bc, so a tile never straddles two pages). Keys past N_k,b (the next
+            // sequence's, a page's unused slots, or zeros past the map) are masked by the
+            // consumers.
+            n0 = block_table != nullptr
+                     ? block_table[(size_t)tk.b * bt_stride + n0 / page_size] * page_size + n0 % page_size
+                     : tk.koff + n0;
+          }
           // K_j into slot s once both consumers released its previous content.
           if (fill > 0) mbar_wait(bar_empty_k + 8 * s, (fill - 1) & 1);
           mbar_arrive_expect_tx(bar_full_k + 8 * s, KV_BYTES);
@@ -386,7 +444,7 @@ __device__ __forceinline__ void fwd_body(
   }
 
   // ============================================================================= CONSUMERS
-  asm volatile("setmaxnreg.inc.sync.aligned.u32 %0;\n" ::"n"(kConsumerRegs));
+  asm volatile("setmaxnreg.inc.sync.aligned.u32 %0;\n" ::"n"(VARLEN ? kConsumerRegsVarlen : kConsumerRegs));
   const int cw = wg - 1;                        // consumer 0 or 1
   const int wq = warp & 3;                      // warp within the warpgroup
   const int g = lane >> 2, tq = lane & 3;       // accumulator layout: row group, thread in quad
@@ -398,6 +456,7 @@ __device__ __forceinline__ void fwd_body(
   unsigned pa[BC / 16][4];  // P_ij rounded to T, as wgmma A fragments
   float m_i[2], l_i[2];   // running row max (score units) and per-lane partial row sums
   int q0 = 0;             // the current task's first query row (read by the softmax mask)
+  int cur_nk = 0, cur_shift = 0;  // VARLEN: the current task's N_k,b and N_k,b - N_q,b
 
   // Descriptor bases (shared-memory byte addresses).
   const unsigned q_addr = smem_u32(Qs) + cw * 64 * 128;   // this consumer's 64 rows, region 0
@@ -422,7 +481,8 @@ __device__ __forceinline__ void fwd_body(
   };
   // Online softmax of tile j (keys from n0) on acc_s; returns the O rescale factors.
   auto softmax = [&](int n0, float* alpha) {
-    const bool need_mask = (n0 + BC > Nk) || (causal && n0 + BC - 1 > q0 + row0 + shift);
+    const int Nk_ = VARLEN ? cur_nk : Nk, shift_ = VARLEN ? cur_shift : shift;
+    const bool need_mask = (n0 + BC > Nk_) || (causal && n0 + BC - 1 > q0 + row0 + shift_);
     if (need_mask) {
 #pragma unroll
       for (int n = 0; n < NS; ++n)
@@ -430,7 +490,7 @@ __device__ __forceinline__ void fwd_body(
         for (int e = 0; e < 4; ++e) {
           const int key = n0 + n * 8 + 2 * tq + (e & 1);
           const int t = q0 + row0 + g + 8 * (e >> 1);
-          if (key >= Nk || (causal && key > t + shift)) acc_s[n * 4 + e] = US_FA3_NEG_INF;
+          if (key >= Nk_ || (causal && key > t + shift_)) acc_s[n * 4 + e] = US_FA3_NEG_INF;
         }
     }
 #pragma unroll
@@ -496,6 +556,10 @@ __device__ __forceinline__ void fwd_body(
       const int n_tiles = tk.n_tiles;
       const int* idx = tk.idx;
       q0 = tk.q0;
+      if constexpr (VARLEN) {
+        cur_nk = tk.nk;
+        cur_shift = tk.nk - tk.nq;
+      }
       m_i[0] = m_i[1] = US_FA3_NEG_INF;
       l_i[0] = l_i[1] = 0.f;
 #pragma unroll
@@ -585,14 +649,16 @@ __device__ __forceinline__ void fwd_body(
         l += __shfl_xor_sync(0xffffffffu, l, 1);
         l += __shfl_xor_sync(0xffffffffu, l, 2);
         const int t = q0 + row0 + g + 8 * r;
-        if (t >= Nq) continue;
+        if (t >= (VARLEN ? tk.nq : Nq)) continue;  // VARLEN: never into the next sequence's rows
         const float inv = l > 0.f ? 1.f / l : 0.f;  // empty row: out = 0
-        T* orow = out + (bh * Nq + t) * D;
+        // out [B, Hq, Nq, D], lse [B, Hq, Nq]; VARLEN: out [total_q, Hq, D], lse [Hq, total_q].
+        T* orow = VARLEN ? out + ((size_t)(tk.qoff + t) * Hq + tk.h) * D : out + (bh * Nq + t) * D;
 #pragma unroll
         for (int n = 0; n < NO; ++n)
           *reinterpret_cast<unsigned*>(orow + n * 8 + 2 * tq) =
               us::pack2<T>(acc_o[n * 4 + 2 * r] * inv, acc_o[n * 4 + 2 * r + 1] * inv);
-        if (tq == 0) lse[bh * Nq + t] = l > 0.f ? m_i[r] * scale_log2 * US_FA3_LN2 + logf(l) : US_FA3_NEG_INF;
+        const size_t li = VARLEN ? (size_t)tk.h * total_q + tk.qoff + t : bh * Nq + t;
+        if (tq == 0) lse[li] = l > 0.f ? m_i[r] * scale_log2 * US_FA3_LN2 + logf(l) : US_FA3_NEG_INF;
       }
     }  // tasks
     if (cw == 0) named_bar_sync(bar_mine, 256);  // consume consumer 1's last ticket
@@ -617,6 +683,36 @@ __global__ void __launch_bounds__(384, 1) us_fa3_fwd(
   us_fa3::fwd_body<T, D, BC, STAGES>(&tm_q, &tm_k, &tm_v, kv_counts, kv_indices, work, out, lse, Hq, Hkv, Hm,
                                      Nq, Nk, nQb, idx_stride, S, c_h, causal, n_qtiles, scale_log2, n_tasks,
                                      sched, dynamic);
+#else
+  __trap();  // built without sm_90a: the launcher never selects this kernel then
+#endif
+}
+
+// The packed ragged batch (FlashAttention's varlen layout) and the paged KV cache, in one
+// kernel: the body above with VARLEN = true.
+//   tmap_q     packed q [total_q, Hq, D] as the 3-D view (D, total_q, Hq), box (64, 128, 1)
+//   tmap_k, v  packed k, v [total_k, Hkv, D] as (D, total_k, Hkv); paged: the pages
+//              [num_pages, page_size, Hkv, D] as (D, num_pages * page_size, Hkv), box (64, Bc, 1)
+//   kv_counts  [Hm, total_qb], kv_indices [Hm, total_qb, idx_stride]: the packed index form
+//              (row cu_qblocks[b] + i is query block i of sequence b; indices local to it)
+//   tiles      int32 [n_tiles, 8] {q_off, N_q,b, k_off, N_k,b, cu_qblocks[b], q0, b, 0}: every
+//              128-row query tile of every sequence, longest first across the batch (the
+//              launcher builds it); task x is tile x / Hq, head x % Hq; n_tasks = n_tiles * Hq
+//   out        [total_q, Hq, D], lse [Hq, total_q] (float32): rows of sequence b only
+//   block_table int32 [batch, bt_stride] (nullptr: contiguous k, v), page_size a multiple of Bc
+template <typename T, int D, int BC, int STAGES>
+__global__ void __launch_bounds__(384, 1) us_fa3_fwd_varlen(
+    const __grid_constant__ CUtensorMap_st tm_q, const __grid_constant__ CUtensorMap_st tm_k,
+    const __grid_constant__ CUtensorMap_st tm_v,
+    const int* __restrict__ kv_counts, const int* __restrict__ kv_indices, const int* __restrict__ tiles,
+    T* __restrict__ out, float* __restrict__ lse,
+    int Hq, int Hkv, int Hm, int total_q, int total_qb, int idx_stride, int S, int c_h, int causal,
+    float scale_log2, int n_tasks, int* __restrict__ sched, int dynamic,
+    const int* __restrict__ block_table, int bt_stride, int page_size) {
+#if defined(US_FA3_HAVE_SM90A)
+  us_fa3::fwd_body<T, D, BC, STAGES, true>(&tm_q, &tm_k, &tm_v, kv_counts, kv_indices, nullptr, out, lse, Hq, Hkv,
+                                           Hm, 0, 0, 0, idx_stride, S, c_h, causal, 1, scale_log2, n_tasks, sched,
+                                           dynamic, tiles, block_table, bt_stride, page_size, total_q, total_qb);
 #else
   __trap();  // built without sm_90a: the launcher never selects this kernel then
 #endif

@@ -76,8 +76,10 @@ def test_each_stage_lists_its_kernels_with_its_options() -> None:
     for ver in attention.KERNEL_VERSIONS.values():
         mine = [s for s in attention.INSTANTIATIONS if s.name_expression.startswith(ver.kernel + "<")]
         assert mine and all(s.options == ver.options and s.file == ver.file for s in mine)
+    from unisparse_ref.cupy_backend import varlen
+
     assert all_instantiations() == [*pooling.INSTANTIATIONS, *scores.INSTANTIATIONS, *selection.INSTANTIATIONS,
-                                    *attention.INSTANTIATIONS]
+                                    *attention.INSTANTIATIONS, *varlen.INSTANTIATIONS]
 
 
 def test_sources_start_with_a_version_table() -> None:

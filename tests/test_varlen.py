@@ -29,6 +29,7 @@ from unisparse_ref.tolerance import (
     compare_selection,
     eps_valid_rows,
 )
+from unisparse_ref.varlen import native_stage
 
 #: (lengths_q, lengths_k, Hq, Hkv, D, config): lengths 1, odd, non-multiples of S and c,
 #: Nq < Nk, sequences without queries (with and without keys), GQA with head pooling,
@@ -45,6 +46,18 @@ if not SIM:
         ([70, 5], [100, 5], 2, 2, 32, UniSparseConfig(block_size=16, c_q=2, c_k=4, n_sink_blocks=0, n_local_blocks=0,
                                                       threshold=0.3)),
     ]
+#: Shapes the CuPy layer runs in ONE launch of rung v9 on Hopper (S a multiple of 128, float16 /
+#: bfloat16; D 64 and 128, and 80 zero-padded to 128): partial tiles, lengths 1 and odd, Nq < Nk,
+#: sequences without queries, a tile of 128 rows spanning two sequences, non-causal Nq > Nk.
+V9_CASES = [
+    ([1, 200, 0, 333, 129], [3, 400, 5, 333, 700], 4, 2, 64,
+     UniSparseConfig(block_size=128, c_q=16, c_k=16, threshold=0.8)),
+    ([130, 7, 64], [100, 300, 64], 4, 1, 128,
+     UniSparseConfig(block_size=128, c_q=8, c_k=16, c_h=2, causal=False, threshold=0.7)),
+    ([77, 0, 300], [77, 0, 555], 2, 2, 80, UniSparseConfig(block_size=256, c_q=16, c_k=8, threshold=0.9)),
+]
+if not SIM:
+    CASES += V9_CASES
 IDS = [f"nq{'-'.join(map(str, c[0]))}_nk{'-'.join(map(str, c[1]))}_S{c[5].block_size}" for c in CASES]
 
 
@@ -128,7 +141,8 @@ def test_varlen_equals_per_sequence_calls(backend, case):
 @pytest.mark.parametrize("case", CASES, ids=IDS)
 def test_varlen_attention_stage_with_arbitrary_masks(backend, case, dtype):
     """The packed attention stage on random packed masks (empty rows included) within SPEC 7."""
-    if not hasattr(backend, "block_sparse_attention_varlen"):
+    stage = native_stage(backend, "block_sparse_attention_varlen")
+    if stage is None:
         pytest.skip(f"backend {backend.name!r} has no packed attention stage (runs one sequence at a time)")
     if np.dtype(dtype) not in backend.supported_dtypes:
         pytest.skip(f"backend {backend.name!r} does not take {np.dtype(dtype)}")
@@ -145,7 +159,7 @@ def test_varlen_attention_stage_with_arbitrary_masks(backend, case, dtype):
         m[0, 0, -1] = False  # an empty mask row: out 0, lse -inf
         masks.append(BlockMask(m, S, cfg.c_h, nq[i], nk[i], cfg.causal))
     counts, indices = rv.pack_block_masks(masks, cu_q, cu_k, S, Hm)
-    out, lse = backend.block_sparse_attention_varlen(q, k, v, cu_q, cu_k, counts, indices, cfg)
+    out, lse = stage(q, k, v, cu_q, cu_k, counts, indices, cfg)
     out, lse = us.to_numpy(out), us.to_numpy(lse)
     if backend.name == "numpy":
         for i, bm in enumerate(masks):
@@ -223,12 +237,13 @@ def test_paged_attention_equals_contiguous(backend, page_size, c_k):
     np.testing.assert_array_equal(cache.cu_seqlens_k, cu_k)
     contiguous = us.unisparse_attention_varlen(q, k, v, cu_q, cu_k, cfg, return_details=True)
     counts, indices = contiguous.kv_counts, contiguous.kv_indices
-    if hasattr(backend, "block_sparse_attention_paged"):
-        out, lse = backend.block_sparse_attention_paged(q, cache.k_pages, cache.v_pages, cu_q, cache.block_table,
-                                                        cache.seqused_k, counts, indices, cfg)
+    paged_stage = native_stage(backend, "block_sparse_attention_paged")
+    if paged_stage is not None:
+        out, lse = paged_stage(q, cache.k_pages, cache.v_pages, cu_q, cache.block_table, cache.seqused_k, counts,
+                               indices, cfg)
         out, lse = us.to_numpy(out), us.to_numpy(lse)
-        if backend.name in ("numpy", "numba"):
-            o, l_ = backend.block_sparse_attention_varlen(q, k, v, cu_q, cu_k, counts, indices, cfg)
+        if backend.name in ("numpy", "numba", "cupy"):
+            o, l_ = native_stage(backend, "block_sparse_attention_varlen")(q, k, v, cu_q, cu_k, counts, indices, cfg)
             np.testing.assert_array_equal(out, us.to_numpy(o))
             np.testing.assert_array_equal(lse, us.to_numpy(l_))
         assert_varlen_attention_close(out, lse, q, k, v, cu_q, cu_k, counts, indices, cfg)
@@ -440,3 +455,151 @@ def test_numba_work_list_is_longest_first_across_sequences():
             for b, t in work.tolist()]
     assert span == sorted(span, reverse=True)
     assert work.tolist()[0] == [1, 2]  # the last tile of the longest sequence starts first
+
+
+# ============================================================================ the CuPy layer
+def _cupy_hopper_reason() -> str | None:
+    """Why the CuPy v9 varlen tests cannot run here (``None``: they can)."""
+    status = us.backend_status().get("cupy", "backend 'cupy' is not registered")
+    if status is not None:
+        return f"backend 'cupy' unavailable: {status}"
+    from unisparse_ref.cupy_backend import attention
+
+    if not attention._has_sm90():
+        return "rung v9 (us_fa3_fwd_varlen) needs a Hopper GPU (sm_90a)"
+    return None
+
+
+def test_cupy_varlen_work_list_is_longest_first_across_sequences():
+    """The tile list of us_fa3_fwd_varlen (host side, no GPU): every 128-row query tile of every
+    sequence once, none for a sequence without queries, longest first across the batch, with
+    the offsets and lengths the kernel reads."""
+    from unisparse_ref.cupy_backend._hopper import FA3_BR, varlen_tiles
+
+    nq, nk = np.array([1, 400, 0, 129]), np.array([3, 1000, 9, 129])
+    cu_q, cu_k = offsets(nq), offsets(nk)
+    tiles = varlen_tiles(cu_q, nk, cu_k[:-1], 128, causal=True)
+    assert tiles.dtype == np.int32 and tiles.shape == (1 + 4 + 0 + 2, 8)
+    assert sorted(tiles[:, [6, 5]].tolist()) == sorted(
+        [b, t * FA3_BR] for b in range(4) for t in range(cdiv(int(nq[b]), FA3_BR)))
+    b = tiles[:, 6]
+    np.testing.assert_array_equal(tiles[:, 0], cu_q[b])  # q_off
+    np.testing.assert_array_equal(tiles[:, 1], nq[b])
+    np.testing.assert_array_equal(tiles[:, 2], cu_k[b])  # k_off
+    np.testing.assert_array_equal(tiles[:, 3], nk[b])
+    np.testing.assert_array_equal(tiles[:, 4], packed_offsets(cu_q, 128)[b])
+    span = np.minimum(tiles[:, 5] + FA3_BR, tiles[:, 1]) - 1 + tiles[:, 3] - tiles[:, 1] + 1
+    assert (np.diff(span) <= 0).all()
+    assert tiles[0].tolist()[5:7] == [384, 1]  # the last tile of the longest sequence starts first
+
+
+def _random_packed_masks(case, seed):
+    """Random per-sequence masks (an empty row in each) and their packed index form."""
+    nq, nk, Hq, _, _, cfg = case
+    S, Hm = cfg.block_size, Hq // cfg.c_h
+    rng = np.random.default_rng(seed)
+    masks = []
+    for i in range(len(nq)):
+        if nq[i] == 0:
+            masks.append(None)
+            continue
+        m = rng.random((1, Hm, num_blocks(nq[i], S), num_blocks(nk[i], S))) < 0.6
+        m[0, 0, -1] = False  # an empty mask row: out 0, lse -inf
+        masks.append(BlockMask(m, S, cfg.c_h, nq[i], nk[i], cfg.causal))
+    return masks, rv.pack_block_masks(masks, offsets(nq), offsets(nk), S, Hm)
+
+
+V9_IDS = [f"nq{'-'.join(map(str, c[0]))}_D{c[4]}_S{c[5].block_size}" for c in V9_CASES]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+@pytest.mark.parametrize("case", V9_CASES, ids=V9_IDS)
+def test_cupy_v9_varlen_is_the_batch_kernel_on_each_sequence(case, dtype):
+    """One launch of ``us_fa3_fwd_varlen`` over the packed batch gives, bit for bit, the batch
+    kernel ``us_fa3_fwd`` run on each sequence alone (a 128-row tile that runs past its
+    sequence reads the next sequence's rows but never stores them; keys past N_k,b are
+    masked), within SPEC 7 of the reference; the packed pooling kernel gives each sequence's
+    composite tokens bit for bit."""
+    why = _cupy_hopper_reason()
+    if why:
+        pytest.skip(why)
+    from unisparse_ref.cupy_backend import varlen as cv
+
+    be = us.get_backend("cupy")
+    nq, nk, Hq, Hkv, D, cfg = case
+    dt = us.BFLOAT16 if dtype == "bfloat16" else np.float16
+    q, k, v, cu_q, cu_k = packed_qkv(case, dt, seed=7)
+    assert cv.uses_v9(np.dtype(dt), D, cfg.block_size)
+    masks, (counts, indices) = _random_packed_masks(case, seed=8)
+    out, lse = native_stage(be, "block_sparse_attention_varlen")(q, k, v, cu_q, cu_k, counts, indices, cfg)
+    out, lse = us.to_numpy(out), us.to_numpy(lse)
+    assert out.dtype == np.dtype(dt) and lse.shape == (Hq, q.shape[0])
+    for i, bm in enumerate(masks):
+        if bm is None:
+            continue
+        views = [rv.sequence_view(x, c, i) for x, c in ((q, cu_q), (k, cu_k), (v, cu_k))]
+        o, l_ = be.block_sparse_attention(*views, bm, cfg)
+        rows = slice(cu_q[i], cu_q[i + 1])
+        np.testing.assert_array_equal(out[rows].view(np.uint16), us.to_numpy(o)[0].swapaxes(0, 1).view(np.uint16))
+        np.testing.assert_array_equal(lse[:, rows], us.to_numpy(l_)[0])
+    assert np.isneginf(lse).any()
+    if dtype == "float16":  # the reference's low-precision mode is float16's
+        assert_varlen_attention_close(out, lse, q, k, v, cu_q, cu_k, counts, indices, cfg)
+    q_c, k_c = native_stage(be, "compress_varlen")(q, k, cu_q, cu_k, cfg)
+    q_c, k_c = us.to_numpy(q_c), us.to_numpy(k_c)
+    cu_r, cu_c = packed_offsets(cu_q, cfg.c_q), packed_offsets(cu_k, cfg.c_k)
+    for i in range(len(nq)):
+        if nq[i]:
+            one_q, one_k = be.compress(rv.sequence_view(q, cu_q, i), rv.sequence_view(k, cu_k, i), cfg)
+            np.testing.assert_array_equal(q_c[cu_r[i] : cu_r[i + 1]], us.to_numpy(one_q)[0].swapaxes(0, 1))
+            np.testing.assert_array_equal(k_c[cu_c[i] : cu_c[i + 1]], us.to_numpy(one_k)[0].swapaxes(0, 1))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("page_size", [128, 256, 64])
+def test_cupy_v9_paged_reads_the_block_table(page_size):
+    """Pages scattered over the pool, read by ``us_fa3_fwd_varlen`` through the block table
+    (page sizes that are multiples of the key tile, 128) give the contiguous packed result bit
+    for bit; a smaller page (64) takes the device gather and gives the same bits too."""
+    why = _cupy_hopper_reason()
+    if why:
+        pytest.skip(why)
+    be = us.get_backend("cupy")
+    case = V9_CASES[0]
+    nq, nk, Hq, Hkv, D, cfg = case
+    q, k, v, cu_q, cu_k = packed_qkv(case, np.float16, seed=9)
+    _, (counts, indices) = _random_packed_masks(case, seed=10)
+    num_pages = sum(cdiv(n, page_size) for n in nk) + 3
+    cache = PagedKVCache.for_config(cfg, num_pages, page_size, Hkv, D, batch=len(nq), dtype=np.float16,
+                                    page_order=np.random.default_rng(11).permutation(num_pages))
+    cache.append_varlen(k, v, cu_k)
+    out, lse = native_stage(be, "block_sparse_attention_paged")(q, cache.k_pages, cache.v_pages, cu_q,
+                                                                cache.block_table, cache.seqused_k, counts,
+                                                                indices, cfg)
+    o, l_ = native_stage(be, "block_sparse_attention_varlen")(q, k, v, cu_q, cu_k, counts, indices, cfg)
+    np.testing.assert_array_equal(us.to_numpy(out), us.to_numpy(o))
+    np.testing.assert_array_equal(us.to_numpy(lse), us.to_numpy(l_))
+    assert_varlen_attention_close(us.to_numpy(out), us.to_numpy(lse), q, k, v, cu_q, cu_k, counts, indices, cfg)
+
+
+@pytest.mark.gpu
+def test_cupy_merge_bfloat16_and_empty_rows():
+    """The merge kernel in bfloat16 (the shared merge tests cover float16 and float32): the
+    empty-row cases exactly, the rest within the bfloat16 rule against the reference merge."""
+    status = us.backend_status().get("cupy", "not registered")
+    if status is not None:
+        pytest.skip(f"backend 'cupy' unavailable: {status}")
+    q, k, v, cfg, whole, a, b = _split_mask_case()
+    (ow, lw), (oa, la), (ob, lb) = (ref.block_sparse_attention(q, k, v, m, cfg) for m in (whole, a, b))
+    oa16, ob16 = oa.astype(us.BFLOAT16), ob.astype(us.BFLOAT16)
+    out, lse = us.merge_attention_states(oa16, la, ob16, lb, backend="cupy")
+    out, lse = us.to_numpy(out), us.to_numpy(lse)
+    assert out.dtype == us.BFLOAT16 and lse.dtype == np.float32
+    lp = ref.merge_attention_states(oa16, la, ob16, lb)[0].astype(us.BFLOAT16)
+    chk = check_attention(out, ow, lp, us.BFLOAT16)
+    assert chk.ok, chk.message()
+    a_only = np.isneginf(lb) & np.isfinite(la)
+    neither = np.isneginf(la) & np.isneginf(lb)
+    np.testing.assert_array_equal(out[a_only].view(np.uint16), oa16[a_only].view(np.uint16))
+    assert (out[neither].astype(np.float32) == 0).all() and np.isneginf(lse[neither]).all()

@@ -19,14 +19,18 @@ Backends. Each stage runs the backend's own packed version when it has one
 batch stage once per sequence (:mod:`unisparse_ref.reference.varlen`, ``stage=``) and packs
 the results on the host. The reference has every one; the Numba layer has the attention
 kernels (varlen and paged, reading ``cu_seqlens`` and the block table directly) and the
-merge, and runs pooling, scoring and selection one sequence at a time. Without a native
-``block_sparse_attention_paged`` the pages are gathered on the host first; without a native
-merge the reference merges on the host.
+merge, and runs pooling, scoring and selection one sequence at a time. The CuPy layer's
+packed stages live in :mod:`unisparse_ref.cupy_backend.varlen` (found by
+:func:`native_stage`): attention (packed and paged, one launch of rung v9 on Hopper), merge
+and pooling as kernels of their own, scoring and selection one launch per sequence on the
+device. Without a native ``block_sparse_attention_paged`` the pages are gathered on the host
+first; without a native merge the reference merges on the host.
 """
 
 from __future__ import annotations
 
 import functools
+import importlib
 from dataclasses import dataclass
 from typing import Any
 
@@ -44,6 +48,7 @@ from .reference.paged import PagedKVCache
 __all__ = [
     "VarlenResult",
     "merge_attention_states",
+    "native_stage",
     "unisparse_attention_paged",
     "unisparse_attention_varlen",
 ]
@@ -62,9 +67,33 @@ def _backend(backend: str | Any) -> Any:
     return get_backend(backend) if isinstance(backend, str) else backend
 
 
+#: Packed stages kept beside a backend's class, in a module of their own: backend name ->
+#: module whose function ``name(backend, *args)`` is the stage (the CuPy layer's,
+#: :mod:`unisparse_ref.cupy_backend.varlen`).
+_STAGE_MODULES = {"cupy": "unisparse_ref.cupy_backend.varlen"}
+
+
+def native_stage(backend: str | Any, name: str) -> Any:
+    """The backend's own packed stage ``name`` (a bound callable), or ``None`` if it has none.
+
+    A method of the backend object, else a function of its stage module (``_STAGE_MODULES``)
+    called with the backend first.
+    """
+    be = _backend(backend)
+    own = getattr(be, name, None)
+    if own is not None:
+        return own
+    module = _STAGE_MODULES.get(getattr(be, "name", None))
+    if module is not None:
+        fn = getattr(importlib.import_module(module), name, None)
+        if fn is not None:
+            return functools.partial(fn, be)
+    return None
+
+
 def _stage(be: Any, name: str) -> Any:
     """The backend's packed stage ``name``, or the reference's driving its batch stage per sequence."""
-    own = getattr(be, name, None)
+    own = native_stage(be, name)
     if own is not None:
         return own
     return functools.partial(getattr(ref_varlen, name), stage=getattr(be, _PER_SEQUENCE[name]))
@@ -263,7 +292,7 @@ def unisparse_attention_paged(
     k_c = cache.packed_composite_keys()
     scores = _stage(be, "block_scores_varlen")(q_c, k_c, cu_q, cu_k, config)
     kv_counts, kv_indices = _stage(be, "select_blocks_varlen")(scores, cu_q, cu_k, config)
-    paged = getattr(be, "block_sparse_attention_paged", None)
+    paged = native_stage(be, "block_sparse_attention_paged")
     if paged is not None:
         out, lse = paged(q, cache.k_pages, cache.v_pages, cu_q, cache.block_table, cache.seqused_k, kv_counts,
                          kv_indices, config)
@@ -298,6 +327,6 @@ def merge_attention_states(out_a: Any, lse_a: Any, out_b: Any, lse_b: Any, *,
     (out, lse) : ``[..., D]`` and float32 ``[...]``.
     """
     be = _backend(backend)
-    merge = getattr(be, "merge_attention_states", None) or _reference_merge
+    merge = native_stage(be, "merge_attention_states") or _reference_merge
     return merge(out_a, lse_a, out_b, lse_b)
 

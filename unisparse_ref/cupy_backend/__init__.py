@@ -61,7 +61,7 @@ from .._arrays import (
 from ..blockmask import BlockMask
 from ..config import UniSparseConfig
 from ..errors import BackendUnavailable
-from . import attention, pooling, scores, selection
+from . import attention, pooling, scores, selection, varlen
 from ._device import (
     SUPPORTED_DTYPES,
     BFloat16Array,
@@ -102,7 +102,7 @@ def all_instantiations() -> list[KernelSpec]:
     the stage launches it with; the no-GPU compile test builds each of them.
     """
     return [*pooling.INSTANTIATIONS, *scores.INSTANTIATIONS, *selection.INSTANTIATIONS,
-            *attention.INSTANTIATIONS]
+            *attention.INSTANTIATIONS, *varlen.INSTANTIATIONS]
 
 
 # ---------------------------------------------------------------------------- backend

@@ -46,6 +46,8 @@ __all__ = [
     "Fa3Config",
     "fa3_config",
     "fa3_forward",
+    "fa3_forward_varlen",
+    "varlen_tiles",
     "launch_config",
     "name_expression",
 ]
@@ -95,8 +97,10 @@ def fa3_config(head_dim: int, stages: int | None = None, bc: int | None = None) 
     return Fa3Config(head_dim, bc or c.bc, stages or c.stages)
 
 
-def name_expression(dtype: str, cfg: Fa3Config) -> str:
-    return f"us_fa3_fwd<{_CTYPE[dtype]}, {cfg.head_dim}, {cfg.bc}, {cfg.stages}>"
+def name_expression(dtype: str, cfg: Fa3Config, varlen: bool = False) -> str:
+    """The C++ name of the batch kernel ``us_fa3_fwd`` (or, ``varlen``, of ``us_fa3_fwd_varlen``)."""
+    kernel = "us_fa3_fwd_varlen" if varlen else "us_fa3_fwd"
+    return f"{kernel}<{_CTYPE[dtype]}, {cfg.head_dim}, {cfg.bc}, {cfg.stages}>"
 
 
 #: Every instantiation the backend launches.
@@ -107,15 +111,30 @@ FA3_INSTANTIATIONS: list[KernelSpec] = [
 ]
 
 
+#: The packed / paged kernel ``us_fa3_fwd_varlen`` (issue 16), one per batch instantiation.
+FA3_VARLEN_INSTANTIATIONS: list[KernelSpec] = [
+    KernelSpec(FA3_FILE, name_expression(dt, c, varlen=True), FA3_OPTIONS)
+    for dt in ("float16", "bfloat16")
+    for c in FA3_HEAD_DIMS.values()
+]
+
+
 #: The name expressions of the one module that holds every instantiation (one NVRTC compile
 #: per process, then CuPy's disk cache; a few seconds).
 FA3_MODULE_NAMES: tuple[str, ...] = tuple(s.name_expression for s in FA3_INSTANTIATIONS)
+#: The varlen kernels' module (a module of its own: the batch path compiles what it did).
+FA3_VARLEN_MODULE_NAMES: tuple[str, ...] = tuple(s.name_expression for s in FA3_VARLEN_INSTANTIATIONS)
 
 
 def _get_kernel(name: str) -> Any:
-    """The compiled kernel, from the loader's cached module of all instantiations; a name
-    outside the list (another ``stages``) gets a module of its own."""
-    names = FA3_MODULE_NAMES if name in FA3_MODULE_NAMES else (name,)
+    """The compiled kernel, from the loader's cached module of all instantiations (batch or
+    varlen); a name outside the lists (another ``stages``) gets a module of its own."""
+    if name in FA3_MODULE_NAMES:
+        names = FA3_MODULE_NAMES
+    elif name in FA3_VARLEN_MODULE_NAMES:
+        names = FA3_VARLEN_MODULE_NAMES
+    else:
+        names = (name,)
     return _loader.get_module(FA3_FILE, names, FA3_OPTIONS).get_function(name)
 
 
@@ -172,6 +191,32 @@ def launch_config(
 
 # ----------------------------------------------------------------------------- tensor maps
 _TMAP_CACHE: dict[tuple[Any, ...], bytes] = {}
+
+
+def encode_packed_tensor_map(arr: Any, dtype: str, rows_box: int) -> bytes:
+    """The TMA descriptor of a packed ``[rows, H, D]`` array (the varlen layout; pages
+    ``[num_pages, page_size, H, D]`` are passed as ``[num_pages * page_size, H, D]``): the 3-D
+    view ``(D, rows, H)`` with strides ``(H*D, D)`` elements, box ``(64, rows_box, 1)``,
+    128-byte swizzle, zero fill past ``rows``. The same tiles in shared memory as the batch
+    map's, so the kernel body is the same; only the coordinates differ."""
+    rows, H, D = (int(s) for s in arr.shape)
+    ptr = int(arr.data.ptr)
+    dims = [D, rows, H]
+    strides = [H * D * 2, D * 2]  # bytes: the token stride, then the head stride
+    box = [64, rows_box, 1]
+    key = ("packed", ptr, dtype, tuple(dims), rows_box)
+    hit = _TMAP_CACHE.get(key)
+    if hit is not None:
+        return hit
+    dt = _TMAP_DTYPE[dtype]
+    try:
+        out = _encode_ctypes(dt, ptr, dims, strides, box)
+    except OSError:
+        out = _encode_cuda_bindings(dt, ptr, dims, strides, box)
+    if len(_TMAP_CACHE) > 256:
+        _TMAP_CACHE.clear()
+    _TMAP_CACHE[key] = out
+    return out
 
 
 def _encode_cuda_bindings(dt: int, ptr: int, dims: list[int], strides: list[int], box: list[int]) -> bytes:
@@ -394,4 +439,133 @@ def fa3_forward(
         i32(1 if dynamic else 0),
     ]
     _launch_param(_get_kernel(name_expression(dtype, cfg)), cfgd, tmaps, rest)
+    return out, lse
+
+
+# ----------------------------------------------------------------------------- packed / paged
+def varlen_tiles(cu_seqlens_q: Any, seqlens_k: Any, k_start: Any, block_size: int, causal: bool) -> Any:
+    """The work list of :func:`fa3_forward_varlen`: int32 ``[n_tiles, 8]`` (NumPy), longest first.
+
+    One entry per 128-row query tile of every sequence with queries,
+    ``{q_off, N_q,b, k_off, N_k,b, cu_qblocks[b], q0, b, 0}``, ordered by the keys the
+    tile's last row may see (``p_last + 1`` causal, ``N_k,b`` otherwise), longest first
+    across the whole batch; ties keep ``(b, tile)`` order (the Numba layer's
+    :func:`~unisparse_ref.numba_backend.varlen.work_list`, with the addresses the kernel needs).
+    """
+    import numpy as np  # noqa: PLC0415
+
+    cu_q = np.asarray(cu_seqlens_q, dtype=np.int64)
+    nq = np.diff(cu_q)
+    nk = np.asarray(seqlens_k, dtype=np.int64)
+    ks = np.asarray(k_start, dtype=np.int64)
+    ntile = -(-nq // FA3_BR)
+    cu_qb = np.concatenate([[0], np.cumsum(-(-nq // block_size))])
+    b = np.repeat(np.arange(nq.size), ntile)
+    first = np.concatenate([[0], np.cumsum(ntile)])[:-1]
+    q0 = (np.arange(int(ntile.sum())) - np.repeat(first, ntile)) * FA3_BR
+    last_row = np.minimum(q0 + FA3_BR, nq[b]) - 1
+    span = last_row + (nk[b] - nq[b]) + 1 if causal else nk[b]
+    order = np.argsort(-span, kind="stable")
+    tiles = np.stack([cu_q[b], nq[b], ks[b], nk[b], cu_qb[b], q0, b, np.zeros_like(b)], axis=1)[order]
+    return np.ascontiguousarray(tiles, dtype=np.int32)
+
+
+def fa3_forward_varlen(
+    q: Any,
+    k: Any,
+    v: Any,
+    kv_counts: Any,
+    kv_indices: Any,
+    tiles: Any,
+    *,
+    total_qb: int,
+    block_size: int,
+    heads_per_mask: int,
+    causal: bool,
+    softmax_scale: float,
+    block_table: Any = None,
+    page_size: int = 0,
+    schedule: str = "dynamic",
+    max_ctas: int | None = None,
+    out: Any = None,
+    lse: Any = None,
+) -> tuple[Any, Any]:
+    """Packed (or paged) block-sparse attention on Hopper: ``us_fa3_fwd_varlen``, one launch.
+
+    Parameters
+    ----------
+    q : cupy ``[total_q, Hq, D]`` (C-contiguous float16, or uint16 holding bfloat16)
+    k, v : cupy ``[total_k, Hkv, D]``, or with ``block_table`` the pages
+        ``[num_pages * page_size, Hkv, D]`` (the page array reshaped, no copy)
+    kv_counts, kv_indices : cupy int32 ``[Hm, total_qb]``, ``[Hm, total_qb, W]``
+        The packed index form (local block indices, ascending, ``-1`` padded).
+    tiles : cupy int32 ``[n_tiles, 8]``
+        :func:`varlen_tiles` on the device.
+    total_qb, block_size, heads_per_mask, causal, softmax_scale :
+        ``sum_b nQb_b``, ``S`` (a multiple of 128 and of ``Bc``), ``c_h``, causality, scale.
+    block_table : cupy int32 ``[batch, max_pages]``, optional
+        Paged keys and values; ``page_size`` must then be a multiple of ``Bc``.
+    schedule, max_ctas, out, lse :
+        As in :func:`fa3_forward`.
+
+    Returns
+    -------
+    out : cupy ``[total_q, Hq, D]`` (q's dtype), lse : cupy float32 ``[Hq, total_q]``
+
+    The caller (:mod:`unisparse_ref.cupy_backend.varlen`) checks shapes, offsets and lengths.
+    """
+    import cupy as cp  # noqa: PLC0415
+    import numpy as np  # noqa: PLC0415
+
+    total_q, Hq, D = (int(x) for x in q.shape)
+    Hkv = int(k.shape[1])
+    dtype = "bfloat16" if np.dtype(q.dtype) == np.uint16 else "float16"
+    n_tiles = int(tiles.shape[0])
+    cfg = fa3_config(D)
+    if block_size % FA3_BR or block_size % cfg.bc:
+        raise ValueError(f"block_size {block_size} must be a multiple of Br=128 and Bc={cfg.bc}")
+    if block_table is not None and (page_size < 1 or page_size % cfg.bc):
+        raise ValueError(f"page_size {page_size} must be a multiple of Bc={cfg.bc} for the paged kernel")
+    # One task per (tile, head): launch_config's n_tasks with "batch" = tiles, one tile each.
+    cfgd = launch_config(batch=n_tiles, q_heads=Hq, nq=FA3_BR, head_dim=D, itemsize=2,
+                         num_sms=max_ctas or _num_sms())
+    if out is None:
+        out = cp.empty_like(q)
+    if lse is None:
+        lse = cp.empty((Hq, total_q), dtype=cp.float32)
+    if n_tiles == 0:
+        return out, lse
+    tmaps = [
+        encode_packed_tensor_map(q, dtype, FA3_BR),
+        encode_packed_tensor_map(k, dtype, cfg.bc),
+        encode_packed_tensor_map(v, dtype, cfg.bc),
+    ]
+    if schedule not in ("dynamic", "static"):
+        raise ValueError(f"schedule must be 'dynamic' or 'static', got {schedule!r}")
+    sched = cp.zeros(1 + int(cfgd["grid"][0]), dtype=cp.int32)
+    i32 = np.int32
+    rest = [
+        kv_counts,
+        kv_indices,
+        tiles,
+        out,
+        lse,
+        i32(Hq),
+        i32(Hkv),
+        i32(Hq // heads_per_mask),
+        i32(total_q),
+        i32(total_qb),
+        i32(kv_indices.shape[-1]),
+        i32(block_size),
+        i32(heads_per_mask),
+        i32(1 if causal else 0),
+        np.float32(softmax_scale * math.log2(math.e)),
+        i32(cfgd["n_tasks"]),
+        sched,
+        i32(1 if schedule == "dynamic" else 0),
+        block_table,
+        i32(0 if block_table is None else block_table.shape[1]),
+        i32(page_size),
+    ]
+    _launch_param(_get_kernel(name_expression(dtype, cfg, varlen=True)), cfgd, tmaps, rest)
     return out, lse

@@ -1,0 +1,103 @@
+"""Exercise the serving-layout kernels of the CuPy layer once, on small shapes, for compute-sanitizer.
+
+    compute-sanitizer --tool memcheck  python3 scripts/sanitize_varlen.py
+    compute-sanitizer --tool racecheck python3 scripts/sanitize_varlen.py
+
+CuPy's memory pool is off, so every array is its own cudaMalloc and an access past the end of
+the packed arrays (the last sequence's tile, a page) is caught at the array's edge. Covers
+``us_merge_states<half|bf16|float>``, ``us_pool_varlen<half|bf16|float>`` and, on Hopper,
+``us_fa3_fwd_varlen`` (D = 64, 128, 256; contiguous packed and paged through the block
+table; ragged lengths, an empty sequence, a last tile past the end of the packed arrays).
+Exits non-zero if a result disagrees with the NumPy reference (SPEC 7).
+"""
+
+from __future__ import annotations
+
+import sys
+
+import cupy as cp
+import numpy as np
+
+import unisparse_ref as us
+from unisparse_ref import BlockMask, PagedKVCache, UniSparseConfig
+from unisparse_ref import reference as ref
+from unisparse_ref.cupy_backend import attention
+from unisparse_ref.reference import varlen as rv
+from unisparse_ref.tolerance import check_attention, check_lse
+from unisparse_ref.varlen import native_stage
+
+
+def main() -> int:
+    cp.cuda.set_allocator(None)  # plain cudaMalloc per array: memcheck sees every edge
+    be = us.get_backend("cupy")
+    rng = np.random.default_rng(0)
+    failures: list[str] = []
+
+    # merge, every element type
+    for dt in (np.float32, np.float16, us.BFLOAT16):
+        oa, ob = (rng.standard_normal((3, 5, 24)).astype(dt) for _ in range(2))
+        la, lb = (rng.standard_normal((3, 5)).astype(np.float32) for _ in range(2))
+        la[0, 0] = lb[0, 0] = -np.inf
+        la[1, 1] = -np.inf
+        out, lse = us.merge_attention_states(oa, la, ob, lb, backend=be)
+        want, wl = ref.merge_attention_states(oa, la, ob, lb)
+        chk = check_attention(us.to_numpy(out).astype(np.float64), want, want.astype(dt), np.dtype(dt))
+        if not chk.ok or not np.array_equal(np.isneginf(us.to_numpy(lse)), np.isneginf(wl)):
+            failures.append(f"merge {np.dtype(dt)}: {chk.message()}")
+
+    # packed pooling, every element type
+    cfg = UniSparseConfig(block_size=128, c_q=16, c_k=8, c_h=2)
+    nq, nk = [1, 200, 0, 333], [3, 400, 5, 333]
+    cu_q, cu_k = (np.concatenate([[0], np.cumsum(n)]).astype(np.int32) for n in (nq, nk))
+    for dt in (np.float32, np.float16, us.BFLOAT16):
+        q = rng.standard_normal((cu_q[-1], 4, 64)).astype(dt)
+        k = rng.standard_normal((cu_k[-1], 2, 64)).astype(dt)
+        q_c, k_c = native_stage(be, "compress_varlen")(q, k, cu_q, cu_k, cfg)
+        rq, rk = rv.compress_varlen(q, k, cu_q, cu_k, cfg)
+        if np.abs(us.to_numpy(q_c) - rq).max() > 1e-5 or np.abs(us.to_numpy(k_c) - rk).max() > 1e-5:
+            failures.append(f"compress_varlen {np.dtype(dt)}")
+
+    if attention._has_sm90():
+        for D, S, page in ((64, 128, 128), (128, 256, 256), (256, 128, 64)):
+            cfg = UniSparseConfig(block_size=S, c_q=16, c_k=16)
+            nq, nk = [1, 200, 0, 333, 129], [3, 400, 5, 333, 700]
+            cu_q, cu_k = (np.concatenate([[0], np.cumsum(n)]).astype(np.int32) for n in (nq, nk))
+            q = rng.standard_normal((cu_q[-1], 4, D)).astype(np.float16)
+            k = rng.standard_normal((cu_k[-1], 2, D)).astype(np.float16)
+            v = rng.standard_normal((cu_k[-1], 2, D)).astype(np.float16)
+            masks = []
+            for a, b in zip(nq, nk, strict=True):
+                if a == 0:
+                    masks.append(None)
+                    continue
+                m = rng.random((1, 4, -(-a // S), -(-b // S))) < 0.7
+                masks.append(BlockMask(m, S, 1, a, b, True))
+            counts, idx = rv.pack_block_masks(masks, cu_q, cu_k, S, 4)
+            out, lse = native_stage(be, "block_sparse_attention_varlen")(q, k, v, cu_q, cu_k, counts, idx, cfg)
+            want, wl = rv.block_sparse_attention_varlen(q, k, v, cu_q, cu_k, counts, idx, cfg)
+            lp = rv.block_sparse_attention_varlen(q, k, v, cu_q, cu_k, counts, idx, cfg, precision=np.float16)
+            chk = check_attention(us.to_numpy(out), want, lp[0], np.dtype(np.float16))
+            lchk = check_lse(us.to_numpy(lse), wl, lp[1])
+            if not (chk.ok and lchk.ok):
+                failures.append(f"varlen D={D}: {chk.message()} {lchk.message()}")
+            n_pages = sum(-(-b // page) for b in nk) + 2
+            cache = PagedKVCache(n_pages, page, 2, D, batch=len(nq), c_k=16, dtype=np.float16,
+                                 page_order=rng.permutation(n_pages))
+            cache.append_varlen(k, v, cu_k)
+            po, pl = native_stage(be, "block_sparse_attention_paged")(q, cache.k_pages, cache.v_pages, cu_q,
+                                                                      cache.block_table, cache.seqused_k, counts,
+                                                                      idx, cfg)
+            if not (np.array_equal(us.to_numpy(po), us.to_numpy(out))
+                    and np.array_equal(us.to_numpy(pl), us.to_numpy(lse))):
+                failures.append(f"paged D={D} page={page}: differs from the contiguous packed result")
+    else:
+        print("no Hopper GPU: us_fa3_fwd_varlen not exercised")
+    cp.cuda.Device().synchronize()
+    for f in failures:
+        print("FAIL", f)
+    print("sanitize_varlen:", "OK" if not failures else f"{len(failures)} failures")
+    return 1 if failures else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,478 @@
+"""Serving layouts in the CuPy layer: packed ragged batches, paged KV caches, merging states.
+
+The functions here are the CuPy backend's packed stages; :mod:`unisparse_ref.varlen` finds
+them by name (``native_stage``) and passes the backend as the first argument. Conventions are
+those of :mod:`unisparse_ref.reference.varlen` (the *Serving layouts* page of the docs):
+``q [total_q, Hq, D]``, ``k``/``v [total_k, Hkv, D]``, ``cu_seqlens`` int32 ``[batch + 1]``,
+bottom-right causal alignment per sequence, the masks in the packed index form
+(``kv_counts [Hm, total_qb]``, ``kv_indices [Hm, total_qb, W]``, block indices local to the
+sequence).
+
+========================================  ==========================================================
+function                                  how
+========================================  ==========================================================
+:func:`block_sparse_attention_varlen`     **one launch** of rung v9's ``us_fa3_fwd_varlen``
+                                          (``attention_hopper.cu``): TMA tensor maps over the packed
+                                          token axis, a work list of 128-row query tiles of every
+                                          sequence, longest first across the batch, walked by the
+                                          persistent grid's dynamic scheduler; keys past ``N_k,b``
+                                          masked; rows stored only up to ``N_q,b``. Hopper, float16 /
+                                          bfloat16, ``S`` a multiple of 128 (any ``D <= 256``,
+                                          zero-padded to 64 / 128 / 256). Otherwise: per-sequence
+                                          fallback (the batch kernel on each sequence, copies)
+:func:`block_sparse_attention_paged`      the same kernel reading ``block_table`` (no gather) when
+                                          ``page_size`` is a multiple of the key tile ``Bc`` (128;
+                                          64 at ``D = 256``); otherwise the pages are gathered on
+                                          the device (one copy), then the packed attention
+:func:`merge_attention_states`            ``us_merge_states<T>`` (``varlen.cu``), one launch
+:func:`compress_varlen`,                  ``us_pool_varlen<T>`` (``varlen.cu``), one launch per
+:func:`compress_queries_varlen`           tensor, reading ``cu_seqlens`` (bit for bit the batch
+                                          kernel's composite tokens of each sequence)
+:func:`block_scores_varlen`,              **still one launch per sequence**: the batch scoring and
+:func:`select_blocks_varlen`              selection kernels (owned elsewhere) on each sequence's
+                                          composite tokens / scores (small copies), the results
+                                          written into the packed arrays on the device
+========================================  ==========================================================
+
+Imports without CuPy.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from .. import geometry
+from .._arrays import (
+    check_config,
+    check_cu_seqlens,
+    check_head_pooling,
+    check_merge_states,
+    check_packed_mask,
+    check_paged_qkv,
+    check_spec_variants,
+    check_varlen_lengths,
+    check_varlen_qkv,
+    packed_offsets,
+)
+from ..config import UniSparseConfig
+from . import _hopper, _loader, attention
+from ._device import check_finite_device, cupy_module, device_input, i32, wrap_output
+from ._loader import CTYPES, KernelSpec
+
+__all__ = [
+    "FILE",
+    "INSTANTIATIONS",
+    "block_scores_varlen",
+    "block_sparse_attention_paged",
+    "block_sparse_attention_varlen",
+    "compress_queries_varlen",
+    "compress_varlen",
+    "launch_config",
+    "launch_merge",
+    "launch_pool_varlen",
+    "merge_attention_states",
+    "select_blocks_varlen",
+    "uses_v9",
+]
+
+FILE = "varlen.cu"
+#: Threads per block of the elementwise kernels (``US_VARLEN_THREADS`` in varlen.cu).
+THREADS = 256
+#: Largest grid of the grid-stride kernels.
+MAX_BLOCKS = 65535
+OPTIONS: tuple[str, ...] = (f"-DUS_VARLEN_THREADS={THREADS}",)
+
+
+def merge_spec(ctype: str) -> KernelSpec:
+    return KernelSpec(FILE, f"us_merge_states<{ctype}>", OPTIONS)
+
+
+def pool_spec(ctype: str) -> KernelSpec:
+    return KernelSpec(FILE, f"us_pool_varlen<{ctype}>", OPTIONS)
+
+
+#: Every instantiation these stages launch: merge and packed pooling per element type, and
+#: the varlen attention of rung v9.
+INSTANTIATIONS: list[KernelSpec] = [
+    *(merge_spec(t) for t in CTYPES.values()),
+    *(pool_spec(t) for t in CTYPES.values()),
+    *_hopper.FA3_VARLEN_INSTANTIATIONS,
+]
+
+
+def launch_config(n: int) -> dict[str, Any]:
+    """Grid and block of the grid-stride kernels over ``n`` outputs (one thread each)."""
+    return {"grid": (max(1, min(geometry.cdiv(n, THREADS), MAX_BLOCKS)), 1, 1), "block": (THREADS, 1, 1),
+            "shared_mem": 0}
+
+
+# ----------------------------------------------------------------------------- merge
+def launch_merge(out_a: Any, lse_a: Any, out_b: Any, lse_b: Any, dtype: np.dtype) -> tuple[Any, Any]:
+    """``us_merge_states<T>`` on C-contiguous CuPy arrays ``out_* [rows, D]``, float32 ``lse_* [rows]``."""
+    cp = cupy_module()
+    rows, D = (int(s) for s in out_a.shape)
+    out = cp.empty_like(out_a)
+    lse = cp.empty((rows,), dtype=cp.float32)
+    if rows * D:
+        lc = launch_config(rows * D)
+        _loader.launch(_loader.get_function(merge_spec(CTYPES[str(dtype)])), lc["grid"], lc["block"],
+                       (out_a, lse_a, out_b, lse_b, out, lse, np.int64(rows), i32(D)), shared_mem=0)
+    return out, lse
+
+
+def merge_attention_states(be: Any, out_a: Any, lse_a: Any, out_b: Any, lse_b: Any) -> tuple[Any, Any]:
+    """Attention over the union of two disjoint key sets from the two partial states (one launch).
+
+    Parameters
+    ----------
+    be : CupyBackend
+    out_a, out_b : array ``[..., D]``, float16, bfloat16 or float32 (the same)
+    lse_a, lse_b : array ``[...]`` (out's shape without ``D``; ``lse.T`` for the packed layout,
+        copied contiguous: it is small)
+
+    Returns
+    -------
+    out : ``[..., D]`` of the inputs' dtype, lse : cupy float32 ``[...]``
+
+    Raises
+    ------
+    ValueError
+        Shapes that disagree, non-finite outputs, NaN or ``+inf`` in an ``lse``.
+    TypeError
+        Mixed or unsupported dtypes.
+    """
+    cp = cupy_module()
+    check_merge_states(out_a, lse_a, out_b, lse_b)
+    da, dta = device_input("out_a", out_a)
+    db, dtb = device_input("out_b", out_b)
+    if dta != dtb:
+        raise TypeError(f"out_b has dtype {dtb} but out_a has {dta}; they must match")
+    la, lb = (cp.ascontiguousarray(x if isinstance(x, cp.ndarray) else cp.asarray(np.asarray(x, np.float32)),
+                                   dtype=cp.float32) for x in (lse_a, lse_b))
+    check_finite_device(("out_a", da, dta), ("out_b", db, dtb))
+    bad = [cp.count_nonzero(cp.isnan(x) | cp.isposinf(x)) for x in (la, lb)]
+    for name, n in zip(("lse_a", "lse_b"), bad, strict=True):
+        if int(n):
+            raise ValueError(f"{name} must be finite or -inf (an empty row), it holds NaN or +inf")
+    shape = tuple(int(s) for s in da.shape)
+    rows, D = int(np.prod(shape[:-1], dtype=np.int64)), shape[-1]
+    out, lse = launch_merge(da.reshape(rows, D), la.reshape(rows), db.reshape(rows, D), lb.reshape(rows), dta)
+    return wrap_output(out.reshape(shape), dta), lse.reshape(shape[:-1])
+
+
+# ----------------------------------------------------------------------------- stage 1, packed
+def launch_pool_varlen(x: Any, dtype: np.dtype, cu: np.ndarray, c: int, c_h: int) -> Any:
+    """``us_pool_varlen<T>``: packed ``x [total, H, D]`` -> float32 ``[sum ceil(N_b / c), H / c_h, D]``."""
+    cp = cupy_module()
+    _, H, D = (int(s) for s in x.shape)
+    cu_out = packed_offsets(cu, c)
+    Hout = H // c_h
+    out = cp.empty((int(cu_out[-1]), Hout, D), dtype=cp.float32)
+    if out.size:
+        lc = launch_config(out.size)
+        _loader.launch(_loader.get_function(pool_spec(CTYPES[str(dtype)])), lc["grid"], lc["block"],
+                       (x, cp.asarray(cu, dtype=cp.int32), cp.asarray(cu_out, dtype=cp.int32), out,
+                        i32(cu.size - 1), i32(H), i32(D), i32(c), i32(c_h)), shared_mem=0)
+    return out
+
+
+def compress_varlen(be: Any, q: Any, k: Any, cu_seqlens_q: Any, cu_seqlens_k: Any,
+                    config: UniSparseConfig) -> tuple[Any, Any]:
+    """Composite tokens of a packed batch (SPEC 3), one launch per tensor.
+
+    Returns
+    -------
+    q_c : cupy float32 ``[sum R_i, Hq / c_h, D]``, k_c : cupy float32 ``[sum C_i, Hkv, D]``
+        Offsets ``packed_offsets(cu_seqlens_q, c_q)`` and ``packed_offsets(cu_seqlens_k, c_k)``.
+    """
+    config = check_config(config)
+    qd, dt = device_input("q", q)
+    kd, dtk = device_input("k", k)
+    if dtk != dt:
+        raise TypeError(f"k has dtype {dtk} but q has {dt}; they must match")
+    cu_q, cu_k, Hq, Hkv, _ = check_varlen_qkv(qd, kd, kd, cu_seqlens_q, cu_seqlens_k, causal=config.causal,
+                                              shape_only=True)
+    check_head_pooling(Hq, Hkv, config.c_h)
+    q_c = launch_pool_varlen(qd, dt, cu_q, config.c_q, config.c_h)
+    k_c = launch_pool_varlen(kd, dt, cu_k, config.c_k, 1)
+    check_finite_device(("q", q_c, np.dtype(np.float32)), ("k", k_c, np.dtype(np.float32)))
+    return q_c, k_c
+
+
+def compress_queries_varlen(be: Any, q: Any, cu_seqlens_q: Any, config: UniSparseConfig, *,
+                            num_kv_heads: int | None = None) -> Any:
+    """Composite queries only (the keys' come from a cache): cupy float32 ``[sum R_i, Hq / c_h, D]``."""
+    config = check_config(config)
+    qd, dt = device_input("q", q)
+    if qd.ndim != 3:
+        raise ValueError(f"q must have rank 3 [total_q, Hq, D], got shape {tuple(qd.shape)}")
+    Hq = int(qd.shape[1])
+    Hkv = Hq if num_kv_heads is None else int(num_kv_heads)
+    if Hq % Hkv:
+        raise ValueError(f"q heads Hq={Hq} must be a multiple of k/v heads Hkv={Hkv}")
+    check_head_pooling(Hq, Hkv, config.c_h)
+    cu_q = check_cu_seqlens("cu_seqlens_q", cu_seqlens_q, int(qd.shape[0]))
+    q_c = launch_pool_varlen(qd, dt, cu_q, config.c_q, config.c_h)
+    check_finite_device(("q", q_c, np.dtype(np.float32)))
+    return q_c
+
+
+# ----------------------------------------------------------------------------- stages 2 and 3, per sequence
+def _offsets(cu_seqlens_q: Any, cu_seqlens_k: Any, causal: bool) -> tuple[np.ndarray, np.ndarray]:
+    def last(cu: Any) -> int:
+        a = np.asarray(cu.get() if hasattr(cu, "get") else cu).reshape(-1)
+        return int(a[-1]) if a.size and a.dtype.kind in "iu" else 0
+
+    cu_q = check_cu_seqlens("cu_seqlens_q", cu_seqlens_q, last(cu_seqlens_q))
+    cu_k = check_cu_seqlens("cu_seqlens_k", cu_seqlens_k, last(cu_seqlens_k))
+    if cu_q.size != cu_k.size:
+        raise ValueError(f"cu_seqlens_q has {cu_q.size} entries but cu_seqlens_k has {cu_k.size}")
+    check_varlen_lengths(cu_q, np.diff(cu_k), causal)
+    return cu_q, cu_k
+
+
+def _f32_device(name: str, x: Any) -> Any:
+    cp = cupy_module()
+    if isinstance(x, cp.ndarray):
+        return x
+    if isinstance(x, np.ndarray):
+        return cp.asarray(x.astype(np.float32))
+    return device_input(name, x)[0]
+
+
+def block_scores_varlen(be: Any, q_c: Any, k_c: Any, cu_seqlens_q: Any, cu_seqlens_k: Any,
+                        config: UniSparseConfig) -> Any:
+    """Block scores of every sequence (SPEC 4), packed: cupy float32 ``[Hm, total_qb, W]`` (zero past ``nKb_i``).
+
+    One launch of the backend's batch scoring per sequence with queries, on that sequence's
+    composite tokens (a small transposing copy each); the results are written into the
+    packed array on the device.
+    """
+    cp = cupy_module()
+    config = check_config(config)
+    check_spec_variants(config, "cupy backend block_scores_varlen")
+    qc, kc = _f32_device("q_c", q_c), _f32_device("k_c", k_c)
+    if qc.ndim != 3 or kc.ndim != 3:
+        raise ValueError(f"q_c and k_c must have rank 3 (packed), got {qc.shape} and {kc.shape}")
+    cu_q, cu_k = _offsets(cu_seqlens_q, cu_seqlens_k, config.causal)
+    cu_r, cu_c = packed_offsets(cu_q, config.c_q), packed_offsets(cu_k, config.c_k)
+    if qc.shape[0] != cu_r[-1] or kc.shape[0] != cu_c[-1]:
+        raise ValueError(
+            f"q_c has {qc.shape[0]} composite queries and k_c {kc.shape[0]} composite keys; the offsets "
+            f"need {int(cu_r[-1])} and {int(cu_c[-1])}"
+        )
+    S = config.block_size
+    cu_qb = packed_offsets(cu_q, S)
+    nk_all = np.diff(cu_k)
+    W = max(1, geometry.num_blocks(int(nk_all.max(initial=0)), S))
+    out = cp.zeros((int(qc.shape[1]), int(cu_qb[-1]), W), dtype=cp.float32)
+    for i in range(cu_q.size - 1):
+        nq, nk = int(cu_q[i + 1] - cu_q[i]), int(nk_all[i])
+        if nq == 0:
+            continue
+        qi = cp.ascontiguousarray(qc[cu_r[i]:cu_r[i + 1]].transpose(1, 0, 2)[None])
+        ki = cp.ascontiguousarray(kc[cu_c[i]:cu_c[i + 1]].transpose(1, 0, 2)[None])
+        s = be.block_scores(qi, ki, config, nq, nk)
+        out[:, cu_qb[i]:cu_qb[i + 1], : s.shape[-1]] = s[0]
+    return out
+
+
+def select_blocks_varlen(be: Any, scores: Any, cu_seqlens_q: Any, cu_seqlens_k: Any,
+                         config: UniSparseConfig) -> tuple[Any, Any]:
+    """Top-P selection of every sequence (SPEC 5) in the packed index form (cupy int32).
+
+    One launch of the backend's batch selection per sequence with queries (its rows of the
+    packed scores, a small copy each), written into ``kv_counts [Hm, total_qb]`` and
+    ``kv_indices [Hm, total_qb, W]`` on the device.
+    """
+    cp = cupy_module()
+    config = check_config(config)
+    s = scores if isinstance(scores, cp.ndarray) else cp.asarray(np.asarray(scores))
+    cu_q, cu_k = _offsets(cu_seqlens_q, cu_seqlens_k, config.causal)
+    S = config.block_size
+    cu_qb = packed_offsets(cu_q, S)
+    if s.ndim != 3 or s.shape[1] != cu_qb[-1]:
+        raise ValueError(f"scores must have shape [Hm, total_qb={int(cu_qb[-1])}, W], got {tuple(s.shape)}")
+    Hm, total_qb, W = (int(x) for x in s.shape)
+    counts = cp.zeros((Hm, total_qb), dtype=cp.int32)
+    indices = cp.full((Hm, total_qb, max(W, 1)), -1, dtype=cp.int32)
+    for i in range(cu_q.size - 1):
+        nq, nk = int(cu_q[i + 1] - cu_q[i]), int(cu_k[i + 1] - cu_k[i])
+        if nq == 0:
+            continue
+        nkb = geometry.num_blocks(nk, S)
+        s_i = cp.ascontiguousarray(s[None, :, cu_qb[i]:cu_qb[i + 1], :nkb])
+        _, c_i, idx_i = be.select_blocks_indices(s_i, config, nq, nk)
+        counts[:, cu_qb[i]:cu_qb[i + 1]] = c_i[0]
+        indices[:, cu_qb[i]:cu_qb[i + 1], :nkb] = idx_i[0]
+    return counts, indices
+
+
+# ----------------------------------------------------------------------------- stage 4, packed and paged
+def uses_v9(dtype: np.dtype, head_dim: int, block_size: int) -> bool:
+    """Whether the packed attention runs in one launch of rung v9 here (else the per-sequence fallback)."""
+    if str(dtype) not in ("float16", "bfloat16") or head_dim > max(_hopper.FA3_HEAD_DIMS):
+        return False
+    if block_size % _hopper.FA3_BR:
+        return False
+    return attention._has_sm90()
+
+
+def _v9_head_dim(D: int) -> int:
+    return min(d for d in _hopper.FA3_HEAD_DIMS if d >= D)
+
+
+def _pad_d(x: Any, Dp: int) -> Any:
+    cp = cupy_module()
+    D = int(x.shape[-1])
+    return x if Dp == D else cp.pad(x, [(0, 0)] * (x.ndim - 1) + [(0, Dp - D)])
+
+
+def _packed_mask(kv_counts: Any, kv_indices: Any, cu_q: np.ndarray, nk: np.ndarray, block_size: int,
+                 Hm: int) -> tuple[Any, Any]:
+    """The packed index form on the device: host arrays fully checked (:func:`check_packed_mask`);
+    CuPy arrays (our own selection's output) checked for shape and dtype only, like the batch
+    attention's index form (``validate=False``)."""
+    cp = cupy_module()
+    if isinstance(kv_counts, cp.ndarray) and isinstance(kv_indices, cp.ndarray):
+        total_qb = int(packed_offsets(cu_q, block_size)[-1])
+        width = max(1, geometry.num_blocks(int(np.asarray(nk).max(initial=0)), block_size))
+        if (tuple(kv_counts.shape) != (Hm, total_qb) or kv_indices.ndim != 3
+                or tuple(kv_indices.shape[:2]) != (Hm, total_qb) or kv_indices.shape[2] < width):
+            raise ValueError(
+                f"kv_counts must have shape [Hm={Hm}, total_qb={total_qb}] and kv_indices [Hm, total_qb, W >= "
+                f"{width}], got {tuple(kv_counts.shape)} and {tuple(kv_indices.shape)}"
+            )
+        if kv_counts.dtype.kind not in "iu" or kv_indices.dtype.kind not in "iu":
+            raise TypeError("kv_counts and kv_indices must be integer arrays")
+        return (cp.ascontiguousarray(kv_counts, dtype=cp.int32), cp.ascontiguousarray(kv_indices, dtype=cp.int32))
+    counts, idx, _ = check_packed_mask(kv_counts, kv_indices, cu_q, nk, block_size, Hm)
+    return cp.asarray(counts), cp.asarray(idx)
+
+
+def _attend_v9(qd: Any, kd: Any, vd: Any, counts: Any, indices: Any, cu_q: np.ndarray, nk: np.ndarray,
+               k_start: np.ndarray, config: UniSparseConfig, scale: float, block_table: Any = None,
+               page_size: int = 0) -> tuple[Any, Any]:
+    cp = cupy_module()
+    D = int(qd.shape[-1])
+    Dp = _v9_head_dim(D)
+    qd, kd, vd = (_pad_d(x, Dp) for x in (qd, kd, vd))
+    tiles = cp.asarray(_hopper.varlen_tiles(cu_q, nk, k_start, config.block_size, config.causal))
+    total_qb = int(packed_offsets(cu_q, config.block_size)[-1])
+    out, lse = _hopper.fa3_forward_varlen(
+        qd, kd, vd, counts, indices, tiles, total_qb=total_qb, block_size=config.block_size,
+        heads_per_mask=config.c_h, causal=config.causal, softmax_scale=scale, block_table=block_table,
+        page_size=page_size)
+    if Dp != D:
+        out = cp.ascontiguousarray(out[..., :D])
+    return out, lse
+
+
+def _attend_per_sequence(qd: Any, kd: Any, vd: Any, counts: Any, indices: Any, cu_q: np.ndarray,
+                         cu_k: np.ndarray, config: UniSparseConfig, scale: float) -> tuple[Any, Any]:
+    """The fallback: the batch attention (:func:`~unisparse_ref.cupy_backend.attention.attention_forward`)
+    on each sequence with queries, through ``[1, H, N_i, D]`` copies."""
+    cp = cupy_module()
+    total_q, Hq, D = (int(s) for s in qd.shape)
+    out = cp.zeros_like(qd)
+    lse = cp.empty((Hq, total_q), dtype=cp.float32)
+    S = config.block_size
+    cu_qb = packed_offsets(cu_q, S)
+    Dp = attention.padded_head_dim(D)
+    for i in range(cu_q.size - 1):
+        nq, nk = int(cu_q[i + 1] - cu_q[i]), int(cu_k[i + 1] - cu_k[i])
+        if nq == 0:
+            continue
+        qi, ki, vi = (cp.ascontiguousarray(_pad_d(x[int(c[i]):int(c[i + 1])], Dp).transpose(1, 0, 2)[None])
+                      for x, c in ((qd, cu_q), (kd, cu_k), (vd, cu_k)))
+        nkb = geometry.num_blocks(nk, S)
+        ci = cp.ascontiguousarray(counts[None, :, cu_qb[i]:cu_qb[i + 1]])
+        ii = cp.ascontiguousarray(indices[None, :, cu_qb[i]:cu_qb[i + 1], :nkb])
+        o, l_ = attention.attention_forward(qi, ki, vi, ci, ii, nq=nq, nk=nk, block_size=S,
+                                            heads_per_mask=config.c_h, causal=config.causal, softmax_scale=scale)
+        out[int(cu_q[i]):int(cu_q[i + 1])] = o[0, :, :, :D].transpose(1, 0, 2)
+        lse[:, int(cu_q[i]):int(cu_q[i + 1])] = l_[0]
+    return out, lse
+
+
+def block_sparse_attention_varlen(be: Any, q: Any, k: Any, v: Any, cu_seqlens_q: Any, cu_seqlens_k: Any,
+                                  kv_counts: Any, kv_indices: Any, config: UniSparseConfig) -> tuple[Any, Any]:
+    """Exact attention over every sequence's selected blocks (SPEC 6), packed.
+
+    One launch of ``us_fa3_fwd_varlen`` where :func:`uses_v9` (Hopper, float16 / bfloat16,
+    ``S`` a multiple of 128); otherwise the batch kernels once per sequence.
+
+    Returns
+    -------
+    out : ``[total_q, Hq, D]`` of q's dtype, lse : cupy float32 ``[Hq, total_q]``
+        (``-inf`` on rows with no allowed key).
+    """
+    config = check_config(config)
+    (qd, dt), (kd, dtk), (vd, dtv) = (device_input(n, x) for n, x in (("q", q), ("k", k), ("v", v)))
+    for name, d in (("k", dtk), ("v", dtv)):
+        if d != dt:
+            raise TypeError(f"{name} has dtype {d} but q has {dt}; they must match")
+    cu_q, cu_k, Hq, _, D = check_varlen_qkv(qd, kd, vd, cu_seqlens_q, cu_seqlens_k, causal=config.causal,
+                                            shape_only=True)
+    nk = np.diff(cu_k)
+    counts, indices = _packed_mask(kv_counts, kv_indices, cu_q, nk, config.block_size, Hq // config.c_h)
+    check_finite_device(("q", qd, dt), ("k", kd, dt), ("v", vd, dt))
+    scale = config.scale_for(D)
+    if uses_v9(dt, D, config.block_size):
+        out, lse = _attend_v9(qd, kd, vd, counts, indices, cu_q, nk, cu_k[:-1], config, scale)
+    else:
+        out, lse = _attend_per_sequence(qd, kd, vd, counts, indices, cu_q, cu_k, config, scale)
+    return wrap_output(out, dt), lse
+
+
+def block_sparse_attention_paged(be: Any, q: Any, k_pages: Any, v_pages: Any, cu_seqlens_q: Any, block_table: Any,
+                                 seqused_k: Any, kv_counts: Any, kv_indices: Any,
+                                 config: UniSparseConfig) -> tuple[Any, Any]:
+    """Packed queries against a paged KV cache (SPEC 6): the kernel reads ``block_table`` itself.
+
+    ``k_pages``, ``v_pages [num_pages, page_size, Hkv, D]``; key ``s`` of sequence ``b`` is
+    ``k_pages[block_table[b, s // page_size], s % page_size]``. One launch of
+    ``us_fa3_fwd_varlen`` (no gather) where :func:`uses_v9` and ``page_size`` is a multiple
+    of the key tile (128; 64 at ``D = 256``); otherwise the used pages are gathered on the
+    device into a packed copy and :func:`block_sparse_attention_varlen` runs on it. The whole
+    page arrays must be finite (unused slots included: a key tile may read past ``N_k,b``
+    inside its last page, where a NaN would reach the P V product).
+
+    Returns
+    -------
+    out : ``[total_q, Hq, D]`` of q's dtype, lse : cupy float32 ``[Hq, total_q]``.
+    """
+    cp = cupy_module()
+    config = check_config(config)
+    (qd, dt), (kd, dtk), (vd, dtv) = (device_input(n, x) for n, x in
+                                      (("q", q), ("k_pages", k_pages), ("v_pages", v_pages)))
+    for name, d in (("k_pages", dtk), ("v_pages", dtv)):
+        if d != dt:
+            raise TypeError(f"{name} has dtype {d} but q has {dt}; they must match")
+    cu_q, table, used, Hq, Hkv, D = check_paged_qkv(qd, kd, vd, cu_seqlens_q, block_table, seqused_k,
+                                                    causal=config.causal, shape_only=True)
+    counts, indices = _packed_mask(kv_counts, kv_indices, cu_q, used, config.block_size, Hq // config.c_h)
+    num_pages, page_size = int(kd.shape[0]), int(kd.shape[1])
+    scale = config.scale_for(D)
+    bc = _hopper.fa3_config(_v9_head_dim(D)).bc if D <= max(_hopper.FA3_HEAD_DIMS) else 0
+    if uses_v9(dt, D, config.block_size) and bc and page_size % bc == 0:
+        check_finite_device(("q", qd, dt), ("k_pages", kd, dt), ("v_pages", vd, dt))
+        k2, v2 = (x.reshape(num_pages * page_size, Hkv, D) for x in (kd, vd))
+        out, lse = _attend_v9(qd, k2, v2, counts, indices, cu_q, used, np.zeros_like(used), config, scale,
+                              block_table=cp.asarray(table), page_size=page_size)
+        return wrap_output(out, dt), lse
+    # Gather: slot of key s of sequence b = block_table[b, s // page_size] * page_size + s % page_size.
+    slots = [table[b, np.arange(n) // page_size].astype(np.int64) * page_size + np.arange(n) % page_size
+             for b, n in enumerate(used.tolist())]
+    flat = cp.asarray(np.concatenate(slots) if slots else np.zeros(0, np.int64))
+    k2, v2 = (x.reshape(num_pages * page_size, Hkv, D)[flat] for x in (kd, vd))
+    cu_k = np.concatenate([[0], np.cumsum(used)]).astype(np.int32)
+    check_finite_device(("q", qd, dt), ("k_pages", k2, dt), ("v_pages", v2, dt))
+    if uses_v9(dt, D, config.block_size):
+        out, lse = _attend_v9(qd, k2, v2, counts, indices, cu_q, used, cu_k[:-1], config, scale)
+    else:
+        out, lse = _attend_per_sequence(qd, k2, v2, counts, indices, cu_q, cu_k, config, scale)
+    return wrap_output(out, dt), lse
+
