@@ -32,7 +32,7 @@ from typing import Any
 
 from .._arrays import check_config, check_head_pooling
 from ..config import UniSparseConfig
-from ._device import cupy_module, qkv_inputs, raise_if_nonfinite
+from ._device import cupy_module, qkv_inputs, raise_if_nonfinite, wrap_output
 
 __all__ = ["PipelinePlan"]
 
@@ -54,9 +54,9 @@ class PipelinePlan:
 
     Attributes
     ----------
-    q, k, v : cupy.ndarray
-        The plan's input buffers (bf16 as ``uint16`` bits). Writing into them and calling
-        ``plan(plan.q, plan.k, plan.v)`` skips the copies.
+    q, k, v : cupy array
+        The plan's input buffers, in the inputs' dtype (bf16: as :func:`as_bfloat16` gives it).
+        Writing into them and calling ``plan(plan.q, plan.k, plan.v)`` skips the copies.
     key : tuple
         What the plan is specific to: shapes, dtype, config, ``check_finite``, device.
 
@@ -83,18 +83,18 @@ class PipelinePlan:
         # The example inputs were written on the caller's stream; the side stream reads them next.
         cp.cuda.get_current_stream().synchronize()
         with cp.cuda.using_allocator(self._pool.malloc), self._stream:
-            self.q, self.k, self.v = (cp.empty_like(x) for x in (qd, kd, vd))
-            for dst, src in ((self.q, qd), (self.k, kd), (self.v, vd)):
+            self._in = tuple(cp.empty_like(x) for x in (qd, kd, vd))  # bf16 as uint16 bits
+            for dst, src in zip(self._in, (qd, kd, vd), strict=True):
                 dst.data.copy_from_device_async(src.data, src.nbytes, self._stream)
+            self.q, self.k, self.v = (wrap_output(x, dt) for x in self._in)
             # Warm-up: compiles the kernels, fills the caches (tensor maps, device attributes)
             # and leaves the private pool holding blocks of every size the capture will ask for.
-            warm, _ = backend._queue_pipeline(self.q, self.k, self.v, dt, config, self.check_finite)
+            warm, _ = backend._queue_pipeline(*self._in, dt, config, self.check_finite)
             del warm
             self._stream.synchronize()
             self._stream.begin_capture()
             try:
-                self._outs, self._counts = backend._queue_pipeline(self.q, self.k, self.v, dt, config,
-                                                                   self.check_finite)
+                self._outs, self._counts = backend._queue_pipeline(*self._in, dt, config, self.check_finite)
             except BaseException:
                 self._stream.end_capture()  # leave the stream usable; the error is the one to see
                 raise
@@ -122,7 +122,7 @@ class PipelinePlan:
         if got != self.key:
             raise ValueError(f"this plan was built for {describe_key(self.key)}; got {describe_key(got)}")
         stream = cp.cuda.get_current_stream()
-        for dst, src in ((self.q, qd), (self.k, kd), (self.v, vd)):
+        for dst, src in zip(self._in, (qd, kd, vd), strict=True):
             if src.data.ptr != dst.data.ptr:
                 dst.data.copy_from_device_async(src.data, src.nbytes, stream)
         self._graph.launch(stream)

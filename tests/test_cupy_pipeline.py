@@ -1,0 +1,240 @@
+"""The CuPy pipeline of issue 13: selection v2, no host syncs, CUDA graphs (GPU), and their glue (CPU).
+
+GPU (skipped without CuPy or a usable GPU):
+
+* ``us_select_topp`` v2 equals the reference's mask and index form on identical scores for
+  ``nKb`` from 1 to past 2048 (every power-of-two edge), float32 and float64 scores, causal
+  and not, ``P`` in (0.5, 0.9, 1), ``threshold_mode`` "total" and "remaining", with exact ties
+  and rows built to land on the threshold (the exact sequential re-walk);
+* the pipeline with ``check_finite=False`` (no synchronisation at all) gives the bits of the
+  checked one; a NaN input still raises with the check on, in eager and graph mode;
+* :class:`~unisparse_ref.cupy_backend.PipelinePlan` (``graph=True``) gives the bits of the
+  eager pipeline, on the capture's inputs and on new ones; wrong shapes are refused.
+
+CPU: the launch configuration of the selection, and the kernel itself under the host emulation
+of ``tests/test_cupy_compile.py`` (g++) in both threshold modes against the reference.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+import unisparse_ref as us
+from unisparse_ref import BFLOAT16, UniSparseConfig, geometry
+from unisparse_ref import reference as ref
+from unisparse_ref.cupy_backend import selection
+from unisparse_ref.errors import BackendUnavailable
+
+from .conftest import random_qkv
+
+#: nKb values around every power-of-two edge of the sort, up to past 2048.
+NKBS = [1, 2, 3, 5, 31, 32, 33, 64, 65, 127, 129, 255, 256, 257, 511, 513, 1023, 1024, 1025, 2047, 2048, 2049, 2500]
+
+
+def selection_scores(rng: np.random.Generator, shape: tuple[int, ...], Nq: int, Nk: int, S: int, causal: bool,
+                     kind: str) -> np.ndarray:
+    """Normalised scores ``[B, Hm, nQb, nKb]`` (float64): random, with exact ties, or uniform rows."""
+    vis = geometry.visible_blocks(Nq, Nk, S, causal)
+    if kind == "uniform":  # every visible block 1/n: running sums land on P = k/n up to rounding
+        raw = np.ones(shape)
+    else:
+        raw = rng.exponential(size=shape) ** 3
+        if kind == "ties":
+            raw = np.round(raw, 1) + 0.1
+    raw = np.where(vis, raw, 0.0)
+    return raw / np.maximum(raw.sum(-1, keepdims=True), 1e-300)
+
+
+# ---------------------------------------------------------------------------- CPU
+@pytest.mark.parametrize("nkb", [1, 2, 31, 32, 33, 100, 128, 129, 1000, 1024, 1025, 4096, 8192, 9000])
+@pytest.mark.parametrize("itemsize", [4, 8])
+def test_selection_launch_config(nkb: int, itemsize: int) -> None:
+    lc = selection.launch_config(7, nkb, itemsize)
+    threads = lc["block"][0]
+    assert threads % 32 == 0 and 32 <= threads <= selection.THREADS
+    np2 = 1 << max(0, (nkb - 1).bit_length())
+    assert np2 >= nkb and lc["shared_mem"] == np2 * (8 if itemsize == 4 else 16) + nkb
+    assert lc["grid"] == (7, 1, 1)
+    m = selection.mask_to_indices_config(7, nkb)
+    assert m["block"][0] % 32 == 0 and m["shared_mem"] == nkb
+
+
+@pytest.fixture(scope="module")
+def emulated_selection(tmp_path_factory: pytest.TempPathFactory):
+    """selection.cu built for the host emulation of tests/test_cupy_compile.py (32 threads per block)."""
+    import ctypes
+    import shutil
+    import subprocess
+
+    from .test_cupy_compile import _host_source
+
+    gxx = shutil.which("g++")
+    if gxx is None:
+        pytest.skip("g++ is not installed: the host emulation of the kernels is skipped")
+    d = tmp_path_factory.mktemp("selemu")
+    cpp = d / "selection.cpp"
+    cpp.write_text(_host_source("selection.cu"))
+    so = d / "libselection.so"
+    r = subprocess.run([gxx, "-std=c++20", "-O1", "-fPIC", "-shared", "-pthread", "-w", "-DUS_SEL_THREADS=32",
+                        str(cpp), "-o", str(so)], capture_output=True, text=True, timeout=300)
+    if r.returncode != 0 and "barrier" in r.stderr and "No such file" in r.stderr:
+        pytest.skip("g++ lacks C++20 <barrier>")
+    assert r.returncode == 0, r.stderr[-3000:]
+    return ctypes.CDLL(str(so))
+
+
+@pytest.mark.parametrize("mode", ["total", "remaining"])
+@pytest.mark.parametrize("score_dtype", [np.float32, np.float64])
+def test_host_emulated_selection_modes(emulated_selection, mode: str, score_dtype, monkeypatch) -> None:
+    """The kernel (host emulation, the backend's launch configuration) equals the reference."""
+    import ctypes
+
+    monkeypatch.setattr(selection, "THREADS", 32)  # the emulation was built with -DUS_SEL_THREADS=32
+    fn = emulated_selection.emk_select_d if score_dtype == np.float64 else emulated_selection.emk_select_f
+    rng = np.random.default_rng(31)
+    S = 16
+    for nkb, causal, P, kind in [(1, True, 0.9, "random"), (2, False, 0.5, "ties"), (33, True, 0.9, "ties"),
+                                 (64, False, 0.7, "uniform"), (70, True, 0.5, "uniform"), (130, True, 0.95, "random"),
+                                 (257, False, 0.9, "ties"), (40, True, 1.0, "random")]:
+        Nq, Nk = min(3, nkb) * S, nkb * S
+        cfg = UniSparseConfig(block_size=S, c_q=4, c_k=4, threshold=P, n_sink_blocks=1, n_local_blocks=2,
+                              causal=causal, threshold_mode=mode)
+        nqb = geometry.num_blocks(Nq, S)
+        scores = np.ascontiguousarray(
+            selection_scores(rng, (1, 2, nqb, nkb), Nq, Nk, S, causal, kind).astype(score_dtype))
+        want = ref.select_blocks(scores, cfg, Nq, Nk)
+        mask = np.zeros(scores.shape, np.bool_)
+        cnt = np.zeros(scores.shape[:3], np.int32)
+        idx = np.zeros(scores.shape, np.int32)
+        lc = selection.launch_config(2 * nqb, nkb, scores.itemsize)
+        ptr = [a.ctypes.data_as(ctypes.c_void_p) for a in (scores, mask, cnt, idx)]
+        fn(*(ctypes.c_uint(x) for x in (lc["grid"][0], 1, lc["block"][0], 1)), *ptr,
+           *(ctypes.c_int(x) for x in (nqb, nkb, Nq, Nk, S, 1, 2, int(causal))), ctypes.c_double(P),
+           ctypes.c_int(selection.THRESHOLD_MODES[mode]))
+        assert np.array_equal(mask, want.mask), (nkb, causal, P, kind)
+        wc, wi = want.to_indices()
+        assert np.array_equal(cnt, wc) and np.array_equal(idx, wi), (nkb, causal, P, kind)
+
+
+# ---------------------------------------------------------------------------- GPU
+def _backend():
+    try:
+        from unisparse_ref.cupy_backend import make_backend
+
+        return make_backend(), None
+    except (BackendUnavailable, ImportError) as e:
+        return None, str(e)
+
+
+BACKEND, _WHY = _backend()
+needs_gpu = pytest.mark.skipif(BACKEND is None, reason=f"cupy backend unavailable: {_WHY}")
+
+
+def _bits(x) -> np.ndarray:
+    """Host bytes of a backend output (any dtype, bf16 included): for bit-identity checks."""
+    return np.ascontiguousarray(us.to_numpy(x)).view(np.uint8)
+
+
+@pytest.mark.gpu
+@needs_gpu
+@pytest.mark.parametrize("mode", ["total", "remaining"])
+@pytest.mark.parametrize("causal", [True, False])
+@pytest.mark.parametrize("score_dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("nkb", NKBS)
+def test_selection_v2_equals_reference_for_every_nkb(nkb: int, score_dtype, causal: bool, mode: str) -> None:
+    import cupy as cp
+
+    S = 16
+    Nq, Nk = min(4, nkb) * S, nkb * S
+    nqb = geometry.num_blocks(Nq, S)
+    rng = np.random.default_rng(nkb)
+    for P in (0.5, 0.9, 1.0):
+        cfg = UniSparseConfig(block_size=S, c_q=4, c_k=4, threshold=P, n_sink_blocks=1, n_local_blocks=2,
+                              causal=causal, threshold_mode=mode)
+        parts = [selection_scores(rng, (1, 1, nqb, nkb), Nq, Nk, S, causal, kind)
+                 for kind in ("random", "ties", "uniform")]
+        scores = np.concatenate(parts, axis=1).astype(score_dtype)
+        want = ref.select_blocks(scores, cfg, Nq, Nk)
+        bm, counts, idx = BACKEND.select_blocks_indices(cp.asarray(scores), cfg, Nq, Nk)
+        assert np.array_equal(us.to_numpy(bm.mask), want.mask), (nkb, P, mode)
+        wc, wi = want.to_indices()
+        assert np.array_equal(us.to_numpy(counts), wc) and np.array_equal(us.to_numpy(idx), wi)
+
+
+def _qkv(seed: int, dtype=BFLOAT16, N: int = 1500, Nk: int = 1700):
+    return random_qkv(np.random.default_rng(seed), 1, 8, 2, N, Nk, 128, dtype)
+
+
+CFG = UniSparseConfig(block_size=128, c_q=16, c_k=16, c_h=2, threshold=0.9)
+
+
+@pytest.mark.gpu
+@needs_gpu
+@pytest.mark.parametrize("config", [CFG, UniSparseConfig.calibrated(block_size=128, c_q=16, c_k=16)],
+                         ids=["spec", "calibrated"])
+def test_no_sync_path_equals_the_checked_one(config) -> None:
+    q, k, v = _qkv(1)
+    a = BACKEND.unisparse_attention(q, k, v, config)
+    b = BACKEND.unisparse_attention(q, k, v, config, check_finite=False)
+    for x, y in zip(a[:2] + a[3:], b[:2] + b[3:], strict=True):
+        assert _bits(x).tobytes() == _bits(y).tobytes()
+    assert np.array_equal(us.to_numpy(a[2].mask), us.to_numpy(b[2].mask))
+    # the mask is the reference's selection on the GPU's own scores (both modes)
+    want = ref.select_blocks(us.to_numpy(a[3]), config, q.shape[2], k.shape[2]).mask
+    assert np.array_equal(us.to_numpy(a[2].mask), want)
+    bad = v.copy()
+    bad[0, 1, 7, 3] = np.nan
+    with pytest.raises(ValueError, match="v holds non-finite"):
+        BACKEND.unisparse_attention(q, k, bad, config)
+    BACKEND.unisparse_attention(q, k, bad, config, check_finite=False)  # no check: no error
+
+
+@pytest.mark.gpu
+@needs_gpu
+@pytest.mark.parametrize("dtype", [BFLOAT16, np.float16], ids=["bf16", "fp16"])
+@pytest.mark.parametrize("check_finite", [True, False])
+def test_graph_capture_gives_the_eager_bits(dtype, check_finite: bool) -> None:
+    import cupy as cp
+
+    BACKEND.clear_plans()
+    q, k, v = _qkv(2, dtype)
+    plan = BACKEND.plan(q, k, v, CFG, check_finite=check_finite)
+    for seed in (2, 3):  # the capture's inputs, then new ones
+        q2, k2, v2 = _qkv(seed, dtype)
+        eager = BACKEND.unisparse_attention(q2, k2, v2, CFG, check_finite=check_finite)
+        got = plan(q2, k2, v2)
+        cp.cuda.Device().synchronize()
+        for x, y in zip(eager[:2] + eager[3:], got[:2] + got[3:], strict=True):
+            assert _bits(x).tobytes() == _bits(y).tobytes()
+        assert np.array_equal(us.to_numpy(eager[2].mask), us.to_numpy(got[2].mask))
+    # graph=True: a cached plan, the same bits; its outputs are the plan's buffers
+    g1 = BACKEND.unisparse_attention(q, k, v, CFG, graph=True, check_finite=check_finite)
+    g2 = BACKEND.unisparse_attention(q, k, v, CFG, graph=True, check_finite=check_finite)
+    assert g1[1] is g2[1] and len(BACKEND._plans) == 1
+    e = BACKEND.unisparse_attention(q, k, v, CFG)
+    assert _bits(g2[0]).tobytes() == _bits(e[0]).tobytes()
+    # inputs given as the plan's own buffers: no copies, same result
+    assert _bits(plan(plan.q, plan.k, plan.v)[0]).tobytes() == _bits(plan(q2, k2, v2)[0]).tobytes()
+    with pytest.raises(ValueError, match="plan was built for"):
+        plan(q[:, :, :1400], k, v)
+    if check_finite:
+        bad = us.to_numpy(v).copy()
+        bad[0, 0, 3, 3] = np.inf
+        with pytest.raises(ValueError, match="v holds non-finite"):
+            plan(q, k, bad)
+        with pytest.raises(ValueError, match="v holds non-finite"):
+            BACKEND.unisparse_attention(q, k, bad, CFG, graph=True)
+    BACKEND.clear_plans()
+
+
+@pytest.mark.gpu
+@needs_gpu
+def test_graph_plans_are_bounded_and_keyed() -> None:
+    BACKEND.clear_plans()
+    for n in range(BACKEND.max_plans + 2):
+        q, k, v = _qkv(4, BFLOAT16, N=256 + 128 * n, Nk=256 + 128 * n)
+        BACKEND.unisparse_attention(q, k, v, CFG, graph=True)
+    assert len(BACKEND._plans) == BACKEND.max_plans
+    BACKEND.clear_plans()
+    assert not BACKEND._plans
