@@ -34,6 +34,7 @@ from unisparse_ref.distributed import (
 )
 from unisparse_ref.distributed.__main__ import main as launcher
 from unisparse_ref.distributed.model import scaling_model
+from unisparse_ref.distributed.verify import compare_stage_run
 from unisparse_ref.errors import BackendUnavailable
 
 HAS_CUPY = importlib.util.find_spec("cupy") is not None
@@ -341,7 +342,7 @@ def test_stage_path_with_reference_stages_equals_one_device(case, world_size):
     ref = _check(res, q, k, v, cfg)
     assert ref.block_mask.density < 1.0 or not cfg.causal
     assert len(timings) == world_size
-    assert all(set(t) == {"pool", "score_select", "pack", "unpack", "attend"} for t in timings)
+    assert all(set(t) == {"pool", "score_select", "requests", "pack", "unpack", "attend"} for t in timings)
 
 
 @pytest.mark.parametrize("world_size", [2, 3, 8])
@@ -543,3 +544,8 @@ def test_stage_path_cupy_glue_on_a_numpy_stand_in(monkeypatch, dtype, combine):
     for r, (got, want) in enumerate(zip(res.stats, exp, strict=True)):
         for way in ("sent", "recv"):
             assert {t: got[way].get(t, 0) for t in TAGS} == want[way], (r, way)
+    # the GPU tests' comparison (verify.compare_stage_run) on the same run
+    one = us.unisparse_attention(qd, kd, vd, cfg, backend=be, return_details=True)
+    rep = compare_stage_run(res, one, q, k, v, cfg, be.score_eps)
+    assert not rep.failures and rep.bytes_ok and rep.rows_differ == 0, rep.summary()
+    assert rep.out_bitwise_equal == (combine == "gather"), rep.summary()  # the merge rounds twice

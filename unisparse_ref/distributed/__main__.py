@@ -5,7 +5,9 @@
   formula (:func:`~unisparse_ref.distributed.expected_bytes`); a table of bytes per rank.
 * ``nccl --nprocs N``: ``N`` processes, one per GPU, spawned here, on :class:`NcclComm`; the
   parent compares the assembled result with the one-device reference and prints ``PASS`` or
-  ``FAIL`` (exit status 1). ``nccl --mpi`` instead runs this process as one rank of an
+  ``FAIL`` (exit status 1). ``--backend cupy`` (with ``--dtype``): every rank computes on its
+  GPU through the CuPy layer, compared with the one-device CuPy run under SPEC 7
+  (:func:`~unisparse_ref.distributed.verify.compare_stage_run`). ``nccl --mpi`` instead runs this process as one rank of an
   ``mpirun -n N python -m unisparse_ref.distributed nccl --mpi`` job (needs ``mpi4py``).
 * ``model``: the scaling table of the docs page.
 
@@ -50,12 +52,19 @@ def _problem(args: argparse.Namespace) -> tuple[np.ndarray, np.ndarray, np.ndarr
 
         w = structured_workload(nk, n_queries=args.n, batch=args.batch, q_heads=args.q_heads,
                                 kv_heads=args.kv_heads, head_dim=args.head_dim, seed=args.seed)
-        return w.q, w.k, w.v, cfg
+        return (*(np.asarray(x).astype(_dtype(args)) for x in (w.q, w.k, w.v)), cfg)
     rng = np.random.default_rng(args.seed)
-    q = rng.standard_normal((args.batch, args.q_heads, args.n, args.head_dim)).astype(np.float32)
-    k = rng.standard_normal((args.batch, args.kv_heads, nk, args.head_dim)).astype(np.float32)
-    v = rng.standard_normal((args.batch, args.kv_heads, nk, args.head_dim)).astype(np.float32)
+    dt = _dtype(args)
+    q = rng.standard_normal((args.batch, args.q_heads, args.n, args.head_dim)).astype(dt)
+    k = rng.standard_normal((args.batch, args.kv_heads, nk, args.head_dim)).astype(dt)
+    v = rng.standard_normal((args.batch, args.kv_heads, nk, args.head_dim)).astype(dt)
     return q, k, v, cfg
+
+
+def _dtype(args: argparse.Namespace) -> np.dtype:
+    from .._convert import BFLOAT16
+
+    return BFLOAT16 if getattr(args, "dtype", "float32") == "bfloat16" else np.dtype(getattr(args, "dtype", "float32"))
 
 
 def compare(res: DistributedResult, q: np.ndarray, k: np.ndarray, v: np.ndarray,
@@ -164,8 +173,13 @@ def _nccl_rank(rank: int, world: int, uid: Any, args: argparse.Namespace, comm: 
     comm = comm or NcclComm(rank, world, uid)
     _self_test(comm)
     comm.stats = CommStats()  # count the algorithm's bytes only
-    out = context_parallel_attention(shard, plan, cfg, comm, combine=args.combine)
+    out = context_parallel_attention(shard, plan, cfg, comm, combine=args.combine, backend=args.backend)
     comm.barrier()
+    if args.backend != "reference":  # device arrays back to the host for the parent
+        from .._convert import to_numpy
+
+        for name in ("out", "lse", "mask", "scores", "q_c", "k_c"):
+            setattr(out, name, to_numpy(getattr(out, name)))
     return out
 
 
@@ -180,6 +194,17 @@ def _finish(results: list[Any], args: argparse.Namespace) -> int:
     q, k, v, cfg = _problem(args)
     plan = make_plan(q.shape[2], k.shape[2], cfg.block_size, cfg.causal, len(results), args.strategy)
     res = assemble(results, plan, cfg)
+    if args.backend != "reference":
+        from ..api import unisparse_attention
+        from ..backends import get_backend
+        from .verify import compare_stage_run
+
+        be = get_backend(args.backend)
+        one = unisparse_attention(q, k, v, cfg, backend=be, return_details=True)
+        rep = compare_stage_run(res, one, q, k, v, cfg, be.score_eps)
+        print(f"NCCL, {len(results)} rank(s), backend {args.backend}: {rep.summary()}")
+        _print_bytes(res, rep.expected)
+        return 0 if not rep.failures else 1
     fails, exp, ref = compare(res, q, k, v, cfg)
     print(f"NCCL, {len(results)} rank(s): density {ref.block_mask.density:.3f}, "
           f"max |out - ref| {np.abs(res.out - ref.out).max():.3g}")
@@ -292,6 +317,9 @@ def _parser() -> argparse.ArgumentParser:
     n = sub.add_parser("nccl", help="NCCL ranks, one process per GPU (PASS/FAIL)")
     problem(n, 1999, 2600)
     n.add_argument("--nprocs", type=int, default=1, help="processes (GPUs) to spawn")
+    n.add_argument("--backend", choices=["reference", "cupy"], default="reference",
+                   help="per-rank compute: the float64 reference on the host, or the CuPy layer on the rank's GPU")
+    n.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], default="float32")
     n.add_argument("--mpi", action="store_true", help="run as one rank under mpirun (mpi4py)")
     n.add_argument("--timeout", type=float, default=300.0)
     n.set_defaults(fn=_cmd_nccl)

@@ -314,9 +314,9 @@ def stage_rank(
         ``exchange_meta(comm, check) -> value of check()``: the meta step of the reference path
         (refuses bad shards on every rank together).
     timings : dict, optional
-        Filled with the seconds of each local step (``pool``, ``score_select``, ``pack``,
-        ``unpack``, ``attend``), the device synchronised at the end of each: the rank's own
-        compute, apart from the collective calls.
+        Filled with the seconds of each local step (``pool``, ``score_select``, ``requests``,
+        ``pack``, ``unpack``, ``attend``), the device synchronised at the end of each: the
+        rank's own compute, apart from the collective calls.
 
     Returns
     -------
@@ -398,7 +398,9 @@ def stage_rank(
     per_head = mask.any(axis=2)  # [B, Hm, nKb]
     need = per_head.reshape(B, Hkv, G // config.c_h, nkb).any(axis=2)  # mask head g -> kv head g*c_h // G
     request = need & ops.index(~mine).astype(bool)[None, None, :]
-    requests = [ops.host(r).astype(bool) for r in comm.all_gather(request.astype(xp.uint8), tag="requests")]
+    request_u8 = request.astype(xp.uint8)
+    lap("requests")
+    requests = [ops.host(r).astype(bool) for r in comm.all_gather(request_u8, tag="requests")]
     request_h = requests[rank]
     clock[0] = time.perf_counter()
 
