@@ -23,8 +23,15 @@ CuPy arrays; NumPy arrays (copied to the device); any object exposing ``__dlpack
 ``__cuda_array_interface__`` (a PyTorch or JAX CUDA tensor: zero-copy, neither library is
 imported). Accepted dtypes: float16, bfloat16 and float32 (float64 raises ``TypeError``).
 A non-contiguous input is copied into a C-contiguous array first (this costs one copy;
-pass contiguous tensors to avoid it). Inputs must be finite; ``compress`` and the attention
-check this on the device and raise ``ValueError`` otherwise.
+pass contiguous tensors to avoid it). Inputs must be finite; ``compress``, the attention and
+the pipeline count NaN/infinity on the device and raise ``ValueError`` otherwise (one
+synchronisation per call, at its end for the pipeline; ``check_finite=False`` skips it).
+
+Pipeline
+--------
+:meth:`CupyBackend.unisparse_attention` queues every stage without a host synchronisation
+between them; ``graph=True`` (or :meth:`CupyBackend.plan`) replays it from a CUDA graph
+captured once per shapes, dtype and config (:class:`PipelinePlan`, :mod:`.plan`).
 
 bfloat16
 --------
