@@ -77,7 +77,7 @@ def _problem(case):
     q, k, v = sparse_qkv(B, Hq, Hkv, nq, nk, D, S, dt, seed=len(case))
     cfg = UniSparseConfig(block_size=S, c_q=cq, c_k=ck, c_h=ch, threshold=0.9)
     one = us.unisparse_attention(q, k, v, cfg, backend=BACKEND, return_details=True)
-    return q, k, v, cfg, one
+    return q, k, v, cfg, one, {}  # the last: compare_stage_run's cache of reference runs
 
 
 def _device(x):
@@ -90,20 +90,20 @@ def _device(x):
 @pytest.mark.parametrize("world_size", [2, 3, 4])
 @pytest.mark.parametrize("case", list(CASES))
 def test_simulated_ranks_on_one_gpu_equal_one_device(case, world_size):
-    q, k, v, cfg, one = _problem(case)
+    q, k, v, cfg, one, cache = _problem(case)
     res = simulate_context_parallel(*(_device(x) for x in (q, k, v)), cfg, world_size, backend="cupy")
     assert isinstance(res.lse, cp.ndarray) and isinstance(res.block_mask.mask, cp.ndarray)
-    rep = compare_stage_run(res, one, q, k, v, cfg, BACKEND.score_eps)
+    rep = compare_stage_run(res, one, q, k, v, cfg, BACKEND.score_eps, cache)
     assert not rep.failures, rep.summary()
-    assert float(us.to_numpy(one.block_mask.mask).sum()) < 0.9 * float(us.to_numpy(res.block_mask.mask).size)  # sparse
+    assert one.block_mask.density < 0.9  # the selection did drop blocks
 
 
 @pytest.mark.parametrize("case", ["bf16-ragged", "fp16-gqa-ch2-nq<nk"])
 def test_simulated_merge_on_one_gpu(case):
     """combine="merge": owned and fetched blocks attended apart, merged by lse on the device."""
-    q, k, v, cfg, one = _problem(case)
+    q, k, v, cfg, one, cache = _problem(case)
     res = simulate_context_parallel(q, k, v, cfg, 3, backend="cupy", combine="merge")  # host inputs, uploaded per rank
-    rep = compare_stage_run(res, one, q, k, v, cfg, BACKEND.score_eps)
+    rep = compare_stage_run(res, one, q, k, v, cfg, BACKEND.score_eps, cache)
     assert not rep.failures, rep.summary()
 
 
@@ -113,21 +113,21 @@ def test_one_rank_nccl_equals_one_device(case):
         comm = NcclComm(0, 1, nccl_unique_id())
     except BackendUnavailable as e:
         pytest.skip(f"NCCL unavailable: {e}")
-    q, k, v, cfg, one = _problem(case)
+    q, k, v, cfg, one, cache = _problem(case)
     try:
         plan = make_plan(q.shape[2], k.shape[2], cfg.block_size, cfg.causal, 1)
         shard = shard_inputs(*(_device(x) for x in (q, k, v)), plan)[0]
         res = assemble([context_parallel_attention(shard, plan, cfg, comm, backend="cupy")], plan, cfg)
     finally:
         comm.destroy()
-    rep = compare_stage_run(res, one, q, k, v, cfg, BACKEND.score_eps)
+    rep = compare_stage_run(res, one, q, k, v, cfg, BACKEND.score_eps, cache)
     assert not rep.failures, rep.summary()
     # one rank: the same stage calls on the same inputs as the one-device run
     assert rep.rows_differ == 0 and rep.out_bitwise_equal and rep.lse_bitwise_equal, rep.summary()
 
 
 def test_per_rank_timings_and_device_shards():
-    q, k, v, cfg, _ = _problem("bf16-ragged")
+    q, k, v, cfg, *_ = _problem("bf16-ragged")
     timings: list[dict[str, float]] = []
     res = simulate_context_parallel(*(_device(x) for x in (q, k, v)), cfg, 2, backend="cupy", timings=timings)
     assert len(timings) == 2 and all(t["attend"] > 0 and t["score_select"] > 0 for t in timings)
