@@ -2,7 +2,7 @@
 # GPU batch of issue 17 (context-parallel UniSparse, per-rank CuPy compute), about 90 s on one H200.
 #   1. tests/test_distributed_gpu.py: simulated 2/3/4 ranks on the one GPU and the one-rank NCCL
 #      path against the one-device CuPy run (SPEC 7, masks, bytes = formula);
-#   2. scripts/distributed_gpu.py time: per-rank GPU compute and bytes of W = 2, 4, 8 simulated
+#   2. scripts/distributed_gpu.py time: per-rank GPU compute and bytes of W = 1, 2, 4, 8 simulated
 #      ranks at 128K and 512K tokens (bf16, Hq=32, Hkv=8, D=128, causal), each run checked first.
 # Writes $OUT/dist/summary.txt and $OUT/dist/timing.json; exits non-zero when anything failed.
 # Run from the repository root of a clean tree, PYTHONPATH set to it.
@@ -21,7 +21,7 @@ timeout 45 python -m pytest -q -x -p no:cacheprovider -rs tests/test_distributed
 echo "== scripts/distributed_gpu.py time (tests took $(( $(date +%s) - start )) s)" | tee -a "$SUM"
 left=$(( 85 - ($(date +%s) - start) ))
 if [ "$left" -lt 30 ]; then left=30; fi
-timeout "$left" python scripts/distributed_gpu.py time --sizes 131072,524288 --world-sizes 2,4,8 \
+timeout "$left" python scripts/distributed_gpu.py time --sizes 131072,524288 --world-sizes 1,2,4,8 \
   --json "$OUTD/timing.json" --budget-s $(( left - 12 )) 2>&1 | tail -n 40 | tee -a "$SUM" || rc=1
 echo "== gpu_dist.sh: exit $rc after $(( $(date +%s) - start )) s" | tee -a "$SUM"
 exit $rc
