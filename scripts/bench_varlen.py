@@ -87,7 +87,7 @@ def main(argv: list[str] | None = None) -> int:
     from unisparse_ref import UniSparseConfig, geometry
     from unisparse_ref._arrays import packed_offsets
     from unisparse_ref.bench import _bf16_bits, reference_check, time_calls
-    from unisparse_ref.cupy_backend import _hopper, as_bfloat16
+    from unisparse_ref.cupy_backend import BFloat16Array, _hopper, as_bfloat16
     from unisparse_ref.cupy_backend import varlen as cv
     from unisparse_ref.cupy_backend.attention import dense_indices
 
@@ -118,7 +118,7 @@ def main(argv: list[str] | None = None) -> int:
     # Per-sequence copies laid out beforehand for the ideal loop.
     seq = [tuple(cp.ascontiguousarray(x[int(cu[i]):int(cu[i + 1])].transpose(1, 0, 2)[None]) for x in (q, k, v))
            for i in range(nq.size)]
-    tiles = cp.asarray(_hopper.varlen_tiles(cu, nq, cu[:-1], S, True))
+    tiles_of = {o: cp.asarray(_hopper.varlen_tiles(cu, nq, cu[:-1], S, True, order=o)) for o in _hopper.VARLEN_ORDERS}
     total_qb = int(packed_offsets(cu, S)[-1])
     cfg = UniSparseConfig(block_size=S)
     out_p = cp.empty_like(q)
@@ -131,10 +131,26 @@ def main(argv: list[str] | None = None) -> int:
         counts, idx = cp.asarray(counts_h), cp.asarray(idx_h)
         cu_qb = packed_offsets(cu, S)
 
-        def packed(counts=counts, idx=idx) -> Any:
-            return _hopper.fa3_forward_varlen(q, k, v, counts, idx, tiles, total_qb=total_qb, block_size=S,
-                                              heads_per_mask=1, causal=True, softmax_scale=scale, out=out_p,
-                                              lse=lse_p)
+        def packed(counts=counts, idx=idx, order="grouped") -> Any:
+            return _hopper.fa3_forward_varlen(q, k, v, counts, idx, tiles_of[order], total_qb=total_qb,
+                                              block_size=S, heads_per_mask=1, causal=True, softmax_scale=scale,
+                                              out=out_p, lse=lse_p)
+
+        stage = us.varlen.native_stage(be, "block_sparse_attention_varlen")
+
+        def packed_api(counts=counts, idx=idx, stage=stage) -> Any:  # the public stage: checks, tile list, launch
+            return stage(as_bfloat16(q), as_bfloat16(k), as_bfloat16(v), cu, cu, counts, idx, cfg)
+
+        bms = [us.BlockMask(cp.asarray(m), S, 1, int(n), int(n), True) for m, n in zip(masks, nq.tolist(), strict=True)]
+        out_api = cp.empty_like(q)
+
+        def loop_api(bms=bms, out_api=out_api) -> None:  # the backend's batch API once per sequence, on packed views
+            for i in range(nq.size):
+                sl = slice(int(cu[i]), int(cu[i + 1]))
+                view = [as_bfloat16(x[sl].transpose(1, 0, 2)[None]) for x in (q, k, v)]
+                o, _ = be.block_sparse_attention(*view, bms[i], cfg)
+                bits = o.data if isinstance(o, BFloat16Array) else o.view(cp.uint16)
+                out_api[sl] = bits[0].transpose(1, 0, 2)
 
         per_seq_masks = [(cp.ascontiguousarray(counts[None, :, cu_qb[i]:cu_qb[i + 1]]),
                           cp.ascontiguousarray(idx[None, :, cu_qb[i]:cu_qb[i + 1], :geometry.num_blocks(int(n), S)]))
@@ -168,12 +184,27 @@ def main(argv: list[str] | None = None) -> int:
             ok = False
         if not ok:
             continue
-        t_packed = time_calls([packed], **kw)
+        out_ref = out_p.copy()
+        for o in _hopper.VARLEN_ORDERS:  # every order, and the loop over the batch API, give the same bits
+            packed(order=o)
+            same &= bool(cp.array_equal(out_p, out_ref))
+        loop_api()
+        same &= bool(cp.array_equal(out_api, out_ref))
+        if not same:
+            wrong.append(f"packed {tag}: an order or the batch API loop gives other bits")
+            continue
+        t_order = {o: time_calls([lambda o=o: packed(order=o)], **kw)["ms"] for o in _hopper.VARLEN_ORDERS}
+        t_packed = {"ms": t_order["grouped"]}
+        t_api = time_calls([packed_api], **kw)
         t_loop = time_calls([loop], **kw)
         t_copy = time_calls([loop_copy], **kw)
-        row = {"case": f"packed batch, {tag}", "packed_ms": t_packed["ms"], "loop_ms": t_loop["ms"],
-               "loop_copy_ms": t_copy["ms"], "speedup_vs_loop": t_loop["ms"] / t_packed["ms"],
-               "speedup_vs_loop_copy": t_copy["ms"] / t_packed["ms"], "bit_identical_to_loop": same}
+        t_lapi = time_calls([loop_api], **kw)
+        row = {"case": f"packed batch, {tag}", "packed_ms": t_packed["ms"], "packed_ms_by_order": t_order,
+               "packed_api_ms": t_api["ms"], "loop_ms": t_loop["ms"], "loop_copy_ms": t_copy["ms"],
+               "loop_api_ms": t_lapi["ms"], "speedup_vs_loop": t_loop["ms"] / t_packed["ms"],
+               "speedup_vs_loop_copy": t_copy["ms"] / t_packed["ms"],
+               "speedup_vs_loop_api": t_lapi["ms"] / t_packed["ms"],
+               "speedup_api_vs_loop_api": t_lapi["ms"] / t_api["ms"], "bit_identical_to_loop": same}
         if density is None:
             work = float((nq * (nq + 1)).sum())
             L = int(round((-1 + math.sqrt(1 + 4 * work)) / 2))
@@ -255,6 +286,21 @@ def _chunked(be, cp, us, as_bfloat16, bf16_bits, reference_check, time_calls, cv
     def one_shot() -> Any:
         return be.unisparse_attention(qb, kb, vb, cfg)
 
+    # The same through the public API: CupyPagedKVCache.append, then unisparse_attention_paged.
+    from unisparse_ref.cupy_backend.varlen import CupyPagedKVCache
+
+    dcache = CupyPagedKVCache.for_config(cfg, n_pages, PS, HKV, D, dtype=us.BFLOAT16,
+                                         page_order=np.random.default_rng(3).permutation(n_pages))
+
+    def chunked_api(details: bool = False) -> Any:
+        dcache.clear()
+        res = None
+        for start in range(0, L, C):
+            dcache.append(as_bfloat16(k[start:start + C]), as_bfloat16(v[start:start + C]))
+            res = us.unisparse_attention_paged(as_bfloat16(q[start:start + C]), dcache, [0, C], cfg, backend=be,
+                                               return_details=details and start == L - C)
+        return res
+
     chunked()
     one = be.unisparse_attention(qb, kb, vb, cfg)
     ok = check("one-shot pipeline", reference_check(one[0], qb, kb, vb, one[2].mask, S=S, causal=True))
@@ -265,13 +311,22 @@ def _chunked(be, cp, us, as_bfloat16, bf16_bits, reference_check, time_calls, cv
         view_k, view_v = (x[:end].transpose(1, 0, 2)[None] for x in (k, v))
         ok &= check(f"chunk at {start}", reference_check(out.transpose(1, 0, 2)[None], view_q, view_k, view_v,
                                                           bm.mask, S=S, causal=True))
+    last = chunked_api(details=True)
+    from unisparse_ref.cupy_backend import BFloat16Array
+
+    out_api = last.out.data if isinstance(last.out, BFloat16Array) else last.out.view(cp.uint16)
+    ok &= check("chunked through the API, last chunk", reference_check(
+        out_api.transpose(1, 0, 2)[None], q[L - C:].transpose(1, 0, 2)[None], k.transpose(1, 0, 2)[None],
+        v.transpose(1, 0, 2)[None], last.block_mask(0).mask, S=S, causal=True))
     if not ok:
         return {"refused": True}
     t_chunk = time_calls([chunked], **kw)
+    t_api = time_calls([chunked_api], **kw)
     t_one = time_calls([one_shot], **kw)
     dens_one = float(one[2].density)
     row = {"case": f"chunked prefill {L} in {C}-token chunks, pages of {PS}", "chunked_ms": t_chunk["ms"],
            "one_shot_ms": t_one["ms"], "chunked_over_one_shot": t_chunk["ms"] / t_one["ms"],
+           "chunked_api_ms": t_api["ms"], "chunked_api_over_one_shot": t_api["ms"] / t_one["ms"],
            "one_shot_density": dens_one,
            "last_chunk_density": float(state[L - C][1].density)}
     print(json.dumps(row))
@@ -282,9 +337,11 @@ def _chunked(be, cp, us, as_bfloat16, bf16_bits, reference_check, time_calls, cv
 def _summary(results: dict[str, Any]) -> None:
     print("\n=== bench_varlen summary", results["gpu"], results["date"])
     for r in results.get("packed", []):
-        line = (f"{r['case']}: packed {r['packed_ms']:.3f} ms; loop {r['loop_ms']:.3f} ms "
-                f"({r['speedup_vs_loop']:.2f}x); loop+copy {r['loop_copy_ms']:.3f} ms "
-                f"({r['speedup_vs_loop_copy']:.2f}x)")
+        orders = ", ".join(f"{o} {t:.3f}" for o, t in r["packed_ms_by_order"].items())
+        line = (f"{r['case']}: packed {r['packed_ms']:.3f} ms (orders: {orders}; through the stage API "
+                f"{r['packed_api_ms']:.3f}); loop {r['loop_ms']:.3f} ms ({r['speedup_vs_loop']:.2f}x); "
+                f"loop+copy {r['loop_copy_ms']:.3f} ms ({r['speedup_vs_loop_copy']:.2f}x); loop over the batch API "
+                f"{r['loop_api_ms']:.3f} ms ({r['speedup_vs_loop_api']:.2f}x, stage API {r['speedup_api_vs_loop_api']:.2f}x)")
         if "one_seq_ms" in r:
             line += (f"; one seq L={r['one_seq_L']} {r['one_seq_ms']:.3f} ms (packed/one = "
                      f"{r['packed_over_one_seq']:.3f}; target <= 1.10)")
@@ -292,7 +349,8 @@ def _summary(results: dict[str, Any]) -> None:
     c = results.get("chunked")
     if c and "chunked_ms" in c:
         print(f"{c['case']}: {c['chunked_ms']:.2f} ms vs one-shot {c['one_shot_ms']:.2f} ms "
-              f"= {c['chunked_over_one_shot']:.3f} (target <= 1.3)")
+              f"= {c['chunked_over_one_shot']:.3f} (target <= 1.3); through the API (CupyPagedKVCache + "
+              f"unisparse_attention_paged) {c['chunked_api_ms']:.2f} ms = {c['chunked_api_over_one_shot']:.3f}")
     if results.get("refused"):
         print("REFUSED:", results["refused"])
 

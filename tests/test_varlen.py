@@ -470,18 +470,21 @@ def _cupy_hopper_reason() -> str | None:
     return None
 
 
-def test_cupy_varlen_work_list_is_longest_first_across_sequences():
+@pytest.mark.parametrize("order", ["grouped", "longest", "sequence"])
+def test_cupy_varlen_work_list_is_longest_first_across_sequences(order):
     """The tile list of us_fa3_fwd_varlen (host side, no GPU): every 128-row query tile of every
-    sequence once, none for a sequence without queries, longest first across the batch, with
-    the offsets and lengths the kernel reads."""
-    from unisparse_ref.cupy_backend._hopper import FA3_BR, varlen_tiles
+    sequence once, none for a sequence without queries, with the offsets and lengths the kernel
+    reads; "longest": exactly longest first across the batch; "grouped" (the default): longest
+    first by span buckets, each sequence's tiles of a bucket together, last tile first;
+    "sequence": one sequence after the other, longest first."""
+    from unisparse_ref.cupy_backend._hopper import FA3_BR, GROUP_KEYS, varlen_tiles
 
-    nq, nk = np.array([1, 400, 0, 129]), np.array([3, 1000, 9, 129])
+    nq, nk = np.array([1, 4000, 0, 129, 2500]), np.array([3, 5000, 9, 129, 2600])
     cu_q, cu_k = offsets(nq), offsets(nk)
-    tiles = varlen_tiles(cu_q, nk, cu_k[:-1], 128, causal=True)
-    assert tiles.dtype == np.int32 and tiles.shape == (1 + 4 + 0 + 2, 8)
+    tiles = varlen_tiles(cu_q, nk, cu_k[:-1], 128, causal=True, order=order)
+    assert tiles.dtype == np.int32 and tiles.shape == (sum(cdiv(int(n), FA3_BR) for n in nq), 8)
     assert sorted(tiles[:, [6, 5]].tolist()) == sorted(
-        [b, t * FA3_BR] for b in range(4) for t in range(cdiv(int(nq[b]), FA3_BR)))
+        [b, t * FA3_BR] for b in range(len(nq)) for t in range(cdiv(int(nq[b]), FA3_BR)))
     b = tiles[:, 6]
     np.testing.assert_array_equal(tiles[:, 0], cu_q[b])  # q_off
     np.testing.assert_array_equal(tiles[:, 1], nq[b])
@@ -489,8 +492,20 @@ def test_cupy_varlen_work_list_is_longest_first_across_sequences():
     np.testing.assert_array_equal(tiles[:, 3], nk[b])
     np.testing.assert_array_equal(tiles[:, 4], packed_offsets(cu_q, 128)[b])
     span = np.minimum(tiles[:, 5] + FA3_BR, tiles[:, 1]) - 1 + tiles[:, 3] - tiles[:, 1] + 1
-    assert (np.diff(span) <= 0).all()
-    assert tiles[0].tolist()[5:7] == [384, 1]  # the last tile of the longest sequence starts first
+    assert tiles[0].tolist()[5:7] == [3968, 1]  # the last tile of the longest sequence starts first
+    runs = [int(x) for i, x in enumerate(b) if i == 0 or b[i - 1] != x]  # the sequence of each run
+    if order == "longest":
+        assert (np.diff(span) <= 0).all()
+    elif order == "grouped":
+        bucket = span // GROUP_KEYS
+        assert (np.diff(bucket) <= 0).all()
+        for k_ in np.unique(bucket):
+            sel = bucket == k_
+            assert (np.diff(tiles[sel, 5][b[sel] == b[sel][0]]) < 0).all()  # last tile first
+            seq_runs = [x for i, x in enumerate(b[sel]) if i == 0 or b[sel][i - 1] != x]
+            assert len(seq_runs) == len(set(seq_runs))  # each sequence's tiles of a bucket together
+    else:
+        assert len(runs) == len(set(runs)) == 4 and runs[0] == 1
 
 
 def _random_packed_masks(case, seed):
@@ -603,3 +618,66 @@ def test_cupy_merge_bfloat16_and_empty_rows():
     neither = np.isneginf(la) & np.isneginf(lb)
     np.testing.assert_array_equal(out[a_only].view(np.uint16), oa16[a_only].view(np.uint16))
     assert (out[neither].astype(np.float32) == 0).all() and np.isneginf(lse[neither]).all()
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+def test_cupy_paged_cache_on_the_device(dtype):
+    """CupyPagedKVCache: after appends of lengths 1, odd, partial groups filled later and two
+    sequences interleaved, its keys, values and composite keys are those of the whole sequences
+    (composite keys bit for bit the batch pooling kernel's); chunked prefill through
+    unisparse_attention_paged on it agrees with the reference within SPEC 7 (masks eps-valid
+    under the reference scores, out and lse against the reference run with its masks)."""
+    why = _cupy_hopper_reason()
+    if why:
+        pytest.skip(why)
+    from unisparse_ref.cupy_backend import pooling
+    from unisparse_ref.cupy_backend._device import device_input
+    from unisparse_ref.cupy_backend.varlen import CupyPagedKVCache
+
+    be = us.get_backend("cupy")
+    dt = us.BFLOAT16 if dtype == "bfloat16" else np.float16
+    rng = np.random.default_rng(12)
+    Hq, Hkv, D, ps = 4, 2, 64, 128
+    cfg = UniSparseConfig(block_size=128, c_q=16, c_k=16, threshold=0.8)
+    cache = CupyPagedKVCache.for_config(cfg, 24, ps, Hkv, D, batch=2, dtype=dt, page_order=rng.permutation(24))
+    keys = [np.zeros((0, Hkv, D), dt) for _ in range(2)]
+    vals = [np.zeros((0, Hkv, D), dt) for _ in range(2)]
+    for n, seq in [(1, 0), (3, 1), (15, 0), (1, 0), (2 * ps + 5, 1), (7, 0), (ps, 0), (1, 1)]:
+        k_new = (1.5 * rng.standard_normal((n, Hkv, D))).astype(dt)
+        v_new = rng.standard_normal((n, Hkv, D)).astype(dt)
+        cache.append(k_new, v_new, seq)
+        keys[seq], vals[seq] = np.concatenate([keys[seq], k_new]), np.concatenate([vals[seq], v_new])
+    for b in range(2):
+        np.testing.assert_array_equal(us.to_numpy(cache.keys(b)), keys[b])
+        np.testing.assert_array_equal(us.to_numpy(cache.values(b)), vals[b])
+        kd, kdt = device_input("k", keys[b].swapaxes(0, 1)[None])
+        whole = pooling.launch_pool(kd, kdt, cfg.c_k, 1)  # the batch kernel us_pool_seq on the whole sequence
+        np.testing.assert_array_equal(us.to_numpy(cache.composite_keys(b)), us.to_numpy(whole)[0].swapaxes(0, 1))
+    # Chunked prefill of one prompt, chunk boundaries at multiples of S, on a fresh cache.
+    L, chunks = 700, (256, 128, 316)
+    q = (1.5 * rng.standard_normal((L, Hq, D))).astype(dt)
+    k = (1.5 * rng.standard_normal((L, Hkv, D))).astype(dt)
+    v = rng.standard_normal((L, Hkv, D)).astype(dt)
+    cache = CupyPagedKVCache.for_config(cfg, 12, ps, Hkv, D, dtype=dt, page_order=rng.permutation(12))
+    start = 0
+    for n in chunks:
+        end = start + n
+        cache.append(k[start:end], v[start:end])
+        res = us.unisparse_attention_paged(q[start:end], cache, [0, n], cfg, backend=be, return_details=True)
+        f32 = [x.astype(np.float32) for x in (q[start:end], k[:end], v[:end])]  # the same values, exactly
+        expected = us.unisparse_attention_paged(f32[0], _host_cache(cfg, f32[1], f32[2], ps), [0, n], cfg,
+                                                return_details=True)
+        bm = res.block_mask(0)
+        assert eps_valid_rows(bm, expected.scores[None, :, :, : num_blocks(end, cfg.block_size)], cfg, n, end,
+                              be.score_eps).all()
+        if dtype == "float16":
+            assert_varlen_attention_close(us.to_numpy(res.out), us.to_numpy(res.lse), q[start:end], k[:end], v[:end],
+                                          np.array([0, n]), np.array([0, end]), res.kv_counts, res.kv_indices, cfg)
+        start = end
+
+
+def _host_cache(cfg, k, v, page_size):
+    cache = PagedKVCache.for_config(cfg, cdiv(k.shape[0], page_size), page_size, k.shape[1], k.shape[2], dtype=k.dtype)
+    cache.append(k, v)
+    return cache

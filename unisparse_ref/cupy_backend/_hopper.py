@@ -48,6 +48,7 @@ __all__ = [
     "fa3_forward",
     "fa3_forward_varlen",
     "varlen_tiles",
+    "VARLEN_ORDERS",
     "launch_config",
     "name_expression",
 ]
@@ -443,17 +444,35 @@ def fa3_forward(
 
 
 # ----------------------------------------------------------------------------- packed / paged
-def varlen_tiles(cu_seqlens_q: Any, seqlens_k: Any, k_start: Any, block_size: int, causal: bool) -> Any:
-    """The work list of :func:`fa3_forward_varlen`: int32 ``[n_tiles, 8]`` (NumPy), longest first.
+#: Tile orders of :func:`varlen_tiles`; the default is ``"grouped"``.
+VARLEN_ORDERS = ("grouped", "longest", "sequence")
+#: Span bucket of the ``"grouped"`` order, in keys (16 query tiles).
+GROUP_KEYS = 2048
+
+
+def varlen_tiles(cu_seqlens_q: Any, seqlens_k: Any, k_start: Any, block_size: int, causal: bool,
+                 order: str = "grouped") -> Any:
+    """The work list of :func:`fa3_forward_varlen`: int32 ``[n_tiles, 8]`` (NumPy).
 
     One entry per 128-row query tile of every sequence with queries,
-    ``{q_off, N_q,b, k_off, N_k,b, cu_qblocks[b], q0, b, 0}``, ordered by the keys the
-    tile's last row may see (``p_last + 1`` causal, ``N_k,b`` otherwise), longest first
-    across the whole batch; ties keep ``(b, tile)`` order (the Numba layer's
-    :func:`~unisparse_ref.numba_backend.varlen.work_list`, with the addresses the kernel needs).
+    ``{q_off, N_q,b, k_off, N_k,b, cu_qblocks[b], q0, b, 0}``. A tile's *span* is the number of
+    keys its last row may see (``p_last + 1`` causal, ``N_k,b`` otherwise). ``order``:
+
+    * ``"grouped"`` (default): longest first across the batch by span buckets of
+      :data:`GROUP_KEYS` keys; inside a bucket the tiles of one sequence stay together (last
+      tile first), so the CTAs running at once mostly read the same sequence's keys and
+      values and share them through L2, as the batch kernel's fixed order does. Never more
+      than one bucket away from the exact longest-first order;
+    * ``"longest"``: exactly longest first (ties in ``(b, tile)`` order), the Numba layer's
+      :func:`~unisparse_ref.numba_backend.varlen.work_list`: tiles of similar span from
+      different sequences run side by side;
+    * ``"sequence"``: sequences by their longest span, each one's tiles last first (the order
+      of a loop over the sequences, in one launch).
     """
     import numpy as np  # noqa: PLC0415
 
+    if order not in VARLEN_ORDERS:
+        raise ValueError(f"order must be one of {VARLEN_ORDERS}, got {order!r}")
     cu_q = np.asarray(cu_seqlens_q, dtype=np.int64)
     nq = np.diff(cu_q)
     nk = np.asarray(seqlens_k, dtype=np.int64)
@@ -465,8 +484,15 @@ def varlen_tiles(cu_seqlens_q: Any, seqlens_k: Any, k_start: Any, block_size: in
     q0 = (np.arange(int(ntile.sum())) - np.repeat(first, ntile)) * FA3_BR
     last_row = np.minimum(q0 + FA3_BR, nq[b]) - 1
     span = last_row + (nk[b] - nq[b]) + 1 if causal else nk[b]
-    order = np.argsort(-span, kind="stable")
-    tiles = np.stack([cu_q[b], nq[b], ks[b], nk[b], cu_qb[b], q0, b, np.zeros_like(b)], axis=1)[order]
+    if order == "longest":
+        idx = np.argsort(-span, kind="stable")
+    elif order == "grouped":
+        idx = np.lexsort((-q0, b, -(span // GROUP_KEYS)))  # last key first: bucket, sequence, tile
+    else:
+        seq_span = np.zeros(nq.size, dtype=np.int64)
+        np.maximum.at(seq_span, b, span)
+        idx = np.lexsort((-q0, b, -seq_span[b]))
+    tiles = np.stack([cu_q[b], nq[b], ks[b], nk[b], cu_qb[b], q0, b, np.zeros_like(b)], axis=1)[idx]
     return np.ascontiguousarray(tiles, dtype=np.int32)
 
 

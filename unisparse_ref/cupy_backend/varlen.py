@@ -45,8 +45,10 @@ import numpy as np
 
 from .. import geometry
 from .._arrays import (
+    BFLOAT16,
     check_config,
     check_cu_seqlens,
+    check_dtype,
     check_head_pooling,
     check_merge_states,
     check_packed_mask,
@@ -57,11 +59,13 @@ from .._arrays import (
     packed_offsets,
 )
 from ..config import UniSparseConfig
+from ..reference.paged import PagedKVCache
 from . import _hopper, _loader, attention
-from ._device import check_finite_device, cupy_module, device_input, i32, wrap_output
+from ._device import as_bfloat16, check_finite_device, cupy_module, device_input, i32, wrap_output
 from ._loader import CTYPES, KernelSpec
 
 __all__ = [
+    "CupyPagedKVCache",
     "FILE",
     "INSTANTIATIONS",
     "block_scores_varlen",
@@ -476,3 +480,193 @@ def block_sparse_attention_paged(be: Any, q: Any, k_pages: Any, v_pages: Any, cu
         out, lse = _attend_per_sequence(qd, k2, v2, counts, indices, cu_q, cu_k, config, scale)
     return wrap_output(out, dt), lse
 
+
+# ----------------------------------------------------------------------------- the paged cache on the device
+class CupyPagedKVCache(PagedKVCache):
+    """The paged KV cache of :class:`~unisparse_ref.reference.paged.PagedKVCache` on the GPU (CuPy).
+
+    The same layout, block table, page order and rules (``c_k`` divides ``page_size``; the
+    composite keys of every group that new keys touch are recomputed, a partial last group
+    included), with the pages and their composite keys in device memory:
+
+    * ``k_pages``, ``v_pages``: CuPy ``[num_pages, page_size, Hkv, D]`` (bfloat16 as a bf16
+      view of ``uint16`` storage), zero-initialised;
+    * ``kc_pages``: CuPy float32 ``[num_pages, page_size // c_k, Hkv, D]``, written by the
+      packed pooling kernel ``us_pool_varlen`` (the batch kernel's arithmetic: a sequence's
+      cached composite keys are bit for bit ``CupyBackend.compress`` of the whole sequence);
+    * ``block_table``, ``seqused_k``: int32 NumPy on the host (small; the bookkeeping is the
+      reference's), copied to the device by the attention call.
+
+    :meth:`append` writes the new keys and values into their pages with one scatter each and
+    pools only the groups it touches; :meth:`packed_composite_keys` gathers every sequence's
+    composite keys into a packed float32 array on the device (a small copy: one float32 row
+    per ``c_k`` keys). :func:`unisparse_ref.unisparse_attention_paged` with ``backend="cupy"``
+    reads it: queries pooled by ``us_pool_varlen``, composite keys from here, scores and
+    selection per sequence, the attention ``us_fa3_fwd_varlen`` on the pages.
+
+    Parameters
+    ----------
+    As :class:`~unisparse_ref.reference.paged.PagedKVCache` (``dtype``: float16, bfloat16 or
+    float32).
+    """
+
+    def __init__(
+        self, num_pages: int, page_size: int, num_kv_heads: int, head_dim: int, *, batch: int = 1,
+        max_pages: int | None = None, c_k: int = 16, dtype: Any = np.float16, page_order: Any = None,
+    ) -> None:
+        cp = cupy_module()
+        # The reference validates and builds the host bookkeeping on a one-page stand-in ...
+        super().__init__(num_pages, page_size, num_kv_heads, head_dim, batch=batch, max_pages=max_pages, c_k=c_k,
+                         dtype=dtype, page_order=page_order)
+        if self.dtype not in (np.dtype(np.float16), BFLOAT16, np.dtype(np.float32)):
+            raise TypeError(f"CupyPagedKVCache holds float16, bfloat16 or float32, got {self.dtype}")
+        # ... and the pages live on the device.
+        shape = (num_pages, page_size, num_kv_heads, head_dim)
+        storage = cp.uint16 if self.dtype == BFLOAT16 else self.dtype
+        self._k = cp.zeros(shape, dtype=storage)
+        self._v = cp.zeros(shape, dtype=storage)
+        self.kc_pages = cp.zeros((num_pages, page_size // c_k, num_kv_heads, head_dim), dtype=cp.float32)
+        self._order = list(range(num_pages)) if page_order is None else [int(p) for p in page_order]
+
+    @property
+    def k_pages(self) -> Any:  # type: ignore[override]
+        return as_bfloat16(self._k) if self.dtype == BFLOAT16 else self._k
+
+    @k_pages.setter
+    def k_pages(self, value: Any) -> None:  # the reference's __init__ assigns host pages: dropped
+        pass
+
+    @property
+    def v_pages(self) -> Any:  # type: ignore[override]
+        return as_bfloat16(self._v) if self.dtype == BFLOAT16 else self._v
+
+    @v_pages.setter
+    def v_pages(self, value: Any) -> None:
+        pass
+
+    @property
+    def num_kv_heads(self) -> int:
+        return int(self._k.shape[2])
+
+    @property
+    def head_dim(self) -> int:
+        return int(self._k.shape[3])
+
+    def clear(self) -> None:
+        """Empty every sequence and give every page back (the pages' contents stay until overwritten)."""
+        self.block_table[:] = -1
+        self.seqused_k[:] = 0
+        self._free = self._order[::-1]
+
+    def _flat_slots(self, seq: int, positions: np.ndarray) -> np.ndarray:
+        ps = self.page_size
+        return self.block_table[seq][positions // ps].astype(np.int64) * ps + positions % ps
+
+    def append(self, k_new: Any, v_new: Any, seq: int = 0) -> None:
+        """Append ``n`` keys and values ``[n, Hkv, D]`` (any accepted array; copied to the device) to ``seq``.
+
+        As :meth:`PagedKVCache.append <unisparse_ref.reference.paged.PagedKVCache.append>`:
+        pages assigned as needed, nothing written when a check fails (shapes, dtype,
+        non-finite values, a full block-table row or pool); then one scatter of the keys and
+        one of the values, and ``us_pool_varlen`` over the touched groups (group-aligned).
+        """
+        cp = cupy_module()
+        if not isinstance(seq, (int, np.integer)) or not 0 <= seq < self.batch:
+            raise ValueError(f"seq must be an int in [0, {self.batch}), got {seq!r}")
+        (kd, dk), (vd, dv) = device_input("k_new", k_new), device_input("v_new", v_new)
+        want = (self.num_kv_heads, self.head_dim)
+        for name, x, d in (("k_new", kd, dk), ("v_new", vd, dv)):
+            if x.ndim != 3 or tuple(x.shape[1:]) != want:
+                raise ValueError(f"{name} must have shape [n, Hkv={want[0]}, D={want[1]}], got {tuple(x.shape)}")
+            if check_dtype(name, d) != self.dtype:
+                raise TypeError(f"{name} has dtype {d} but the cache holds {self.dtype}")
+        if kd.shape != vd.shape:
+            raise ValueError(f"v_new must have the shape of k_new {tuple(kd.shape)}, got {tuple(vd.shape)}")
+        n, ps, c = int(kd.shape[0]), self.page_size, self.c_k
+        if n == 0:
+            return
+        L = int(self.seqused_k[seq])
+        L_new = L + n
+        first_new_page, pages_needed = geometry.cdiv(L, ps), geometry.cdiv(L_new, ps)
+        if pages_needed > self.block_table.shape[1]:
+            raise ValueError(
+                f"sequence {seq} would need {pages_needed} pages, its block-table row holds {self.block_table.shape[1]}"
+            )
+        if pages_needed - first_new_page > len(self._free):
+            raise ValueError(f"the page pool is full: {pages_needed - first_new_page} pages needed, "
+                             f"{len(self._free)} free")
+        check_finite_device(("k_new", kd, dk), ("v_new", vd, dv))
+        row = self.block_table[seq]
+        for p in range(first_new_page, pages_needed):
+            row[p] = self._free.pop()
+        Hkv, D = want
+        k_flat, v_flat = (x.reshape(-1, Hkv, D) for x in (self._k, self._v))
+        slots = cp.asarray(self._flat_slots(seq, np.arange(L, L_new)))
+        k_flat[slots] = kd
+        v_flat[slots] = vd
+        # Composite keys of groups g0 .. g1-1 from the cached keys, the partial group [g0*c, L) included.
+        g0, g1 = L // c, geometry.cdiv(L_new, c)
+        tokens = k_flat[cp.asarray(self._flat_slots(seq, np.arange(g0 * c, L_new)))]
+        kc = launch_pool_varlen(tokens, self.dtype, np.array([0, L_new - g0 * c], np.int32), c, 1)
+        groups = np.arange(g0, g1) * c
+        kc_rows = row[groups // ps].astype(np.int64) * (ps // c) + (groups % ps) // c
+        self.kc_pages.reshape(-1, Hkv, D)[cp.asarray(kc_rows)] = kc
+        self.seqused_k[seq] = L_new
+
+    def append_varlen(self, k_new: Any, v_new: Any, cu_seqlens: Any) -> None:
+        """Append a packed batch ``[total, Hkv, D]``: sequence ``b`` gets rows ``cu_seqlens[b]:cu_seqlens[b+1]``."""
+        (kd, _), (vd, _) = device_input("k_new", k_new), device_input("v_new", v_new)
+        cu = check_cu_seqlens("cu_seqlens", cu_seqlens, int(kd.shape[0]) if kd.ndim else -1)
+        if cu.size - 1 != self.batch:
+            raise ValueError(f"cu_seqlens describes {cu.size - 1} sequences, the cache holds {self.batch}")
+        for b in range(self.batch):
+            if cu[b + 1] > cu[b]:
+                self.append(_wrap(kd[cu[b]:cu[b + 1]], self.dtype), _wrap(vd[cu[b]:cu[b + 1]], self.dtype), b)
+
+    # ------------------------------------------------------------------ reading (device gathers)
+    def _gather(self, pages: Any, seqs: range) -> Any:
+        cp = cupy_module()
+        parts = [self._flat_slots(b, np.arange(int(self.seqused_k[b]))) for b in seqs]
+        idx = cp.asarray(np.concatenate(parts) if parts else np.zeros(0, np.int64))
+        return pages.reshape(-1, self.num_kv_heads, self.head_dim)[idx]
+
+    def keys(self, seq: int) -> Any:
+        """Sequence ``seq``'s keys ``[N_k, Hkv, D]`` (a gathered device copy)."""
+        return _wrap(self._gather(self._k, range(seq, seq + 1)), self.dtype)
+
+    def values(self, seq: int) -> Any:
+        """Sequence ``seq``'s values ``[N_k, Hkv, D]`` (a gathered device copy)."""
+        return _wrap(self._gather(self._v, range(seq, seq + 1)), self.dtype)
+
+    def _composite_rows(self, seqs: range) -> Any:
+        cp = cupy_module()
+        per_page, c = self.page_size // self.c_k, self.c_k
+        parts = []
+        for b in seqs:
+            g = np.arange(geometry.cdiv(int(self.seqused_k[b]), c)) * c
+            parts.append(self.block_table[b][g // self.page_size].astype(np.int64) * per_page
+                         + (g % self.page_size) // c)
+        idx = cp.asarray(np.concatenate(parts) if parts else np.zeros(0, np.int64))
+        return self.kc_pages.reshape(-1, self.num_kv_heads, self.head_dim)[idx]
+
+    def composite_keys(self, seq: int) -> Any:
+        """Sequence ``seq``'s composite keys, CuPy float32 ``[ceil(N_k / c_k), Hkv, D]``."""
+        return self._composite_rows(range(seq, seq + 1))
+
+    def packed_keys(self) -> tuple[Any, Any, np.ndarray]:
+        """Every sequence's keys and values packed (device copies), with their offsets."""
+        everyone = range(self.batch)
+        return (_wrap(self._gather(self._k, everyone), self.dtype), _wrap(self._gather(self._v, everyone), self.dtype),
+                self.cu_seqlens_k)
+
+    def packed_composite_keys(self) -> Any:
+        """Every sequence's composite keys packed, CuPy float32 ``[sum C_b, Hkv, D]`` (a small device copy)."""
+        return self._composite_rows(range(self.batch))
+
+    def __repr__(self) -> str:
+        return "Cupy" + super().__repr__()
+
+
+def _wrap(bits: Any, dtype: np.dtype) -> Any:
+    """Device storage as the logical dtype (bfloat16: a view of the uint16 bits)."""
+    return as_bfloat16(bits) if dtype == BFLOAT16 else bits
