@@ -549,3 +549,26 @@ def test_stage_path_cupy_glue_on_a_numpy_stand_in(monkeypatch, dtype, combine):
     rep = compare_stage_run(res, one, q, k, v, cfg, be.score_eps)
     assert not rep.failures and rep.bytes_ok and rep.rows_differ == 0, rep.summary()
     assert rep.out_bitwise_equal == (combine == "gather"), rep.summary()  # the merge rounds twice
+
+
+def test_measured_scaling_model():
+    """The model from a ``distributed_gpu.py time`` record: steps scaled by N or N^2, the slowest rank."""
+    from unisparse_ref.distributed.model import measured_from_record, measured_model, measured_table
+
+    steps = [{"pool": 0.001, "score_select": 0.04, "requests": 0.0, "pack": 0.002, "unpack": 0.003, "attend": 0.06},
+             {"pool": 0.001, "score_select": 0.05, "requests": 0.0, "pack": 0.002, "unpack": 0.003, "attend": 0.05}]
+    run = {"world_size": 2, "check": "PASS", "rank_compute_s": [sum(s.values()) for s in steps],
+           "rank_steps_s": steps, "rank_recv_bytes": [{"kv_blocks": 1000, "meta": 320}, {"kv_blocks": 3000}]}
+    rec = {"sizes": [{"tokens": 1000, "one_device_s": 0.2, "density": 0.1, "runs": [run, dict(run, check="FAIL",
+                                                                                                 world_size=4)]}]}
+    m = measured_from_record(rec)
+    assert sorted(m["ranks"]) == [2]  # a failed run is never used
+    r = m["ranks"][2]
+    assert r["linear_s"] == pytest.approx(0.006) and r["quadratic_s"] == pytest.approx(0.1)  # rank 0 is slowest
+    p = measured_model(2000, 2, m)
+    assert p.compute_ms == pytest.approx((0.006 * 2 + 0.1 * 4) * 1e3)
+    assert p.comm_bytes == 6000 and p.one_device_ms == pytest.approx(800.0)
+    assert p.speedup == pytest.approx(800.0 / p.total_ms) and p.efficiency == pytest.approx(p.speedup / 2)
+    assert "| 1M | 2 |" in measured_table(measured=m)
+    with pytest.raises(ValueError, match="4 ranks"):
+        measured_model(2000, 4, m)

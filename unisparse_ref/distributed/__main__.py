@@ -279,11 +279,17 @@ def _cmd_nccl(args: argparse.Namespace) -> int:
 
 
 def _cmd_model(args: argparse.Namespace) -> int:
-    from .model import scaling_table
+    import json
+
+    from .model import MEASURED_H200, measured_from_record, measured_table, scaling_table
 
     for d in (float(x) for x in args.densities.split(",")):
         print(f"density {d}:")
         print(scaling_table(density=d))
+    measured = measured_from_record(json.loads(open(args.timing).read())) if args.timing else MEASURED_H200
+    if measured:
+        print(f"from measured per-rank GPU compute at {measured['tokens']} tokens (density {measured['density']:.3f}):")
+        print(measured_table(measured=measured))
     return 0
 
 
@@ -326,6 +332,7 @@ def _parser() -> argparse.ArgumentParser:
 
     m = sub.add_parser("model", help="the scaling model for 1M and 4M tokens on 1-8 H200s")
     m.add_argument("--densities", default="0.1,0.5")
+    m.add_argument("--timing", default=None, help="a 'scripts/distributed_gpu.py time --json' record to scale from")
     m.set_defaults(fn=_cmd_model)
     return p
 

@@ -23,7 +23,17 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 
-__all__ = ["H200", "ScalingPoint", "scaling_model", "scaling_table"]
+__all__ = [
+    "H200",
+    "MEASURED_H200",
+    "MeasuredPoint",
+    "ScalingPoint",
+    "measured_from_record",
+    "measured_model",
+    "measured_table",
+    "scaling_model",
+    "scaling_table",
+]
 
 #: Run-8 figures (docs/performance.md) and the bandwidth assumption.
 H200 = {
@@ -145,3 +155,119 @@ def scaling_table(tokens: tuple[int, ...] = (1 << 20, 1 << 22), world_sizes: tup
 def as_dicts(points: list[ScalingPoint]) -> list[dict]:
     """Plain dictionaries of :class:`ScalingPoint` values."""
     return [asdict(p) for p in points]
+
+
+# --------------------------------------------------------------------------------------------
+# the model from measured per-rank GPU compute (backend="cupy")
+# --------------------------------------------------------------------------------------------
+
+#: Steps of :func:`~unisparse_ref.distributed.stages.stage_rank` whose work grows as ``N``
+#: (pooling, the requests, packing and unpacking the K/V tiles) and as ``N^2`` (scoring and
+#: selection of composite pairs and block pairs; the sparse attention at a fixed density).
+LINEAR_STEPS = ("pool", "requests", "pack", "unpack")
+QUADRATIC_STEPS = ("score_select", "attend")
+
+#: Measured on one H200 by ``scripts/distributed_gpu.py time`` (``docs/gpu_results/distributed.md``):
+#: the one-device CuPy pipeline and, per world size ``W``, the slowest simulated rank's seconds
+#: per step and the most bytes a rank received, at ``tokens``. Empty until a run is recorded.
+MEASURED_H200: dict = {}
+
+
+def measured_from_record(record: dict, tokens: int | None = None) -> dict:
+    """The :data:`MEASURED_H200` form of a ``distributed_gpu.py time --json`` record.
+
+    Parameters
+    ----------
+    record : dict
+        The JSON record.
+    tokens : int, optional
+        Which measured size to use (default: the largest with runs).
+
+    Returns
+    -------
+    dict
+        ``{"tokens", "one_device_s", "density", "ranks": {W: {"linear_s", "quadratic_s",
+        "recv_bytes", "steps"}}}``; per ``W`` the rank with the largest compute.
+    """
+    sizes = [e for e in record["sizes"] if e["runs"]]
+    entry = max(sizes, key=lambda e: e["tokens"]) if tokens is None else next(e for e in sizes if e["tokens"] == tokens)
+    ranks = {}
+    for run in entry["runs"]:
+        if run["check"] != "PASS":
+            continue
+        r = max(range(len(run["rank_compute_s"])), key=lambda i: run["rank_compute_s"][i])
+        steps = run["rank_steps_s"][r]
+        ranks[int(run["world_size"])] = {
+            "linear_s": float(sum(steps.get(k, 0.0) for k in LINEAR_STEPS)),
+            "quadratic_s": float(sum(steps.get(k, 0.0) for k in QUADRATIC_STEPS)),
+            "recv_bytes": int(max(sum(x.values()) for x in run["rank_recv_bytes"])),
+            "steps": {k: float(v) for k, v in steps.items()},
+        }
+    return {"tokens": int(entry["tokens"]), "one_device_s": float(entry["one_device_s"]),
+            "density": float(entry["density"]), "ranks": ranks}
+
+
+@dataclass(frozen=True)
+class MeasuredPoint:
+    """One rank of a ``W``-GPU run, scaled from the measured per-rank compute (milliseconds).
+
+    Attributes
+    ----------
+    tokens, world_size : int
+    compute_ms : float
+        The slowest rank's compute: linear steps times ``N / N_m``, quadratic steps times
+        ``(N / N_m)^2``.
+    comm_bytes : int
+        The most bytes a rank received at ``N_m``, times ``N / N_m``.
+    comm_ms : float
+        At the assumed NVLink bandwidth (not measured).
+    total_ms : float
+        compute + communication, nothing overlapped.
+    one_device_ms : float
+        The one-device pipeline at ``N_m`` times ``(N / N_m)^2``.
+    speedup, efficiency : float
+        ``one_device_ms / total_ms`` and that over ``W``.
+    """
+
+    tokens: int
+    world_size: int
+    compute_ms: float
+    comm_bytes: int
+    comm_ms: float
+    total_ms: float
+    one_device_ms: float
+    speedup: float
+    efficiency: float
+
+
+def measured_model(tokens: int, world_size: int, measured: dict | None = None, hw: dict | None = None) -> MeasuredPoint:
+    """Scale the measured per-rank compute of ``world_size`` ranks to ``tokens`` (see :class:`MeasuredPoint`)."""
+    m = measured or MEASURED_H200
+    if not m:
+        raise ValueError("no measured per-rank compute recorded (MEASURED_H200 is empty)")
+    h = {**H200, **(hw or {})}
+    W = int(world_size)
+    if W not in m["ranks"]:
+        raise ValueError(f"no measurement for {W} ranks; measured: {sorted(m['ranks'])}")
+    x = tokens / m["tokens"]
+    r = m["ranks"][W]
+    compute = (r["linear_s"] * x + r["quadratic_s"] * x * x) * 1e3
+    comm_bytes = int(r["recv_bytes"] * x)
+    comm = comm_bytes / (h["nvlink_gbs_per_direction"] * 1e9) * 1e3
+    one = m["one_device_s"] * x * x * 1e3
+    total = compute + comm
+    return MeasuredPoint(int(tokens), W, compute, comm_bytes, comm, total, one, one / total, one / total / W)
+
+
+def measured_table(tokens: tuple[int, ...] = (1 << 20, 1 << 22), measured: dict | None = None) -> str:
+    """:func:`measured_model` for every measured world size, as a Markdown table."""
+    m = measured or MEASURED_H200
+    head = ("| N | GPUs | per-rank compute ms | received GB | comm ms | total ms | one GPU ms | speedup | "
+            "efficiency |\n| " + " | ".join(["---"] * 9) + " |")
+    rows = [head]
+    for n in tokens:
+        for W in sorted(m["ranks"]):
+            p = measured_model(n, W, m)
+            rows.append(f"| {n // (1 << 20)}M | {W} | {p.compute_ms:.0f} | {p.comm_bytes / 1e9:.2f} | {p.comm_ms:.1f} | "
+                        f"{p.total_ms:.0f} | {p.one_device_ms:.0f} | {p.speedup:.2f}x | {100 * p.efficiency:.0f} % |")
+    return "\n".join(rows)
