@@ -17,7 +17,7 @@ start=$(date +%s)
   echo "gpu_dist.sh at $(git rev-parse --short HEAD 2>/dev/null || echo '(no git)') on $(nvidia-smi --query-gpu=name,driver_version --format=csv,noheader 2>/dev/null | head -n1), $(date -u +%FT%TZ)"
   echo "== tests/test_distributed_gpu.py"
 } | tee "$SUM"
-timeout 45 python -m pytest -q -x -p no:cacheprovider -rs tests/test_distributed_gpu.py 2>&1 | tail -n 25 | tee -a "$SUM" || rc=1
+timeout 45 python -m pytest -q -p no:cacheprovider -rs --tb=line tests/test_distributed_gpu.py 2>&1 | tail -n 30 | tee -a "$SUM" || rc=1
 echo "== scripts/distributed_gpu.py time (tests took $(( $(date +%s) - start )) s)" | tee -a "$SUM"
 left=$(( 85 - ($(date +%s) - start) ))
 if [ "$left" -lt 30 ]; then left=30; fi
