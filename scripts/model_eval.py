@@ -531,15 +531,20 @@ def _matched_md(m: dict, acc8: dict | None) -> list[str]:
                   "| layer | UniSparse density | " + " | ".join(["unisparse"] + sels) + " |",
                   "| --- | --- | " + " | ".join("---" for _ in range(len(sels) + 1)) + " |"]
             acc: dict[str, list] = {s_: [] for s_ in ["unisparse"] + sels}
+            common: dict[str, list] = {s_: [] for s_ in ["unisparse"] + sels}  # layers every sweep reaches
             for lay in layers:
                 u = [x for x in lay["results"] if x["selector"] == "unisparse" and x["param"] == t][0]
                 cells = [f"{u['rel_error']:.3f} ({u['recall']:.3f})"]
-                acc["unisparse"].append((u["rel_error"], u["recall"]))
+                row = {"unisparse": (u["rel_error"], u["recall"])}
                 for sel in sels:
                     er, rc = _at_density(lay, sel, u["density"], "rel_error"), _at_density(lay, sel, u["density"], "recall")
                     cells.append("-" if er is None else f"{er:.3f} ({rc:.3f})")
                     if er is not None:
-                        acc[sel].append((er, rc))
+                        row[sel] = (er, rc)
+                for s_, v_ in row.items():
+                    acc[s_].append(v_)
+                    if len(row) == len(sels) + 1:
+                        common[s_].append(v_)
                 if t == 0.9:
                     L.append(f"| {lay['layer']} | {u['density']:.3f} | " + " | ".join(cells) + " |")
             means = []
@@ -549,7 +554,12 @@ def _matched_md(m: dict, acc8: dict | None) -> list[str]:
                              + ("" if len(v) == len(layers) else f" [{len(v)} layers]"))
             ud = np.mean([[x["density"] for x in lay["results"] if x["selector"] == "unisparse" and x["param"] == t][0]
                           for lay in layers])
-            L += [f"| **mean** | {ud:.3f} | " + " | ".join(means) + " |", ""]
+            L.append(f"| **mean** | {ud:.3f} | " + " | ".join(means) + " |")
+            if len(common["unisparse"]) < len(layers):
+                L.append(f"| **mean, the {len(common['unisparse'])} layers every sweep reaches** | | " + " | ".join(
+                    f"{np.mean([a for a, _ in common[s_]]):.3f} ({np.mean([b for _, b in common[s_]]):.3f})"
+                    for s_ in ["unisparse"] + sels) + " |")
+            L.append("")
         L += ["Sweep means over the 30 layers (density, recall, relative output error):", "",
               "| selector | param | density | recall | rel. error |", "| --- | --- | --- | --- | --- |"]
         for sel, (param, values) in GRIDS.items():
