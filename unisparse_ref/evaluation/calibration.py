@@ -39,7 +39,7 @@ VARIANTS: dict[str, dict[str, Any]] = {
 }
 
 #: The swept thresholds ``P`` (the same for XAttention's threshold).
-THRESHOLDS = (0.1, 0.3, 0.5, 0.7, 0.8, 0.9, 0.95, 0.97, 0.98, 0.99, 0.995)
+THRESHOLDS = (0.1, 0.3, 0.5, 0.7, 0.8, 0.9, 0.95, 0.97, 0.98, 0.99, 0.995, 0.999)
 
 #: The other selectors :func:`measure` can add (``baselines=``), each swept over its own values
 #: in :data:`~unisparse_ref.evaluation.baselines.SELECTORS`; ``oracle`` is the mass oracle (SPEC's
