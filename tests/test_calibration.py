@@ -214,3 +214,34 @@ def _expected_calibrated() -> dict:
     from unisparse_ref.config import _CALIBRATED
 
     return dict(_CALIBRATED)
+
+
+# ------------------------------------------------------------------ the measurement script
+def test_measure_with_baselines_and_tables(tmp_path) -> None:
+    import json
+
+    from unisparse_ref.evaluation import calibration as cal
+
+    rng = np.random.default_rng(5)
+    q, k, v = (rng.standard_normal((1, h, 256, 16)).astype(np.float32) for h in (4, 2, 2))
+    cfg = UniSparseConfig(block_size=32, c_q=8, c_k=8)
+    res = cal.measure(q, k, v, cfg, variants={"spec": {}, "remaining": {"threshold_mode": "remaining"}},
+                      baselines=("oracle", "minference"))
+    assert list(res) == ["spec", "remaining", "xattention", "oracle", "minference"]
+    for name, r in res.items():
+        assert len(r["density"]) == len(r["rel_error"]) == len(r["recall"]) == len(r["values"])
+        assert set(r["matched"]) == {"0.2", "0.1", "0.05"}
+        assert ("at_0.95" in r) == (name in ("spec", "remaining", "xattention"))
+    # the largest swept P keeps more than the smallest: no more error
+    assert res["spec"]["rel_error"][-1] <= res["spec"]["rel_error"][0]
+    # load_qkv reads what capture writes; the tables render every layer
+    np.savez(tmp_path / "qkv.npz", layers=np.array([7]), q7=q.astype(np.float16), k7=k.astype(np.float16),
+             v7=v.astype(np.float16))
+    layers, arrays, _ = cal.load_qkv(str(tmp_path / "qkv.npz"))
+    assert layers == [7] and arrays[0][0].dtype == np.float32 and arrays[0][0].shape == q.shape
+    with pytest.raises(ValueError, match="layers"):
+        cal.load_qkv(str(tmp_path / "qkv.npz"), [3])
+    out = tmp_path / "r.json"
+    assert cal.main(["--qkv", str(tmp_path / "qkv.npz"), "--variants", "spec", "--json", str(out)]) == 0
+    table = cal.markdown_tables(json.loads(out.read_text()))
+    assert "layer 7: d@0.2" in table and "| `spec` |" in table and "| `xattention` |" in table

@@ -25,7 +25,7 @@ from .evaluate import DenseEvaluator, density_at_error
 from .workloads import MODEL_WORKLOADS, WORKLOADS
 
 __all__ = ["VARIANTS", "THRESHOLDS", "BASELINES", "variant_masks", "measure", "load_qkv", "capture_qkv",
-           "cross_entropy_increase", "main"]
+           "cross_entropy_increase", "markdown_tables", "main"]
 
 #: name -> the research options of the variant (the rest of the config is the base's).
 VARIANTS: dict[str, dict[str, Any]] = {
@@ -182,6 +182,35 @@ def cross_entropy_increase(configs: dict[str, UniSparseConfig], n: int = 2048, t
     return out
 
 
+def _f(x: float | None) -> str:
+    return "-" if x is None else f"{x:.3f}"
+
+
+def markdown_tables(data: dict[str, Any], targets: tuple[str, ...] = ("0.2", "0.1", "0.05")) -> str:
+    """The *Calibration* page's tables from a ``--json`` file of :func:`main` (layers as columns).
+
+    Two tables: density at matched error (``d@0.2 / d@0.1 / d@0.05``) per selector, and
+    ``density / error / recall`` at ``P = 0.9`` and ``P = 0.95`` per threshold-swept selector.
+    """
+    res = data["results"]
+    layers = list(res)
+    names = list(res[layers[0]])
+    head = "| selector | " + " | ".join(f"{L}: " + " / ".join(f"d@{t}" for t in targets) for L in layers) + " |"
+    lines = [head, "| --- |" + " --- |" * len(layers)]
+    for n in names:
+        cells = [" / ".join(_f(res[L][n]["matched"][t]) for t in targets) for L in layers]
+        lines.append(f"| `{n}` | " + " | ".join(cells) + " |")
+    for p in ("0.9", "0.95"):
+        key = f"at_{p}"
+        swept = [n for n in names if key in res[layers[0]][n]]
+        lines += ["", f"| selector at P = {p} | " + " | ".join(f"{L}: density / error / recall" for L in layers) + " |",
+                  "| --- |" + " --- |" * len(layers)]
+        for n in swept:
+            cells = [" / ".join(f"{res[L][n][key][m]:.3f}" for m in ("density", "rel_error", "recall")) for L in layers]
+            lines.append(f"| `{n}` | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
 def _variant_config(spec: str) -> UniSparseConfig:
     """``"remaining@0.95"`` -> the variant's config at that ``P`` (default 0.9); ``"calibrated"`` ->
     :meth:`UniSparseConfig.calibrated`."""
@@ -209,6 +238,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--variants", default=None, help="comma-separated names of VARIANTS (default: all)")
     p.add_argument("--baselines", default="", help=f"comma-separated, from {', '.join(BASELINES)}")
     p.add_argument("--json", default=None, help="write the results here")
+    p.add_argument("--markdown", default=None, metavar="JSON",
+                   help="only print the page's tables of a --json file, then exit")
     p.add_argument("--dense-from", default=None, metavar="NPZ",
                    help="--cross-entropy: take the token ids and the dense log-probs from NPZ (--capture or "
                         "scripts/model_gpu.py capture) instead of a dense prefill")
@@ -217,6 +248,10 @@ def main(argv: list[str] | None = None) -> int:
                         "comma-separated variants (names of VARIANTS; NAME@P for another P; calibrated)")
     args = p.parse_args(argv)
     t0 = time.time()
+    if args.markdown:
+        with open(args.markdown) as fh:
+            print(markdown_tables(json.load(fh)), end="")
+        return 0
     chosen = None if args.layers is None else [int(x) for x in args.layers.split(",") if x]
     layer_list = [3, 6, 20] if chosen is None else chosen
     if args.capture:
