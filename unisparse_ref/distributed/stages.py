@@ -75,7 +75,7 @@ class ArrayOps:
 
     On CuPy, bfloat16 travels and is indexed as its raw ``uint16`` pattern (CuPy's own bf16
     dtype supports few operations) and is handed to the backend through
-    :func:`unisparse_ref.cupy_backend.as_bfloat16`; on NumPy, arrays are used as they are.
+    ``unisparse_ref.cupy_backend.as_bfloat16``; on NumPy, arrays are used as they are.
 
     Parameters
     ----------
@@ -173,13 +173,15 @@ def merge_states(ops: ArrayOps, out_a: Any, lse_a: Any, out_b: Any, lse_b: Any, 
     Parameters
     ----------
     ops : ArrayOps
-    out_a, out_b : raw arrays ``[B, Hq, n, D]`` of logical dtype ``dt``
+    out_a, out_b : array, shape ``[B, Hq, n, D]``
+        Carried as :meth:`ArrayOps.raw` carries logical dtype ``dt``.
     lse_a, lse_b : float32 ``[B, Hq, n]``
     dt : numpy.dtype
 
     Returns
     -------
-    out : raw ``[B, Hq, n, D]`` of ``dt``
+    out : array, shape ``[B, Hq, n, D]``
+        Of logical dtype ``dt``, carried as :meth:`ArrayOps.raw` carries it.
     lse : float32 ``[B, Hq, n]``
     """
     xp = ops.xp

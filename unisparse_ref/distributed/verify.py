@@ -97,7 +97,8 @@ def compare_stage_run(res: DistributedResult, one: Any, q: Any, k: Any, v: Any, 
     one : UniSparseResult
         ``unisparse_attention(q, k, v, config, backend=..., return_details=True)`` of the same
         backend on one device.
-    q, k, v : host arrays (any dtype of the backend)
+    q, k, v : array
+        The global inputs, on the host (any dtype of the backend).
     config : UniSparseConfig
     score_eps : float
         The backend's ``score_eps`` (SPEC 7).
