@@ -7,7 +7,8 @@ CuPy's memory pool is off, so every array is its own cudaMalloc and an access pa
 the packed arrays (the last sequence's tile, a page) is caught at the array's edge. Covers
 ``us_merge_states<half|bf16|float>``, ``us_pool_varlen<half|bf16|float>`` and, on Hopper,
 ``us_fa3_fwd_varlen`` (D = 64, 128, 256; contiguous packed and paged through the block
-table; ragged lengths, an empty sequence, a last tile past the end of the packed arrays).
+table; ragged lengths, an empty sequence, a last tile past the end of the packed arrays) and
+``CupyPagedKVCache`` (appends, chunked prefill through ``unisparse_attention_paged``).
 Exits non-zero if a result disagrees with the NumPy reference (SPEC 7).
 """
 
@@ -90,6 +91,24 @@ def main() -> int:
             if not (np.array_equal(us.to_numpy(po), us.to_numpy(out))
                     and np.array_equal(us.to_numpy(pl), us.to_numpy(lse))):
                 failures.append(f"paged D={D} page={page}: differs from the contiguous packed result")
+        # The device cache: appends of odd sizes (partial groups recomputed), then chunked prefill.
+        from unisparse_ref.cupy_backend.varlen import CupyPagedKVCache
+
+        cfg = UniSparseConfig(block_size=128, c_q=16, c_k=16, threshold=0.8)
+        L = 600
+        q = rng.standard_normal((L, 4, 64)).astype(us.BFLOAT16)
+        k = rng.standard_normal((L, 2, 64)).astype(us.BFLOAT16)
+        v = rng.standard_normal((L, 2, 64)).astype(us.BFLOAT16)
+        cache = CupyPagedKVCache.for_config(cfg, 8, 128, 2, 64, dtype=us.BFLOAT16, page_order=rng.permutation(8))
+        start = 0
+        for n in (256, 7, 121, 216):
+            cache.append(k[start:start + n], v[start:start + n])
+            start += n
+        res = us.unisparse_attention_paged(q[-216:], cache, [0, 216], cfg, backend=be, return_details=True)
+        if not np.array_equal(us.to_numpy(cache.keys(0)).view(np.uint16), k.view(np.uint16)):
+            failures.append("CupyPagedKVCache keys")
+        if not np.isfinite(us.to_numpy(res.out).astype(np.float32)).all():
+            failures.append("unisparse_attention_paged on CupyPagedKVCache: non-finite output")
     else:
         print("no Hopper GPU: us_fa3_fwd_varlen not exercised")
     cp.cuda.Device().synchronize()

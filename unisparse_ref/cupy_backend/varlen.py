@@ -39,6 +39,7 @@ Imports without CuPy.
 
 from __future__ import annotations
 
+import weakref
 from typing import Any
 
 import numpy as np
@@ -279,6 +280,8 @@ def block_scores_varlen(be: Any, q_c: Any, k_c: Any, cu_seqlens_q: Any, cu_seqle
         qi = cp.ascontiguousarray(qc[cu_r[i]:cu_r[i + 1]].transpose(1, 0, 2)[None])
         ki = cp.ascontiguousarray(kc[cu_c[i]:cu_c[i + 1]].transpose(1, 0, 2)[None])
         s = be.block_scores(qi, ki, config, nq, nk)
+        if tuple(s.shape[1:]) == tuple(out.shape):  # one sequence fills the packed array: no copy
+            return s[0]
         out[:, cu_qb[i]:cu_qb[i + 1], : s.shape[-1]] = s[0]
     return out
 
@@ -301,7 +304,7 @@ def select_blocks_varlen(be: Any, scores: Any, cu_seqlens_q: Any, cu_seqlens_k: 
         raise ValueError(f"scores must have shape [Hm, total_qb={int(cu_qb[-1])}, W], got {tuple(s.shape)}")
     Hm, total_qb, W = (int(x) for x in s.shape)
     counts = cp.zeros((Hm, total_qb), dtype=cp.int32)
-    indices = cp.full((Hm, total_qb, max(W, 1)), -1, dtype=cp.int32)
+    indices = cp.full((Hm, total_qb, max(W, 1)), -1, dtype=cp.int32)  # the width of the scores
     for i in range(cu_q.size - 1):
         nq, nk = int(cu_q[i + 1] - cu_q[i]), int(cu_k[i + 1] - cu_k[i])
         if nq == 0:
@@ -309,6 +312,8 @@ def select_blocks_varlen(be: Any, scores: Any, cu_seqlens_q: Any, cu_seqlens_k: 
         nkb = geometry.num_blocks(nk, S)
         s_i = cp.ascontiguousarray(s[None, :, cu_qb[i]:cu_qb[i + 1], :nkb])
         _, c_i, idx_i = be.select_blocks_indices(s_i, config, nq, nk)
+        if tuple(idx_i.shape[1:]) == tuple(indices.shape):  # one sequence fills the packed arrays
+            return c_i[0], idx_i[0]
         counts[:, cu_qb[i]:cu_qb[i + 1]] = c_i[0]
         indices[:, cu_qb[i]:cu_qb[i + 1], :nkb] = idx_i[0]
     return counts, indices
@@ -442,7 +447,9 @@ def block_sparse_attention_paged(be: Any, q: Any, k_pages: Any, v_pages: Any, cu
     of the key tile (128; 64 at ``D = 256``); otherwise the used pages are gathered on the
     device into a packed copy and :func:`block_sparse_attention_varlen` runs on it. The whole
     page arrays must be finite (unused slots included: a key tile may read past ``N_k,b``
-    inside its last page, where a NaN would reach the P V product).
+    inside its last page, where a NaN would reach the P V product); they are checked, except
+    the pages of a :class:`CupyPagedKVCache`, which are zero-initialised and written only by
+    its checked :meth:`~CupyPagedKVCache.append`.
 
     Returns
     -------
@@ -462,7 +469,10 @@ def block_sparse_attention_paged(be: Any, q: Any, k_pages: Any, v_pages: Any, cu
     scale = config.scale_for(D)
     bc = _hopper.fa3_config(_v9_head_dim(D)).bc if D <= max(_hopper.FA3_HEAD_DIMS) else 0
     if uses_v9(dt, D, config.block_size) and bc and page_size % bc == 0:
-        check_finite_device(("q", qd, dt), ("k_pages", kd, dt), ("v_pages", vd, dt))
+        if _cache_pages(kd) and _cache_pages(vd):  # a CupyPagedKVCache's pages: finite by construction
+            check_finite_device(("q", qd, dt))
+        else:
+            check_finite_device(("q", qd, dt), ("k_pages", kd, dt), ("v_pages", vd, dt))
         k2, v2 = (x.reshape(num_pages * page_size, Hkv, D) for x in (kd, vd))
         out, lse = _attend_v9(qd, k2, v2, counts, indices, cu_q, used, np.zeros_like(used), config, scale,
                               block_table=cp.asarray(table), page_size=page_size)
@@ -482,6 +492,18 @@ def block_sparse_attention_paged(be: Any, q: Any, k_pages: Any, v_pages: Any, cu
 
 
 # ----------------------------------------------------------------------------- the paged cache on the device
+#: Device pointer of a CupyPagedKVCache's page array -> the cache (weakly): pages known to be finite.
+_CACHE_PAGES: dict[int, Any] = {}
+
+
+def _cache_pages(arr: Any) -> bool:
+    """Whether ``arr`` (a CuPy array) is the page array of a live :class:`CupyPagedKVCache`."""
+    ref = _CACHE_PAGES.get(int(arr.data.ptr))
+    cache = ref() if ref is not None else None
+    return cache is not None and any(int(x.data.ptr) == int(arr.data.ptr) and x.size == arr.size
+                                     for x in (cache._k, cache._v))
+
+
 class CupyPagedKVCache(PagedKVCache):
     """The paged KV cache of :class:`~unisparse_ref.reference.paged.PagedKVCache` on the GPU (CuPy).
 
@@ -526,6 +548,8 @@ class CupyPagedKVCache(PagedKVCache):
         self._k = cp.zeros(shape, dtype=storage)
         self._v = cp.zeros(shape, dtype=storage)
         self.kc_pages = cp.zeros((num_pages, page_size // c_k, num_kv_heads, head_dim), dtype=cp.float32)
+        for pages in (self._k, self._v):  # finite by construction: the attention skips their check
+            _CACHE_PAGES[int(pages.data.ptr)] = weakref.ref(self)
         self._order = list(range(num_pages)) if page_order is None else [int(p) for p in page_order]
 
     @property
