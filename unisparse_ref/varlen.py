@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import functools
 import importlib
+import inspect
 from dataclasses import dataclass
 from typing import Any
 
@@ -89,6 +90,15 @@ def native_stage(backend: str | Any, name: str) -> Any:
         if fn is not None:
             return functools.partial(fn, be)
     return None
+
+
+def _attention_stage(be: Any, name: str) -> Any:
+    """The attention stage ``name`` for the pipeline: a native stage that takes ``check_finite``
+    gets ``False`` (the pooling already checked ``q`` and ``k``; the stage still checks the rest)."""
+    fn = native_stage(be, name)
+    if fn is not None and "check_finite" in inspect.signature(fn).parameters:
+        return functools.partial(fn, check_finite=False)
+    return fn
 
 
 def _stage(be: Any, name: str) -> Any:
@@ -226,7 +236,8 @@ def unisparse_attention_varlen(
     q_c, k_c = _stage(be, "compress_varlen")(q, k, cu_q, cu_k, config)
     scores = _stage(be, "block_scores_varlen")(q_c, k_c, cu_q, cu_k, config)
     kv_counts, kv_indices = _stage(be, "select_blocks_varlen")(scores, cu_q, cu_k, config)
-    out, lse = _stage(be, "block_sparse_attention_varlen")(q, k, v, cu_q, cu_k, kv_counts, kv_indices, config)
+    attend = _attention_stage(be, "block_sparse_attention_varlen") or _stage(be, "block_sparse_attention_varlen")
+    out, lse = attend(q, k, v, cu_q, cu_k, kv_counts, kv_indices, config)
     if return_details:
         return VarlenResult(out, lse, to_numpy(kv_counts), to_numpy(kv_indices), scores, q_c, k_c, cu_q, cu_k,
                             config)
@@ -292,7 +303,7 @@ def unisparse_attention_paged(
     k_c = cache.packed_composite_keys()
     scores = _stage(be, "block_scores_varlen")(q_c, k_c, cu_q, cu_k, config)
     kv_counts, kv_indices = _stage(be, "select_blocks_varlen")(scores, cu_q, cu_k, config)
-    paged = native_stage(be, "block_sparse_attention_paged")
+    paged = _attention_stage(be, "block_sparse_attention_paged")
     if paged is not None:
         out, lse = paged(q, cache.k_pages, cache.v_pages, cu_q, cache.block_table, cache.seqused_k, kv_counts,
                          kv_indices, config)

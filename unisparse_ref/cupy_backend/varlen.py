@@ -54,7 +54,6 @@ from .._arrays import (
     check_merge_states,
     check_packed_mask,
     check_paged_qkv,
-    check_spec_variants,
     check_varlen_lengths,
     check_varlen_qkv,
     packed_offsets,
@@ -256,8 +255,7 @@ def block_scores_varlen(be: Any, q_c: Any, k_c: Any, cu_seqlens_q: Any, cu_seqle
     packed array on the device.
     """
     cp = cupy_module()
-    config = check_config(config)
-    check_spec_variants(config, "cupy backend block_scores_varlen")
+    config = check_config(config)  # the research variants: refused (or not) by be.block_scores
     qc, kc = _f32_device("q_c", q_c), _f32_device("k_c", k_c)
     if qc.ndim != 3 or kc.ndim != 3:
         raise ValueError(f"q_c and k_c must have rank 3 (packed), got {qc.shape} and {kc.shape}")
@@ -407,11 +405,14 @@ def _attend_per_sequence(qd: Any, kd: Any, vd: Any, counts: Any, indices: Any, c
 
 
 def block_sparse_attention_varlen(be: Any, q: Any, k: Any, v: Any, cu_seqlens_q: Any, cu_seqlens_k: Any,
-                                  kv_counts: Any, kv_indices: Any, config: UniSparseConfig) -> tuple[Any, Any]:
+                                  kv_counts: Any, kv_indices: Any, config: UniSparseConfig, *,
+                                  check_finite: bool = True) -> tuple[Any, Any]:
     """Exact attention over every sequence's selected blocks (SPEC 6), packed.
 
     One launch of ``us_fa3_fwd_varlen`` where :func:`uses_v9` (Hopper, float16 / bfloat16,
     ``S`` a multiple of 128); otherwise the batch kernels once per sequence.
+    ``check_finite=False`` (the pipeline, whose pooling already checked ``q`` and ``k``) checks
+    ``v`` only.
 
     Returns
     -------
@@ -427,7 +428,10 @@ def block_sparse_attention_varlen(be: Any, q: Any, k: Any, v: Any, cu_seqlens_q:
                                             shape_only=True)
     nk = np.diff(cu_k)
     counts, indices = _packed_mask(kv_counts, kv_indices, cu_q, nk, config.block_size, Hq // config.c_h)
-    check_finite_device(("q", qd, dt), ("k", kd, dt), ("v", vd, dt))
+    if check_finite:
+        check_finite_device(("q", qd, dt), ("k", kd, dt), ("v", vd, dt))
+    else:
+        check_finite_device(("v", vd, dt))
     scale = config.scale_for(D)
     if uses_v9(dt, D, config.block_size):
         out, lse = _attend_v9(qd, kd, vd, counts, indices, cu_q, nk, cu_k[:-1], config, scale)
@@ -438,7 +442,7 @@ def block_sparse_attention_varlen(be: Any, q: Any, k: Any, v: Any, cu_seqlens_q:
 
 def block_sparse_attention_paged(be: Any, q: Any, k_pages: Any, v_pages: Any, cu_seqlens_q: Any, block_table: Any,
                                  seqused_k: Any, kv_counts: Any, kv_indices: Any,
-                                 config: UniSparseConfig) -> tuple[Any, Any]:
+                                 config: UniSparseConfig, *, check_finite: bool = True) -> tuple[Any, Any]:
     """Packed queries against a paged KV cache (SPEC 6): the kernel reads ``block_table`` itself.
 
     ``k_pages``, ``v_pages [num_pages, page_size, Hkv, D]``; key ``s`` of sequence ``b`` is
@@ -449,7 +453,8 @@ def block_sparse_attention_paged(be: Any, q: Any, k_pages: Any, v_pages: Any, cu
     page arrays must be finite (unused slots included: a key tile may read past ``N_k,b``
     inside its last page, where a NaN would reach the P V product); they are checked, except
     the pages of a :class:`CupyPagedKVCache`, which are zero-initialised and written only by
-    its checked :meth:`~CupyPagedKVCache.append`.
+    its checked :meth:`~CupyPagedKVCache.append`. ``check_finite=False`` (the pipeline, whose
+    query pooling already checked ``q``) skips the check of ``q``.
 
     Returns
     -------
@@ -469,10 +474,11 @@ def block_sparse_attention_paged(be: Any, q: Any, k_pages: Any, v_pages: Any, cu
     scale = config.scale_for(D)
     bc = _hopper.fa3_config(_v9_head_dim(D)).bc if D <= max(_hopper.FA3_HEAD_DIMS) else 0
     if uses_v9(dt, D, config.block_size) and bc and page_size % bc == 0:
-        if _cache_pages(kd) and _cache_pages(vd):  # a CupyPagedKVCache's pages: finite by construction
-            check_finite_device(("q", qd, dt))
-        else:
-            check_finite_device(("q", qd, dt), ("k_pages", kd, dt), ("v_pages", vd, dt))
+        items = [("q", qd, dt)] if check_finite else []
+        if not (_cache_pages(kd) and _cache_pages(vd)):  # a CupyPagedKVCache's pages: finite by construction
+            items += [("k_pages", kd, dt), ("v_pages", vd, dt)]
+        if items:
+            check_finite_device(*items)
         k2, v2 = (x.reshape(num_pages * page_size, Hkv, D) for x in (kd, vd))
         out, lse = _attend_v9(qd, k2, v2, counts, indices, cu_q, used, np.zeros_like(used), config, scale,
                               block_table=cp.asarray(table), page_size=page_size)
