@@ -269,3 +269,501 @@ us_scores_onepass(const float* __restrict__ qc, const float* __restrict__ kc, fl
         scores[((long long)bh * nQb + i) * nKb + j] = s / (float)(rb - ra);
     }
 }
+
+// ===================================================================================== version 4
+// us_scores_mma<NW, VAR>: the same one-pass algorithm (online row softmax, per-(row, tile) key-block
+// piece sums e[r, t, k] and tile maxima M[r, t], rescaled by w[r, t] after the walk) with the logits
+// on the tensor cores (mma.sync.m16n8k16, f16 inputs, f32 accumulation; sm_80 and later).
+//
+// Precision split (fp16x3). us_split_rows writes every composite row x (Qh rows and Kc rows) as
+//   x = 2^-e * (hi + lo),   hi = fp16(2^e x),  lo = fp16(2^e x - hi),
+// with one power of two 2^e per row chosen so that max_d |2^e x_d| lies in [2^14, 2^15): hi and
+// lo stay inside fp16's normal range (lo is subnormal only for elements below 2^-3 of... the row
+// maximum times 2^-11, where its absolute error, 2^-25 in scaled units, is 2^-39 of the row max).
+// hi + lo carries 22 significant bits (error <= 2^-22 |x| per element). The logit is
+//   x[r, c] = scale * 2^-(e_r + e_c) * (hi_r.hi_c + hi_r.lo_c + lo_r.hi_c)
+// (lo.lo, <= 2^-22 relative, is dropped): three mma per k-step, products exact, sums in float32.
+// The powers of two are exact, so the only departures from float32 FMA arithmetic are the 2^-22
+// representation and the tensor core's float32 sums. Logits are kept in base 2 (scale * log2(e)
+// folded into the row factor) and exponentiated with ex2.approx (relative error about 2^-22).
+// The declared score_eps of the CuPy backend and the measured errors: docs/gpu_results/estimator.md.
+//
+// Operand layout (written by us_split_rows, copied unchanged to shared memory with cp.async): a
+// row of D elements is padded with zeros to Dp = 32 * ceil(D/32) and stored as Dp 32-bit words;
+// for each 32-wide chunk kc of d and each lane quarter q = lane % 4 there are 8 words: 4 of hi
+// then 4 of lo, each word a pair of halves at d = kc*32 + {2q, 2q+8, 16+2q, 24+2q} (+0, +1).
+// Those are exactly the d a thread of mma.m16n8k16 needs for its A row (registers a0/a2, then
+// the next k-step's) and for its B column (b0/b1), so one 16-byte shared load gives a thread the
+// hi (or lo) fragment of two k-steps, for A as for B (the k order is permuted identically in Q
+// and K, which leaves the dot product unchanged). Shared rows are padded by 16 bytes, which
+// makes the 8 lanes of each quarter-warp phase hit 8 different 16-byte bank groups.
+//
+// Work: a persistent grid of `slots` thread blocks, NW warps each; a work item is RG = 32*NW
+// composite rows (whole query blocks: RB = S/c_q <= RG) of one mask head, taken longest first
+// (causal: the last row tiles first) from an atomic counter. Warp w owns rows 32w .. 32w+31 of
+// the item (two m16 tiles) and all TC = 64 columns of a tile (eight n8 tiles): 64 float32
+// accumulators per thread. A warp skips a column tile none of its rows can see. The scratch is
+// per slot ([slots, ntiles, RG, NKS] and [slots, ntiles, RG]), reused by each item the slot
+// takes: at 131072 tokens 264 slots hold 152 MiB instead of version 3's 1.1 GiB.
+// Every sum is taken in a fixed order and no item depends on another: which slot runs an item
+// changes nothing, and repeated runs are bit-identical.
+//
+// VAR = true (research variants, not SPEC; unisparse_ref/reference/scores.py variant_log_weights):
+// column j of the walk is key column j of k_c, whose first T = sink_tokens columns are the un-pooled
+// sink keys; the logit gets an additive log-weight (base e)
+//   lw[r, j] = colw[j] + (j - j0[r] in [0, NB) ? band[r, j - j0[r]] : 0)
+// (colw: log of the keys a column stands for; band: the diagonal correction of row r, NB columns
+// from j0[r]; -inf makes a column invisible). Key block of column j: 0 for j < T, else
+// (j - T) * c_k / S: key blocks are no longer aligned with the tiles, so VAR uses one piece per
+// column (KBe = 1) and the block sums map pieces to key blocks through that formula.
+#ifndef US_SM_TC
+#define US_SM_TC 64
+#endif
+
+#if defined(__CUDACC__) || defined(__CUDACC_RTC__)
+#define US_SM_DEVICE 1
+#endif
+
+namespace usm {
+#ifdef US_SM_DEVICE
+__device__ __forceinline__ unsigned lane_id() { return threadIdx.x & 31; }
+// D (4 floats) += A (16x16, f16, 4 registers) * B (16x8, f16, 2 registers)
+__device__ __forceinline__ void mma(float c[4], unsigned a0, unsigned a1, unsigned a2, unsigned a3, unsigned b0,
+                                    unsigned b1) {
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};\n"
+        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+        : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
+}
+__device__ __forceinline__ float shfl_xor(float v, int m) { return __shfl_xor_sync(0xffffffffu, v, m); }
+__device__ __forceinline__ float ex2(float x) {
+    float y;
+    asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
+    return y;
+}
+// 16 bytes global -> shared, asynchronously; zeros when !valid (src-size 0 reads nothing).
+__device__ __forceinline__ void cp16(void* smem, const void* gmem, bool valid) {
+    const unsigned s = (unsigned)__cvta_generic_to_shared(smem);
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(s), "l"(gmem), "r"(valid ? 16 : 0));
+}
+__device__ __forceinline__ void cp_commit() { asm volatile("cp.async.commit_group;\n" ::); }
+template <int N> __device__ __forceinline__ void cp_wait() { asm volatile("cp.async.wait_group %0;\n" ::"n"(N)); }
+__device__ __forceinline__ unsigned half_bits(float x) { return (unsigned)__half_as_ushort(__float2half_rn(x)); }
+__device__ __forceinline__ float half_value(unsigned bits) { return __half2float(__ushort_as_half((unsigned short)bits)); }
+__device__ __forceinline__ int next_item(int* counter) { return atomicAdd(counter, 1); }
+#else
+// Host emulation (tests/test_cupy_compile.py builds this file with g++, one std::thread per CUDA
+// thread): warp-collective operations exchange through per-warp buffers between two warp barriers.
+}  // namespace usm
+#include <condition_variable>
+#include <mutex>
+struct uint4 { unsigned x, y, z, w; };
+namespace usm {
+struct WarpBarrier {
+    std::mutex mu;
+    std::condition_variable cv;
+    int count = 0;
+    unsigned long gen = 0;
+    void wait() {
+        std::unique_lock<std::mutex> lk(mu);
+        const unsigned long g = gen;
+        if (++count == 32) { count = 0; ++gen; cv.notify_all(); }
+        else cv.wait(lk, [&] { return gen != g; });
+    }
+};
+static WarpBarrier warp_bar[32];
+static unsigned xa[1024][6];
+static float xf[1024];
+inline unsigned flat_tid() { return threadIdx.x + blockDim.x * (threadIdx.y + blockDim.y * threadIdx.z); }
+inline unsigned lane_id() { return flat_tid() & 31; }
+inline void warp_sync() { warp_bar[flat_tid() / 32].wait(); }
+inline float half_value(unsigned h) {
+    const unsigned s = (h >> 15) & 1, e = (h >> 10) & 31, m = h & 1023;
+    float v = e == 0 ? std::ldexp((float)m, -24) : std::ldexp((float)(m | 1024), (int)e - 25);
+    return s ? -v : v;
+}
+inline unsigned half_bits(float x) {  // round to nearest even; |x| < 65520 here
+    const unsigned s = std::signbit(x) ? 0x8000u : 0u;
+    const double a = std::fabs((double)x);
+    if (a == 0.0) return s;
+    int ex;
+    std::frexp(a, &ex);                                   // a = f * 2^ex, f in [0.5, 1)
+    const int q = std::max(ex - 11, -24);                 // quantum: 2^(ex-11) normal, 2^-24 subnormal
+    const double n = std::nearbyint(std::ldexp(a, -q));   // the current rounding mode is to-nearest-even
+    const double v = std::ldexp(n, q);
+    int e2;
+    std::frexp(v, &e2);
+    if (e2 - 1 < -14) return s | (unsigned)std::ldexp(v, 24);                          // subnormal
+    return s | (unsigned)((e2 - 1 + 15) << 10) | ((unsigned)std::ldexp(v, 11 - e2) & 1023u);
+}
+inline void mma(float c[4], unsigned a0, unsigned a1, unsigned a2, unsigned a3, unsigned b0, unsigned b1) {
+    const unsigned t = flat_tid(), lane = t & 31, w0 = t - lane;
+    xa[t][0] = a0; xa[t][1] = a1; xa[t][2] = a2; xa[t][3] = a3; xa[t][4] = b0; xa[t][5] = b1;
+    warp_sync();
+    const unsigned g = lane >> 2, q = lane & 3;
+    auto A = [&](unsigned row, unsigned k) {  // a0: (g, 2q..), a1: (g+8, 2q..), a2: (g, 2q+8..), a3: (g+8, 2q+8..)
+        const unsigned src = w0 + (row % 8) * 4 + (k % 8) / 2, reg = (row >= 8) + 2 * (k >= 8);
+        return half_value((xa[src][reg] >> (16 * (k & 1))) & 0xffffu);
+    };
+    auto B = [&](unsigned k, unsigned col) {  // b0: (k 2q.., col g), b1: (k 2q+8.., col g)
+        const unsigned src = w0 + col * 4 + (k % 8) / 2, reg = 4 + (k >= 8);
+        return half_value((xa[src][reg] >> (16 * (k & 1))) & 0xffffu);
+    };
+    float out[4];
+    for (unsigned e = 0; e < 4; ++e) {
+        const unsigned row = g + 8 * (e >= 2), col = 2 * q + (e & 1);
+        double s = 0.0;
+        for (unsigned k = 0; k < 16; ++k) s += (double)A(row, k) * (double)B(k, col);
+        out[e] = (float)((double)c[e] + s);
+    }
+    warp_sync();
+    for (int e = 0; e < 4; ++e) c[e] = out[e];
+}
+inline float shfl_xor(float v, int m) {
+    const unsigned t = flat_tid();
+    xf[t] = v;
+    warp_sync();
+    const float r = xf[t ^ (unsigned)m];
+    warp_sync();
+    return r;
+}
+inline float ex2(float x) { return std::exp2(x); }
+inline void cp16(void* smem, const void* gmem, bool valid) {
+    if (valid) memcpy(smem, gmem, 16); else memset(smem, 0, 16);
+}
+inline void cp_commit() {}
+template <int N> inline void cp_wait() {}
+inline int next_item(int* counter) { return (*counter)++; }  // one thread of one block at a time
+#endif
+
+// Last composite key visible to composite query r (SPEC 4), as us_last_visible_key.
+__device__ __forceinline__ int last_key(int r, int R, int C, int nq, int nk, int c_q, int c_k, int causal) {
+    return us_last_visible_key(r, R, C, nq, nk, c_q, c_k, causal);
+}
+}  // namespace usm
+
+// Split rows of x (float32 [rows, D]) into the fragment-ordered fp16 hi/lo words of the header
+// (out: uint32 [rows, Dp]) and the row factor fac[row] = 2^-e. One warp per row; block 128.
+__global__ void __launch_bounds__(128)
+us_split_rows(const float* __restrict__ x, unsigned* __restrict__ out, float* __restrict__ fac, int rows, int D,
+              int Dp) {
+    const int warp = threadIdx.x / 32, lane = threadIdx.x & 31;
+    const long long row = (long long)blockIdx.x * 4 + warp;
+    const bool valid = row < rows;  // warp-uniform (the host emulation's shuffles need the whole warp)
+    const float* xr = x + (valid ? row : 0) * D;
+    float amax = 0.0f;
+    if (valid)
+        for (int d = lane; d < D; d += 32) amax = fmaxf(amax, fabsf(xr[d]));
+#pragma unroll
+    for (int m = 16; m >= 1; m >>= 1) amax = fmaxf(amax, usm::shfl_xor(amax, m));
+    if (!valid) return;
+    int ex = 0;
+    if (amax > 0.0f && amax <= 3.4e38f) frexpf(amax, &ex);   // amax = f * 2^ex, f in [0.5, 1)
+    const int e = (amax > 0.0f && amax <= 3.4e38f) ? max(-60, min(60, 15 - ex)) : 0;  // 2^e amax in [2^14, 2^15)
+    if (lane == 0) fac[row] = ldexpf(1.0f, -e);
+    unsigned* o = out + row * Dp;
+    for (int w = lane; w < Dp; w += 32) {
+        const int kc = w / 32, within = w % 32, q = within / 8, part = (within / 4) & 1, j = within & 3;
+        const int d = kc * 32 + (j >> 1) * 16 + (j & 1) * 8 + 2 * q;
+        const float v0 = d < D ? ldexpf(xr[d], e) : 0.0f, v1 = d + 1 < D ? ldexpf(xr[d + 1], e) : 0.0f;
+        const unsigned h0 = usm::half_bits(v0), h1 = usm::half_bits(v1);
+        unsigned word;
+        if (part == 0) word = h0 | (h1 << 16);
+        else word = usm::half_bits(v0 - usm::half_value(h0)) | (usm::half_bits(v1 - usm::half_value(h1)) << 16);
+        o[w] = word;
+    }
+}
+
+// Dynamic shared memory of us_scores_mma (bytes), laid out in this order:
+//   Q tile  RG rows x (4*Dp + 16) bytes;  K tiles  stages x TC rows x (4*Dp + 16) bytes;
+//   qf[RG], kf[stages][TC], kw[stages][TC], rm[RG], rl[RG] (floats); item (int, 16 bytes).
+// unisparse_ref/cupy_backend/scores.py (mma_launch_config) computes the same number.
+
+// The one-pass scores on the tensor cores (see the header of version 4). grid (slots), block
+// (32*NW). qs/ks, qf/kf: us_split_rows of Qh [B*Hm*R, D] and of Kc [B*Hkv*W, D] (W = C columns,
+// or T + C with the sink variant). scores: float32 [B, Hm, nQb, nKb], zero-initialised. part/tmax:
+// per-slot scratch [slots, ntiles, RG, NKS] / [slots, ntiles, RG]. counter: int32, zero. colw/j0/band:
+// VAR only (see the header), else null.
+template <int NW, bool VAR>
+__global__ void __launch_bounds__(32 * NW, 1)
+us_scores_mma(const unsigned* __restrict__ qs, const float* __restrict__ qfac, const unsigned* __restrict__ ks,
+              const float* __restrict__ kfac, float* __restrict__ scores, float* __restrict__ part,
+              float* __restrict__ tmax, int* __restrict__ counter, int BH, int Hm, int Hkv, int R, int W, int Dp,
+              int nq, int nk, int c_q, int c_k, int c_h, int G, int S, int causal, float scale_log2, int stages,
+              int ntiles, int T, const float* __restrict__ colw, const int* __restrict__ j0,
+              const float* __restrict__ band, int NB) {
+    constexpr int TC = US_SM_TC, NT = TC / 8, RG = 32 * NW, THREADS = 32 * NW;
+    constexpr float LOG2E = 1.4426950408889634f;
+    extern __shared__ __align__(16) unsigned char us_sm_dyn[];
+    const int rowb = 4 * Dp + 16, KC = Dp / 32;
+    unsigned char* Qs = us_sm_dyn;
+    unsigned char* Ks = Qs + RG * rowb;
+    float* qf = reinterpret_cast<float*>(Ks + stages * TC * rowb);  // [RG] scale*log2(e)*2^-e_r
+    float* kf = qf + RG;                                              // [stages][TC] 2^-e_c
+    float* kw = kf + stages * TC;                                     // [stages][TC] VAR: colw of the tile
+    float* rm = kw + stages * TC;                                     // [RG] final m_r (base 2)
+    float* rl = rm + RG;                                              // [RG] final l_r
+    int* item_s = reinterpret_cast<int*>(rl + RG);
+
+    const int tid = threadIdx.x, warp = tid / 32, lane = tid & 31, g = lane >> 2, q = lane & 3;
+    const int RB = S / c_q, KB = S / c_k;
+    const int C = W - T;                                       // composite key columns
+    const int KBe = VAR ? 1 : min(KB, TC), NKS = TC / KBe, SPB = VAR ? 1 : KB / KBe;
+    const int nQb = us::cdiv(nq, S), nKb = us::cdiv(nk, S);
+    const int nrt = us::cdiv(R, RG), nitems = BH * nrt;
+    float* pe = part + (long long)blockIdx.x * ntiles * RG * NKS;  // this slot's e [ntiles][RG][NKS]
+    float* tm = tmax + (long long)blockIdx.x * ntiles * RG;        // this slot's M, then w [ntiles][RG]
+
+    // Last key column (of the W) visible to row r: composite rule of SPEC 4, shifted by the T sinks
+    // (a sink s is visible when s <= p(last(r)), always true for s < T <= c_k when composite 0 is).
+    auto last_col = [&](int r) { return T + usm::last_key(r, R, C, nq, nk, c_q, c_k, causal); };
+
+    for (;;) {
+        if (tid == 0) *item_s = usm::next_item(counter);
+        __syncthreads();  // (1) the item index is in shared memory before every thread reads it
+        const int item = *item_s;
+        if (item >= nitems) break;
+        const int x = nrt - 1 - item / BH, bh = item % BH;  // longest items (last row tiles) first
+        const int b = bh / Hm, gh = bh % Hm, kvh = (gh * c_h) / G;
+        const int r0 = x * RG;
+        const unsigned char* qsrc = reinterpret_cast<const unsigned char*>(qs + ((long long)bh * R) * Dp);
+        const unsigned char* ksrc = reinterpret_cast<const unsigned char*>(ks + ((long long)b * Hkv + kvh) * W * Dp);
+        const float* kfh = kfac + ((long long)b * Hkv + kvh) * W;
+        const int cmax = last_col(min(r0 + RG, R) - 1);
+        const int ntg = cmax / TC + 1;  // column tiles of this item
+        const int wlast = last_col(min(r0 + 32 * warp + 31, R - 1));  // this warp's last visible column
+
+        // Q tile (and its factors), then K tile 0: one cp.async group.
+        const int chunks = Dp / 4;  // 16-byte chunks per row
+        for (int e = tid; e < RG * chunks; e += THREADS) {
+            const int row = e / chunks, ch = e % chunks, r = r0 + row;
+            usm::cp16(Qs + row * rowb + ch * 16, qsrc + ((long long)min(r, R - 1) * Dp + ch * 4) * 4, r < R);
+        }
+        for (int e = tid; e < RG; e += THREADS) {
+            const int r = r0 + e;
+            qf[e] = r < R ? scale_log2 * qfac[(long long)bh * R + r] : 0.0f;
+        }
+        auto load_k = [&](int t, int st) {
+            unsigned char* dst = Ks + st * TC * rowb;
+            for (int e = tid; e < TC * chunks; e += THREADS) {
+                const int col = e / chunks, ch = e % chunks, c = t * TC + col;
+                usm::cp16(dst + col * rowb + ch * 16, ksrc + ((long long)min(c, W - 1) * Dp + ch * 4) * 4, c < W);
+            }
+            for (int e = tid; e < TC; e += THREADS) {
+                const int c = t * TC + e;
+                kf[st * TC + e] = c < W ? kfh[c] : 0.0f;
+                if (VAR) kw[st * TC + e] = c < W ? colw[c] : 0.0f;
+            }
+            usm::cp_commit();
+        };
+        load_k(0, 0);
+
+        // This thread's rows: (mt, h) -> local row 32*warp + 16*mt + 8*h + g.
+        float m_run[2][2], l_run[2][2];
+        int lastc[2][2];
+        long long plast[2][2];  // VAR: p(last(r)), the sinks' visibility
+#pragma unroll
+        for (int mt = 0; mt < 2; ++mt)
+#pragma unroll
+            for (int h = 0; h < 2; ++h) {
+                const int r = r0 + 32 * warp + 16 * mt + 8 * h + g;
+                m_run[mt][h] = -INFINITY;
+                l_run[mt][h] = 0.0f;
+                lastc[mt][h] = r < R ? last_col(r) : -1;
+                plast[mt][h] = us::qpos(min((long long)(min(r, R - 1) + 1) * c_q, (long long)nq) - 1, nq, nk);
+            }
+
+        for (int t = 0; t < ntg; ++t) {
+            const int st = stages == 2 ? (t & 1) : 0;
+            if (stages == 2) {
+                if (t + 1 < ntg) load_k(t + 1, (t + 1) & 1);
+                else usm::cp_commit();  // an empty group keeps the count of pending groups uniform
+                usm::cp_wait<1>();      // this thread's copies of tile t (and of Q) have landed
+            } else {
+                usm::cp_wait<0>();
+            }
+            __syncthreads();  // (2) tile t, its factors (and Q, qf) are complete for every thread
+            const int c0 = t * TC;
+            if (c0 <= wlast) {  // warp-uniform: some row of this warp sees a column of tile t
+                float acc[2][NT][4];
+#pragma unroll
+                for (int mt = 0; mt < 2; ++mt)
+#pragma unroll
+                    for (int n = 0; n < NT; ++n)
+#pragma unroll
+                        for (int i = 0; i < 4; ++i) acc[mt][n][i] = 0.0f;
+                const unsigned char* Kt = Ks + st * TC * rowb;
+                for (int kc = 0; kc < KC; ++kc) {
+                    uint4 ah[2][2], al[2][2];  // [mt][h]: hi and lo words of rows g and g+8 (two k-steps)
+#pragma unroll
+                    for (int mt = 0; mt < 2; ++mt)
+#pragma unroll
+                        for (int h = 0; h < 2; ++h) {
+                            const uint4* p = reinterpret_cast<const uint4*>(
+                                Qs + (32 * warp + 16 * mt + 8 * h + g) * rowb + kc * 128 + q * 32);
+                            ah[mt][h] = p[0];
+                            al[mt][h] = p[1];
+                        }
+#pragma unroll
+                    for (int n = 0; n < NT; ++n) {
+                        const uint4* p = reinterpret_cast<const uint4*>(Kt + (n * 8 + g) * rowb + kc * 128 + q * 32);
+                        const uint4 bh4 = p[0], bl4 = p[1];
+#pragma unroll
+                        for (int mt = 0; mt < 2; ++mt) {
+                            // k-step 0: words x (d 2q) and y (d 2q+8); k-step 1: z and w.
+                            usm::mma(acc[mt][n], al[mt][0].x, al[mt][1].x, al[mt][0].y, al[mt][1].y, bh4.x, bh4.y);
+                            usm::mma(acc[mt][n], ah[mt][0].x, ah[mt][1].x, ah[mt][0].y, ah[mt][1].y, bl4.x, bl4.y);
+                            usm::mma(acc[mt][n], ah[mt][0].x, ah[mt][1].x, ah[mt][0].y, ah[mt][1].y, bh4.x, bh4.y);
+                            usm::mma(acc[mt][n], al[mt][0].z, al[mt][1].z, al[mt][0].w, al[mt][1].w, bh4.z, bh4.w);
+                            usm::mma(acc[mt][n], ah[mt][0].z, ah[mt][1].z, ah[mt][0].w, ah[mt][1].w, bl4.z, bl4.w);
+                            usm::mma(acc[mt][n], ah[mt][0].z, ah[mt][1].z, ah[mt][0].w, ah[mt][1].w, bh4.z, bh4.w);
+                        }
+                    }
+                }
+                const float* kft = kf + st * TC;
+#pragma unroll
+                for (int mt = 0; mt < 2; ++mt)
+#pragma unroll
+                    for (int h = 0; h < 2; ++h) {
+                        const int lr = 32 * warp + 16 * mt + 8 * h + g, r = r0 + lr;
+                        const float rf = qf[lr];
+                        const int cm = lastc[mt][h] - c0;  // last visible column, relative to the tile
+                        float mx = -INFINITY;
+#pragma unroll
+                        for (int n = 0; n < NT; ++n)
+#pragma unroll
+                            for (int j = 0; j < 2; ++j) {
+                                const int col = n * 8 + 2 * q + j;
+                                float xv = acc[mt][n][2 * h + j] * rf * kft[col];  // base-2 logit
+                                bool vis = col <= cm;
+                                if (VAR) {  // sinks: visible when s <= p(last(r)); log-weights, -inf: not visible
+                                    const int c = c0 + col;
+                                    if (c < T) vis = !causal || c <= plast[mt][h];
+                                    if (vis) {
+                                        const int jb = c - j0[r];
+                                        const float lw = kw[st * TC + col] + ((jb >= 0 && jb < NB) ? band[(long long)r * NB + jb] : 0.0f);
+                                        xv += lw * LOG2E;
+                                        vis = xv != -INFINITY;
+                                    }
+                                }
+                                xv = vis ? xv : -INFINITY;
+                                acc[mt][n][2 * h + j] = xv;
+                                mx = fmaxf(mx, xv);
+                            }
+                        mx = fmaxf(mx, usm::shfl_xor(mx, 1));
+                        mx = fmaxf(mx, usm::shfl_xor(mx, 2));
+                        const float mold = m_run[mt][h], mnew = fmaxf(mold, mx);
+                        if (mnew != mold) {  // mold = -inf only before the row's first visible key: l = 0 then
+                            l_run[mt][h] *= usm::ex2(mold - mnew);
+                            m_run[mt][h] = mnew;
+                        }
+                        // p = 2^(x - M[r, t]) of the visible columns, pair sums s[n] (columns 2q, 2q+1 of n8 tile n)
+                        float s[NT], p[NT][2];
+#pragma unroll
+                        for (int n = 0; n < NT; ++n) {
+#pragma unroll
+                            for (int j = 0; j < 2; ++j) {
+                                const float xv = acc[mt][n][2 * h + j];
+                                p[n][j] = xv == -INFINITY ? 0.0f : usm::ex2(xv - mnew);
+                            }
+                            s[n] = p[n][0] + p[n][1];
+                        }
+                        float tot = 0.0f;  // the row's sum over the tile: thread's pairs ascending, then the quad
+#pragma unroll
+                        for (int n = 0; n < NT; ++n) tot += s[n];
+                        tot += usm::shfl_xor(tot, 1);
+                        tot += usm::shfl_xor(tot, 2);
+                        l_run[mt][h] += tot;
+                        float* per = pe + ((long long)t * RG + lr) * NKS;  // e[r, t, 0 .. NKS-1]
+                        if (KBe == 1) {
+                            if (r < R)
+#pragma unroll
+                                for (int n = 0; n < NT; ++n) {
+                                    per[n * 8 + 2 * q] = p[n][0];
+                                    per[n * 8 + 2 * q + 1] = p[n][1];
+                                }
+                        } else if (KBe == 2) {
+                            if (r < R)
+#pragma unroll
+                                for (int n = 0; n < NT; ++n) per[n * 4 + q] = s[n];
+                        } else if (KBe == 4) {
+#pragma unroll
+                            for (int n = 0; n < NT; ++n) {
+                                const float v = s[n] + usm::shfl_xor(s[n], 1);
+                                if (r < R && (q & 1) == 0) per[n * 2 + (q >> 1)] = v;
+                            }
+                        } else {  // KBe >= 8: piece k = n8 tiles [k*npt, (k+1)*npt), summed as a tree
+                            const int npt = max(1, KBe / 8);
+#pragma unroll
+                            for (int lev = 1; lev < NT; lev *= 2)
+                                if (npt > lev)  // block-uniform
+#pragma unroll
+                                    for (int n = 0; n + lev < NT; n += 2 * lev) s[n] += s[n + lev];
+#pragma unroll
+                            for (int n = 0; n < NT; ++n)
+                                if (n % npt == 0) {  // block-uniform: s[n] holds piece n / npt of this thread
+                                    float v = s[n];
+                                    v += usm::shfl_xor(v, 1);
+                                    v += usm::shfl_xor(v, 2);
+                                    if (r < R && ((n / npt) & 3) == q) per[n / npt] = v;
+                                }
+                        }
+                        if (r < R && q == 0) tm[(long long)t * RG + lr] = mnew;
+                    }
+            }
+            __syncthreads();  // (3) every read of stage st is done before a later load_k refills it
+            if (stages == 1 && t + 1 < ntg) load_k(t + 1, 0);
+        }
+        // After the walk: final m_r, l_r to shared memory (lanes q = 0 of each quad hold them).
+        if (q == 0)
+#pragma unroll
+            for (int mt = 0; mt < 2; ++mt)
+#pragma unroll
+                for (int h = 0; h < 2; ++h) {
+                    const int lr = 32 * warp + 16 * mt + 8 * h + g;
+                    rm[lr] = m_run[mt][h];
+                    rl[lr] = l_run[mt][h];
+                }
+        __syncthreads();  // (4) m_r, l_r and this block's scratch writes (global) are visible to all its threads
+        for (int e = tid; e < ntg * RG; e += THREADS) {  // M[r, t] -> w[r, t] = 2^(M - m_r) / l_r, in place
+            const int t = e / RG, lr = e % RG, r = r0 + lr;
+            if (r < R && t * TC <= last_col(r)) {  // the tiles row r walked (a warp skips the others)
+                const long long ix = (long long)t * RG + lr;
+                tm[ix] = usm::ex2(tm[ix] - rm[lr]) / rl[lr];
+            }
+        }
+        __syncthreads();  // (5) every w of this item is written before the block sums read them
+        // scores[b, g, i, j] = (1/R_i) sum_{r in block i} sum_{pieces p of key block j} e[r, p] w[r, tile(p)]:
+        // rows ascending, in a row pieces ascending. Pieces: KBe columns each (VAR: single columns,
+        // key block of column c: 0 for c < T, else (c - T) / KB).
+        const int NQ = RG / RB, wend = min(ntg * TC, W);
+        const int nj = VAR ? min(nKb, (wend - 1 < T ? 0 : (wend - 1 - T) / KB) + 1)
+                           : min(nKb, us::cdiv(ntg * TC, KB));
+        for (int e = tid; e < NQ * nj; e += THREADS) {
+            const int qq = e / nj, j = e % nj, i = r0 / RB + qq;
+            if (i >= nQb) continue;
+            const int ra = i * RB, rb = min(R, ra + RB);
+            if (ra >= rb) continue;
+            int p0, p1;
+            if (VAR) {
+                p0 = j == 0 ? 0 : T + j * KB;
+                p1 = min(T + (j + 1) * KB, wend);
+            } else {
+                p0 = j * SPB;
+                p1 = min(p0 + SPB, ntg * NKS);
+            }
+            float sacc = 0.0f;
+            for (int r = ra; r < rb; ++r) {
+                const int lr = r - r0, pl = min(p1, (last_col(r) / TC + 1) * NKS);
+                float sr = 0.0f;
+                for (int pp = p0; pp < pl; ++pp) {
+                    const int t = pp / NKS, kk = pp % NKS;
+                    sr += pe[((long long)t * RG + lr) * NKS + kk] * tm[(long long)t * RG + lr];
+                }
+                sacc += sr;
+            }
+            scores[((long long)bh * nQb + i) * nKb + j] = sacc / (float)(rb - ra);
+        }
+        __syncthreads();  // (6) the item's reads of shared memory and scratch are done before the next item
+    }
+}

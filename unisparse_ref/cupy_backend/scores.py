@@ -1,14 +1,23 @@
-"""Stage 2 on the GPU: block scores (SPEC 4) with ``us_scores_onepass`` of ``raw_kernels/scores.cu``.
+"""Stage 2 on the GPU: block scores (SPEC 4) with ``raw_kernels/scores.cu``.
 
-One pass over the composite keys: a thread block owns ``RG = max(TR, RB)`` composite query
-rows (whole query blocks), walks the column tiles once with the online softmax, writes each
-tile's running maximum and key-block piece sums to a global float32 scratch, and after the
-walk rescales them into its scores (the flash-attention rescale), every sum in a fixed order.
-``scores.cu``'s opening comment gives the formulas and the barriers.
+Version 4 (the default): ``us_split_rows`` writes the composite rows as fp16 hi/lo pairs with
+one power-of-two factor per row, then ``us_scores_mma<NW, VAR>`` computes the compressed logits
+on the tensor cores (``mma.sync`` m16n8k16, three products per k-step, float32 sums) in one
+pass with the online row softmax and per-(row, tile) key-block piece sums, rescaled after the
+walk (the flash-attention rescale), every sum in a fixed order. A persistent grid takes work
+items (``32*NW`` composite rows of one mask head) from an atomic counter, longest first; its
+scratch is per slot (thread block), not per head. ``VAR = true`` adds the research variants
+``sink_tokens`` and ``diagonal_correction`` (an additive log-weight per column and a band of
+per-row log-weights near the diagonal, built on the host by :func:`variant_weights`).
 
-Here: the instantiation (:data:`INSTANTIATIONS`, NVRTC options :data:`OPTIONS`), the launch
-configuration (:func:`launch_config`: grid, block, shared memory and scratch, pure Python)
-and the launch (:func:`launch_scores`). Imports without CuPy.
+Version 3 (``us_scores_onepass``, float32 FMA, scratch per head) remains for the shapes version
+4 does not take: a query block of more than ``32*NW`` composite rows (``block_size / c_q > 256``)
+or a head dim above 256. ``scores.cu``'s opening comments give the formulas and the barriers.
+
+Here: the instantiations (:data:`INSTANTIATIONS`, NVRTC options :data:`OPTIONS`), the launch
+configurations (:func:`launch_config` for version 3, :func:`mma_launch_config` for version 4;
+grid, block, shared memory and scratch, pure Python) and the launch (:func:`launch_scores`).
+Imports without CuPy.
 """
 
 from __future__ import annotations
@@ -23,8 +32,9 @@ from . import _loader
 from ._device import cupy_module, i32
 from ._loader import KernelSpec
 
-__all__ = ["FILE", "INSTANTIATIONS", "OPTIONS", "SCRATCH_BYTES", "TC", "TR", "KERNEL", "launch_config",
-           "launch_scores"]
+__all__ = ["FILE", "INSTANTIATIONS", "KERNEL", "MMA_TC", "MMA_WARPS", "OPTIONS", "SCRATCH_BYTES", "SPLIT_KERNEL",
+           "TC", "TR", "launch_config", "launch_scores", "mma_applicable", "mma_kernel", "mma_launch_config",
+           "variant_weights"]
 
 FILE = "scores.cu"
 #: Composite rows (TR) and columns (TC) per tile, passed to NVRTC with -D so Python and CUDA agree.
@@ -34,9 +44,32 @@ TC = 64
 BLOCK = (16, 16, 1)
 #: NVRTC options of the kernel (the one place they are written).
 OPTIONS: tuple[str, ...] = (f"-DUS_SC_TR={TR}", f"-DUS_SC_TC={TC}")
-#: The one instantiation of this stage.
+#: Version 3, float32 FMA (the shapes version 4 does not take).
 KERNEL = KernelSpec(FILE, "us_scores_onepass", OPTIONS)
-INSTANTIATIONS: list[KernelSpec] = [KERNEL]
+#: Version 4's operand split (fp16 hi/lo words in fragment order, one factor per row).
+SPLIT_KERNEL = KernelSpec(FILE, "us_split_rows", OPTIONS)
+#: Warps per thread block of version 4 (32 composite rows each) that are built; the first is the default.
+MMA_WARPS: tuple[int, ...] = (4, 8)
+#: Composite key columns per tile of version 4 (US_SM_TC in scores.cu).
+MMA_TC = 64
+#: Widest head dim (after padding to a multiple of 32) version 4 takes.
+MMA_MAX_DP = 256
+
+
+def mma_kernel(warps: int, variant: bool) -> KernelSpec:
+    """Version 4's instantiation ``us_scores_mma<warps, variant>``."""
+    return KernelSpec(FILE, f"us_scores_mma<{int(warps)}, {'true' if variant else 'false'}>", OPTIONS)
+
+
+#: Every instantiation this stage launches.
+INSTANTIATIONS: list[KernelSpec] = [KERNEL, SPLIT_KERNEL, *(mma_kernel(w, False) for w in MMA_WARPS),
+                                    *(mma_kernel(w, True) for w in MMA_WARPS)]
+#: Registers per thread of ``us_scores_mma`` (ptxas, sm_90; at most 255 with __launch_bounds__(32*NW, 1)):
+#: the occupancy estimate of :func:`mma_launch_config` assumes this many.
+MMA_REGISTERS = 232
+#: Shared memory per SM and per block reserved by the driver (Hopper and Ampere: 228 KiB, 1 KiB).
+SM_SHARED_BYTES = 228 * 1024
+BLOCK_RESERVED_SHARED = 1024
 #: Most bytes of scratch one launch may hold; above it the launch is split into chunks of mask
 #: heads (at least one head per chunk). At 131072 tokens with 32 heads it needs 1.1 GiB.
 SCRATCH_BYTES = 2 * 1024**3
@@ -92,8 +125,8 @@ def launch_config(batch: int, mask_heads: int, R: int, config: UniSparseConfig, 
     }
 
 
-def launch_scores(q_c: Any, k_c: Any, config: UniSparseConfig, nq: int, nk: int) -> Any:
-    """``us_scores_onepass`` over chunks of mask heads: float32 scores ``[B, Hm, nQb, nKb]``.
+def _launch_v3(q_c: Any, k_c: Any, config: UniSparseConfig, nq: int, nk: int) -> Any:
+    """``us_scores_onepass`` (version 3) over chunks of mask heads: float32 scores ``[B, Hm, nQb, nKb]``.
 
     ``q_c [B, Hm, R, D]`` and ``k_c [B, Hkv, C, D]`` are C-contiguous float32 CuPy arrays.
     """
@@ -116,4 +149,227 @@ def launch_scores(q_c: Any, k_c: Any, config: UniSparseConfig, nq: int, nk: int)
         grid = (lc["grid"][0], min(chunk, B * Hm - bh0), 1)
         _loader.launch(kernel, grid, lc["block"], (q_c, k_c, scores, part, tmax, i32(bh0)) + sizes + (i32(S), causal, scale),
                        shared_mem=lc["shared_mem"])
+    return scores
+
+
+# ---------------------------------------------------------------------------- version 4
+def mma_applicable(config: UniSparseConfig, D: int, shared_limit: int = 227 * 1024) -> bool:
+    """Whether version 4 takes this shape: whole query blocks in a work item (``block_size/c_q <=
+    32 * max(MMA_WARPS)``), a head dim of at most :data:`MMA_MAX_DP` after padding to a multiple of
+    32, and the tiles within ``shared_limit`` bytes of shared memory."""
+    try:
+        mma_launch_config(1, 1, 1, 1, D, config, shared_limit=shared_limit)
+    except ValueError:
+        return False
+    return True
+
+
+def mma_launch_config(batch: int, mask_heads: int, R: int, W: int, D: int, config: UniSparseConfig, *,
+                      num_sms: int = 132, warps: int | None = None, stages: int | None = None,
+                      variant: bool = False, shared_limit: int = 227 * 1024) -> dict[str, Any]:
+    """Grid, block, shared memory and scratch of ``us_scores_mma`` (pure Python, no GPU needed).
+
+    Work items of ``RG = 32 * warps`` composite rows of one mask head; a persistent grid of
+    ``slots = min(items, num_sms * blocks_per_sm)`` thread blocks takes them from a counter.
+    Dynamic shared memory (as laid out in ``scores.cu``): the Q tile ``RG`` rows and ``stages``
+    K tiles of ``TC`` rows, each row ``4 * Dp + 16`` bytes (``Dp = 32 * ceil(D / 32)``), then the
+    floats ``qf[RG]``, ``kf[stages][TC]``, ``kw[stages][TC]``, ``rm[RG]``, ``rl[RG]`` and 16
+    bytes for the item index. Scratch per slot, float32: ``ntiles * RG * NKS`` piece sums and
+    ``ntiles * RG`` tile maxima (``ntiles = ceil(W / TC)``; ``NKS = TC / min(KB, TC)``, ``TC``
+    with the variants, whose pieces are single columns).
+
+    Parameters
+    ----------
+    batch, mask_heads, R, W, D : int
+        ``B``, ``Hm``, composite queries, key columns (``C``, or ``t + C`` with sink tokens), head dim.
+    config : UniSparseConfig
+    num_sms : int
+        Streaming multiprocessors of the device.
+    warps : int, optional
+        Warps per block (one of :data:`MMA_WARPS`); default: 4 when a query block fits in 128
+        rows, else 8.
+    stages : int, optional
+        K tiles in flight (1 or 2); default 2 where it leaves room for the blocks per SM that
+        the registers allow, else 1.
+    variant : bool
+        The research-variant instantiation (single-column pieces).
+    shared_limit : int
+        The device's opt-in shared memory per block.
+    """
+    RB, KB = config.block_size // config.c_q, config.block_size // config.c_k
+    if warps is None:
+        warps = MMA_WARPS[0] if RB <= 32 * MMA_WARPS[0] else MMA_WARPS[-1]
+    if warps not in MMA_WARPS:
+        raise ValueError(f"warps must be one of {MMA_WARPS}, got {warps}")
+    RG, TCm = 32 * warps, MMA_TC
+    if RB > RG:
+        raise ValueError(f"a query block of {RB} composite rows does not fit a work item of {RG} rows")
+    Dp = 32 * geometry.cdiv(int(D), 32)
+    if Dp > MMA_MAX_DP:
+        raise ValueError(f"head dim {D} above version 4's {MMA_MAX_DP}")
+    rowb = 4 * Dp + 16
+
+    def shared(st: int) -> int:
+        return RG * rowb + st * TCm * rowb + 4 * (RG + 2 * st * TCm + 2 * RG) + 16
+
+    threads = 32 * warps
+    reg_blocks = max(1, 65536 // (threads * MMA_REGISTERS))
+
+    def per_sm(st: int) -> int:
+        return max(0, min(reg_blocks, SM_SHARED_BYTES // (shared(st) + BLOCK_RESERVED_SHARED)))
+
+    if stages is None:
+        stages = 2 if shared(2) <= shared_limit and per_sm(2) >= per_sm(1) else 1
+    if stages not in (1, 2):
+        raise ValueError(f"stages must be 1 or 2, got {stages}")
+    if shared(stages) > shared_limit:
+        raise ValueError(f"version 4 needs {shared(stages)} bytes of shared memory, the device allows {shared_limit}")
+    KBe = 1 if variant else min(KB, TCm)
+    NKS = TCm // KBe
+    ntiles = geometry.cdiv(int(W), TCm)
+    nitems = batch * mask_heads * geometry.cdiv(int(R), RG)
+    slots = max(1, min(nitems, int(num_sms) * max(1, per_sm(stages))))
+    return {
+        "grid": (slots, 1, 1), "block": (threads, 1, 1), "shared_mem": shared(stages), "stages": stages,
+        "warps": warps, "RG": RG, "TC": TCm, "Dp": Dp, "NKS": NKS, "ntiles": ntiles, "items": nitems,
+        "slots": slots, "blocks_per_sm": per_sm(stages),
+        "scratch_per_slot": 4 * ntiles * RG * (NKS + 1),
+    }
+
+
+_VARIANT_CACHE: dict[tuple[Any, ...], tuple[np.ndarray, np.ndarray, np.ndarray, int]] = {}
+
+
+def variant_weights(config: UniSparseConfig, nq: int, nk: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, int]:
+    """The research variants' log-weights in the form ``us_scores_mma<NW, true>`` reads (host, cached).
+
+    The dense ``log_w [R, t + C]`` of
+    :func:`unisparse_ref.reference.scores.variant_log_weights` equals, on every column a row can
+    see, ``colw[j] + band[r, j - j0[r]]`` (the band term where ``0 <= j - j0[r] < NB``, else 0):
+    ``colw`` is the log of the keys column ``j`` stands for (``sink_tokens > 0``; else 0), and the
+    band holds the log of the diagonal correction's share for the columns of row ``r`` that are
+    neither fully visible nor beyond its last visible column (``diagonal_correction`` with a
+    causal mask; else ``NB = 0``). Sinks' visibility (``s <= p(last(r))``) and SPEC's composite
+    rule are the kernel's.
+
+    Returns
+    -------
+    colw : float32 ``[t + C]``
+    j0 : int32 ``[R]``
+    band : float32 ``[R, max(NB, 1)]``
+    NB : int
+    """
+    key = (config.sink_tokens, config.diagonal_correction, config.causal, config.c_q, config.c_k,
+           config.block_size, int(nq), int(nk))
+    hit = _VARIANT_CACHE.get(key)
+    if hit is not None:
+        return hit
+    t, c_q, c_k = config.sink_tokens, config.c_q, config.c_k
+    R, C = geometry.cdiv(nq, c_q), geometry.cdiv(nk, c_k)
+    W = t + C
+    lo = np.concatenate([np.arange(t), np.arange(C) * c_k]).astype(np.int64)
+    hi = np.concatenate([np.arange(t) + 1, np.minimum((np.arange(C) + 1) * c_k, nk)]).astype(np.int64)
+    lo[t] = t
+    hi = np.minimum(hi, nk)
+    n = np.maximum(hi - lo, 0).astype(np.float64)
+    with np.errstate(divide="ignore"):
+        colw = np.log(n) if t > 0 else np.zeros(W)
+    j0 = np.zeros(R, np.int64)
+    NB = 0
+    band = np.zeros((R, 1))
+    if config.diagonal_correction and config.causal:
+        first = np.arange(R) * c_q
+        last = np.minimum((np.arange(R) + 1) * c_q, nq) - 1
+        off = nk - nq
+        # columns fully visible to every token of r: hi_j - 1 <= p(first(r)); hi is ascending
+        j0 = np.searchsorted(hi - 1, first + off, side="right").astype(np.int64)
+        last_comp = np.minimum(C - 1, (last + off) // c_k)
+        jl = t + last_comp  # the last column SPEC's rule lets the row see
+        NB = int(max(1, (jl - j0 + 1).max(initial=1)))
+        cols = j0[:, None] + np.arange(NB)[None, :]  # [R, NB]
+        inside = cols < W
+        cc = np.minimum(cols, W - 1)
+        toks = first[:, None] + np.arange(c_q)[None, :]  # [R, c_q]
+        tok_ok = toks <= last[:, None]
+        pos = toks + off
+        per = np.clip(pos[:, :, None] - lo[cc][:, None, :] + 1, 0, n[cc][:, None, :])  # [R, c_q, NB]
+        pairs = np.where(tok_ok[:, :, None], per, 0.0).sum(axis=1)
+        cnt = tok_ok.sum(axis=1).astype(np.float64)
+        share = pairs / (cnt[:, None] * np.where(n[cc] > 0, n[cc], 1.0))
+        with np.errstate(divide="ignore"):
+            band = np.where(inside & (share > 0), np.log(np.where(share > 0, share, 1.0)), -np.inf)
+    out = (np.ascontiguousarray(colw, np.float32), np.ascontiguousarray(j0, np.int32),
+           np.ascontiguousarray(band, np.float32), NB)
+    if len(_VARIANT_CACHE) > 64:
+        _VARIANT_CACHE.clear()
+    _VARIANT_CACHE[key] = out
+    return out
+
+
+def _num_sms() -> int:
+    cp = cupy_module()
+    try:
+        return int(cp.cuda.Device().attributes.get("MultiProcessorCount", 132))
+    except Exception:  # noqa: BLE001 - a stand-in device without attributes
+        return 132
+
+
+def _split(x: Any, D: int, Dp: int) -> tuple[Any, Any]:
+    """``us_split_rows`` of a float32 ``[..., D]`` CuPy array: (uint32 ``[rows, Dp]`` words, float32 ``[rows]``)."""
+    cp = cupy_module()
+    rows = int(np.prod(x.shape[:-1]))
+    words = cp.empty((rows, Dp), dtype=cp.uint32)
+    fac = cp.empty((rows,), dtype=cp.float32)
+    _loader.launch(_loader.get_function(SPLIT_KERNEL), (geometry.cdiv(rows, 4), 1, 1), (128, 1, 1),
+                   (x, words, fac, i32(rows), i32(D), i32(Dp)))
+    return words, fac
+
+
+def launch_scores(q_c: Any, k_c: Any, config: UniSparseConfig, nq: int, nk: int, *, version: int | None = None,
+                  warps: int | None = None, stages: int | None = None) -> Any:
+    """Block scores, float32 ``[B, Hm, nQb, nKb]``: version 4 where it applies, else version 3.
+
+    ``q_c [B, Hm, R, D]`` and ``k_c [B, Hkv, W, D]`` are C-contiguous float32 CuPy arrays
+    (``W = C``, or ``sink_tokens + C`` with that research variant). ``version``, ``warps`` and
+    ``stages`` force a kernel and its configuration (benchmarks and tests).
+    """
+    cp = cupy_module()
+    B, Hm, R, D = (int(s) for s in q_c.shape)
+    Hkv, W = int(k_c.shape[1]), int(k_c.shape[2])
+    variant = config.sink_tokens > 0 or config.diagonal_correction
+    if version is None:
+        version = 4 if mma_applicable(config, D, _loader.max_dynamic_shared_memory()) else 3
+    if version == 3:
+        if variant:
+            raise NotImplementedError(
+                "cupy backend block_scores: the research variants run on version 4 only, which needs "
+                f"block_size / c_q <= {32 * MMA_WARPS[-1]} and a head dim <= {MMA_MAX_DP} (got "
+                f"{config.block_size // config.c_q} rows per query block, D = {D})")
+        return _launch_v3(q_c, k_c, config, nq, nk)
+    if version != 4:
+        raise ValueError(f"version must be 3 or 4, got {version}")
+    S, c_q, c_k, c_h = config.block_size, config.c_q, config.c_k, config.c_h
+    G = Hm * c_h // Hkv
+    lc = mma_launch_config(B, Hm, R, W, D, config, num_sms=_num_sms(), warps=warps, stages=stages,
+                           variant=variant, shared_limit=_loader.max_dynamic_shared_memory())
+    Dp = lc["Dp"]
+    qw, qf = _split(q_c, D, Dp)
+    kw, kf = _split(k_c, D, Dp)
+    nqb, nkb = geometry.num_blocks(nq, S), geometry.num_blocks(nk, S)
+    scores = cp.zeros((B, Hm, nqb, nkb), dtype=cp.float32)  # blocks no row sees stay 0
+    slots, ntiles, RG = lc["slots"], lc["ntiles"], lc["RG"]
+    part = cp.empty((slots, ntiles, RG, lc["NKS"]), dtype=cp.float32)
+    tmax = cp.empty((slots, ntiles, RG), dtype=cp.float32)
+    counter = cp.zeros((1,), dtype=cp.int32)
+    scale_log2 = np.float32(config.scale_for(D) * 1.4426950408889634)
+    if variant:
+        colw, j0, band, NB = variant_weights(config, nq, nk)
+        extra = (cp.asarray(colw), cp.asarray(j0), cp.asarray(band), i32(NB))
+    else:
+        extra = (np.uint64(0), np.uint64(0), np.uint64(0), i32(0))
+    args = (qw, qf, kw, kf, scores, part, tmax, counter, i32(B * Hm), i32(Hm), i32(Hkv), i32(R), i32(W), i32(Dp),
+            i32(nq), i32(nk), i32(c_q), i32(c_k), i32(c_h), i32(G), i32(S), i32(1 if config.causal else 0),
+            scale_log2, i32(lc["stages"]), i32(ntiles), i32(config.sink_tokens)) + extra
+    _loader.launch(_loader.get_function(mma_kernel(lc["warps"], variant)), lc["grid"], lc["block"], args,
+                   shared_mem=lc["shared_mem"])
     return scores

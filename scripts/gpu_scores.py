@@ -1,0 +1,177 @@
+"""Time the CuPy block scores, version 3 (float32 FMA) against version 4 (tensor cores), on a GPU.
+
+    python scripts/gpu_scores.py [--sizes 8192,32768,131072] [--out DIR]
+
+Workload (docs/performance.md): bf16, B = 1, Hq = 32, Hkv = 8, D = 128, c_q = c_k = 16,
+S = 128, causal, random data through the backend's compress. Correctness first: at every size
+version 4 is compared with the float64 reference (every head at 8K and 32K, head 0 and the last
+at 128K) and with version 3; a kernel outside ``CupyBackend.score_eps`` is not timed (exit 1).
+Times are CUDA-event medians after warm-up. The tensor-core bound: the three fp16 products of
+every logit the kernel computes (whole 64-column tiles up to each 128-row item's last visible
+column, and every D padded to 32) at the H200's dense fp16 peak, 989.4 TFLOP/s; the memory
+bound of the split and of the whole scores call: their bytes at 4.8 TB/s.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+
+import numpy as np
+
+PEAK_F16 = 989.4e12  # H100/H200 SXM dense fp16 tensor throughput, FLOP/s
+HBM = 4.8e12  # H200 HBM3e bytes/s
+
+
+def median_ms(fn, reps: int, cp) -> float:
+    for _ in range(2):
+        fn()
+    cp.cuda.Device().synchronize()
+    times = []
+    for _ in range(reps):
+        a, b = cp.cuda.Event(), cp.cuda.Event()
+        a.record()
+        fn()
+        b.record()
+        b.synchronize()
+        times.append(cp.cuda.get_elapsed_time(a, b))
+    return float(np.median(times))
+
+
+def mma_flops(R: int, C: int, D: int, heads: int, cfg, nq: int, nk: int, RG: int = 128, TC: int = 64) -> float:
+    """FLOPs the version 4 kernel issues (3 fp16 products per logit of every walked tile)."""
+    from unisparse_ref import geometry
+
+    Dp = 32 * geometry.cdiv(D, 32)
+    total = 0
+    for r0 in range(0, R, RG):
+        rows = min(RG, R - r0)
+        last = min(r0 + RG, R) - 1
+        if cfg.causal:
+            lastc = min(C - 1, (min((last + 1) * cfg.c_q, nq) - 1 + nk - nq) // cfg.c_k)
+        else:
+            lastc = C - 1
+        total += RG * (lastc // TC + 1) * TC if rows else 0
+    return 3 * 2.0 * total * Dp * heads
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--sizes", default="8192,32768,131072")
+    ap.add_argument("--out", default=os.environ.get("OUT", "."))
+    ap.add_argument("--reps", type=int, default=10)
+    args = ap.parse_args()
+
+    import cupy as cp
+
+    from unisparse_ref import BFLOAT16, UniSparseConfig
+    from unisparse_ref import reference as ref
+    from unisparse_ref.cupy_backend import CupyBackend, make_backend
+    from unisparse_ref.cupy_backend import scores as sc
+
+    be = make_backend()
+    eps = CupyBackend.score_eps
+    dev = cp.cuda.Device()
+    props = cp.cuda.runtime.getDeviceProperties(dev.id)
+    name = props["name"].decode() if isinstance(props["name"], bytes) else str(props["name"])
+    print(f"device {name}, {dev.attributes['MultiProcessorCount']} SMs, score_eps {eps:g}", flush=True)
+    B, Hq, Hkv, D = 1, 32, 8, 128
+    cfg = UniSparseConfig()  # S = 128, c_q = c_k = 16, causal
+    results = {"device": name, "commit": os.environ.get("UNISPARSE_COMMIT", "unknown"), "sizes": {}}
+    ok = True
+    rng = np.random.default_rng(0)
+    def one(N: int) -> tuple[dict, bool]:
+        ok = True
+        t0 = time.time()
+        q = cp.asarray(rng.standard_normal((B, Hq, N, D), dtype=np.float32).astype(BFLOAT16).view(np.uint16))
+        k = cp.asarray(rng.standard_normal((B, Hkv, N, D), dtype=np.float32).astype(BFLOAT16).view(np.uint16))
+        from unisparse_ref.cupy_backend import as_bfloat16
+
+        q_c, k_c = be.compress(as_bfloat16(q), as_bfloat16(k), cfg)
+        R, C = int(q_c.shape[2]), int(k_c.shape[2])
+        res: dict = {"R": R, "C": C}
+        v4 = sc.launch_scores(q_c, k_c, cfg, N, N, version=4)
+        v3 = sc.launch_scores(q_c, k_c, cfg, N, N, version=3)
+        g4, g3 = cp.asnumpy(v4), cp.asnumpy(v3)
+        heads = list(range(Hq)) if N <= 32768 else [0, Hq - 1]
+        qh, kh = cp.asnumpy(q_c[:, heads]), cp.asnumpy(k_c)
+        # composite head g reads KV head g // G: pass the matching KV heads, one mask head at a time
+        errs4, errs3 = [], []
+        for i, g in enumerate(heads):
+            want = ref.block_scores(qh[:, i:i + 1], kh[:, g // (Hq // Hkv):g // (Hq // Hkv) + 1], cfg, N, N)
+            errs4.append(float(np.abs(g4[:, g:g + 1] - want).max()))
+            errs3.append(float(np.abs(g3[:, g:g + 1] - want).max()))
+        res["err_v4"], res["err_v3"] = max(errs4), max(errs3)
+        res["v3_v4_diff"] = float(np.abs(g4 - g3).max())
+        res["heads_checked"] = len(heads)
+        print(f"N={N}: max|v4 - ref64| = {res['err_v4']:.2e}, max|v3 - ref64| = {res['err_v3']:.2e}, "
+              f"max|v4 - v3| = {res['v3_v4_diff']:.2e} ({len(heads)} heads, {time.time() - t0:.1f} s)", flush=True)
+        if res["err_v4"] > eps or res["err_v3"] > eps:
+            print(f"FAIL: scores outside score_eps {eps:g}; not timed", flush=True)
+            return res, False
+        reps = args.reps if N > 8192 else 3 * args.reps
+        res["v3_ms"] = median_ms(lambda: sc.launch_scores(q_c, k_c, cfg, N, N, version=3), reps, cp)
+        configs = {}
+        for warps in sc.MMA_WARPS:
+            for stages in (1, 2):
+                try:
+                    sc.mma_launch_config(B, Hq, R, C, D, cfg, warps=warps, stages=stages)
+                except ValueError:
+                    continue
+                configs[f"w{warps}s{stages}"] = median_ms(
+                    lambda w=warps, s=stages: sc.launch_scores(q_c, k_c, cfg, N, N, version=4, warps=w, stages=s),
+                    reps, cp)
+        res["v4_ms"] = configs
+        res["v4_default_ms"] = median_ms(lambda: sc.launch_scores(q_c, k_c, cfg, N, N, version=4), reps, cp)
+        Dp = 128
+        res["split_ms"] = median_ms(lambda: (sc._split(q_c, D, Dp), sc._split(k_c, D, Dp)), reps, cp)
+        res["pool_ms"] = median_ms(lambda: be.compress(as_bfloat16(q), as_bfloat16(k), cfg), reps, cp)
+        flops = mma_flops(R, C, D, B * Hq, cfg, N, N)
+        res["tc_bound_ms"] = flops / PEAK_F16 * 1e3
+        split_bytes = (q_c.nbytes + k_c.nbytes) * 2 + (R * B * Hq + C * B * Hkv) * 4
+        res["split_bound_ms"] = split_bytes / HBM * 1e3
+        res["pool_bound_ms"] = (q.nbytes + k.nbytes + q_c.nbytes + k_c.nbytes) / HBM * 1e3
+        best = min(configs.values())
+        print(f"N={N}: v3 {res['v3_ms']:.3f} ms | v4 default {res['v4_default_ms']:.3f} ms (configs "
+              + ", ".join(f"{k_} {v:.3f}" for k_, v in configs.items())
+              + f") | split {res['split_ms']:.3f} ms (bound {res['split_bound_ms']:.3f}) | tensor-core bound "
+              f"{res['tc_bound_ms']:.3f} ms -> best v4 at {res['tc_bound_ms'] / best * 100:.0f} % of peak | "
+              f"compress {res['pool_ms']:.3f} ms (bound {res['pool_bound_ms']:.3f})", flush=True)
+        # the research variants' cost (issue 15): diagonal correction, and 4 sink tokens
+        if N <= 32768:
+            for name_, extra in (("diag", {"diagonal_correction": True}), ("sinks4_diag", {"sink_tokens": 4,
+                                                                                       "diagonal_correction": True})):
+                vc = UniSparseConfig(**extra)
+                try:
+                    qv, kv = be.compress(as_bfloat16(q), as_bfloat16(k), vc)
+                    res[f"{name_}_ms"] = median_ms(lambda qv=qv, kv=kv, vc=vc: be.block_scores(qv, kv, vc, N, N),
+                                                   reps, cp)
+                    if N == 8192:
+                        wv = ref.block_scores(cp.asnumpy(qv[:, :2]), cp.asnumpy(kv[:, :1]), vc, N, N)
+                        gv = cp.asnumpy(be.block_scores(qv[:, :2], kv[:, :1], vc, N, N))
+                        res[f"{name_}_err"] = float(np.abs(gv - wv).max())
+                        ok &= res[f"{name_}_err"] <= eps
+                except NotImplementedError as e:
+                    print(f"N={N}: variant {name_} not available: {e}", flush=True)
+                    continue
+                print(f"N={N}: variant {name_}: {res[f'{name_}_ms']:.3f} ms"
+                      + (f", max|err| {res[f'{name_}_err']:.2e}" if f"{name_}_err" in res else ""), flush=True)
+        return res, ok
+
+    for N in (int(s) for s in args.sizes.split(",")):
+        res, good = one(N)
+        results["sizes"][N] = res
+        ok &= good
+        cp.get_default_memory_pool().free_all_blocks()
+    os.makedirs(os.path.join(args.out, "scores"), exist_ok=True)
+    with open(os.path.join(args.out, "scores", "scores_timing.json"), "w") as f:
+        json.dump(results, f, indent=1)
+    print("PASS" if ok else "FAIL")
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

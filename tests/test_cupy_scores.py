@@ -1,0 +1,270 @@
+"""Version 4 of the CuPy block scores (``us_scores_mma``, tensor cores, fp16x3 split).
+
+Without a GPU (host emulation of ``raw_kernels/scores.cu`` built with g++, as in
+``tests/test_cupy_compile.py``; the warp-collective ``mma.sync`` and shuffles are emulated
+by ``scores.cu``'s own host shims):
+
+* the scores against the float64 reference within ``CupyBackend.score_eps``, on tile edge cases;
+* the same bits for every work-item size (4 or 8 warps) and pipeline depth (1 or 2 K tiles);
+* the research variants ``sink_tokens`` / ``diagonal_correction`` against the reference, and
+  :func:`~unisparse_ref.cupy_backend.scores.variant_weights` against ``variant_log_weights``.
+
+On a GPU (``gpu``): scores error against the reference for float16 / bfloat16 / float32
+inputs, D = 64 / 128 and odd D, GQA, ``c_h > 1``, ``Nq < Nk``, ragged lengths, non-causal;
+masks eps-valid under the reference scores; repeated runs bit-identical; versions 3 and 4 agree;
+the variants through the backend's ``compress`` and ``block_scores``.
+"""
+
+from __future__ import annotations
+
+import ctypes
+
+import numpy as np
+import pytest
+
+from tests.test_cupy_compile import host_kernels  # noqa: F401 - the g++ host-emulation fixture
+from unisparse_ref import BFLOAT16, BackendUnavailable, UniSparseConfig, geometry
+from unisparse_ref import reference as ref
+from unisparse_ref.cupy_backend import CupyBackend
+from unisparse_ref.cupy_backend import scores as sc
+from unisparse_ref.reference.scores import variant_log_weights
+from unisparse_ref.tolerance import eps_valid_rows
+
+EPS = CupyBackend.score_eps
+LOG2E = 1.4426950408889634
+
+
+# ---------------------------------------------------------------------------- host emulation
+def _ptr(a):
+    return ctypes.c_void_p(None if a is None else a.ctypes.data)
+
+
+def _emu_split(lib, x: np.ndarray, Dp: int) -> tuple[np.ndarray, np.ndarray]:
+    x = np.ascontiguousarray(x, np.float32)
+    D = x.shape[-1]
+    rows = int(np.prod(x.shape[:-1]))
+    words = np.zeros((rows, Dp), np.uint32)
+    fac = np.zeros(rows, np.float32)
+    lib.emk_split(ctypes.c_uint(geometry.cdiv(rows, 4)), ctypes.c_uint(1), ctypes.c_uint(128), ctypes.c_uint(1),
+                  _ptr(x), _ptr(words), _ptr(fac), ctypes.c_int(rows), ctypes.c_int(D), ctypes.c_int(Dp))
+    return words, fac
+
+
+def _emu_scores_v4(lib, qc, kc, cfg: UniSparseConfig, nq: int, nk: int, warps=None, stages=None, slots=2):
+    """``us_scores_mma`` in the host emulation, with the backend's launch configuration; scratch full of NaN."""
+    B, Hm, R, D = qc.shape
+    Hkv, W = kc.shape[1], kc.shape[2]
+    var = cfg.sink_tokens > 0 or cfg.diagonal_correction
+    lc = sc.mma_launch_config(B, Hm, R, W, D, cfg, num_sms=slots, warps=warps, stages=stages, variant=var)
+    Dp = lc["Dp"]
+    qw, qf = _emu_split(lib, qc, Dp)
+    kw, kf = _emu_split(lib, kc, Dp)
+    S = cfg.block_size
+    out = np.zeros((B, Hm, geometry.num_blocks(nq, S), geometry.num_blocks(nk, S)), np.float32)
+    part = np.full((lc["slots"], lc["ntiles"], lc["RG"], lc["NKS"]), np.nan, np.float32)
+    tmax = np.full((lc["slots"], lc["ntiles"], lc["RG"]), np.nan, np.float32)
+    counter = np.zeros(1, np.int32)
+    colw = j0 = band = None
+    NB = 0
+    if var:
+        colw, j0, band, NB = sc.variant_weights(cfg, nq, nk)
+    fn = getattr(lib, f"emk_mma{lc['warps']}{'v' if var else ''}")
+    ints = [B * Hm, Hm, Hkv, R, W, Dp, nq, nk, cfg.c_q, cfg.c_k, cfg.c_h, Hm * cfg.c_h // Hkv, S, int(cfg.causal)]
+    fn(ctypes.c_uint(lc["grid"][0]), ctypes.c_uint(1), ctypes.c_uint(lc["block"][0]), ctypes.c_uint(1),
+       _ptr(qw), _ptr(qf), _ptr(kw), _ptr(kf), _ptr(out), _ptr(part), _ptr(tmax), _ptr(counter),
+       *(ctypes.c_int(v) for v in ints), ctypes.c_float(cfg.scale_for(D) * LOG2E), ctypes.c_int(lc["stages"]),
+       ctypes.c_int(lc["ntiles"]), ctypes.c_int(cfg.sink_tokens), _ptr(colw), _ptr(j0), _ptr(band), ctypes.c_int(NB))
+    assert counter[0] >= lc["items"], "not every work item was taken"
+    return out, lc
+
+
+def _composites(case, seed=1, **extra):
+    B, Hq, Hkv, c_h, Nq, Nk, D, S, c_q, c_k, causal = case
+    rng = np.random.default_rng(seed)
+    q = 1.5 * rng.standard_normal((B, Hq, Nq, D))
+    k = 1.5 * rng.standard_normal((B, Hkv, Nk, D))
+    cfg = UniSparseConfig(block_size=S, c_q=c_q, c_k=c_k, c_h=c_h, causal=causal, **extra)
+    rq, rk = ref.compress(q, k, cfg)
+    return np.ascontiguousarray(rq, np.float32), np.ascontiguousarray(rk, np.float32), cfg, Nq, Nk
+
+
+# B, Hq, Hkv, c_h, Nq, Nk, D, S, c_q, c_k, causal
+EMU_CASES = [
+    (1, 4, 4, 1, 512, 512, 64, 128, 16, 16, True),    # defaults: RB = KB = 8, pieces of one n8 tile
+    (2, 8, 2, 2, 300, 1000, 32, 64, 16, 8, True),     # Nq < Nk, ragged, GQA with c_h = 2, KB = 8
+    (1, 2, 1, 1, 260, 260, 64, 128, 1, 1, True),      # RB = KB = 128: a key block spans two tiles
+    (1, 2, 2, 1, 200, 333, 16, 16, 16, 16, False),    # RB = KB = 1 (single-column pieces), non-causal
+    (1, 3, 1, 1, 129, 700, 40, 32, 2, 32, True),      # KB = 1, D = 40 padded to 64
+    (1, 2, 1, 1, 1000, 300, 32, 64, 8, 4, False),     # non-causal Nq > Nk, KB = 16 (pieces of 2 n8 tiles)
+    (1, 2, 2, 1, 90, 150, 200, 64, 4, 64, True),      # KB = 1, D = 200 padded to 224, pieces of 4 columns
+]
+
+
+@pytest.mark.parametrize("case", EMU_CASES, ids=[f"case{i}" for i in range(len(EMU_CASES))])
+def test_host_emulated_v4_matches_reference(host_kernels, case) -> None:  # noqa: F811
+    qc, kc, cfg, nq, nk = _composites(case)
+    want = ref.block_scores(qc, kc, cfg, nq, nk)
+    got, lc = _emu_scores_v4(host_kernels["scores.cu"], qc, kc, cfg, nq, nk)
+    err = float(np.abs(got - want).max())
+    print(f"\nv4 host emulation {case}: max |scores - ref| = {err:.2e} (warps {lc['warps']}, stages {lc['stages']})")
+    assert err <= EPS, f"max |scores - ref| = {err:.2e} > score_eps {EPS:g}"
+    vis = geometry.visible_blocks(nq, nk, cfg.block_size, cfg.causal)
+    assert np.all(got[..., ~vis] == 0.0)
+
+
+@pytest.mark.parametrize("case", [EMU_CASES[1], EMU_CASES[5]], ids=["causal", "noncausal"])
+def test_host_emulated_v4_same_bits_for_every_configuration(host_kernels, case) -> None:  # noqa: F811
+    """Each row's arithmetic does not depend on the work-item size, the pipeline depth or the slots."""
+    qc, kc, cfg, nq, nk = _composites(case, seed=5)
+    lib = host_kernels["scores.cu"]
+    base, _ = _emu_scores_v4(lib, qc, kc, cfg, nq, nk, warps=4, stages=1)
+    for warps, stages, slots in ((4, 2, 1), (8, 1, 3), (8, 2, 2)):
+        again, _ = _emu_scores_v4(lib, qc, kc, cfg, nq, nk, warps=warps, stages=stages, slots=slots)
+        assert again.tobytes() == base.tobytes(), (warps, stages, slots)
+
+
+VARIANT_CASES = [
+    ((1, 2, 1, 1, 200, 260, 32, 64, 4, 8, True), 3, True),
+    ((1, 2, 1, 1, 200, 260, 32, 64, 4, 8, True), 0, True),
+    ((1, 2, 2, 1, 150, 150, 64, 32, 16, 4, True), 3, False),
+    ((2, 4, 2, 2, 100, 170, 32, 32, 1, 8, True), 7, True),
+    ((1, 2, 1, 1, 120, 90, 32, 32, 4, 8, False), 2, True),
+]
+
+
+@pytest.mark.parametrize("case,t,diag", VARIANT_CASES, ids=[f"var{i}" for i in range(len(VARIANT_CASES))])
+def test_host_emulated_variants_match_reference(host_kernels, case, t, diag) -> None:  # noqa: F811
+    qc, kc, cfg, nq, nk = _composites(case, seed=3, sink_tokens=t, diagonal_correction=diag)
+    assert kc.shape[2] == t + geometry.cdiv(nk, cfg.c_k)
+    want = ref.block_scores(qc, kc, cfg, nq, nk)
+    got, _ = _emu_scores_v4(host_kernels["scores.cu"], qc, kc, cfg, nq, nk)
+    err = float(np.abs(got - want).max())
+    assert err <= EPS, f"max |scores - ref| = {err:.2e} > score_eps {EPS:g}"
+
+
+@pytest.mark.parametrize("t,diag,causal", [(0, True, True), (3, False, True), (5, True, True), (2, True, False),
+                                           (3, False, False)])
+@pytest.mark.parametrize("nq,nk,c_q,c_k", [(200, 260, 4, 8), (77, 77, 16, 8), (33, 100, 1, 16), (64, 64, 8, 8)])
+def test_variant_weights_equal_the_reference_log_weights(t, diag, causal, nq, nk, c_q, c_k) -> None:
+    """colw + band (the kernel's form) = variant_log_weights on every column SPEC's rule lets a row see."""
+    if t >= c_k or (causal and nq > nk):
+        pytest.skip("not a valid configuration")
+    cfg = UniSparseConfig(block_size=64, c_q=c_q, c_k=c_k, causal=causal, sink_tokens=t, diagonal_correction=diag)
+    _, want = variant_log_weights(cfg, nq, nk)
+    colw, j0, band, NB = sc.variant_weights(cfg, nq, nk)
+    R, W = want.shape
+    got = np.repeat(colw[None, :].astype(np.float64), R, axis=0)
+    for r in range(R):
+        for b in range(NB):
+            j = int(j0[r]) + b
+            if j < W:
+                got[r, j] += band[r, b]
+    # the kernel's visibility: sinks s <= p(last(r)), composites SPEC's rule (the reference's -inf there)
+    C = W - t
+    vis = np.ones((R, W), bool)
+    if causal:
+        last = np.minimum((np.arange(R) + 1) * c_q, nq) - 1 + (nk - nq)
+        vis[:, :t] = np.arange(t)[None, :] <= last[:, None]
+        vis[:, t:] = geometry.composite_visibility(nq, nk, c_q, c_k, True)[:, :C]
+    got = np.where(vis, got, -np.inf)
+    fin = np.isfinite(want)
+    assert np.array_equal(fin, np.isfinite(got))
+    assert np.allclose(got[fin], want[fin], atol=1e-6)
+
+
+# ---------------------------------------------------------------------------- GPU
+cp = None
+try:  # the GPU tests need CuPy and a device; the host-emulation tests above do not
+    import cupy as cp  # type: ignore[no-redef]
+
+    from unisparse_ref import cupy_backend as cb
+
+    BACKEND = cb.make_backend()
+    _WHY = ""
+except (ImportError, BackendUnavailable) as e:
+    BACKEND, _WHY = None, str(e)
+
+
+
+def _gpu(f):
+    """Mark a GPU test: ``gpu``, skipped without CuPy or a usable device."""
+    return pytest.mark.gpu(pytest.mark.skipif(BACKEND is None, reason=f"cupy backend unavailable: {_WHY}")(f))
+
+
+# B, Hq, Hkv, c_h, Nq, Nk, D, S, c_q, c_k, causal
+GPU_CASES = EMU_CASES + [
+    (1, 8, 2, 1, 4096, 4096, 128, 128, 16, 16, True),   # the default config at 4K, GQA 4
+    (1, 8, 2, 4, 3000, 3333, 64, 128, 16, 16, True),    # c_h = 4, ragged, D = 64
+    (2, 4, 4, 1, 1025, 2049, 128, 64, 4, 8, True),      # ragged, Nq < Nk
+    (1, 4, 1, 1, 700, 900, 64, 256, 2, 4, True),        # RB = 128 on 4 warps, KB = 64
+    (1, 2, 1, 1, 640, 640, 96, 256, 1, 32, True),       # RB = 256: 8 warps
+    (1, 4, 2, 1, 800, 600, 128, 128, 16, 16, False),    # non-causal Nq > Nk
+    (1, 2, 2, 1, 300, 300, 256, 64, 8, 8, True),        # D = 256
+]
+
+
+def _gpu_inputs(case, dtype, seed=11, structured=True, **extra):
+    B, Hq, Hkv, c_h, Nq, Nk, D, S, c_q, c_k, causal = case
+    rng = np.random.default_rng(seed)
+    q = rng.standard_normal((B, Hq, Nq, D))
+    k = rng.standard_normal((B, Hkv, Nk, D))
+    if structured:  # a shared direction per KV head and rotary positions: peaked rows, large logits
+        from unisparse_ref.evaluation.workloads import rope
+
+        u = 3.0 * rng.standard_normal((B, Hkv, 1, D))
+        q = rope(q + np.repeat(u, Hq // Hkv, axis=1), np.arange(Nq) + max(0, Nk - Nq))
+        k = rope(k + u, np.arange(Nk))
+    cfg = UniSparseConfig(block_size=S, c_q=c_q, c_k=c_k, c_h=c_h, causal=causal, **extra)
+    return q.astype(dtype), k.astype(dtype), cfg, Nq, Nk
+
+
+@_gpu
+@pytest.mark.parametrize("dtype", [np.float16, BFLOAT16, np.float32], ids=["float16", "bfloat16", "float32"])
+@pytest.mark.parametrize("case", GPU_CASES, ids=[f"case{i}" for i in range(len(GPU_CASES))])
+@pytest.mark.parametrize("structured", [True, False], ids=["structured", "random"])
+def test_gpu_v4_scores_and_masks(case, dtype, structured) -> None:
+    """Scores of the backend's own composites within score_eps of the float64 reference scores
+    of those composites; masks eps-valid; both versions agree; repeats bit-identical."""
+    q, k, cfg, nq, nk = _gpu_inputs(case, dtype, structured=structured)
+    q_c, k_c = BACKEND.compress(q, k, cfg)
+    qh, kh = cp.asnumpy(q_c), cp.asnumpy(k_c)
+    want = ref.block_scores(qh, kh, cfg, nq, nk)
+    D = qh.shape[-1]
+    assert sc.mma_applicable(cfg, D), "version 4 should take every case here"
+    got = cp.asnumpy(BACKEND.block_scores(q_c, k_c, cfg, nq, nk))
+    err = float(np.abs(got - want).max())
+    print(f"\nGPU v4 {case} {np.dtype(dtype).name} {'structured' if structured else 'random'}: "
+          f"max |scores - ref64| = {err:.2e}")
+    assert err <= EPS, f"max |scores - ref| = {err:.2e} > score_eps {EPS:g}"
+    assert got.tobytes() == cp.asnumpy(BACKEND.block_scores(q_c, k_c, cfg, nq, nk)).tobytes()
+    v3 = cp.asnumpy(sc.launch_scores(q_c, k_c, cfg, nq, nk, version=3))
+    assert float(np.abs(v3 - want).max()) <= EPS
+    mask = BACKEND.select_blocks(cp.asarray(got), cfg, nq, nk)
+    assert eps_valid_rows(mask, want, cfg, nq, nk, EPS).all()
+
+
+@_gpu
+@pytest.mark.parametrize("warps,stages", [(4, 1), (4, 2), (8, 1), (8, 2)])
+def test_gpu_v4_same_bits_for_every_configuration(warps, stages) -> None:
+    q, k, cfg, nq, nk = _gpu_inputs((1, 8, 2, 1, 2000, 2100, 128, 128, 16, 16, True), np.float32)
+    q_c, k_c = BACKEND.compress(q, k, cfg)
+    base = cp.asnumpy(sc.launch_scores(q_c, k_c, cfg, nq, nk, version=4, warps=4, stages=1))
+    got = cp.asnumpy(sc.launch_scores(q_c, k_c, cfg, nq, nk, version=4, warps=warps, stages=stages))
+    assert got.tobytes() == base.tobytes()
+
+
+@_gpu
+@pytest.mark.parametrize("t,diag", [(0, True), (4, False), (4, True)])
+@pytest.mark.parametrize("case", [GPU_CASES[7], GPU_CASES[8], EMU_CASES[1], (1, 4, 2, 1, 90, 90, 64, 32, 2, 8, False)],
+                         ids=["4k", "ch4", "gqa_ch2", "noncausal"])
+def test_gpu_variants_match_reference(case, t, diag) -> None:
+    """The research variants through the backend's compress and block_scores, against the reference."""
+    q, k, cfg, nq, nk = _gpu_inputs(case, np.float32, sink_tokens=t, diagonal_correction=diag)
+    q_c, k_c = BACKEND.compress(q, k, cfg)
+    rq, rk = ref.compress(q, k, cfg)
+    assert tuple(k_c.shape) == rk.shape
+    assert float(np.abs(cp.asnumpy(k_c) - rk).max()) <= 1e-5 * max(1.0, float(np.abs(rk).max()))
+    want = ref.block_scores(cp.asnumpy(q_c), cp.asnumpy(k_c), cfg, nq, nk)
+    got = cp.asnumpy(BACKEND.block_scores(q_c, k_c, cfg, nq, nk))
+    err = float(np.abs(got - want).max())
+    assert err <= EPS, f"max |scores - ref| = {err:.2e} > score_eps {EPS:g}"
