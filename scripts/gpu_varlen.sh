@@ -6,7 +6,7 @@
 #   memcheck: compute-sanitizer memcheck on scripts/sanitize_varlen.py (merge, packed pooling,
 #             us_fa3_fwd_varlen contiguous and paged, CupyPagedKVCache; about 45 s)
 #   bench:    scripts/bench_varlen.py (correctness first, then timings; about 100 s)
-#   M = tests + memcheck (at most 185 s), F = bench (at most 130 s), all = the three.
+#   M = tests + memcheck (at most 185 s), F = tests + bench (at most 250 s), all = the three.
 # Writes $OUT/varlen/summary.txt (and bench_varlen.json); the exit status is non-zero if a step failed.
 set -u
 MODE=${1:-all}
@@ -26,8 +26,8 @@ step() {  # step NAME SECONDS COMMAND...
   tail -n 25 "/tmp/varlen_$name.log" | tee -a "$SUM"
   echo "=== $name: exit $r in $(( $(date +%s) - t0 )) s" | tee -a "$SUM"
 }
+step tests 120 env UNISPARSE_TEST_BACKENDS=cupy $PY -m pytest -q -p no:cacheprovider -rs tests/test_varlen.py -k cupy
 if [ "$MODE" = all ] || [ "$MODE" = M ]; then
-  step tests 120 env UNISPARSE_TEST_BACKENDS=cupy $PY -m pytest -q -p no:cacheprovider -rs tests/test_varlen.py -k cupy
   step memcheck 60 compute-sanitizer --tool memcheck --error-exitcode 3 $PY scripts/sanitize_varlen.py
 fi
 if [ "$MODE" = all ] || [ "$MODE" = F ]; then
