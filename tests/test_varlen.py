@@ -681,3 +681,46 @@ def _host_cache(cfg, k, v, page_size):
     cache = PagedKVCache.for_config(cfg, cdiv(k.shape[0], page_size), page_size, k.shape[1], k.shape[2], dtype=k.dtype)
     cache.append(k, v)
     return cache
+
+
+@pytest.mark.parametrize("paged", [False, True])
+def test_cupy_v9_varlen_launch_glue(monkeypatch, paged):
+    """_hopper.fa3_forward_varlen on the host (a NumPy stand-in for CuPy, no GPU): the varlen
+    instantiation, the packed tensor maps, every scalar argument in the kernel's order, the
+    task count (tiles x heads), the persistent grid, the block table. The launch is recorded."""
+    import sys
+
+    from tests.test_cupy_attention_cpu import _numpy_cupy
+    from unisparse_ref.cupy_backend import _hopper
+
+    fake, nd = _numpy_cupy()
+    monkeypatch.setitem(sys.modules, "cupy", fake)
+    launches = []
+    monkeypatch.setattr(_hopper, "_launch_param", lambda kernel, cfg, tmaps, rest: launches.append((kernel, cfg, tmaps, rest)))
+    monkeypatch.setattr(_hopper, "_get_kernel", lambda name: name)
+    monkeypatch.setattr(_hopper, "encode_packed_tensor_map", lambda arr, dtype, rows: (dtype, tuple(arr.shape), rows))
+    Hq, Hkv, D, S = 8, 2, 64, 128
+    nq, nk = np.array([1, 300, 0, 129]), np.array([3, 500, 9, 129])
+    cu_q, cu_k = offsets(nq), offsets(nk)
+    q = np.zeros((cu_q[-1], Hq, D), np.float16).view(nd)
+    k = np.zeros((cu_k[-1] if not paged else 7 * 128, Hkv, D), np.float16).view(nd)
+    tiles = _hopper.varlen_tiles(cu_q, nk, cu_k[:-1], S, True).view(nd)
+    total_qb = int(packed_offsets(cu_q, S)[-1])
+    counts = np.zeros((Hq, total_qb), np.int32).view(nd)
+    idx = np.zeros((Hq, total_qb, 4), np.int32).view(nd)
+    table = np.arange(8, dtype=np.int32).reshape(4, 2).view(nd) if paged else None
+    out, lse = _hopper.fa3_forward_varlen(q, k, k, counts, idx, tiles, total_qb=total_qb, block_size=S,
+                                          heads_per_mask=1, causal=True, softmax_scale=0.125, block_table=table,
+                                          page_size=128 if paged else 0)
+    assert out.shape == q.shape and lse.shape == (Hq, cu_q[-1])
+    (kernel, cfg, tmaps, rest), = launches
+    assert kernel == "us_fa3_fwd_varlen<__half, 64, 128, 3>"
+    assert tmaps == [("float16", q.shape, 128), ("float16", k.shape, 128), ("float16", k.shape, 128)]
+    assert rest[2] is tiles and rest[3] is out and rest[4] is lse
+    # Hq, Hkv, Hm, total_q, total_qb, idx_stride, S, c_h, causal
+    assert [int(x) for x in rest[5:14]] == [Hq, Hkv, Hq, int(cu_q[-1]), total_qb, 4, S, 1, 1]
+    assert float(rest[14]) == pytest.approx(0.125 * np.log2(np.e), rel=1e-6)
+    n_tiles = 1 + 3 + 0 + 2
+    assert int(rest[15]) == n_tiles * Hq and cfg["grid"] == (n_tiles * Hq, 1, 1)  # fewer tasks than SMs
+    assert rest[16].shape == (1 + n_tiles * Hq,) and int(rest[17]) == 1  # sched, dynamic
+    assert rest[18] is table and int(rest[19]) == (2 if paged else 0) and int(rest[20]) == (128 if paged else 0)

@@ -532,10 +532,10 @@ class CupyPagedKVCache(PagedKVCache):
     reads it: queries pooled by ``us_pool_varlen``, composite keys from here, scores and
     selection per sequence, the attention ``us_fa3_fwd_varlen`` on the pages.
 
-    Parameters
-    ----------
-    As :class:`~unisparse_ref.reference.paged.PagedKVCache` (``dtype``: float16, bfloat16 or
-    float32).
+    The constructor takes the parameters of
+    :class:`~unisparse_ref.reference.paged.PagedKVCache` (``dtype``: float16, bfloat16 or
+    float32; default float16). Write the pages only through :meth:`append`: the attention
+    trusts them to be finite.
     """
 
     def __init__(
