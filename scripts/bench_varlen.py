@@ -227,10 +227,25 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(row))
     results["packed"] = rows
 
+    # ------------------------------------------------------------------ 1b. the whole pipeline, packed
+    if not args.quick:
+        try:
+            results["pipeline"] = _pipeline(be, cp, us, as_bfloat16, _bf16_bits, reference_check, time_calls, kw,
+                                            check, q, k, v, seq, cu, nq, rs)
+        except Exception as e:  # noqa: BLE001 - recorded, and the exit status says so
+            wrong.append(f"pipeline section failed: {type(e).__name__}: {e}"[:300])
+            print("FAILED pipeline section:", repr(e)[:300])
+        del seq
+        cp.get_default_memory_pool().free_all_blocks()
+
     # ------------------------------------------------------------------ 2. chunked prefill
     if not args.quick:
-        results["chunked"] = _chunked(be, cp, us, as_bfloat16, _bf16_bits, reference_check, time_calls, cv, _hopper,
-                                      kw, check, scale)
+        try:
+            results["chunked"] = _chunked(be, cp, us, as_bfloat16, _bf16_bits, reference_check, time_calls, cv,
+                                          _hopper, kw, check, scale)
+        except Exception as e:  # noqa: BLE001
+            wrong.append(f"chunked section failed: {type(e).__name__}: {e}"[:300])
+            print("FAILED chunked section:", repr(e)[:300])
     results["refused"] = wrong
     print(json.dumps({k: v for k, v in results.items() if k not in ("packed", "chunked")}))
     if args.out:
@@ -238,6 +253,55 @@ def main(argv: list[str] | None = None) -> int:
         (Path(args.out) / "bench_varlen.json").write_text(json.dumps(results, indent=1))
     _summary(results)
     return 1 if wrong else 0
+
+
+def _pipeline(be, cp, us, as_bfloat16, bf16_bits, reference_check, time_calls, kw, check, q, k, v, seq, cu, nq, rs):
+    """The whole UniSparse pipeline on the packed batch (``unisparse_attention_varlen``: packed pooling,
+    scoring and selection one launch per sequence, packed attention in one launch) against the
+    batch pipeline ``CupyBackend.unisparse_attention`` looped over the sequences (arrays laid out
+    per sequence beforehand) and on one sequence of the same causal work."""
+    from unisparse_ref import UniSparseConfig
+    from unisparse_ref.cupy_backend import BFloat16Array
+
+    def bits(x: Any) -> Any:  # a bf16 result as its uint16 bits (what reference_check reads)
+        return x.data if isinstance(x, BFloat16Array) else x.view(cp.uint16)
+
+    cfg = UniSparseConfig(block_size=S)
+    qb, kb, vb = (as_bfloat16(x) for x in (q, k, v))
+    seq_b = [tuple(as_bfloat16(x) for x in s_) for s_ in seq]
+
+    def packed() -> Any:
+        return us.unisparse_attention_varlen(qb, kb, vb, cu, cu, cfg, backend=be)
+
+    def loop() -> None:
+        for s_ in seq_b:
+            be.unisparse_attention(*s_, cfg)
+
+    res = us.unisparse_attention_varlen(qb, kb, vb, cu, cu, cfg, backend=be, return_details=True)
+    out = bits(res.out)
+    ok = True
+    for i in (0, 8, 15):
+        sl = slice(int(cu[i]), int(cu[i + 1]))
+        view = [x[sl].transpose(1, 0, 2)[None] for x in (q, k, v)]
+        ok &= check(f"packed pipeline seq {i}", reference_check(out[sl].transpose(1, 0, 2)[None], *view,
+                                                                res.block_mask(i).mask, S=S, causal=True))
+    work = float((nq * (nq + 1)).sum())
+    L = int(round((-1 + math.sqrt(1 + 4 * work)) / 2))
+    raw = [bf16_bits(rs.standard_normal((1, h, L, D), dtype=cp.float32)) for h in (HQ, HKV, HKV)]
+    q1, k1, v1 = (as_bfloat16(x) for x in raw)
+    one_res = be.unisparse_attention(q1, k1, v1, cfg)
+    ok &= check(f"one-seq pipeline L={L}", reference_check(bits(one_res[0]), *raw, one_res[2].mask, S=S, causal=True))
+    if not ok:
+        return {"refused": True}
+    t_packed = time_calls([packed], **kw)
+    t_loop = time_calls([loop], **kw)
+    t_one = time_calls([lambda: be.unisparse_attention(q1, k1, v1, cfg)], **kw)
+    row = {"case": "whole pipeline, packed batch (P = 0.9, random data)", "packed_ms": t_packed["ms"],
+           "loop_ms": t_loop["ms"], "one_seq_ms": t_one["ms"], "one_seq_L": L,
+           "speedup_vs_loop": t_loop["ms"] / t_packed["ms"], "packed_over_one_seq": t_packed["ms"] / t_one["ms"],
+           "density": float(res.density), "one_seq_density": float(one_res[2].density)}
+    print(json.dumps(row))
+    return row
 
 
 def _chunked(be, cp, us, as_bfloat16, bf16_bits, reference_check, time_calls, cv, hopper, kw, check, scale):
@@ -346,6 +410,11 @@ def _summary(results: dict[str, Any]) -> None:
             line += (f"; one seq L={r['one_seq_L']} {r['one_seq_ms']:.3f} ms (packed/one = "
                      f"{r['packed_over_one_seq']:.3f}; target <= 1.10)")
         print(line)
+    p = results.get("pipeline")
+    if p and "packed_ms" in p:
+        print(f"{p['case']}: packed {p['packed_ms']:.2f} ms; loop of the batch pipeline {p['loop_ms']:.2f} ms "
+              f"({p['speedup_vs_loop']:.2f}x); one sequence L={p['one_seq_L']} {p['one_seq_ms']:.2f} ms "
+              f"(packed/one = {p['packed_over_one_seq']:.3f}); densities {p['density']:.3f} / {p['one_seq_density']:.3f}")
     c = results.get("chunked")
     if c and "chunked_ms" in c:
         print(f"{c['case']}: {c['chunked_ms']:.2f} ms vs one-shot {c['one_shot_ms']:.2f} ms "
