@@ -48,13 +48,15 @@ if not SIM:
     ]
 #: Shapes the CuPy layer runs in ONE launch of rung v9 on Hopper (S a multiple of 128, float16 /
 #: bfloat16; D 64 and 128, and 80 zero-padded to 128): partial tiles, lengths 1 and odd, Nq < Nk,
-#: sequences without queries, a tile of 128 rows spanning two sequences, non-causal Nq > Nk.
+#: sequences without queries, a tile of 128 rows spanning two sequences, non-causal Nq > Nk,
+#: fewer packed queries than one tile.
 V9_CASES = [
     ([1, 200, 0, 333, 129], [3, 400, 5, 333, 700], 4, 2, 64,
      UniSparseConfig(block_size=128, c_q=16, c_k=16, threshold=0.8)),
     ([130, 7, 64], [100, 300, 64], 4, 1, 128,
      UniSparseConfig(block_size=128, c_q=8, c_k=16, c_h=2, causal=False, threshold=0.7)),
     ([77, 0, 300], [77, 0, 555], 2, 2, 80, UniSparseConfig(block_size=256, c_q=16, c_k=8, threshold=0.9)),
+    ([1, 3], [5, 130], 4, 2, 64, UniSparseConfig(block_size=128, c_q=16, c_k=16)),  # decode-like: 4 queries in all
 ]
 if not SIM:
     CASES += V9_CASES
