@@ -16,6 +16,14 @@
 // |-----------------|---------------------------------|----------------------------------------|
 // | us_pool_seq<T>  | __half, __nv_bfloat16, float    | one thread per output (r, d); grid.y = |
 // |                 |                                 | b*(H/c_h) + g; x over R*D / blockDim   |
+// | us_pool_keys_   | __half, __nv_bfloat16, float    | as us_pool_seq (c_h = 1), over the     |
+// | sinks<T>        |                                 | t + C output columns                   |
+//
+// us_pool_keys_sinks<T> (research variant sink_tokens = t > 0, not SPEC; the reference's
+// pool_keys_with_sinks): keys [B, Hkv, Nk, D] -> [B, Hkv, t + C, D], columns 0 .. t-1 the keys
+// 0 .. t-1 themselves (zeros past Nk), column t + c the mean of keys [lo_c, min((c+1)*c_k, Nk))
+// with lo_0 = t and lo_c = c*c_k otherwise (zeros when composite 0 is empty). With t = 0 the
+// backend launches us_pool_seq instead (no extra cost on the SPEC path).
 //
 // Tile defaults (override with -D): US_POOL_THREADS threads per block.
 #include "common.cuh"
@@ -46,4 +54,26 @@ us_pool_seq(const T* __restrict__ x, float* __restrict__ out, int H, int N, int 
         acc += s * inv_n;                    // sequence mean of head h
     }
     out[((long long)bg * R + r) * D + d] = acc / (float)c_h;   // head mean
+}
+
+template <typename T>
+__global__ void __launch_bounds__(US_POOL_THREADS)
+us_pool_keys_sinks(const T* __restrict__ x, float* __restrict__ out, int N, int D, int c, int t) {
+    const int W = t + us::cdiv(N, c);
+    const int bh = blockIdx.y;              // b * H + h
+    const long long idx = (long long)blockIdx.x * blockDim.x + threadIdx.x;  // j * D + d
+    if (idx >= (long long)W * D) return;
+    const int j = (int)(idx / D), d = (int)(idx % D);
+    const T* col = x + ((long long)bh * N) * D + d;
+    float v = 0.0f;
+    if (j < t) {
+        v = j < N ? us::to_float(col[(long long)j * D]) : 0.0f;   // a sink key, un-pooled
+    } else {
+        const int cc = j - t;
+        const int t0 = cc == 0 ? t : cc * c, t1 = min((cc + 1) * c, N);
+        float s = 0.0f;
+        for (int u = t0; u < t1; ++u) s += us::to_float(col[(long long)u * D]);
+        v = t1 > t0 ? s * (1.0f / (float)(t1 - t0)) : 0.0f;
+    }
+    out[((long long)bh * W + j) * D + d] = v;
 }

@@ -9,7 +9,10 @@ its launch; ``unisparse_ref.cupy_backend._loader`` reads, compiles and launches:
 method                        kernels (module)                                source
 ============================  ==============================================  =====================
 ``compress``                  ``us_pool_seq<T>`` (:mod:`.pooling`)            ``pooling.cu``
-``block_scores``              ``us_scores_onepass`` (:mod:`.scores`)          ``scores.cu``
+``block_scores``              ``us_split_rows`` + ``us_scores_mma<NW, VAR>``  ``scores.cu``
+                              (v4, tensor cores; v3 ``us_scores_onepass``
+                              for ``S/c_q > 256`` or ``D > 256``)
+                              (:mod:`.scores`)
 ``select_blocks``             ``us_select_topp<float|double>``                ``selection.cu``
                               (:mod:`.selection`)
 ``block_sparse_attention``    ``us_mask_to_indices`` + the attention ladder   ``selection.cu``,
@@ -133,8 +136,10 @@ class CupyBackend:
     #: least recently used dropped first (each holds its buffers: see :class:`PipelinePlan`).
     max_plans = 4
     #: Research options of :class:`~unisparse_ref.UniSparseConfig` this layer implements
-    #: (``check_spec_variants`` refuses the others): ``threshold_mode`` (selection).
-    implemented_variants: tuple[str, ...] = ("threshold_mode",)
+    #: (``check_spec_variants`` refuses the others): ``threshold_mode`` (selection), ``sink_tokens``
+    #: (``compress`` puts the sink keys in front of ``k_c``; scores version 4) and ``diagonal_correction``
+    #: (scores version 4).
+    implemented_variants: tuple[str, ...] = ("threshold_mode", "sink_tokens", "diagonal_correction")
 
     def __init__(self, device_name: str = "") -> None:
         self.device_name = device_name
@@ -166,7 +171,7 @@ class CupyBackend:
         (qd, kd), dt, (_, Hq, Hkv, _, _, _) = qkv_inputs(q, k, None, config.causal)
         check_head_pooling(Hq, Hkv, config.c_h)
         q_c = pooling.launch_pool(qd, dt, config.c_q, config.c_h)
-        k_c = pooling.launch_pool(kd, dt, config.c_k, 1)
+        k_c = pooling.launch_pool_keys(kd, dt, config.c_k, config.sink_tokens)
         if check_finite:  # pooled means are non-finite iff some input in their group is: a cheap full check
             check_finite_device(("q", q_c, np.dtype(np.float32)), ("k", k_c, np.dtype(np.float32)))
         return q_c, k_c
@@ -177,7 +182,10 @@ class CupyBackend:
         config = check_config(config)
         self._refuse_variants(config, "cupy backend block_scores")
         qc, kc = composite_input("q_c", q_c), composite_input("k_c", k_c)
-        check_composite_shapes(qc, kc, config, nq, nk)
+        t = config.sink_tokens  # research variant: k_c is [B, Hkv, t + C, D], the t sink keys in front
+        if t and kc.shape[2] <= t:
+            raise ValueError(f"with sink_tokens={t}, k_c must be [B, Hkv, {t} + C, D]; got {tuple(kc.shape)}")
+        check_composite_shapes(qc, kc[:, :, t:] if t else kc, config, nq, nk)
         return scores.launch_scores(qc, kc, config, int(nq), int(nk))
 
     # -------------------------------------------------------------- stage 3
@@ -346,7 +354,7 @@ class CupyBackend:
         """
         Nq, Nk, D = int(qd.shape[2]), int(kd.shape[2]), int(qd.shape[3])
         q_c = pooling.launch_pool(qd, dt, config.c_q, config.c_h)
-        k_c = pooling.launch_pool(kd, dt, config.c_k, 1)
+        k_c = pooling.launch_pool_keys(kd, dt, config.c_k, config.sink_tokens)
         # Pooled means are non-finite iff some input in their group is (as compress checks).
         counts = (nonfinite_counts(("q", q_c, np.dtype(np.float32)), ("k", k_c, np.dtype(np.float32)),
                                    ("v", vd, dt)) if check_finite else None)

@@ -20,7 +20,8 @@ from . import _loader
 from ._device import cupy_module, i32
 from ._loader import CTYPES, KernelSpec
 
-__all__ = ["FILE", "INSTANTIATIONS", "OPTIONS", "THREADS", "kernel_spec", "launch_config", "launch_pool"]
+__all__ = ["FILE", "INSTANTIATIONS", "OPTIONS", "THREADS", "kernel_spec", "launch_config", "launch_pool",
+           "launch_pool_keys", "sinks_kernel_spec"]
 
 FILE = "pooling.cu"
 #: Threads per block (``US_POOL_THREADS`` in pooling.cu).
@@ -34,8 +35,14 @@ def kernel_spec(ctype: str) -> KernelSpec:
     return KernelSpec(FILE, f"us_pool_seq<{ctype}>", OPTIONS)
 
 
-#: Every instantiation this stage launches (one per input dtype).
-INSTANTIATIONS: list[KernelSpec] = [kernel_spec(t) for t in CTYPES.values()]
+def sinks_kernel_spec(ctype: str) -> KernelSpec:
+    """The keys-with-sink-tokens instantiation (research variant ``sink_tokens``) for ``ctype``."""
+    return KernelSpec(FILE, f"us_pool_keys_sinks<{ctype}>", OPTIONS)
+
+
+#: Every instantiation this stage launches (per input dtype: SPEC pooling, keys with sink tokens).
+INSTANTIATIONS: list[KernelSpec] = [kernel_spec(t) for t in CTYPES.values()] + [
+    sinks_kernel_spec(t) for t in CTYPES.values()]
 
 
 def launch_config(batch: int, heads_out: int, R: int, D: int) -> dict[str, Any]:
@@ -63,4 +70,22 @@ def launch_pool(x: Any, dtype: np.dtype, c: int, c_h: int) -> Any:
     lc = launch_config(B, Hout, R, D)
     _loader.launch(kernel, lc["grid"], lc["block"], (x, out, i32(H), i32(N), i32(D), i32(c), i32(c_h)),
                    shared_mem=lc["shared_mem"])
+    return out
+
+
+def launch_pool_keys(x: Any, dtype: np.dtype, c_k: int, sink_tokens: int = 0) -> Any:
+    """Composite keys: ``launch_pool(x, dtype, c_k, 1)``, or with ``sink_tokens = t > 0`` (research
+    variant, the reference's ``pool_keys_with_sinks``) ``us_pool_keys_sinks<T>``:
+    ``x [B, Hkv, Nk, D] -> float32 [B, Hkv, t + ceil(Nk/c_k), D]``, the first ``t`` keys un-pooled.
+    """
+    t = int(sink_tokens)
+    if t == 0:
+        return launch_pool(x, dtype, c_k, 1)
+    cp = cupy_module()
+    B, H, N, D = (int(s) for s in x.shape)
+    W = t + geometry.cdiv(N, c_k)
+    out = cp.empty((B, H, W, D), dtype=cp.float32)
+    lc = launch_config(B, H, W, D)
+    _loader.launch(_loader.get_function(sinks_kernel_spec(CTYPES[str(dtype)])), lc["grid"], lc["block"],
+                   (x, out, i32(N), i32(D), i32(c_k), i32(t)), shared_mem=lc["shared_mem"])
     return out

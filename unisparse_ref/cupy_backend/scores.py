@@ -306,12 +306,38 @@ def variant_weights(config: UniSparseConfig, nq: int, nk: int) -> tuple[np.ndarr
     return out
 
 
+_SMS: dict[int, int] = {}
+_VARIANT_DEVICE: dict[tuple[Any, ...], tuple[Any, Any, Any, int]] = {}
+
+
 def _num_sms() -> int:
+    """Streaming multiprocessors of the current device (cached: reading the attributes costs host time)."""
     cp = cupy_module()
-    try:
-        return int(cp.cuda.Device().attributes.get("MultiProcessorCount", 132))
-    except Exception:  # noqa: BLE001 - a stand-in device without attributes
-        return 132
+    dev = cp.cuda.Device()
+    n = _SMS.get(dev.id)
+    if n is None:
+        try:
+            n = int(dev.attributes.get("MultiProcessorCount", 132))
+        except Exception:  # noqa: BLE001 - a stand-in device without attributes
+            n = 132
+        _SMS[dev.id] = n
+    return n
+
+
+def _variant_device(config: UniSparseConfig, nq: int, nk: int) -> tuple[Any, Any, Any, int]:
+    """:func:`variant_weights` on the device, cached per device and shape (no host copy inside a graph
+    capture once a shape has run)."""
+    cp = cupy_module()
+    key = (cp.cuda.Device().id, config.sink_tokens, config.diagonal_correction, config.causal, config.c_q,
+           config.c_k, config.block_size, int(nq), int(nk))
+    hit = _VARIANT_DEVICE.get(key)
+    if hit is None:
+        colw, j0, band, NB = variant_weights(config, nq, nk)
+        hit = (cp.asarray(colw), cp.asarray(j0), cp.asarray(band), NB)
+        if len(_VARIANT_DEVICE) > 64:
+            _VARIANT_DEVICE.clear()
+        _VARIANT_DEVICE[key] = hit
+    return hit
 
 
 def _split(x: Any, D: int, Dp: int) -> tuple[Any, Any]:
@@ -349,6 +375,10 @@ def launch_scores(q_c: Any, k_c: Any, config: UniSparseConfig, nq: int, nk: int,
     if version != 4:
         raise ValueError(f"version must be 3 or 4, got {version}")
     S, c_q, c_k, c_h = config.block_size, config.c_q, config.c_k, config.c_h
+    if W != config.sink_tokens + geometry.cdiv(nk, c_k):
+        raise ValueError(f"k_c has {W} key columns; with sink_tokens={config.sink_tokens} and nk={nk} it must have "
+                         f"{config.sink_tokens} + ceil(nk/c_k) = {config.sink_tokens + geometry.cdiv(nk, c_k)} "
+                         "(compress with the same config)")
     G = Hm * c_h // Hkv
     lc = mma_launch_config(B, Hm, R, W, D, config, num_sms=_num_sms(), warps=warps, stages=stages,
                            variant=variant, shared_limit=_loader.max_dynamic_shared_memory())
@@ -363,8 +393,8 @@ def launch_scores(q_c: Any, k_c: Any, config: UniSparseConfig, nq: int, nk: int,
     counter = cp.zeros((1,), dtype=cp.int32)
     scale_log2 = np.float32(config.scale_for(D) * 1.4426950408889634)
     if variant:
-        colw, j0, band, NB = variant_weights(config, nq, nk)
-        extra = (cp.asarray(colw), cp.asarray(j0), cp.asarray(band), i32(NB))
+        colw, j0, band, NB = _variant_device(config, nq, nk)
+        extra = (colw, j0, band, i32(NB))
     else:
         extra = (np.uint64(0), np.uint64(0), np.uint64(0), i32(0))
     args = (qw, qf, kw, kf, scores, part, tmax, counter, i32(B * Hm), i32(Hm), i32(Hkv), i32(R), i32(W), i32(Dp),
