@@ -172,6 +172,51 @@ def test_variant_weights_equal_the_reference_log_weights(t, diag, causal, nq, nk
     assert np.allclose(got[fin], want[fin], atol=1e-6)
 
 
+@pytest.fixture(scope="module")
+def host_pool_sinks(tmp_path_factory):
+    """``pooling.cu``'s ``us_pool_keys_sinks<float>`` built for the host emulation (g++)."""
+    import shutil
+    import subprocess
+
+    from tests.test_cupy_compile import _host_source
+
+    if shutil.which("g++") is None:
+        pytest.skip("g++ is not installed: the host emulation of the kernels is skipped")
+    d = tmp_path_factory.mktemp("hostemu_sinks")
+    src = _host_source("pooling.cu") + """
+extern "C" void emk_pool_sinks_f(unsigned gx, unsigned gy, unsigned bx, const float* x, float* o, int N, int D, int c, int t) {
+  emu_launch({gx, gy, 1}, {bx, 1, 1}, [&] { us_pool_keys_sinks<float>(x, o, N, D, c, t); }); }
+"""
+    (d / "sinks.cpp").write_text(src)
+    so = d / "libsinks.so"
+    r = subprocess.run(["g++", "-std=c++20", "-O1", "-fPIC", "-shared", "-pthread", "-w", "-DUS_POOL_THREADS=64",
+                        str(d / "sinks.cpp"), "-o", str(so)], capture_output=True, text=True, timeout=300)
+    if r.returncode != 0 and "barrier" in r.stderr and "No such file" in r.stderr:
+        pytest.skip("g++ lacks C++20 <barrier>")
+    assert r.returncode == 0, r.stderr[-3000:]
+    return ctypes.CDLL(str(so))
+
+
+@pytest.mark.parametrize("Nk,c_k,t", [(100, 8, 3), (5, 8, 7), (64, 16, 1), (9, 4, 3), (2, 4, 3)])
+def test_host_emulated_pool_keys_with_sinks(host_pool_sinks, Nk, c_k, t) -> None:
+    from unisparse_ref.cupy_backend import pooling
+    from unisparse_ref.reference.pooling import pool_keys_with_sinks
+
+    rng = np.random.default_rng(7)
+    k = rng.standard_normal((2, 3, Nk, 24)).astype(np.float32)
+    want = pool_keys_with_sinks(k, c_k, t)
+    W = t + geometry.cdiv(Nk, c_k)
+    out = np.full((2, 3, W, 24), np.nan, np.float32)
+    lc = pooling.launch_config(2, 3, W, 24)
+    lc_grid = (geometry.cdiv(W * 24, 64), 2 * 3)  # the backend's grid with 64 threads per block
+    assert lc["grid"][1] == lc_grid[1]
+    host_pool_sinks.emk_pool_sinks_f(ctypes.c_uint(lc_grid[0]), ctypes.c_uint(lc_grid[1]), ctypes.c_uint(64),
+                                     _ptr(k), _ptr(out), ctypes.c_int(Nk), ctypes.c_int(24), ctypes.c_int(c_k),
+                                     ctypes.c_int(t))
+    assert out.shape == want.shape
+    assert np.abs(out - want).max() <= 1e-6 * max(1.0, float(np.abs(want).max()))
+
+
 # ---------------------------------------------------------------------------- GPU
 cp = None
 try:  # the GPU tests need CuPy and a device; the host-emulation tests above do not
