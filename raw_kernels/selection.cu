@@ -14,19 +14,26 @@
 // This is the reference's selection (unisparse_ref/reference/selection.py) with its float64
 // additions in its order, so the mask equals the reference's bit for bit on the same scores.
 //
-// How one thread block does a row in parallel and still gives the sequential answer:
-//   1. the visible candidates are loaded as sort keys into shared memory (forced and invisible
-//      slots get a pad key that sorts last) and bitonic-sorted, NP = next power of two >= nvis;
-//      for float scores the key is one 64-bit word (score bits << 32 | ~j: nonnegative float
-//      bits order like the values, ~j puts the lower j first on ties), for double a (bits, j)
-//      pair;
-//   2. the running masses before each sorted candidate, m_k = base + s_1 + ... + s_(k-1), are
-//      a block-wide exclusive scan in double (each thread adds its chunk in order, then a
-//      warp-shuffle scan of the chunk sums). The scan adds in another order than the reference,
-//      so a computed m_k may differ from the reference's sequential m_k by rounding: both are
-//      within gamma_n * A of the exact sum (A = m0 + the candidates' mass, n <= NP), so the two
-//      differ by less than tol = 8 (NP + 64) u A (u = 2^-53, a generous bound). A candidate
-//      whose m_k lies farther than tol from the target is decided the same way by both;
+// How one thread block decides a row in parallel and still gives the sequential answer. The
+// taken candidates are those whose running mass m_k (the mass before them in the order above)
+// is below the target; a parallel sum adds in another order than the reference's left-to-right
+// sum, but both lie within gamma_n * A of the exact sum (A = m0 + the candidates' mass, n <= NP),
+// so they differ by less than tol = 8 (NP + 64) u A (u = 2^-53, a generous bound). A decision
+// whose mass lies farther than tol from the target is therefore the reference's; a row where one
+// does not is walked sequentially in the reference's order.
+//   Fast path (float scores, nvis <= US_SEL_EMAX * blockDim.x: every row the launch gives it):
+//   no sort. Each thread holds up to US_SEL_EMAX candidate scores in registers; the cutoff
+//   score is found by bisection over the float bit patterns (31 steps of a float block sum),
+//   then checked in double (no tie at the cutoff; mass before it below target - tol, mass
+//   before the next one above target + tol). Rows that pass: done, no shared-memory traffic.
+//   Exact path (double scores, longer rows, rows the fast path did not settle):
+//   1. candidates are loaded as sort keys into shared memory (forced and invisible slots get
+//      a pad key that sorts last) and bitonic-sorted, NP = next power of two >= nvis; for float
+//      scores the key is one 64-bit word (score bits << 32 | ~j: nonnegative float bits order
+//      like the values, ~j puts the lower j first on ties), for double a (bits, j) pair;
+//   2. the running masses are a block-wide exclusive scan in double (each thread adds its chunk
+//      in order, then a warp-shuffle scan of the chunk sums); candidates more than tol below
+//      the target are taken;
 //   3. if some m_k lies within tol of the target (a borderline row: practically never on real
 //      scores, often on hand-made ties), thread 0 walks the sorted keys sequentially in the
 //      reference's exact order of additions instead. Either way the mask is the reference's.
@@ -37,13 +44,16 @@
 // Version table
 // | kernel                 | T             | grid         | block          | dynamic shared         |
 // |------------------------|---------------|--------------|----------------|------------------------|
-// | us_select_topp<T>      | float, double | (rows, 1, 1) | 32..SEL_THREADS| NP*key + nKb (+pad)    |
+// | us_select_topp<T>      | float, double | (rows, 1, 1) | 32..SEL_THREADS| NP*key + nKb           |
 // | us_mask_to_indices     | -             | (rows, 1, 1) | 32..SEL_THREADS| nKb                    |
 // rows = B*Hm*nQb, NP = next power of two >= nKb, key = 8 bytes (float) or 16 bytes (double);
-// block = clamp(NP/4, 32, US_SEL_THREADS) threads, a multiple of 32 (selection.py
-// launch_config). Version 1 (one thread walking every row sequentially after the sort, and a
-// sequential scan over 256 chunk counts for the index form) took 0.11 / 0.30 / 4.2 ms at
-// 8K / 32K / 128K tokens (Hm = 32, S = 128) on the H200.
+// block = clamp(NP/US_SEL_EMAX, 32, US_SEL_THREADS) threads for float scores with
+// NP <= US_SEL_EMAX * US_SEL_THREADS (the fast path), else clamp(NP/4, 32, US_SEL_THREADS);
+// a multiple of 32 (selection.py launch_config).
+// History (H200, Hm = 32, S = 128, 8K / 32K / 128K tokens): v1 (a sort of nKb slots per row,
+// then one thread walking it, a one-thread scan for the index form) 0.11 / 0.30 / 4.2 ms;
+// v2 (the exact path above for every row) 0.011 / 0.065 / 1.05 ms, bound by the bitonic sort's
+// shared-memory traffic; v3 adds the register fast path.
 #include "common.cuh"
 
 #ifndef US_SEL_THREADS
@@ -131,6 +141,111 @@ __device__ __forceinline__ void us_write_indices(const unsigned char* keep, int 
     for (int j = base + tid; j < nKb; j += nthreads) out[j] = -1;
 }
 
+// Sum of x over the block, the same value in every thread, in a fixed order (deterministic):
+// a butterfly inside each warp (every lane ends with the same sum: float addition commutes),
+// then the warps' sums in warp order. buf holds 2 * US_SEL_WARPS slots; `par` alternates
+// between its halves so that one barrier per call suffices.
+template <typename V>
+__device__ __forceinline__ V us_block_sum(V x, V* buf, int& par) {
+    for (int o = 16; o > 0; o >>= 1) x += __shfl_xor_sync(0xffffffffu, x, o);
+    const int nwarps = blockDim.x >> 5;
+    if (nwarps == 1) return x;
+    V* b = buf + par * US_SEL_WARPS;
+    par ^= 1;
+    if ((threadIdx.x & 31) == 0) b[threadIdx.x >> 5] = x;
+    __syncthreads();  // every warp's sum is written before any thread adds them up
+    V t = b[0];
+    for (int k = 1; k < nwarps; ++k) t += b[k];
+    return t;
+}
+
+template <typename T> struct us_is_float { static constexpr bool value = false; };
+template <> struct us_is_float<float> { static constexpr bool value = true; };
+
+// The fast path (float scores, nvis <= US_SEL_EMAX * blockDim.x): no sort. Thread tid holds the
+// scores of its candidates j = tid + e * blockDim.x in registers (u[e]: the float bits, which
+// order like the values since scores are >= 0). The taken candidates are an upper set of
+// values: those whose bits are >= b*, b* the smallest bits value with
+//   G(b) = sum of the candidates with bits > b  <  R = target - base.
+// b* is found by bisection over the 2^31 bit patterns with float block sums (31 steps), then
+// checked in double: the candidate at b* must be the only one with those bits (no tie at the
+// cutoff), the mass before it (base + the double sum of the candidates above it) must lie below
+// target - tol and the mass before the largest candidate below it above target + tol. The
+// sequential reference sums lie within tol of these, so the decision is the reference's; if a
+// check fails the caller runs the exact path. Returns 1 when the row is decided (keep flags set
+// by each thread for its own candidates), 0 otherwise; block-uniform.
+#ifndef US_SEL_EMAX
+#define US_SEL_EMAX 32
+#endif
+__device__ __forceinline__ int us_topp_fast(const float* s, int nvis, long long d, int n_sink, int n_local,
+                                            double m0, double P, int remaining, unsigned char* keep, float* fbuf,
+                                            double* dbuf, int* ibuf, int& par) {
+    const int tid = threadIdx.x, nthreads = blockDim.x;
+    const int Erow = (nvis + nthreads - 1) / nthreads;
+    unsigned u[US_SEL_EMAX];
+    unsigned valid = 0;
+    double dloc = 0.0;
+#pragma unroll
+    for (int e = 0; e < US_SEL_EMAX; ++e) {
+        u[e] = 0u;
+        if (e < Erow) {
+            const int j = tid + e * nthreads;
+            if (j < nvis && !(j < n_sink || (j <= d && j > d - n_local))) {
+                const float x = us_canon(s[j]);
+                u[e] = __float_as_uint(x);
+                valid |= 1u << e;
+                dloc += (double)x;
+            }
+        }
+    }
+    const int nc = us_block_sum<int>(__popc(valid), ibuf, par);
+    if (nc == 0) return 1;  // no candidate: the forced blocks are the row
+    const double dall = us_block_sum<double>(dloc, dbuf, par);
+    const double target = remaining ? P * ((m0 + dall) - m0) : P;
+    const double base = remaining ? 0.0 : m0;
+    const double tol = 8.0 * (double)(nvis + 64) * 1.1102230246251565e-16 * (m0 + dall);
+    if (base + dall < target - tol) {  // every candidate is taken: each mass before it is < target
+#pragma unroll
+        for (int e = 0; e < US_SEL_EMAX; ++e)
+            if ((valid >> e) & 1u) keep[tid + e * nthreads] = 1;
+        return 1;
+    }
+    if (base > target + tol) return 1;  // the forced mass alone reaches the target: none taken
+
+    const float R = (float)(target - base);
+    unsigned lo = 0u, hi = 0x7F800000u;  // G(+inf bits) = 0 < R
+    while (lo < hi) {                    // block-uniform: lo, hi and the sums agree in every thread
+        const unsigned mid = lo + ((hi - lo) >> 1);
+        float acc = 0.0f;
+#pragma unroll
+        for (int e = 0; e < US_SEL_EMAX; ++e)
+            if (e < Erow && u[e] > mid) acc += __uint_as_float(u[e]);
+        if (us_block_sum<float>(acc, fbuf, par) < R) hi = mid; else lo = mid + 1u;
+    }
+    const unsigned b = lo;
+    int at = 0, below = 0;
+    double above = 0.0;
+#pragma unroll
+    for (int e = 0; e < US_SEL_EMAX; ++e) {
+        if ((valid >> e) & 1u) {
+            if (u[e] == b) ++at;
+            else if (u[e] < b) ++below;
+            else above += (double)__uint_as_float(u[e]);
+        }
+    }
+    at = us_block_sum<int>(at, ibuf, par);
+    below = us_block_sum<int>(below, ibuf, par);
+    above = us_block_sum<double>(above, dbuf, par);
+    if (at != 1) return 0;  // a tie at the cutoff (lower j first) or none: the exact path decides
+    const double last = base + above;                                   // before the cutoff block: taken
+    const double next = base + above + (double)__uint_as_float(b);      // before the next one: not taken
+    if (!(last < target - tol) || (below > 0 && !(next > target + tol))) return 0;
+#pragma unroll
+    for (int e = 0; e < US_SEL_EMAX; ++e)
+        if (((valid >> e) & 1u) && u[e] >= b) keep[tid + e * nthreads] = 1;
+    return 1;
+}
+
 // One thread block per row (b, g, i), row = (b*Hm + g)*nQb + i; blockDim.x a multiple of 32,
 // at most US_SEL_THREADS. threshold_mode: 0 "total" (SPEC), 1 "remaining".
 template <typename T>
@@ -146,6 +261,9 @@ us_select_topp(const T* __restrict__ scores, bool* __restrict__ mask, int* __res
     unsigned char* keep = dyn_raw + (size_t)NPmax * sizeof(K);              // [nKb] 1 = selected
     __shared__ double warp_sum[US_SEL_WARPS];
     __shared__ double m0_s;
+    __shared__ float fbuf[2 * US_SEL_WARPS];
+    __shared__ double dbuf[2 * US_SEL_WARPS];
+    __shared__ int ibuf[2 * US_SEL_WARPS];
 
     const int tid = threadIdx.x, lane = tid & 31, w = tid >> 5;
     const int nthreads = blockDim.x, nwarps = nthreads >> 5;
@@ -160,30 +278,42 @@ us_select_topp(const T* __restrict__ scores, bool* __restrict__ mask, int* __res
     const int nvis = !causal ? nKb : (p_last < 0 ? 0 : (int)min((long long)nKb, p_last / S + 1));
     const bool all = P >= 1.0;
     const int NP = us_next_pow2(max(nvis, 1));
+    const bool remaining = threshold_mode == 1;
 
     for (int j = tid; j < nKb; j += nthreads) {
         const bool vis = j < nvis;
         const bool forced = vis && (j < n_sink || (j <= d && j > d - n_local));
         keep[j] = all ? (vis ? 1 : 0) : (forced ? 1 : 0);
-        if (!all && j < NP) key[j] = (vis && !forced) ? SK::make(us_canon(s[j]), j) : SK::pad();
     }
-    if (!all) {
-        for (int j = nKb + tid; j < NP; j += nthreads) key[j] = SK::pad();  // (NP <= NPmax, nKb < NP)
-        if (tid == 0) {
-            // m0: the forced scores added in ascending j (the sink range, then the local range
-            // from where the sink range ended), as the reference's cumsum over the row.
-            double m0 = 0.0;
-            const int js = min(n_sink, nvis);
-            for (int j = 0; j < js; ++j) m0 += us::to_double(s[j]);
-            const long long jl0 = max(max(d - n_local + 1, 0LL), (long long)js);
-            const long long jl1 = min(d, (long long)nvis - 1);
-            for (long long j = jl0; j <= jl1; ++j) m0 += us::to_double(s[j]);
-            m0_s = m0;
-        }
+    if (!all && tid == 0) {
+        // m0: the forced scores added in ascending j (the sink range, then the local range
+        // from where the sink range ended), as the reference's cumsum over the row.
+        double m0 = 0.0;
+        const int js = min(n_sink, nvis);
+        for (int j = 0; j < js; ++j) m0 += us::to_double(s[j]);
+        const long long jl0 = max(max(d - n_local + 1, 0LL), (long long)js);
+        const long long jl1 = min(d, (long long)nvis - 1);
+        for (long long j = jl0; j <= jl1; ++j) m0 += us::to_double(s[j]);
+        m0_s = m0;
     }
-    __syncthreads();  // keys, keep flags and m0 are complete before the sort reads them
+    __syncthreads();  // keep flags and m0 are complete before either path reads them
+    const double m0 = m0_s;
 
-    if (!all) {
+    int decided = all ? 1 : 0;
+    int par = 0;
+    if constexpr (us_is_float<T>::value) {
+        if (!decided && nvis <= US_SEL_EMAX * nthreads)
+            decided = us_topp_fast(reinterpret_cast<const float*>(s), nvis, d, n_sink, n_local, m0, P,
+                                   remaining ? 1 : 0, keep, fbuf, dbuf, ibuf, par);
+    }
+    if (!decided) {
+        // The exact path (double scores, long rows, and rows the fast path could not decide).
+        for (int j = tid; j < NP; j += nthreads) {
+            const bool cand = j < nvis && !(j < n_sink || (j <= d && j > d - n_local));
+            key[j] = cand ? SK::make(us_canon(s[j]), j) : SK::pad();
+        }
+        __syncthreads();  // every key is in place before the sort reads it
+
         // Bitonic sort of key[0..NP) into "before" order; p enumerates the NP/2 pairs (t, t + jj).
         for (int kk = 2; kk <= NP; kk <<= 1) {
             for (int jj = kk >> 1; jj > 0; jj >>= 1) {
@@ -222,8 +352,6 @@ us_select_topp(const T* __restrict__ scores, bool* __restrict__ mask, int* __res
             off += x < w ? c : 0.0;
             cand_total += c;
         }
-        const double m0 = m0_s;
-        const bool remaining = threshold_mode == 1;
         // Mode 1: T (the visible mass) is m0 + the candidates' mass, up to rounding within tol.
         const double target = remaining ? P * ((m0 + cand_total) - m0) : P;
         const double base = remaining ? 0.0 : m0;
@@ -238,14 +366,14 @@ us_select_topp(const T* __restrict__ scores, bool* __restrict__ mask, int* __res
             if (run < target) keep[SK::id(k)] = 1;
             run += SK::score(k);
         }
-        // __syncthreads_or: also the barrier after which every keep flag of the fast path is set.
+        // __syncthreads_or: also the barrier after which every keep flag of the scan is set.
         if (__syncthreads_or(border)) {
             // Borderline row: redo it with the reference's sequential additions.
             for (int j = tid; j < nvis; j += nthreads) {
                 const bool forced = j < n_sink || (j <= d && j > d - n_local);
                 keep[j] = forced ? 1 : 0;
             }
-            __syncthreads();  // the fast path's flags are cleared before thread 0 sets the exact ones
+            __syncthreads();  // the scan's flags are cleared before thread 0 sets the exact ones
             if (tid == 0) {
                 double m = m0, tgt = P;
                 if (remaining) {
@@ -261,9 +389,9 @@ us_select_topp(const T* __restrict__ scores, bool* __restrict__ mask, int* __res
                     m += SK::score(k);
                 }
             }
-            __syncthreads();  // thread 0's selection is visible to every thread
         }
     }
+    __syncthreads();  // every keep flag (either path, or the exact walk of thread 0) is set
 
     bool* mrow = mask + row * nKb;
     if ((nKb & 3) == 0) {  // 4 flags per store (row * nKb and the keep array are 4-aligned)

@@ -221,6 +221,9 @@ inline int __syncthreads_or(int p) {
 inline double __shfl_up_sync(unsigned, double v, int o) {
   unsigned t = threadIdx.x, lane = t & 31u; g_xchg[t] = v; __syncthreads();
   double r = lane >= (unsigned)o ? g_xchg[t - o] : v; __syncthreads(); return r; }
+template <class V> inline V __shfl_xor_sync(unsigned, V v, int m) {
+  static V x[1024]; unsigned t = threadIdx.x; x[t] = v; __syncthreads();
+  V r = x[t ^ (unsigned)m]; __syncthreads(); return r; }
 inline unsigned __float_as_uint(float f) { unsigned u; memcpy(&u, &f, 4); return u; }
 inline float __uint_as_float(unsigned u) { float f; memcpy(&f, &u, 4); return f; }
 inline long long __double_as_longlong(double d) { long long u; memcpy(&u, &d, 8); return u; }

@@ -27,17 +27,19 @@ from . import _loader
 from ._device import cupy_module, i32
 from ._loader import KernelSpec
 
-__all__ = ["FILE", "INSTANTIATIONS", "MASK_TO_INDICES", "OPTIONS", "THREADS", "THRESHOLD_MODES", "launch_config",
+__all__ = ["FILE", "INSTANTIATIONS", "MASK_TO_INDICES", "EMAX", "OPTIONS", "THREADS", "THRESHOLD_MODES", "launch_config",
            "launch_mask_to_indices", "launch_select", "mask_to_indices_config", "select_spec"]
 
 FILE = "selection.cu"
 #: Most threads per block (``US_SEL_THREADS`` in selection.cu); :func:`launch_config` uses
 #: fewer for short rows.
 THREADS = 256
+#: Candidate scores per thread held in registers by the kernel's fast path (``US_SEL_EMAX``).
+EMAX = 32
 #: ``UniSparseConfig.threshold_mode`` -> the kernel's ``threshold_mode`` argument.
 THRESHOLD_MODES: dict[str, int] = {"total": 0, "remaining": 1}
 #: NVRTC options of every instantiation of this stage (the one place they are written).
-OPTIONS: tuple[str, ...] = (f"-DUS_SEL_THREADS={THREADS}",)
+OPTIONS: tuple[str, ...] = (f"-DUS_SEL_THREADS={THREADS}", f"-DUS_SEL_EMAX={EMAX}")
 
 
 def select_spec(ctype: str) -> KernelSpec:
@@ -50,10 +52,10 @@ MASK_TO_INDICES = KernelSpec(FILE, "us_mask_to_indices", OPTIONS)
 INSTANTIATIONS: list[KernelSpec] = [select_spec("float"), select_spec("double"), MASK_TO_INDICES]
 
 
-def _threads(np2: int) -> int:
-    """Threads for a row of ``np2`` sort slots: ``np2 / 4`` (two compare-exchanges per thread
-    and sort stage), at least one warp, at most :data:`THREADS`; always a multiple of 32."""
-    return min(THREADS, max(32, np2 // 4))
+def _threads(np2: int, per_thread: int = 4) -> int:
+    """Threads for a row of ``np2`` slots, ``per_thread`` slots each: at least one warp, at most
+    :data:`THREADS`; always a multiple of 32."""
+    return min(THREADS, max(32, np2 // per_thread))
 
 
 def launch_config(rows: int, nkb: int, score_itemsize: int) -> dict[str, Any]:
@@ -61,12 +63,18 @@ def launch_config(rows: int, nkb: int, score_itemsize: int) -> dict[str, Any]:
 
     Dynamic shared memory holds ``NP`` sort keys (8 bytes for float32 scores: score bits and
     block id in one word; 16 bytes for float64: the bits and the id) and ``nKb`` keep flags
-    (one byte each), ``NP`` the next power of two >= ``nKb``. Threads: ``NP / 4`` clamped to
+    (one byte each), ``NP`` the next power of two >= ``nKb``. Threads: float32 scores with
+    ``NP <= EMAX * THREADS`` take the kernel's register fast path, ``NP / EMAX`` threads
+    (``EMAX`` candidates each); otherwise the sort, ``NP / 4`` threads; clamped to
     ``[32, THREADS]``.
     """
     np2 = 1 << max(0, (nkb - 1).bit_length())
     key_bytes = 8 if score_itemsize == 4 else 16
-    return {"grid": (rows, 1, 1), "block": (_threads(np2), 1, 1), "shared_mem": np2 * key_bytes + nkb}
+    # float32 scores up to EMAX * THREADS blocks a row: the register fast path, EMAX per thread;
+    # otherwise the sort, NP / 4 threads (two compare-exchanges per thread and stage).
+    fast = score_itemsize == 4 and np2 <= EMAX * THREADS
+    threads = _threads(np2, EMAX if fast else 4)
+    return {"grid": (rows, 1, 1), "block": (threads, 1, 1), "shared_mem": np2 * key_bytes + nkb}
 
 
 def mask_to_indices_config(rows: int, nkb: int) -> dict[str, Any]:
