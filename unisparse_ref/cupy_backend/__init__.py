@@ -334,7 +334,7 @@ class CupyBackend:
         key = plan_key(qd, kd, vd, dt, config, check_finite)
         plan = self._plans.get(key)
         if plan is None:
-            plan = PipelinePlan(self, qd, kd, vd, config, check_finite=check_finite)
+            plan = PipelinePlan(self, *(wrap_output(x, dt) for x in (qd, kd, vd)), config, check_finite=check_finite)
             self._plans[key] = plan
             while len(self._plans) > self.max_plans:
                 self._plans.popitem(last=False)
