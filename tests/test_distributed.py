@@ -553,7 +553,12 @@ def test_stage_path_cupy_glue_on_a_numpy_stand_in(monkeypatch, dtype, combine):
 
 def test_measured_scaling_model():
     """The model from a ``distributed_gpu.py time`` record: steps scaled by N or N^2, the slowest rank."""
-    from unisparse_ref.distributed.model import measured_from_record, measured_model, measured_table
+    from unisparse_ref.distributed.model import (
+        measured_from_record,
+        measured_model,
+        measured_table,
+        one_device_split,
+    )
 
     steps = [{"pool": 0.001, "score_select": 0.04, "requests": 0.0, "pack": 0.002, "unpack": 0.003, "attend": 0.06},
              {"pool": 0.001, "score_select": 0.05, "requests": 0.0, "pack": 0.002, "unpack": 0.003, "attend": 0.05}]
@@ -572,3 +577,10 @@ def test_measured_scaling_model():
     assert "| 1M | 2 |" in measured_table(measured=m)
     with pytest.raises(ValueError, match="4 ranks"):
         measured_model(2000, 4, m)
+    # with one rank measured: the one-device time splits into its quadratic steps and the rest
+    one_rank = dict(run, world_size=1, rank_compute_s=[0.19], rank_steps_s=[dict(steps[0], score_select=0.08,
+                                                                                  attend=0.1)])
+    rec["sizes"][0]["runs"].append(one_rank)
+    m = measured_from_record(rec)
+    assert one_device_split(m) == pytest.approx((0.02, 0.18))
+    assert measured_model(2000, 2, m).one_device_ms == pytest.approx((0.02 * 2 + 0.18 * 4) * 1e3)

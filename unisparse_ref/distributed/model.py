@@ -29,6 +29,7 @@ __all__ = [
     "MeasuredPoint",
     "ScalingPoint",
     "measured_from_record",
+    "one_device_split",
     "measured_model",
     "measured_table",
     "scaling_model",
@@ -170,7 +171,20 @@ QUADRATIC_STEPS = ("score_select", "attend")
 #: Measured on one H200 by ``scripts/distributed_gpu.py time`` (``docs/gpu_results/distributed.md``):
 #: the one-device CuPy pipeline and, per world size ``W``, the slowest simulated rank's seconds
 #: per step and the most bytes a rank received, at ``tokens``. Empty until a run is recorded.
-MEASURED_H200: dict = {}
+MEASURED_H200: dict = {
+    "source": "batch M, 2026-12-01, commit 6b25620, docs/gpu_results/distributed_runs/M_6b25620_timing.json",
+    "tokens": 524288,
+    "one_device_s": 0.69051,
+    "density": 0.0886,
+    "ranks": {
+        2: {"linear_s": 0.01673, "quadratic_s": 0.3325, "recv_bytes": 171737408,
+            "steps": {"pool": 0.00198, "score_select": 0.15141, "requests": 0.00062, "pack": 0.00529, "unpack": 0.00884, "attend": 0.18109}},
+        4: {"linear_s": 0.01112, "quadratic_s": 0.17068, "recv_bytes": 257000384,
+            "steps": {"pool": 0.00131, "score_select": 0.07765, "requests": 0.00037, "pack": 0.00282, "unpack": 0.00663, "attend": 0.09302}},
+        8: {"linear_s": 0.01691, "quadratic_s": 0.09235, "recv_bytes": 295667904,
+            "steps": {"pool": 0.00067, "score_select": 0.03619, "requests": 0.00046, "pack": 0.00609, "unpack": 0.00969, "attend": 0.05615}},
+    },
+}
 
 
 def measured_from_record(record: dict, tokens: int | None = None) -> dict:
@@ -224,7 +238,7 @@ class MeasuredPoint:
     total_ms : float
         compute + communication, nothing overlapped.
     one_device_ms : float
-        The one-device pipeline at ``N_m`` times ``(N / N_m)^2``.
+        The one-device pipeline at ``N_m``, scaled by :func:`one_device_split`.
     speedup, efficiency : float
         ``one_device_ms / total_ms`` and that over ``W``.
     """
@@ -238,6 +252,22 @@ class MeasuredPoint:
     one_device_ms: float
     speedup: float
     efficiency: float
+
+
+def one_device_split(measured: dict) -> tuple[float, float]:
+    """The one-device pipeline's seconds at ``N_m`` split into a part linear and a part quadratic in ``N``.
+
+    With a one-rank stage-path measurement (``W = 1``): its quadratic steps, at most the
+    pipeline's time, are quadratic and the rest of the pipeline linear (the smallest one-device
+    time at larger ``N`` the measurements allow, so the smallest speedup). Without: all of it
+    quadratic (an upper bound of the one-device time, so of the speedup).
+    """
+    one = float(measured["one_device_s"])
+    r1 = measured["ranks"].get(1)
+    if r1 is None:
+        return 0.0, one
+    quad = min(one, float(r1["quadratic_s"]))
+    return one - quad, quad
 
 
 def measured_model(tokens: int, world_size: int, measured: dict | None = None, hw: dict | None = None) -> MeasuredPoint:
@@ -254,7 +284,8 @@ def measured_model(tokens: int, world_size: int, measured: dict | None = None, h
     compute = (r["linear_s"] * x + r["quadratic_s"] * x * x) * 1e3
     comm_bytes = int(r["recv_bytes"] * x)
     comm = comm_bytes / (h["nvlink_gbs_per_direction"] * 1e9) * 1e3
-    one = m["one_device_s"] * x * x * 1e3
+    lin1, quad1 = one_device_split(m)
+    one = (lin1 * x + quad1 * x * x) * 1e3
     total = compute + comm
     return MeasuredPoint(int(tokens), W, compute, comm_bytes, comm, total, one, one / total, one / total / W)
 
