@@ -480,31 +480,14 @@ def main(argv: list[str] | None = None) -> int:
     rng = np.random.default_rng(0)
     bad = False
     t0 = time.time()
-    log("== estimator scaling (random bf16, B=1, Hq=32, Hkv=8, D=128, default config)")
-    for N in sizes:
-        try:
-            r = run_size(be, N, c_h=1, repeats=a.repeats, rng=rng)
-        except Exception as e:  # noqa: BLE001 - record and go on
-            traceback.print_exc()
-            r = {"N": N, "c_h": 1, "error": f"{type(e).__name__}: {e}"[:300]}
-        bad |= "refused" in r or "error" in r
-        result["sizes"].append(r)
-        cp.get_default_memory_pool().free_all_blocks()
-    if not a.quick and 1048576 in sizes:
-        try:
-            r = run_size(be, 1048576, c_h=4, repeats=1, rng=rng)
-        except Exception as e:  # noqa: BLE001
-            traceback.print_exc()
-            r = {"N": 1048576, "c_h": 4, "error": f"{type(e).__name__}: {e}"[:300]}
-        bad |= "refused" in r or "error" in r
-        result["sizes"].append(r)
-    result["growth"] = growth(result["sizes"])
-    for st, gdat in result["growth"].items():
-        log(f"  growth {st}: " + " ".join(f"{s['from'] // 1024}K->{s['to'] // 1024}K x{s['x_per_doubling']:.2f}"
-                                          for s in gdat["steps"])
-            + (f"; fitted exponent (>=128K) {gdat['fitted_exponent_from_128K']:.2f}"
-               if gdat["fitted_exponent_from_128K"] is not None else ""))
-    log(f"== vs SDPA [{time.time() - t0:.0f}s]")
+    path = os.path.join(a.out, "estimator.json")
+
+    def dump() -> None:  # after every step: a run cut short still leaves what it measured
+        result["wall_s"] = time.time() - t0
+        with open(path, "w") as f:
+            json.dump(result, f, indent=1, default=str)
+
+    log("== the pipeline against SDPA (structured workload, bf16, causal, default config)")
     result["vs_sdpa"] = []
     cases = [(8192, 9, 3, 64), (8192, 32, 8, 128), (32768, 32, 8, 128)]
     if not a.quick:
@@ -518,10 +501,26 @@ def main(argv: list[str] | None = None) -> int:
         bad |= "refused" in r or "error" in r or r.get("graph_equals_eager") is False
         result["vs_sdpa"].append(r)
         cp.get_default_memory_pool().free_all_blocks()
-    result["wall_s"] = time.time() - t0
-    path = os.path.join(a.out, "estimator.json")
-    with open(path, "w") as f:
-        json.dump(result, f, indent=1, default=str)
+        dump()
+    log(f"== estimator scaling (random bf16, B=1, Hq=32, Hkv=8, D=128, default config) [{time.time() - t0:.0f}s]")
+    runs = [(N, 1) for N in sizes] + ([(1048576, 4)] if not a.quick and 1048576 in sizes else [])
+    for N, c_h in runs:
+        try:
+            r = run_size(be, N, c_h=c_h, repeats=a.repeats if N < 1048576 else 1, rng=rng)
+        except Exception as e:  # noqa: BLE001 - record and go on
+            traceback.print_exc()
+            r = {"N": N, "c_h": c_h, "error": f"{type(e).__name__}: {e}"[:300]}
+        bad |= "refused" in r or "error" in r
+        result["sizes"].append(r)
+        cp.get_default_memory_pool().free_all_blocks()
+        result["growth"] = growth(result["sizes"])
+        dump()
+    for st, gdat in result["growth"].items():
+        log(f"  growth {st}: " + " ".join(f"{s['from'] // 1024}K->{s['to'] // 1024}K x{s['x_per_doubling']:.2f}"
+                                          for s in gdat["steps"])
+            + (f"; fitted exponent (>=128K) {gdat['fitted_exponent_from_128K']:.2f}"
+               if gdat["fitted_exponent_from_128K"] is not None else ""))
+    dump()
     log(f"== wrote {path} in {result['wall_s']:.0f}s; {'FAILED checks' if bad else 'all checks passed'}")
     return 1 if bad else 0
 
