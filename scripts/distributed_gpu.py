@@ -173,7 +173,8 @@ def time_main(argv: list[str]) -> int:
     dev.synchronize()
     del wq, wk, wv
     print(f"warm-up done after {time.perf_counter() - t_start:.1f} s")
-    for n_i, N in enumerate(int(x) for x in args.sizes.split(",")):
+    sizes = [int(x) for x in args.sizes.split(",")]
+    for n_i, N in enumerate(sizes):
         if time.perf_counter() - t_start > args.budget_s:
             print(f"N={N}: skipped (budget of {args.budget_s} s spent)")
             break
@@ -207,7 +208,10 @@ def time_main(argv: list[str]) -> int:
         print(f"N={N}: one device {t_one * 1e3:.1f} ms (median of {reps}), density {density:.3f}; "
               f"SPEC 7 on blocks {blocks}: out tol {tol:.3g}, lse tol {ltol:.3g}")
         o1 = _raw(cp, one.out)
-        for W in (int(x) for x in args.world_sizes.split(",")):
+        wsizes = [int(x) for x in args.world_sizes.split(",")]
+        if n_i == len(sizes) - 1:  # the largest size: the most ranks first, in case the budget ends it
+            wsizes = sorted(wsizes, reverse=True)
+        for W in wsizes:
             if time.perf_counter() - t_start > args.budget_s:
                 print(f"  W={W}: skipped (budget of {args.budget_s} s spent)")
                 continue

@@ -20,9 +20,9 @@ start=$(date +%s)
 } | tee "$SUM"
 timeout 45 python -m pytest -q -p no:cacheprovider -rs --tb=line tests/test_distributed_gpu.py 2>&1 | tail -n 30 | tee -a "$SUM" || rc=1
 echo "== scripts/distributed_gpu.py time (tests took $(( $(date +%s) - start )) s)" | tee -a "$SUM"
-left=$(( 85 - ($(date +%s) - start) ))
+left=$(( 88 - ($(date +%s) - start) ))
 if [ "$left" -lt 30 ]; then left=30; fi
 timeout "$left" python scripts/distributed_gpu.py time --sizes 131072,524288,1048576 --world-sizes 1,2,4,8 \
-  --json "$OUTD/timing.json" --budget-s $(( left - 12 )) 2>&1 | tail -n 40 | tee -a "$SUM" || rc=1
+  --json "$OUTD/timing.json" --budget-s $(( left - 10 )) 2>&1 | tail -n 40 | tee -a "$SUM" || rc=1
 echo "== gpu_dist.sh: exit $rc after $(( $(date +%s) - start )) s" | tee -a "$SUM"
 exit $rc
