@@ -459,7 +459,7 @@ def varlen_tiles(cu_seqlens_q: Any, seqlens_k: Any, k_start: Any, block_size: in
     keys its last row may see (``p_last + 1`` causal, ``N_k,b`` otherwise). ``order``:
 
     * ``"grouped"`` (default): longest first across the batch by span buckets of
-      :data:`GROUP_KEYS` keys; inside a bucket the tiles of one sequence stay together (last
+      ``GROUP_KEYS`` (2048) keys; inside a bucket the tiles of one sequence stay together (last
       tile first), so the CTAs running at once mostly read the same sequence's keys and
       values and share them through L2, as the batch kernel's fixed order does. Never more
       than one bucket away from the exact longest-first order;
@@ -532,7 +532,7 @@ def fa3_forward_varlen(
     block_table : cupy int32 ``[batch, max_pages]``, optional
         Paged keys and values; ``page_size`` must then be a multiple of ``Bc``.
     schedule, max_ctas, out, lse :
-        As in :func:`fa3_forward`.
+        As in ``fa3_forward``.
 
     Returns
     -------

@@ -97,8 +97,8 @@ def pool_spec(ctype: str) -> KernelSpec:
     return KernelSpec(FILE, f"us_pool_varlen<{ctype}>", OPTIONS)
 
 
-#: Every instantiation these stages launch: merge and packed pooling per element type, and
-#: the varlen attention of rung v9.
+#: Every instantiation these stages launch (merge and packed pooling per element type, and
+#: the varlen attention of rung v9).
 INSTANTIATIONS: list[KernelSpec] = [
     *(merge_spec(t) for t in CTYPES.values()),
     *(pool_spec(t) for t in CTYPES.values()),
