@@ -119,6 +119,8 @@ def main(argv: list[str] | None = None) -> int:
     seq = [tuple(cp.ascontiguousarray(x[int(cu[i]):int(cu[i + 1])].transpose(1, 0, 2)[None]) for x in (q, k, v))
            for i in range(nq.size)]
     tiles_of = {o: cp.asarray(_hopper.varlen_tiles(cu, nq, cu[:-1], S, True, order=o)) for o in _hopper.VARLEN_ORDERS}
+    for g in (1024, 4096, 8192):  # other buckets of the grouped order (the default is 2048 keys)
+        tiles_of[f"grouped{g}"] = cp.asarray(_hopper.varlen_tiles(cu, nq, cu[:-1], S, True, group_keys=g))
     total_qb = int(packed_offsets(cu, S)[-1])
     cfg = UniSparseConfig(block_size=S)
     out_p = cp.empty_like(q)
@@ -185,7 +187,7 @@ def main(argv: list[str] | None = None) -> int:
         if not ok:
             continue
         out_ref = out_p.copy()
-        for o in _hopper.VARLEN_ORDERS:  # every order, and the loop over the batch API, give the same bits
+        for o in tiles_of:  # every order, and the loop over the batch API, give the same bits
             packed(order=o)
             same &= bool(cp.array_equal(out_p, out_ref))
         loop_api()
@@ -193,7 +195,7 @@ def main(argv: list[str] | None = None) -> int:
         if not same:
             wrong.append(f"packed {tag}: an order or the batch API loop gives other bits")
             continue
-        t_order = {o: time_calls([lambda o=o: packed(order=o)], **kw)["ms"] for o in _hopper.VARLEN_ORDERS}
+        t_order = {o: time_calls([lambda o=o: packed(order=o)], **kw)["ms"] for o in tiles_of}
         t_packed = {"ms": t_order["grouped"]}
         t_api = time_calls([packed_api], **kw)
         t_loop = time_calls([loop], **kw)

@@ -451,7 +451,7 @@ GROUP_KEYS = 2048
 
 
 def varlen_tiles(cu_seqlens_q: Any, seqlens_k: Any, k_start: Any, block_size: int, causal: bool,
-                 order: str = "grouped") -> Any:
+                 order: str = "grouped", group_keys: int = GROUP_KEYS) -> Any:
     """The work list of :func:`fa3_forward_varlen`: int32 ``[n_tiles, 8]`` (NumPy).
 
     One entry per 128-row query tile of every sequence with queries,
@@ -468,11 +468,15 @@ def varlen_tiles(cu_seqlens_q: Any, seqlens_k: Any, k_start: Any, block_size: in
       different sequences run side by side;
     * ``"sequence"``: sequences by their longest span, each one's tiles last first (the order
       of a loop over the sequences, in one launch).
+
+    ``group_keys`` sets the bucket of ``"grouped"`` (a positive multiple of 128).
     """
     import numpy as np  # noqa: PLC0415
 
     if order not in VARLEN_ORDERS:
         raise ValueError(f"order must be one of {VARLEN_ORDERS}, got {order!r}")
+    if group_keys < FA3_BR or group_keys % FA3_BR:
+        raise ValueError(f"group_keys must be a positive multiple of {FA3_BR}, got {group_keys}")
     cu_q = np.asarray(cu_seqlens_q, dtype=np.int64)
     nq = np.diff(cu_q)
     nk = np.asarray(seqlens_k, dtype=np.int64)
@@ -487,7 +491,7 @@ def varlen_tiles(cu_seqlens_q: Any, seqlens_k: Any, k_start: Any, block_size: in
     if order == "longest":
         idx = np.argsort(-span, kind="stable")
     elif order == "grouped":
-        idx = np.lexsort((-q0, b, -(span // GROUP_KEYS)))  # last key first: bucket, sequence, tile
+        idx = np.lexsort((-q0, b, -(span // group_keys)))  # last key first: bucket, sequence, tile
     else:
         seq_span = np.zeros(nq.size, dtype=np.int64)
         np.maximum.at(seq_span, b, span)
