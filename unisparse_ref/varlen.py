@@ -92,13 +92,21 @@ def native_stage(backend: str | Any, name: str) -> Any:
     return None
 
 
-def _attention_stage(be: Any, name: str) -> Any:
-    """The attention stage ``name`` for the pipeline: a native stage that takes ``check_finite``
-    gets ``False`` (the pooling already checked ``q`` and ``k``; the stage still checks the rest)."""
+def _unchecked_stage(be: Any, name: str) -> Any:
+    """The native stage ``name`` with ``check_finite=False`` for the pipeline, if it takes that
+    argument (else ``None``): the attention (the pooling already checked ``q`` and ``k``; the
+    stage still checks the rest), the selection of scores from the native scoring stage."""
     fn = native_stage(be, name)
     if fn is not None and "check_finite" in inspect.signature(fn).parameters:
         return functools.partial(fn, check_finite=False)
-    return fn
+    return None
+
+
+def _select_stage(be: Any) -> Any:
+    """The selection for scores the backend's own packed scoring computed (no re-check)."""
+    if native_stage(be, "block_scores_varlen") is not None:
+        return _unchecked_stage(be, "select_blocks_varlen") or _stage(be, "select_blocks_varlen")
+    return _stage(be, "select_blocks_varlen")
 
 
 def _stage(be: Any, name: str) -> Any:
@@ -235,8 +243,8 @@ def unisparse_attention_varlen(
     be = _backend(backend)
     q_c, k_c = _stage(be, "compress_varlen")(q, k, cu_q, cu_k, config)
     scores = _stage(be, "block_scores_varlen")(q_c, k_c, cu_q, cu_k, config)
-    kv_counts, kv_indices = _stage(be, "select_blocks_varlen")(scores, cu_q, cu_k, config)
-    attend = _attention_stage(be, "block_sparse_attention_varlen") or _stage(be, "block_sparse_attention_varlen")
+    kv_counts, kv_indices = _select_stage(be)(scores, cu_q, cu_k, config)
+    attend = _unchecked_stage(be, "block_sparse_attention_varlen") or _stage(be, "block_sparse_attention_varlen")
     out, lse = attend(q, k, v, cu_q, cu_k, kv_counts, kv_indices, config)
     if return_details:
         return VarlenResult(out, lse, to_numpy(kv_counts), to_numpy(kv_indices), scores, q_c, k_c, cu_q, cu_k,
@@ -302,8 +310,8 @@ def unisparse_attention_paged(
     q_c = _stage(be, "compress_queries_varlen")(q, cu_q, config, num_kv_heads=Hkv)
     k_c = cache.packed_composite_keys()
     scores = _stage(be, "block_scores_varlen")(q_c, k_c, cu_q, cu_k, config)
-    kv_counts, kv_indices = _stage(be, "select_blocks_varlen")(scores, cu_q, cu_k, config)
-    paged = _attention_stage(be, "block_sparse_attention_paged")
+    kv_counts, kv_indices = _select_stage(be)(scores, cu_q, cu_k, config)
+    paged = _unchecked_stage(be, "block_sparse_attention_paged") or native_stage(be, "block_sparse_attention_paged")
     if paged is not None:
         out, lse = paged(q, cache.k_pages, cache.v_pages, cu_q, cache.block_table, cache.seqused_k, kv_counts,
                          kv_indices, config)

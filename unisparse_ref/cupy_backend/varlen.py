@@ -285,12 +285,14 @@ def block_scores_varlen(be: Any, q_c: Any, k_c: Any, cu_seqlens_q: Any, cu_seqle
 
 
 def select_blocks_varlen(be: Any, scores: Any, cu_seqlens_q: Any, cu_seqlens_k: Any,
-                         config: UniSparseConfig) -> tuple[Any, Any]:
+                         config: UniSparseConfig, *, check_finite: bool = True) -> tuple[Any, Any]:
     """Top-P selection of every sequence (SPEC 5) in the packed index form (cupy int32).
 
     One launch of the backend's batch selection per sequence with queries (its rows of the
     packed scores, a small copy each), written into ``kv_counts [Hm, total_qb]`` and
-    ``kv_indices [Hm, total_qb, W]`` on the device.
+    ``kv_indices [Hm, total_qb, W]`` on the device. ``check_finite=False`` (scores from
+    :func:`block_scores_varlen`) skips the per-sequence check of the scores (a host
+    synchronisation each).
     """
     cp = cupy_module()
     config = check_config(config)
@@ -309,7 +311,8 @@ def select_blocks_varlen(be: Any, scores: Any, cu_seqlens_q: Any, cu_seqlens_k: 
             continue
         nkb = geometry.num_blocks(nk, S)
         s_i = cp.ascontiguousarray(s[None, :, cu_qb[i]:cu_qb[i + 1], :nkb])
-        _, c_i, idx_i = be.select_blocks_indices(s_i, config, nq, nk)
+        _, c_i, idx_i = be.select_blocks_indices(s_i, config, nq, nk, **({} if check_finite else
+                                                                          {"check_finite": False}))
         if tuple(idx_i.shape[1:]) == tuple(indices.shape):  # one sequence fills the packed arrays
             return c_i[0], idx_i[0]
         counts[:, cu_qb[i]:cu_qb[i + 1]] = c_i[0]
