@@ -367,11 +367,12 @@ def test_stage_path_merge_within_spec7(case, world_size):
 def test_stage_path_runs_and_bottom_right_form():
     """A zigzag rank's runs, and the bottom-right form of each: the same positions, visible and
     forced blocks and composite visibility as the one-device rows."""
-    from unisparse_ref.distributed.stages import chunks_of
+    from unisparse_ref.distributed.stages import _position_runs, chunks_of
 
     assert chunks_of(np.array([0, 1, 2, 7, 8, 9])) == [(0, 3, 0), (7, 10, 3)]
     assert chunks_of(np.array([4])) == [(4, 5, 0)]
     assert chunks_of(np.array([], dtype=np.int64)) == []
+    assert _position_runs(np.array([0, 1, 2, 7, 8, 20])) == [(0, 3, 0), (7, 9, 3), (20, 21, 5)]
     for nq, nk, S, cq, ck in [(333, 333, 32, 8, 8), (250, 410, 32, 8, 16), (97, 301, 16, 4, 8)]:
         plan = make_plan(nq, nk, S, True, 3)
         vis = geometry.visible_blocks(nq, nk, S, True)

@@ -28,9 +28,10 @@ arrays, and only through its public stage methods (``compress``, ``block_scores`
    the global positions), otherwise the run sees all ``Nk`` keys.
 5. **requests** (``all_gather``, one byte per ``(b, kv head, key block)``), as the reference.
 6. **kv_blocks** (``all_to_all``): the owners send the requested tiles, gathered on the device
-   by one fancy index each, in the input dtype (bf16 as its 16-bit pattern); the receiver
-   scatters them into a key/value buffer of full length whose other tiles stay zero (the
-   attention never reads a block no mask row selected).
+   by one row index per destination (K and V viewed as ``[B * Hkv * keys, D]`` rows), in the
+   input dtype (bf16 as its 16-bit pattern); the receiver copies its own blocks (a few
+   contiguous runs) and scatters the fetched rows into a key/value buffer of full length whose
+   other tiles stay zero (the attention never reads a block no mask row selected).
 7. **attend**, per chunk: ``block_sparse_attention`` of the run's rows over the truncated
    buffer, with the run's mask; ``combine="gather"``: one call over owned and fetched blocks;
    ``combine="merge"``: one call over the owned blocks, one over the fetched, combined with
@@ -216,6 +217,16 @@ def chunks_of(q_blocks: np.ndarray) -> list[tuple[int, int, int]]:
 
 def _block_len(j: Any, n: int, S: int) -> Any:
     return np.minimum((np.asarray(j) + 1) * S, n) - np.asarray(j) * S
+
+
+def _position_runs(pos: np.ndarray) -> list[tuple[int, int, int]]:
+    """Runs of consecutive values in ascending ``pos``: ``(first, end, index of first in pos)``."""
+    if pos.size == 0:
+        return []
+    breaks = np.flatnonzero(np.diff(pos) != 1) + 1
+    starts = np.concatenate([[0], breaks])
+    ends = np.concatenate([breaks, [pos.size]])
+    return [(int(pos[a]), int(pos[b - 1]) + 1, int(a)) for a, b in zip(starts, ends, strict=True)]
 
 
 def _tokens_of_tiles(tiles: np.ndarray, starts: np.ndarray, lens: np.ndarray) -> tuple[np.ndarray, ...]:
@@ -406,16 +417,23 @@ def stage_rank(
     request_h = requests[rank]
     clock[0] = time.perf_counter()
 
-    # 6. kv_blocks: gather the asked tiles (one fancy index per destination), K then V
+    # 6. kv_blocks: gather the asked tiles, K then V: one flat row index per destination
+    # (rows of k viewed as [B * Hkv * keys_r, D]), one take each for K and V
     k_lens = np.asarray(_block_len(k_blocks, nk, S), dtype=np.int64)
     local_start = np.zeros(nkb, dtype=np.int64)
     local_start[k_blocks] = np.cumsum(k_lens) - k_lens
     len_j = np.asarray(_block_len(np.arange(nkb), nk, S), dtype=np.int64)
+    keys_r = k.shape[2]
+    k_rows, v_rows = xp.ascontiguousarray(k).reshape(-1, D), xp.ascontiguousarray(v).reshape(-1, D)
     sends = []
     for dst in range(W):
         tiles = np.argwhere(requests[dst] & mine[None, None, :]) if dst != rank else np.zeros((0, 3), np.int64)
-        bi, hi, pi = (ops.index(x) for x in _tokens_of_tiles(tiles, local_start, len_j))
-        sends.append(xp.stack([k[bi, hi, pi], v[bi, hi, pi]]) if tiles.size else xp.zeros((2, 0, D), dtype=k.dtype))
+        if not tiles.size:
+            sends.append(xp.zeros((2, 0, D), dtype=k.dtype))
+            continue
+        bi, hi, pi = _tokens_of_tiles(tiles, local_start, len_j)
+        rows = ops.index((bi * Hkv + hi) * keys_r + pi)
+        sends.append(xp.stack([k_rows[rows], v_rows[rows]]))
     lap("pack")
     received = comm.all_to_all(sends, tag="kv_blocks")
     clock[0] = time.perf_counter()
@@ -423,20 +441,21 @@ def stage_rank(
     # the rank's keys and values at their global positions; unselected tiles stay zero
     kbuf = xp.zeros((B, Hkv, nk, D), dtype=k.dtype)
     vbuf = xp.zeros((B, Hkv, nk, D), dtype=v.dtype)
-    own_pos = ops.index(plan.k_rows(rank))
-    kbuf[:, :, own_pos] = k
-    vbuf[:, :, own_pos] = v
+    for g0, g1, l0 in _position_runs(plan.k_rows(rank)):  # own blocks: a few contiguous copies
+        kbuf[:, :, g0:g1] = k[:, :, l0 : l0 + g1 - g0]
+        vbuf[:, :, g0:g1] = v[:, :, l0 : l0 + g1 - g0]
+    kbuf_rows, vbuf_rows = kbuf.reshape(-1, D), vbuf.reshape(-1, D)  # views: [B * Hkv * nk, D]
     for src in range(W):
         if src == rank:
             continue
         tiles = np.argwhere(request_h & (plan.k_owner == src)[None, None, :])
-        bh = _tokens_of_tiles(tiles, np.arange(nkb, dtype=np.int64) * S, len_j)
-        if bh[0].size != received[src].shape[1]:
-            raise RuntimeError(f"rank {rank}: rank {src} sent {received[src].shape[1]} key tokens, expected {bh[0].size}")
-        if bh[0].size:
-            bi, hi, pi = (ops.index(x) for x in bh)
-            kbuf[bi, hi, pi] = received[src][0]
-            vbuf[bi, hi, pi] = received[src][1]
+        bi, hi, pi = _tokens_of_tiles(tiles, np.arange(nkb, dtype=np.int64) * S, len_j)
+        if bi.size != received[src].shape[1]:
+            raise RuntimeError(f"rank {rank}: rank {src} sent {received[src].shape[1]} key tokens, expected {bi.size}")
+        if bi.size:
+            rows = ops.index((bi * Hkv + hi) * nk + pi)
+            kbuf_rows[rows] = received[src][0]
+            vbuf_rows[rows] = received[src][1]
     lap("unpack")
 
     # 7. attend, run by run, over the truncated buffers
