@@ -297,7 +297,7 @@ us_select_topp(const T* __restrict__ scores, bool* __restrict__ mask, int* __res
         m0_s = m0;
     }
     __syncthreads();  // keep flags and m0 are complete before either path reads them
-    const double m0 = m0_s;
+    const double m0 = all ? 0.0 : m0_s;  // (not written when P >= 1)
 
     int decided = all ? 1 : 0;
     int par = 0;
