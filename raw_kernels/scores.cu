@@ -1,4 +1,6 @@
 // scores.cu: block importance scores from composite tokens (SPEC section 4), in one pass.
+// Version 4 (us_scores_mma, tensor cores, the default) is described in its own section below;
+// this header describes the algorithm both versions share, as version 3 (us_scores_onepass) runs it.
 //
 // Inputs (float32, C-contiguous, from pooling.cu): Qh = q_c [B, Hm, R, D] and
 // Kc = k_c [B, Hkv, C, D], Hm = Hq/c_h, composite head g reads KV head (g*c_h)/G.
@@ -49,9 +51,16 @@
 // | kernel              | grid                 | block   | shared memory                          |
 // |---------------------|----------------------|---------|----------------------------------------|
 // | us_scores_onepass   | (ceil(R/RG), chunk)  | 16 x 16 | static ~17 KiB (the Q/K slices of the  |
-// |                     |                      |         | logits tile) + dynamic (below)         |
-// Dynamic shared memory (floats): TR*(TC+1) + TR*16 + TR*NKS + 2*TR + 2*RG (one TR of them
-// int), computed by unisparse_ref/cupy_backend/scores.py (launch_config).
+// | (version 3, fp32    |                      |         | logits tile) + dynamic (below)         |
+// | FMA; for S/c_q >    |                      |         |                                        |
+// | 128 or D > 160)     |                      |         |                                        |
+// | us_split_rows       | (ceil(rows/4))       | 128     | none (one warp per composite row)      |
+// | us_scores_mma<NW,   | (slots): persistent, | 32*NW   | dynamic: Q tile + 1-2 K tiles of split |
+// | VAR, P> (version 4, | items from a counter |         | rows + factors (version 4 section;     |
+// | tensor cores,       |                      |         | scores.py mma_launch_config)           |
+// | default P = 3)      |                      |         |                                        |
+// Version 3's dynamic shared memory (floats): TR*(TC+1) + TR*16 + TR*NKS + 2*TR + 2*RG (one TR
+// of them int), computed by unisparse_ref/cupy_backend/scores.py (launch_config).
 // H200, 131072 tokens, 32 heads (bf16 structured workload, D = 128): 16.2 ms, against 33.1 ms
 // for the retired two-pass version (a pass for m_r, l_r, then one recomputing every logit;
 // docs/performance.md, "Retired kernels").
@@ -271,40 +280,46 @@ us_scores_onepass(const float* __restrict__ qc, const float* __restrict__ kc, fl
 }
 
 // ===================================================================================== version 4
-// us_scores_mma<NW, VAR>: the same one-pass algorithm (online row softmax, per-(row, tile) key-block
-// piece sums e[r, t, k] and tile maxima M[r, t], rescaled by w[r, t] after the walk) with the logits
-// on the tensor cores (mma.sync.m16n8k16, f16 inputs, f32 accumulation; sm_80 and later).
+// us_scores_mma<NW, VAR, P>: the same one-pass algorithm (online row softmax, per-(row, tile)
+// key-block piece sums e[r, t, k] and tile maxima M[r, t], rescaled by w[r, t] after the walk) with
+// the logits on the tensor cores (mma.sync.m16n8k16, f16 inputs, f32 accumulation; sm_80 and later).
 //
-// Precision split (fp16x3). us_split_rows writes every composite row x (Qh rows and Kc rows) as
-//   x = 2^-e * (hi + lo),   hi = fp16(2^e x),  lo = fp16(2^e x - hi),
-// with one power of two 2^e per row chosen so that max_d |2^e x_d| lies in [2^14, 2^15): hi and
-// lo stay inside fp16's normal range (lo is subnormal only for elements below 2^-3 of... the row
-// maximum times 2^-11, where its absolute error, 2^-25 in scaled units, is 2^-39 of the row max).
-// hi + lo carries 22 significant bits (error <= 2^-22 |x| per element). The logit is
-//   x[r, c] = scale * 2^-(e_r + e_c) * (hi_r.hi_c + hi_r.lo_c + lo_r.hi_c)
-// (lo.lo, <= 2^-22 relative, is dropped): three mma per k-step, products exact, sums in float32.
-// The powers of two are exact, so the only departures from float32 FMA arithmetic are the 2^-22
-// representation and the tensor core's float32 sums. Logits are kept in base 2 (scale * log2(e)
-// folded into the row factor) and exponentiated with ex2.approx (relative error about 2^-22).
-// The declared score_eps of the CuPy backend and the measured errors: docs/gpu_results/estimator.md.
+// Precision split (P fp16 parts). us_split_rows writes every composite row x (Qh rows and Kc rows) as
+//   x = 2^-e * (x1 + x2 [+ x3]),  x1 = fp16(2^e x),  x2 = fp16(2^e x - x1),  x3 = fp16(2^e x - x1 - x2),
+// with one power of two 2^e per row chosen so that max_d |2^e x_d| lies in [2^14, 2^15): the parts
+// stay in fp16's normal range except for elements far below the row maximum, whose absolute error
+// (2^-25 in scaled units) is 2^-39 of the row maximum. Each residual is exact in float32.
+//   P = 3 (default): x1 + x2 + x3 holds a float32 x exactly (33 >= 24 significant bits); the logit
+//     scale * 2^-(e_r + e_c) * sum_{i+j<=2} q_i . k_j takes six products per k-step (the dropped
+//     ones are below 2^-33 relative). Each 32-wide chunk of d is summed from zero in a partial
+//     (twelve mma, smallest terms first) and added to the accumulator with one float32 add, so no
+//     chain of tensor-core sums (whose rounding the hardware does not promise to be to nearest)
+//     is longer than twelve. One m16 tile (16 rows) per warp.
+//   P = 2: x1 + x2 carries 22 significant bits (error <= 2^-22 |x|); three products per k-step
+//     (q1.k1 + q1.k2 + q2.k1), twice as fast; two m16 tiles (32 rows) per warp. Its scores can be
+//     off by about 2e-6 on the shared battery's structured D = 16 cases (logits up to 72), above
+//     the backend's score_eps: an explicit option (scores.launch_scores(parts=2)), not the default.
+// The powers of two are exact. Logits are kept in base 2 (scale * log2(e) folded into the row
+// factor) and exponentiated with ex2.approx (relative error about 2^-22). The backend's
+// score_eps and the measured errors: docs/gpu_results/estimator.md.
 //
 // Operand layout (written by us_split_rows, copied unchanged to shared memory with cp.async): a
-// row of D elements is padded with zeros to Dp = 32 * ceil(D/32) and stored as Dp 32-bit words;
-// for each 32-wide chunk kc of d and each lane quarter q = lane % 4 there are 8 words: 4 of hi
-// then 4 of lo, each word a pair of halves at d = kc*32 + {2q, 2q+8, 16+2q, 24+2q} (+0, +1).
-// Those are exactly the d a thread of mma.m16n8k16 needs for its A row (registers a0/a2, then
-// the next k-step's) and for its B column (b0/b1), so one 16-byte shared load gives a thread the
-// hi (or lo) fragment of two k-steps, for A as for B (the k order is permuted identically in Q
-// and K, which leaves the dot product unchanged). Shared rows are padded by 16 bytes, which
-// makes the 8 lanes of each quarter-warp phase hit 8 different 16-byte bank groups.
+// row of D elements is padded with zeros to Dp = 32 * ceil(D/32) and stored as Dp*P/2 32-bit
+// words; for each 32-wide chunk kc of d and each lane quarter q = lane % 4 there are 4P words:
+// 4 of each part in turn, each word a pair of halves at d = kc*32 + {2q, 2q+8, 16+2q, 24+2q}
+// (+0, +1). Those are exactly the d a thread of mma.m16n8k16 needs for its A row (registers
+// a0/a2, then the next k-step's) and for its B column (b0/b1), so one 16-byte shared load gives a
+// thread one part's fragment of two k-steps, for A as for B (the k order is permuted identically
+// in Q and K, which leaves the dot product unchanged). Shared rows are padded (us_sm_row_bytes)
+// so that the 8 lanes of each quarter-warp phase hit 8 different 16-byte bank groups.
 //
-// Work: a persistent grid of `slots` thread blocks, NW warps each; a work item is RG = 32*NW
-// composite rows (whole query blocks: RB = S/c_q <= RG) of one mask head, taken longest first
-// (causal: the last row tiles first) from an atomic counter. Warp w owns rows 32w .. 32w+31 of
-// the item (two m16 tiles) and all TC = 64 columns of a tile (eight n8 tiles): 64 float32
-// accumulators per thread. A warp skips a column tile none of its rows can see. The scratch is
-// per slot ([slots, ntiles, RG, NKS] and [slots, ntiles, RG]), reused by each item the slot
-// takes: at 131072 tokens 264 slots hold 152 MiB instead of version 3's 1.1 GiB.
+// Work: a persistent grid of `slots` thread blocks, NW warps each; a work item is RG = 16*MT*NW
+// composite rows (MT = 1 with P = 3, 2 with P = 2; whole query blocks: RB = S/c_q <= RG) of one
+// mask head, taken longest first (causal: the last row tiles first) from an atomic counter. Warp
+// w owns rows WR*w .. WR*w + WR-1 of the item (WR = 16*MT) and all TC = 64 columns of a tile
+// (eight n8 tiles). A warp skips a column tile none of its rows can see. The scratch is per slot
+// ([slots, ntiles, RG, NKS] and [slots, ntiles, RG]), reused by each item the slot takes: at
+// 131072 tokens (P = 3: 132 slots) 74 MiB instead of version 3's 1.1 GiB.
 // Every sum is taken in a fixed order and no item depends on another: which slot runs an item
 // changes nothing, and repeated runs are bit-identical.
 //
@@ -442,11 +457,13 @@ __device__ __forceinline__ int last_key(int r, int R, int C, int nq, int nk, int
 }
 }  // namespace usm
 
-// Split rows of x (float32 [rows, D]) into the fragment-ordered fp16 hi/lo words of the header
-// (out: uint32 [rows, Dp]) and the row factor fac[row] = 2^-e. One warp per row; block 128.
+// Split rows of x (float32 [rows, D]) into P fragment-ordered fp16 parts (see the header; out:
+// uint32 [rows, Dp*P/2]) and the row factor fac[row] = 2^-e. One warp per row; block 128.
+// Parts: v = 2^e x, h1 = fp16(v), h2 = fp16(v - h1), h3 = fp16(v - h1 - h2); each residual is
+// exact in float32 (it has at most 13, then 2, significant bits).
 __global__ void __launch_bounds__(128)
 us_split_rows(const float* __restrict__ x, unsigned* __restrict__ out, float* __restrict__ fac, int rows, int D,
-              int Dp) {
+              int Dp, int P) {
     const int warp = threadIdx.x / 32, lane = threadIdx.x & 31;
     const long long row = (long long)blockIdx.x * 4 + warp;
     const bool valid = row < rows;  // warp-uniform (the host emulation's shuffles need the whole warp)
@@ -461,21 +478,33 @@ us_split_rows(const float* __restrict__ x, unsigned* __restrict__ out, float* __
     if (amax > 0.0f && amax <= 3.4e38f) frexpf(amax, &ex);   // amax = f * 2^ex, f in [0.5, 1)
     const int e = (amax > 0.0f && amax <= 3.4e38f) ? max(-60, min(60, 15 - ex)) : 0;  // 2^e amax in [2^14, 2^15)
     if (lane == 0) fac[row] = ldexpf(1.0f, -e);
-    unsigned* o = out + row * Dp;
-    for (int w = lane; w < Dp; w += 32) {
-        const int kc = w / 32, within = w % 32, q = within / 8, part = (within / 4) & 1, j = within & 3;
+    const int words = Dp * P / 2;  // per row: Dp/32 chunks x 4 lane quarters x 4P words
+    unsigned* o = out + row * words;
+    for (int w = lane; w < words; w += 32) {
+        const int kc = w / (16 * P), within = w % (16 * P), q = within / (4 * P), part = (within / 4) % P;
+        const int j = within & 3;
         const int d = kc * 32 + (j >> 1) * 16 + (j & 1) * 8 + 2 * q;
-        const float v0 = d < D ? ldexpf(xr[d], e) : 0.0f, v1 = d + 1 < D ? ldexpf(xr[d + 1], e) : 0.0f;
-        const unsigned h0 = usm::half_bits(v0), h1 = usm::half_bits(v1);
-        unsigned word;
-        if (part == 0) word = h0 | (h1 << 16);
-        else word = usm::half_bits(v0 - usm::half_value(h0)) | (usm::half_bits(v1 - usm::half_value(h1)) << 16);
-        o[w] = word;
+        float v0 = d < D ? ldexpf(xr[d], e) : 0.0f, v1 = d + 1 < D ? ldexpf(xr[d + 1], e) : 0.0f;
+        unsigned h0 = usm::half_bits(v0), h1 = usm::half_bits(v1);
+        for (int i = 0; i < part; ++i) {  // the residuals down to this part
+            v0 -= usm::half_value(h0);
+            v1 -= usm::half_value(h1);
+            h0 = usm::half_bits(v0);
+            h1 = usm::half_bits(v1);
+        }
+        o[w] = h0 | (h1 << 16);
     }
 }
 
+// Bytes of one row in shared memory: the P parts' 2*P*Dp bytes, padded so that the 8 lanes of a
+// quarter-warp phase (rows g, g+1; lane quarters q = 0..3 at 16*P bytes apart) hit 8 different
+// 16-byte bank groups: the row stride is 16 (P = 2) or 64 (P = 3) modulo 128 bytes.
+__device__ __forceinline__ int us_sm_row_bytes(int Dp, int P) {
+    return P == 2 ? 4 * Dp + 16 : 6 * Dp + ((64 - (6 * Dp) % 128) & 127);
+}
+
 // Dynamic shared memory of us_scores_mma (bytes), laid out in this order:
-//   Q tile  RG rows x (4*Dp + 16) bytes;  K tiles  stages x TC rows x (4*Dp + 16) bytes;
+//   Q tile  RG rows x rowb bytes;  K tiles  stages x TC rows x rowb bytes (rowb: us_sm_row_bytes);
 //   qf[RG], kf[stages][TC], kw[stages][TC], rm[RG], rl[RG] (floats); item (int, 16 bytes).
 // unisparse_ref/cupy_backend/scores.py (mma_launch_config) computes the same number.
 
@@ -484,7 +513,7 @@ us_split_rows(const float* __restrict__ x, unsigned* __restrict__ out, float* __
 // or T + C with the sink variant). scores: float32 [B, Hm, nQb, nKb], zero-initialised. part/tmax:
 // per-slot scratch [slots, ntiles, RG, NKS] / [slots, ntiles, RG]. counter: int32, zero. colw/j0/band:
 // VAR only (see the header), else null.
-template <int NW, bool VAR>
+template <int NW, bool VAR, int P>
 __global__ void __launch_bounds__(32 * NW, 1)
 us_scores_mma(const unsigned* __restrict__ qs, const float* __restrict__ qfac, const unsigned* __restrict__ ks,
               const float* __restrict__ kfac, float* __restrict__ scores, float* __restrict__ part,
@@ -492,10 +521,12 @@ us_scores_mma(const unsigned* __restrict__ qs, const float* __restrict__ qfac, c
               int nq, int nk, int c_q, int c_k, int c_h, int G, int S, int causal, float scale_log2, int stages,
               int ntiles, int T, const float* __restrict__ colw, const int* __restrict__ j0,
               const float* __restrict__ band, int NB) {
-    constexpr int TC = US_SM_TC, NT = TC / 8, RG = 32 * NW, THREADS = 32 * NW;
+    static_assert(P == 2 || P == 3, "two or three fp16 parts");
+    constexpr int MT = P == 2 ? 2 : 1;  // m16 tiles per warp (registers: three parts hold more fragments)
+    constexpr int TC = US_SM_TC, NT = TC / 8, WR = 16 * MT, RG = WR * NW, THREADS = 32 * NW;
     constexpr float LOG2E = 1.4426950408889634f;
     extern __shared__ __align__(16) unsigned char us_sm_dyn[];
-    const int rowb = 4 * Dp + 16, KC = Dp / 32;
+    const int rowb = us_sm_row_bytes(Dp, P), KC = Dp / 32, rwords = Dp * P / 2;  // shared row bytes, global row words
     unsigned char* Qs = us_sm_dyn;
     unsigned char* Ks = Qs + RG * rowb;
     float* qf = reinterpret_cast<float*>(Ks + stages * TC * rowb);  // [RG] scale*log2(e)*2^-e_r
@@ -526,18 +557,18 @@ us_scores_mma(const unsigned* __restrict__ qs, const float* __restrict__ qfac, c
         const int x = nrt - 1 - item / BH, bh = item % BH;  // longest items (last row tiles) first
         const int b = bh / Hm, gh = bh % Hm, kvh = (gh * c_h) / G;
         const int r0 = x * RG;
-        const unsigned char* qsrc = reinterpret_cast<const unsigned char*>(qs + ((long long)bh * R) * Dp);
-        const unsigned char* ksrc = reinterpret_cast<const unsigned char*>(ks + ((long long)b * Hkv + kvh) * W * Dp);
+        const unsigned char* qsrc = reinterpret_cast<const unsigned char*>(qs + ((long long)bh * R) * rwords);
+        const unsigned char* ksrc = reinterpret_cast<const unsigned char*>(ks + ((long long)b * Hkv + kvh) * W * rwords);
         const float* kfh = kfac + ((long long)b * Hkv + kvh) * W;
         const int cmax = last_col(min(r0 + RG, R) - 1);
         const int ntg = cmax / TC + 1;  // column tiles of this item
-        const int wlast = last_col(min(r0 + 32 * warp + 31, R - 1));  // this warp's last visible column
+        const int wlast = last_col(min(r0 + WR * warp + WR - 1, R - 1));  // this warp's last visible column
 
         // Q tile (and its factors), then K tile 0: one cp.async group.
-        const int chunks = Dp / 4;  // 16-byte chunks per row
+        const int chunks = rwords / 4;  // 16-byte chunks per row
         for (int e = tid; e < RG * chunks; e += THREADS) {
             const int row = e / chunks, ch = e % chunks, r = r0 + row;
-            usm::cp16(Qs + row * rowb + ch * 16, qsrc + ((long long)min(r, R - 1) * Dp + ch * 4) * 4, r < R);
+            usm::cp16(Qs + row * rowb + ch * 16, qsrc + ((long long)min(r, R - 1) * rwords + ch * 4) * 4, r < R);
         }
         for (int e = tid; e < RG; e += THREADS) {
             const int r = r0 + e;
@@ -547,7 +578,7 @@ us_scores_mma(const unsigned* __restrict__ qs, const float* __restrict__ qfac, c
             unsigned char* dst = Ks + st * TC * rowb;
             for (int e = tid; e < TC * chunks; e += THREADS) {
                 const int col = e / chunks, ch = e % chunks, c = t * TC + col;
-                usm::cp16(dst + col * rowb + ch * 16, ksrc + ((long long)min(c, W - 1) * Dp + ch * 4) * 4, c < W);
+                usm::cp16(dst + col * rowb + ch * 16, ksrc + ((long long)min(c, W - 1) * rwords + ch * 4) * 4, c < W);
             }
             for (int e = tid; e < TC; e += THREADS) {
                 const int c = t * TC + e;
@@ -559,14 +590,14 @@ us_scores_mma(const unsigned* __restrict__ qs, const float* __restrict__ qfac, c
         load_k(0, 0);
 
         // This thread's rows: (mt, h) -> local row 32*warp + 16*mt + 8*h + g.
-        float m_run[2][2], l_run[2][2];
-        int lastc[2][2];
-        long long plast[2][2];  // VAR: p(last(r)), the sinks' visibility
+        float m_run[MT][2], l_run[MT][2];
+        int lastc[MT][2];
+        long long plast[MT][2];  // VAR: p(last(r)), the sinks' visibility
 #pragma unroll
-        for (int mt = 0; mt < 2; ++mt)
+        for (int mt = 0; mt < MT; ++mt)
 #pragma unroll
             for (int h = 0; h < 2; ++h) {
-                const int r = r0 + 32 * warp + 16 * mt + 8 * h + g;
+                const int r = r0 + WR * warp + 16 * mt + 8 * h + g;
                 m_run[mt][h] = -INFINITY;
                 l_run[mt][h] = 0.0f;
                 lastc[mt][h] = r < R ? last_col(r) : -1;
@@ -585,47 +616,62 @@ us_scores_mma(const unsigned* __restrict__ qs, const float* __restrict__ qfac, c
             __syncthreads();  // (2) tile t, its factors (and Q, qf) are complete for every thread
             const int c0 = t * TC;
             if (c0 <= wlast) {  // warp-uniform: some row of this warp sees a column of tile t
-                float acc[2][NT][4];
+                float acc[MT][NT][4];
 #pragma unroll
-                for (int mt = 0; mt < 2; ++mt)
+                for (int mt = 0; mt < MT; ++mt)
 #pragma unroll
                     for (int n = 0; n < NT; ++n)
 #pragma unroll
                         for (int i = 0; i < 4; ++i) acc[mt][n][i] = 0.0f;
                 const unsigned char* Kt = Ks + st * TC * rowb;
                 for (int kc = 0; kc < KC; ++kc) {
-                    uint4 ah[2][2], al[2][2];  // [mt][h]: hi and lo words of rows g and g+8 (two k-steps)
+                    uint4 a[MT][2][P];  // [mt][h][part]: rows g and g+8, words x, y (k-step 0) and z, w (k-step 1)
 #pragma unroll
-                    for (int mt = 0; mt < 2; ++mt)
+                    for (int mt = 0; mt < MT; ++mt)
 #pragma unroll
                         for (int h = 0; h < 2; ++h) {
-                            const uint4* p = reinterpret_cast<const uint4*>(
-                                Qs + (32 * warp + 16 * mt + 8 * h + g) * rowb + kc * 128 + q * 32);
-                            ah[mt][h] = p[0];
-                            al[mt][h] = p[1];
+                            const uint4* pa = reinterpret_cast<const uint4*>(
+                                Qs + (WR * warp + 16 * mt + 8 * h + g) * rowb + kc * 64 * P + q * 16 * P);
+#pragma unroll
+                            for (int i = 0; i < P; ++i) a[mt][h][i] = pa[i];
                         }
 #pragma unroll
                     for (int n = 0; n < NT; ++n) {
-                        const uint4* p = reinterpret_cast<const uint4*>(Kt + (n * 8 + g) * rowb + kc * 128 + q * 32);
-                        const uint4 bh4 = p[0], bl4 = p[1];
+                        const uint4* pb = reinterpret_cast<const uint4*>(Kt + (n * 8 + g) * rowb + kc * 64 * P + q * 16 * P);
+                        uint4 bw[P];
 #pragma unroll
-                        for (int mt = 0; mt < 2; ++mt) {
-                            // k-step 0: words x (d 2q) and y (d 2q+8); k-step 1: z and w.
-                            usm::mma(acc[mt][n], al[mt][0].x, al[mt][1].x, al[mt][0].y, al[mt][1].y, bh4.x, bh4.y);
-                            usm::mma(acc[mt][n], ah[mt][0].x, ah[mt][1].x, ah[mt][0].y, ah[mt][1].y, bl4.x, bl4.y);
-                            usm::mma(acc[mt][n], ah[mt][0].x, ah[mt][1].x, ah[mt][0].y, ah[mt][1].y, bh4.x, bh4.y);
-                            usm::mma(acc[mt][n], al[mt][0].z, al[mt][1].z, al[mt][0].w, al[mt][1].w, bh4.z, bh4.w);
-                            usm::mma(acc[mt][n], ah[mt][0].z, ah[mt][1].z, ah[mt][0].w, ah[mt][1].w, bl4.z, bl4.w);
-                            usm::mma(acc[mt][n], ah[mt][0].z, ah[mt][1].z, ah[mt][0].w, ah[mt][1].w, bh4.z, bh4.w);
+                        for (int i = 0; i < P; ++i) bw[i] = pb[i];
+#pragma unroll
+                        for (int mt = 0; mt < MT; ++mt) {
+                            // P = 3: the chunk's 32 d in a zeroed partial, added to the accumulator once
+                            // (a float32 add), so that no chain of tensor-core sums is longer than 12.
+                            // P = 2 accumulates in place (its registers are spent; its error is the
+                            // 2^-22 representation's anyway).
+                            float t4[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+                            float* tgt = P == 3 ? t4 : acc[mt][n];
+#pragma unroll
+                            for (int ks = 0; ks < 2; ++ks)
+#pragma unroll
+                                for (int o = P - 1; o >= 0; --o)  // parts of order o: i + j = o, small terms first
+#pragma unroll
+                                    for (int i = 0; i <= o; ++i) {
+                                        const int jj = o - i;
+                                        const uint4 &a0 = a[mt][0][i], &a1 = a[mt][1][i], &bb = bw[jj];
+                                        usm::mma(tgt, ks ? a0.z : a0.x, ks ? a1.z : a1.x, ks ? a0.w : a0.y,
+                                                 ks ? a1.w : a1.y, ks ? bb.z : bb.x, ks ? bb.w : bb.y);
+                                    }
+                            if (P == 3)
+#pragma unroll
+                                for (int i = 0; i < 4; ++i) acc[mt][n][i] += t4[i];
                         }
                     }
                 }
                 const float* kft = kf + st * TC;
 #pragma unroll
-                for (int mt = 0; mt < 2; ++mt)
+                for (int mt = 0; mt < MT; ++mt)
 #pragma unroll
                     for (int h = 0; h < 2; ++h) {
-                        const int lr = 32 * warp + 16 * mt + 8 * h + g, r = r0 + lr;
+                        const int lr = WR * warp + 16 * mt + 8 * h + g, r = r0 + lr;
                         const float rf = qf[lr];
                         const int cm = lastc[mt][h] - c0;  // last visible column, relative to the tile
                         float mx = -INFINITY;
@@ -717,10 +763,10 @@ us_scores_mma(const unsigned* __restrict__ qs, const float* __restrict__ qfac, c
         // After the walk: final m_r, l_r to shared memory (lanes q = 0 of each quad hold them).
         if (q == 0)
 #pragma unroll
-            for (int mt = 0; mt < 2; ++mt)
+            for (int mt = 0; mt < MT; ++mt)
 #pragma unroll
                 for (int h = 0; h < 2; ++h) {
-                    const int lr = 32 * warp + 16 * mt + 8 * h + g;
+                    const int lr = WR * warp + 16 * mt + 8 * h + g;
                     rm[lr] = m_run[mt][h];
                     rl[lr] = l_run[mt][h];
                 }

@@ -269,14 +269,14 @@ extern "C" void emu_pool_h(const __half* x, float* out, int B, int H, int N, int
 #define US_B dim3_{bx, by, 1}
 extern "C" void emk_onepass(unsigned gx, unsigned gy, unsigned bx, unsigned by, const float* qc, const float* kc, float* sc, float* part, float* tmax, int bh0, int Hm, int Hkv, int R, int C, int D, int nq, int nk, int cq, int ck, int ch, int G, int S, int causal, float scale) {
   emu_launch(US_G, US_B, [&] { us_scores_onepass(qc, kc, sc, part, tmax, bh0, Hm, Hkv, R, C, D, nq, nk, cq, ck, ch, G, S, causal, scale); }); }
-extern "C" void emk_split(unsigned gx, unsigned gy, unsigned bx, unsigned by, const float* x, unsigned* out, float* fac, int rows, int D, int Dp) {
-  emu_launch(US_G, US_B, [&] { us_split_rows(x, out, fac, rows, D, Dp); }); }
+extern "C" void emk_split(unsigned gx, unsigned gy, unsigned bx, unsigned by, const float* x, unsigned* out, float* fac, int rows, int D, int Dp, int P) {
+  emu_launch(US_G, US_B, [&] { us_split_rows(x, out, fac, rows, D, Dp, P); }); }
 #define US_MMA_ARGS const unsigned* qs, const float* qf, const unsigned* ks, const float* kf, float* sc, float* part, float* tmax, int* counter, int BH, int Hm, int Hkv, int R, int W, int Dp, int nq, int nk, int cq, int ck, int ch, int G, int S, int causal, float sl2, int stages, int ntiles, int T, const float* colw, const int* j0, const float* band, int NB
 #define US_MMA_PASS qs, qf, ks, kf, sc, part, tmax, counter, BH, Hm, Hkv, R, W, Dp, nq, nk, cq, ck, ch, G, S, causal, sl2, stages, ntiles, T, colw, j0, band, NB
-extern "C" void emk_mma4(unsigned gx, unsigned gy, unsigned bx, unsigned by, US_MMA_ARGS) { emu_launch(US_G, US_B, [&] { us_scores_mma<4, false>(US_MMA_PASS); }); }
-extern "C" void emk_mma8(unsigned gx, unsigned gy, unsigned bx, unsigned by, US_MMA_ARGS) { emu_launch(US_G, US_B, [&] { us_scores_mma<8, false>(US_MMA_PASS); }); }
-extern "C" void emk_mma4v(unsigned gx, unsigned gy, unsigned bx, unsigned by, US_MMA_ARGS) { emu_launch(US_G, US_B, [&] { us_scores_mma<4, true>(US_MMA_PASS); }); }
-extern "C" void emk_mma8v(unsigned gx, unsigned gy, unsigned bx, unsigned by, US_MMA_ARGS) { emu_launch(US_G, US_B, [&] { us_scores_mma<8, true>(US_MMA_PASS); }); }
+#define US_MMA_EMK(NAME, NW, VAR, P) extern "C" void NAME(unsigned gx, unsigned gy, unsigned bx, unsigned by, US_MMA_ARGS) { emu_launch(US_G, US_B, [&] { us_scores_mma<NW, VAR, P>(US_MMA_PASS); }); }
+US_MMA_EMK(emk_mma8_3, 8, false, 3) US_MMA_EMK(emk_mma8v_3, 8, true, 3)
+US_MMA_EMK(emk_mma4_2, 4, false, 2) US_MMA_EMK(emk_mma8_2, 8, false, 2)
+US_MMA_EMK(emk_mma4v_2, 4, true, 2) US_MMA_EMK(emk_mma8v_2, 8, true, 2)
 ''',
 "selection.cu": '''
 #define US_G dim3_{gx, gy, 1}
@@ -481,8 +481,8 @@ _KERNEL_TABLE = {
     ("pooling.cu", "us_pool_seq<float>"): "emk_pool_f", ("pooling.cu", "us_pool_seq<__half>"): "emk_pool_h",
     ("pooling.cu", "us_pool_seq<__nv_bfloat16>"): "emk_pool_bf",
     ("scores.cu", "us_scores_onepass"): "emk_onepass", ("scores.cu", "us_split_rows"): "emk_split",
-    ("scores.cu", "us_scores_mma<4, false>"): "emk_mma4", ("scores.cu", "us_scores_mma<8, false>"): "emk_mma8",
-    ("scores.cu", "us_scores_mma<4, true>"): "emk_mma4v", ("scores.cu", "us_scores_mma<8, true>"): "emk_mma8v",
+    **{("scores.cu", f"us_scores_mma<{w}, {'true' if v else 'false'}, {p}>"): f"emk_mma{w}{'v' if v else ''}_{p}"
+       for p, ws in ((3, (8,)), (2, (4, 8))) for w in ws for v in (False, True)},
     ("selection.cu", "us_select_topp<float>"): "emk_select_f", ("selection.cu", "us_select_topp<double>"): "emk_select_d",
     ("selection.cu", "us_mask_to_indices"): "emk_m2i",
 }
@@ -736,9 +736,9 @@ def test_backend_glue_on_host_emulation(host_kernels, monkeypatch, bf16_native) 
     assert isinstance(qt, fake.ndarray) and not qt.flags.c_contiguous
     b_, _ = be.compress(qt if q.dtype != BFLOAT16 else cb.as_bfloat16(qt), k, cfg)
     assert np.array_equal(us.to_numpy(a), us.to_numpy(b_))
-    # (version 3 of the scores, version 4 with 8 warps and the variant instantiations run only on
+    # (version 3 of the scores, version 4 with two parts and the variant instantiations run only on
     # shapes or configs this test does not use: tests/test_cupy_scores.py emulates them)
-    not_here = {"emk_onepass", "emk_mma8", "emk_mma4v", "emk_mma8v"}
+    not_here = {"emk_onepass", "emk_mma8v_3", "emk_mma4_2", "emk_mma8_2", "emk_mma4v_2", "emk_mma8v_2"}
     assert set(Kernel.launched) == set(_KERNEL_TABLE.values()) - not_here, f"not every kernel ran: {Kernel.launched}"
     # Every kernel the backend asked for is in the list the NVRTC test compiles: same name, same options
     # (the attention's are checked in tests/test_cupy_attention_cpu.py).

@@ -39,26 +39,29 @@ def _ptr(a):
     return ctypes.c_void_p(None if a is None else a.ctypes.data)
 
 
-def _emu_split(lib, x: np.ndarray, Dp: int) -> tuple[np.ndarray, np.ndarray]:
+def _emu_split(lib, x: np.ndarray, Dp: int, P: int) -> tuple[np.ndarray, np.ndarray]:
     x = np.ascontiguousarray(x, np.float32)
     D = x.shape[-1]
     rows = int(np.prod(x.shape[:-1]))
-    words = np.zeros((rows, Dp), np.uint32)
+    words = np.zeros((rows, Dp * P // 2), np.uint32)
     fac = np.zeros(rows, np.float32)
     lib.emk_split(ctypes.c_uint(geometry.cdiv(rows, 4)), ctypes.c_uint(1), ctypes.c_uint(128), ctypes.c_uint(1),
-                  _ptr(x), _ptr(words), _ptr(fac), ctypes.c_int(rows), ctypes.c_int(D), ctypes.c_int(Dp))
+                  _ptr(x), _ptr(words), _ptr(fac), ctypes.c_int(rows), ctypes.c_int(D), ctypes.c_int(Dp),
+                  ctypes.c_int(P))
     return words, fac
 
 
-def _emu_scores_v4(lib, qc, kc, cfg: UniSparseConfig, nq: int, nk: int, warps=None, stages=None, slots=2):
+def _emu_scores_v4(lib, qc, kc, cfg: UniSparseConfig, nq: int, nk: int, warps=None, stages=None, slots=2,
+                   parts=None):
     """``us_scores_mma`` in the host emulation, with the backend's launch configuration; scratch full of NaN."""
     B, Hm, R, D = qc.shape
     Hkv, W = kc.shape[1], kc.shape[2]
     var = cfg.sink_tokens > 0 or cfg.diagonal_correction
-    lc = sc.mma_launch_config(B, Hm, R, W, D, cfg, num_sms=slots, warps=warps, stages=stages, variant=var)
-    Dp = lc["Dp"]
-    qw, qf = _emu_split(lib, qc, Dp)
-    kw, kf = _emu_split(lib, kc, Dp)
+    lc = sc.mma_launch_config(B, Hm, R, W, D, cfg, num_sms=slots, warps=warps, stages=stages, variant=var,
+                              parts=parts)
+    Dp, P = lc["Dp"], lc["parts"]
+    qw, qf = _emu_split(lib, qc, Dp, P)
+    kw, kf = _emu_split(lib, kc, Dp, P)
     S = cfg.block_size
     out = np.zeros((B, Hm, geometry.num_blocks(nq, S), geometry.num_blocks(nk, S)), np.float32)
     part = np.full((lc["slots"], lc["ntiles"], lc["RG"], lc["NKS"]), np.nan, np.float32)
@@ -68,7 +71,7 @@ def _emu_scores_v4(lib, qc, kc, cfg: UniSparseConfig, nq: int, nk: int, warps=No
     NB = 0
     if var:
         colw, j0, band, NB = sc.variant_weights(cfg, nq, nk)
-    fn = getattr(lib, f"emk_mma{lc['warps']}{'v' if var else ''}")
+    fn = getattr(lib, f"emk_mma{lc['warps']}{'v' if var else ''}_{P}")
     ints = [B * Hm, Hm, Hkv, R, W, Dp, nq, nk, cfg.c_q, cfg.c_k, cfg.c_h, Hm * cfg.c_h // Hkv, S, int(cfg.causal)]
     fn(ctypes.c_uint(lc["grid"][0]), ctypes.c_uint(1), ctypes.c_uint(lc["block"][0]), ctypes.c_uint(1),
        _ptr(qw), _ptr(qf), _ptr(kw), _ptr(kf), _ptr(out), _ptr(part), _ptr(tmax), _ptr(counter),
@@ -100,14 +103,19 @@ EMU_CASES = [
 ]
 
 
+@pytest.mark.parametrize("parts", [3, 2])
 @pytest.mark.parametrize("case", EMU_CASES, ids=[f"case{i}" for i in range(len(EMU_CASES))])
-def test_host_emulated_v4_matches_reference(host_kernels, case) -> None:  # noqa: F811
+def test_host_emulated_v4_matches_reference(host_kernels, case, parts) -> None:  # noqa: F811
     qc, kc, cfg, nq, nk = _composites(case)
+    if not sc.mma_applicable(cfg, qc.shape[-1], parts=parts):
+        pytest.skip(f"version 4 with {parts} parts does not take this shape (version 3 does)")
     want = ref.block_scores(qc, kc, cfg, nq, nk)
-    got, lc = _emu_scores_v4(host_kernels["scores.cu"], qc, kc, cfg, nq, nk)
+    got, lc = _emu_scores_v4(host_kernels["scores.cu"], qc, kc, cfg, nq, nk, parts=parts)
     err = float(np.abs(got - want).max())
-    print(f"\nv4 host emulation {case}: max |scores - ref| = {err:.2e} (warps {lc['warps']}, stages {lc['stages']})")
-    assert err <= EPS, f"max |scores - ref| = {err:.2e} > score_eps {EPS:g}"
+    print(f"\nv4 host emulation {case}: max |scores - ref| = {err:.2e} (parts {parts}, warps {lc['warps']}, "
+          f"stages {lc['stages']})")
+    bound = EPS if parts == 3 else sc.TWO_PART_EPS
+    assert err <= bound, f"max |scores - ref| = {err:.2e} > {bound:g}"
     vis = geometry.visible_blocks(nq, nk, cfg.block_size, cfg.causal)
     assert np.all(got[..., ~vis] == 0.0)
 
@@ -117,10 +125,13 @@ def test_host_emulated_v4_same_bits_for_every_configuration(host_kernels, case) 
     """Each row's arithmetic does not depend on the work-item size, the pipeline depth or the slots."""
     qc, kc, cfg, nq, nk = _composites(case, seed=5)
     lib = host_kernels["scores.cu"]
-    base, _ = _emu_scores_v4(lib, qc, kc, cfg, nq, nk, warps=4, stages=1)
+    base, _ = _emu_scores_v4(lib, qc, kc, cfg, nq, nk, warps=4, stages=1, parts=2)
     for warps, stages, slots in ((4, 2, 1), (8, 1, 3), (8, 2, 2)):
-        again, _ = _emu_scores_v4(lib, qc, kc, cfg, nq, nk, warps=warps, stages=stages, slots=slots)
+        again, _ = _emu_scores_v4(lib, qc, kc, cfg, nq, nk, warps=warps, stages=stages, slots=slots, parts=2)
         assert again.tobytes() == base.tobytes(), (warps, stages, slots)
+    base, _ = _emu_scores_v4(lib, qc, kc, cfg, nq, nk, stages=1, parts=3)
+    again, _ = _emu_scores_v4(lib, qc, kc, cfg, nq, nk, stages=2, slots=3, parts=3)
+    assert again.tobytes() == base.tobytes()
 
 
 VARIANT_CASES = [
@@ -275,27 +286,35 @@ def test_gpu_v4_scores_and_masks(case, dtype, structured) -> None:
     qh, kh = cp.asnumpy(q_c), cp.asnumpy(k_c)
     want = ref.block_scores(qh, kh, cfg, nq, nk)
     D = qh.shape[-1]
-    assert sc.mma_applicable(cfg, D), "version 4 should take every case here"
-    got = cp.asnumpy(BACKEND.block_scores(q_c, k_c, cfg, nq, nk))
+    tag = f"{case} {np.dtype(dtype).name} {'structured' if structured else 'random'}"
+    got = cp.asnumpy(BACKEND.block_scores(q_c, k_c, cfg, nq, nk))  # version 4 where it applies, else 3
     err = float(np.abs(got - want).max())
-    print(f"\nGPU v4 {case} {np.dtype(dtype).name} {'structured' if structured else 'random'}: "
-          f"max |scores - ref64| = {err:.2e}")
+    print(f"\nGPU v{4 if sc.mma_applicable(cfg, D) else 3} {tag}: max |scores - ref64| = {err:.2e}")
     assert err <= EPS, f"max |scores - ref| = {err:.2e} > score_eps {EPS:g}"
     assert got.tobytes() == cp.asnumpy(BACKEND.block_scores(q_c, k_c, cfg, nq, nk)).tobytes()
     v3 = cp.asnumpy(sc.launch_scores(q_c, k_c, cfg, nq, nk, version=3))
+    print(f"GPU v3 {tag}: max |scores - ref64| = {float(np.abs(v3 - want).max()):.2e}")
     assert float(np.abs(v3 - want).max()) <= EPS
     mask = BACKEND.select_blocks(cp.asarray(got), cfg, nq, nk)
     assert eps_valid_rows(mask, want, cfg, nq, nk, EPS).all()
+    if sc.mma_applicable(cfg, D, parts=2):  # the two-part form, within its own bound
+        two = cp.asnumpy(sc.launch_scores(q_c, k_c, cfg, nq, nk, version=4, parts=2))
+        err2 = float(np.abs(two - want).max())
+        print(f"GPU v4-2parts {tag}: max |scores - ref64| = {err2:.2e}")
+        assert err2 <= sc.TWO_PART_EPS
 
 
 @_gpu
-@pytest.mark.parametrize("warps,stages", [(4, 1), (4, 2), (8, 1), (8, 2)])
-def test_gpu_v4_same_bits_for_every_configuration(warps, stages) -> None:
+@pytest.mark.parametrize("parts,warps,stages", [(3, 8, 2), (2, 4, 2), (2, 8, 1), (2, 8, 2)])
+def test_gpu_v4_same_bits_for_every_configuration(parts, warps, stages) -> None:
     q, k, cfg, nq, nk = _gpu_inputs((1, 8, 2, 1, 2000, 2100, 128, 128, 16, 16, True), np.float32)
     q_c, k_c = BACKEND.compress(q, k, cfg)
-    base = cp.asnumpy(sc.launch_scores(q_c, k_c, cfg, nq, nk, version=4, warps=4, stages=1))
-    got = cp.asnumpy(sc.launch_scores(q_c, k_c, cfg, nq, nk, version=4, warps=warps, stages=stages))
+    base = cp.asnumpy(sc.launch_scores(q_c, k_c, cfg, nq, nk, version=4, warps=MMA_W[parts], stages=1, parts=parts))
+    got = cp.asnumpy(sc.launch_scores(q_c, k_c, cfg, nq, nk, version=4, warps=warps, stages=stages, parts=parts))
     assert got.tobytes() == base.tobytes()
+
+
+MMA_W = {p: ws[0] for p, ws in sc.MMA_WARPS.items()}
 
 
 @_gpu

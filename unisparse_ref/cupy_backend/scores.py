@@ -32,9 +32,9 @@ from . import _loader
 from ._device import cupy_module, i32
 from ._loader import KernelSpec
 
-__all__ = ["FILE", "INSTANTIATIONS", "KERNEL", "MMA_TC", "MMA_WARPS", "OPTIONS", "SCRATCH_BYTES", "SPLIT_KERNEL",
-           "TC", "TR", "launch_config", "launch_scores", "mma_applicable", "mma_kernel", "mma_launch_config",
-           "variant_weights"]
+__all__ = ["DEFAULT_PARTS", "FILE", "INSTANTIATIONS", "KERNEL", "MMA_TC", "MMA_WARPS", "OPTIONS", "SCRATCH_BYTES",
+           "SPLIT_KERNEL", "TC", "TR", "launch_config", "launch_scores", "mma_applicable", "mma_kernel",
+           "mma_launch_config", "row_bytes", "variant_weights"]
 
 FILE = "scores.cu"
 #: Composite rows (TR) and columns (TC) per tile, passed to NVRTC with -D so Python and CUDA agree.
@@ -48,25 +48,33 @@ OPTIONS: tuple[str, ...] = (f"-DUS_SC_TR={TR}", f"-DUS_SC_TC={TC}")
 KERNEL = KernelSpec(FILE, "us_scores_onepass", OPTIONS)
 #: Version 4's operand split (fp16 hi/lo words in fragment order, one factor per row).
 SPLIT_KERNEL = KernelSpec(FILE, "us_split_rows", OPTIONS)
-#: Warps per thread block of version 4 (32 composite rows each) that are built; the first is the default.
-MMA_WARPS: tuple[int, ...] = (4, 8)
+#: fp16 parts per operand of version 4 (the template parameter P): 3 (the default: fp32 inputs
+#: represented exactly, six products per k-step) or 2 (22 bits, three products, twice as fast,
+#: score errors up to about 2e-6 on the shared battery's structured D = 16 cases).
+DEFAULT_PARTS = 3
+#: Bound on |scores - ref64| that the tests hold the two-part form to (not the backend's
+#: ``score_eps``, which is the default three-part form's): its 22-bit operands gave up to 1.5e-6
+#: in the host emulation of the shared battery (structured D = 16, logits up to 72).
+TWO_PART_EPS = 4e-6
+#: Warps per thread block built for each number of parts (16 rows per warp with three parts, 32 with two).
+MMA_WARPS: dict[int, tuple[int, ...]] = {3: (8,), 2: (4, 8)}
 #: Composite key columns per tile of version 4 (US_SM_TC in scores.cu).
 MMA_TC = 64
 #: Widest head dim (after padding to a multiple of 32) version 4 takes.
 MMA_MAX_DP = 256
 
 
-def mma_kernel(warps: int, variant: bool) -> KernelSpec:
-    """Version 4's instantiation ``us_scores_mma<warps, variant>``."""
-    return KernelSpec(FILE, f"us_scores_mma<{int(warps)}, {'true' if variant else 'false'}>", OPTIONS)
+def mma_kernel(warps: int, variant: bool, parts: int = DEFAULT_PARTS) -> KernelSpec:
+    """Version 4's instantiation ``us_scores_mma<warps, variant, parts>``."""
+    return KernelSpec(FILE, f"us_scores_mma<{int(warps)}, {'true' if variant else 'false'}, {int(parts)}>", OPTIONS)
 
 
 #: Every instantiation this stage launches.
-INSTANTIATIONS: list[KernelSpec] = [KERNEL, SPLIT_KERNEL, *(mma_kernel(w, False) for w in MMA_WARPS),
-                                    *(mma_kernel(w, True) for w in MMA_WARPS)]
-#: Registers per thread of ``us_scores_mma`` (ptxas, sm_90; at most 255 with __launch_bounds__(32*NW, 1)):
-#: the occupancy estimate of :func:`mma_launch_config` assumes this many.
-MMA_REGISTERS = 232
+INSTANTIATIONS: list[KernelSpec] = [KERNEL, SPLIT_KERNEL] + [
+    mma_kernel(w, v, p) for p in (3, 2) for v in (False, True) for w in MMA_WARPS[p]]
+#: Registers per thread of ``us_scores_mma`` by parts (ptxas, sm_90a, rounded up to 8; at most 255
+#: with __launch_bounds__(32*NW, 1)): the occupancy estimate of :func:`mma_launch_config`.
+MMA_REGISTERS = {2: 248, 3: 248}
 #: Shared memory per SM and per block reserved by the driver (Hopper and Ampere: 228 KiB, 1 KiB).
 SM_SHARED_BYTES = 228 * 1024
 BLOCK_RESERVED_SHARED = 1024
@@ -153,30 +161,39 @@ def _launch_v3(q_c: Any, k_c: Any, config: UniSparseConfig, nq: int, nk: int) ->
 
 
 # ---------------------------------------------------------------------------- version 4
-def mma_applicable(config: UniSparseConfig, D: int, shared_limit: int = 227 * 1024) -> bool:
-    """Whether version 4 takes this shape: whole query blocks in a work item (``block_size/c_q <=
-    32 * max(MMA_WARPS)``), a head dim of at most :data:`MMA_MAX_DP` after padding to a multiple of
-    32, and the tiles within ``shared_limit`` bytes of shared memory."""
+def mma_applicable(config: UniSparseConfig, D: int, shared_limit: int = 227 * 1024, parts: int | None = None) -> bool:
+    """Whether version 4 with ``parts`` (default :data:`DEFAULT_PARTS`) takes this shape: whole
+    query blocks in a work item (``block_size / c_q`` at most 128 rows with three parts, 256 with
+    two), a head dim of at most :data:`MMA_MAX_DP` after padding to a multiple of 32, and the
+    tiles within ``shared_limit`` bytes of shared memory (three parts: D <= 192)."""
     try:
-        mma_launch_config(1, 1, 1, 1, D, config, shared_limit=shared_limit)
+        mma_launch_config(1, 1, 1, 1, D, config, shared_limit=shared_limit, parts=parts)
     except ValueError:
         return False
     return True
 
 
+def row_bytes(Dp: int, parts: int) -> int:
+    """Shared-memory bytes of one split row (``us_sm_row_bytes`` in scores.cu): ``2*parts*Dp``
+    padded to a stride of 16 (two parts) or 64 (three parts) modulo 128, free of bank conflicts."""
+    return 4 * Dp + 16 if parts == 2 else 6 * Dp + ((64 - (6 * Dp) % 128) & 127)
+
+
 def mma_launch_config(batch: int, mask_heads: int, R: int, W: int, D: int, config: UniSparseConfig, *,
                       num_sms: int = 132, warps: int | None = None, stages: int | None = None,
-                      variant: bool = False, shared_limit: int = 227 * 1024) -> dict[str, Any]:
+                      variant: bool = False, shared_limit: int = 227 * 1024,
+                      parts: int | None = None) -> dict[str, Any]:
     """Grid, block, shared memory and scratch of ``us_scores_mma`` (pure Python, no GPU needed).
 
-    Work items of ``RG = 32 * warps`` composite rows of one mask head; a persistent grid of
-    ``slots = min(items, num_sms * blocks_per_sm)`` thread blocks takes them from a counter.
-    Dynamic shared memory (as laid out in ``scores.cu``): the Q tile ``RG`` rows and ``stages``
-    K tiles of ``TC`` rows, each row ``4 * Dp + 16`` bytes (``Dp = 32 * ceil(D / 32)``), then the
-    floats ``qf[RG]``, ``kf[stages][TC]``, ``kw[stages][TC]``, ``rm[RG]``, ``rl[RG]`` and 16
-    bytes for the item index. Scratch per slot, float32: ``ntiles * RG * NKS`` piece sums and
-    ``ntiles * RG`` tile maxima (``ntiles = ceil(W / TC)``; ``NKS = TC / min(KB, TC)``, ``TC``
-    with the variants, whose pieces are single columns).
+    Work items of ``RG = rows_per_warp * warps`` composite rows of one mask head (16 rows per
+    warp with three parts, 32 with two); a persistent grid of ``slots = min(items, num_sms *
+    blocks_per_sm)`` thread blocks takes them from a counter. Dynamic shared memory (as laid out
+    in ``scores.cu``): the Q tile ``RG`` rows and ``stages`` K tiles of ``TC`` rows, each row
+    :func:`row_bytes` bytes (``Dp = 32 * ceil(D / 32)``), then the floats ``qf[RG]``,
+    ``kf[stages][TC]``, ``kw[stages][TC]``, ``rm[RG]``, ``rl[RG]`` and 16 bytes for the item
+    index. Scratch per slot, float32: ``ntiles * RG * NKS`` piece sums and ``ntiles * RG`` tile
+    maxima (``ntiles = ceil(W / TC)``; ``NKS = TC / min(KB, TC)``, ``TC`` with the variants,
+    whose pieces are single columns).
 
     Parameters
     ----------
@@ -186,8 +203,8 @@ def mma_launch_config(batch: int, mask_heads: int, R: int, W: int, D: int, confi
     num_sms : int
         Streaming multiprocessors of the device.
     warps : int, optional
-        Warps per block (one of :data:`MMA_WARPS`); default: 4 when a query block fits in 128
-        rows, else 8.
+        Warps per block (one of ``MMA_WARPS[parts]``); default: the fewest whose work item holds
+        a query block.
     stages : int, optional
         K tiles in flight (1 or 2); default 2 where it leaves room for the blocks per SM that
         the registers allow, else 1.
@@ -195,25 +212,32 @@ def mma_launch_config(batch: int, mask_heads: int, R: int, W: int, D: int, confi
         The research-variant instantiation (single-column pieces).
     shared_limit : int
         The device's opt-in shared memory per block.
+    parts : int, optional
+        fp16 parts per operand, 2 or 3; default :data:`DEFAULT_PARTS`.
     """
+    parts = DEFAULT_PARTS if parts is None else int(parts)
+    if parts not in MMA_WARPS:
+        raise ValueError(f"parts must be 2 or 3, got {parts}")
     RB, KB = config.block_size // config.c_q, config.block_size // config.c_k
+    per_warp = 16 if parts == 3 else 32
     if warps is None:
-        warps = MMA_WARPS[0] if RB <= 32 * MMA_WARPS[0] else MMA_WARPS[-1]
-    if warps not in MMA_WARPS:
-        raise ValueError(f"warps must be one of {MMA_WARPS}, got {warps}")
-    RG, TCm = 32 * warps, MMA_TC
+        fits = [w for w in MMA_WARPS[parts] if RB <= per_warp * w]
+        warps = fits[0] if fits else MMA_WARPS[parts][-1]
+    if warps not in MMA_WARPS[parts]:
+        raise ValueError(f"warps must be one of {MMA_WARPS[parts]} with {parts} parts, got {warps}")
+    RG, TCm = per_warp * warps, MMA_TC
     if RB > RG:
         raise ValueError(f"a query block of {RB} composite rows does not fit a work item of {RG} rows")
     Dp = 32 * geometry.cdiv(int(D), 32)
     if Dp > MMA_MAX_DP:
         raise ValueError(f"head dim {D} above version 4's {MMA_MAX_DP}")
-    rowb = 4 * Dp + 16
+    rowb = row_bytes(Dp, parts)
 
     def shared(st: int) -> int:
         return RG * rowb + st * TCm * rowb + 4 * (RG + 2 * st * TCm + 2 * RG) + 16
 
     threads = 32 * warps
-    reg_blocks = max(1, 65536 // (threads * MMA_REGISTERS))
+    reg_blocks = max(1, 65536 // (threads * MMA_REGISTERS[parts]))
 
     def per_sm(st: int) -> int:
         return max(0, min(reg_blocks, SM_SHARED_BYTES // (shared(st) + BLOCK_RESERVED_SHARED)))
@@ -231,8 +255,8 @@ def mma_launch_config(batch: int, mask_heads: int, R: int, W: int, D: int, confi
     slots = max(1, min(nitems, int(num_sms) * max(1, per_sm(stages))))
     return {
         "grid": (slots, 1, 1), "block": (threads, 1, 1), "shared_mem": shared(stages), "stages": stages,
-        "warps": warps, "RG": RG, "TC": TCm, "Dp": Dp, "NKS": NKS, "ntiles": ntiles, "items": nitems,
-        "slots": slots, "blocks_per_sm": per_sm(stages),
+        "warps": warps, "parts": parts, "RG": RG, "TC": TCm, "Dp": Dp, "row_bytes": rowb, "NKS": NKS,
+        "ntiles": ntiles, "items": nitems, "slots": slots, "blocks_per_sm": per_sm(stages),
         "scratch_per_slot": 4 * ntiles * RG * (NKS + 1),
     }
 
@@ -340,37 +364,50 @@ def _variant_device(config: UniSparseConfig, nq: int, nk: int) -> tuple[Any, Any
     return hit
 
 
-def _split(x: Any, D: int, Dp: int) -> tuple[Any, Any]:
-    """``us_split_rows`` of a float32 ``[..., D]`` CuPy array: (uint32 ``[rows, Dp]`` words, float32 ``[rows]``)."""
+def _split(x: Any, D: int, Dp: int, parts: int) -> tuple[Any, Any]:
+    """``us_split_rows`` of a float32 ``[..., D]`` CuPy array: (uint32 ``[rows, Dp*parts/2]`` words,
+    float32 ``[rows]`` factors)."""
     cp = cupy_module()
     rows = int(np.prod(x.shape[:-1]))
-    words = cp.empty((rows, Dp), dtype=cp.uint32)
+    words = cp.empty((rows, Dp * parts // 2), dtype=cp.uint32)
     fac = cp.empty((rows,), dtype=cp.float32)
     _loader.launch(_loader.get_function(SPLIT_KERNEL), (geometry.cdiv(rows, 4), 1, 1), (128, 1, 1),
-                   (x, words, fac, i32(rows), i32(D), i32(Dp)))
+                   (x, words, fac, i32(rows), i32(D), i32(Dp), i32(parts)))
     return words, fac
 
 
 def launch_scores(q_c: Any, k_c: Any, config: UniSparseConfig, nq: int, nk: int, *, version: int | None = None,
-                  warps: int | None = None, stages: int | None = None) -> Any:
+                  warps: int | None = None, stages: int | None = None, parts: int | None = None) -> Any:
     """Block scores, float32 ``[B, Hm, nQb, nKb]``: version 4 where it applies, else version 3.
 
     ``q_c [B, Hm, R, D]`` and ``k_c [B, Hkv, W, D]`` are C-contiguous float32 CuPy arrays
-    (``W = C``, or ``sink_tokens + C`` with that research variant). ``version``, ``warps`` and
-    ``stages`` force a kernel and its configuration (benchmarks and tests).
+    (``W = C``, or ``sink_tokens + C`` with that research variant). Version 4 runs with
+    :data:`DEFAULT_PARTS` parts where :func:`mma_applicable`; otherwise the SPEC computation runs
+    on version 3, and the research variants on version 4 with two parts (or raise
+    ``NotImplementedError`` where neither applies). ``version``, ``warps``, ``stages`` and
+    ``parts`` force a kernel and its configuration (benchmarks and tests).
     """
     cp = cupy_module()
     B, Hm, R, D = (int(s) for s in q_c.shape)
     Hkv, W = int(k_c.shape[1]), int(k_c.shape[2])
     variant = config.sink_tokens > 0 or config.diagonal_correction
+    limit = _loader.max_dynamic_shared_memory()
     if version is None:
-        version = 4 if mma_applicable(config, D, _loader.max_dynamic_shared_memory()) else 3
+        version = 4
+        if parts is None and not mma_applicable(config, D, limit):
+            if not variant:
+                version = 3
+            elif mma_applicable(config, D, limit, parts=2):
+                parts = 2
+            else:
+                raise NotImplementedError(
+                    "cupy backend block_scores: the research variants run on scores version 4 only, which needs "
+                    f"block_size / c_q <= 256 and a head dim <= {MMA_MAX_DP} (got "
+                    f"{config.block_size // config.c_q} rows per query block, D = {D})")
     if version == 3:
         if variant:
-            raise NotImplementedError(
-                "cupy backend block_scores: the research variants run on version 4 only, which needs "
-                f"block_size / c_q <= {32 * MMA_WARPS[-1]} and a head dim <= {MMA_MAX_DP} (got "
-                f"{config.block_size // config.c_q} rows per query block, D = {D})")
+            raise NotImplementedError("cupy backend block_scores: scores version 3 does not compute the research "
+                                      "variants sink_tokens / diagonal_correction")
         return _launch_v3(q_c, k_c, config, nq, nk)
     if version != 4:
         raise ValueError(f"version must be 3 or 4, got {version}")
@@ -381,10 +418,10 @@ def launch_scores(q_c: Any, k_c: Any, config: UniSparseConfig, nq: int, nk: int,
                          "(compress with the same config)")
     G = Hm * c_h // Hkv
     lc = mma_launch_config(B, Hm, R, W, D, config, num_sms=_num_sms(), warps=warps, stages=stages,
-                           variant=variant, shared_limit=_loader.max_dynamic_shared_memory())
-    Dp = lc["Dp"]
-    qw, qf = _split(q_c, D, Dp)
-    kw, kf = _split(k_c, D, Dp)
+                           variant=variant, shared_limit=limit, parts=parts)
+    Dp, P = lc["Dp"], lc["parts"]
+    qw, qf = _split(q_c, D, Dp, P)
+    kw, kf = _split(k_c, D, Dp, P)
     nqb, nkb = geometry.num_blocks(nq, S), geometry.num_blocks(nk, S)
     scores = cp.zeros((B, Hm, nqb, nkb), dtype=cp.float32)  # blocks no row sees stay 0
     slots, ntiles, RG = lc["slots"], lc["ntiles"], lc["RG"]
@@ -400,6 +437,6 @@ def launch_scores(q_c: Any, k_c: Any, config: UniSparseConfig, nq: int, nk: int,
     args = (qw, qf, kw, kf, scores, part, tmax, counter, i32(B * Hm), i32(Hm), i32(Hkv), i32(R), i32(W), i32(Dp),
             i32(nq), i32(nk), i32(c_q), i32(c_k), i32(c_h), i32(G), i32(S), i32(1 if config.causal else 0),
             scale_log2, i32(lc["stages"]), i32(ntiles), i32(config.sink_tokens)) + extra
-    _loader.launch(_loader.get_function(mma_kernel(lc["warps"], variant)), lc["grid"], lc["block"], args,
+    _loader.launch(_loader.get_function(mma_kernel(lc["warps"], variant, P)), lc["grid"], lc["block"], args,
                    shared_mem=lc["shared_mem"])
     return scores
