@@ -43,7 +43,7 @@ def median_ms(fn, reps: int, cp) -> float:
 
 
 def mma_flops(R: int, C: int, D: int, heads: int, cfg, nq: int, nk: int, RG: int = 128, TC: int = 64) -> float:
-    """FLOPs the version 4 kernel issues (3 fp16 products per logit of every walked tile)."""
+    """FLOPs of one fp16 product pass over every logit version 4 computes (whole walked tiles)."""
     from unisparse_ref import geometry
 
     Dp = 32 * geometry.cdiv(D, 32)
@@ -56,7 +56,7 @@ def mma_flops(R: int, C: int, D: int, heads: int, cfg, nq: int, nk: int, RG: int
         else:
             lastc = C - 1
         total += RG * (lastc // TC + 1) * TC if rows else 0
-    return 3 * 2.0 * total * Dp * heads
+    return 2.0 * total * Dp * heads
 
 
 def main() -> int:
