@@ -12,8 +12,9 @@
 #
 # `forward` joins the parts (each SHA-256 checked; a missing part stops it with a message),
 # installs the wheels into /tmp/msite, runs `scripts/model_gpu.py forward` (dense and UniSparse
-# prefills, the attention's share, log-probs against the CPU's, then the captured layers' attention
-# timed alone, every contender checked against the float64 reference first) and writes
+# prefills, the attention's share, log-probs against the CPU's; passkey retrieval at 8K tokens at
+# five depths, dense and UniSparse P = 0.9, 0.8; then the captured layers' attention timed alone,
+# every contender checked against the float64 reference first) and writes
 # model_gpu_forward.json and model_gpu_time.json to $OUT/model/. Exit status non-zero on failure.
 # Runs from the repository root of a tree (a clean `git archive` one or the working tree); the
 # parts are looked for in that tree's .model_gpu/, in $PWD/.model_gpu/ and one level up.

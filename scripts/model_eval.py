@@ -679,6 +679,24 @@ def cmd_report(args: argparse.Namespace) -> None:
                 cells.append("-" if t is None else ("hit" if t["ok"] else "miss") + f" (`{ans}`)")
             L.append(f"| {ntok} | {d} | " + " | ".join(cells) + " |")
         L.append("")
+    fw = OUT / "model_gpu_forward.json"
+    gpk = json.loads(fw.read_text()).get("passkey", []) if fw.exists() else []
+    if gpk:
+        mt = json.loads(fw.read_text()).get("meta", {})
+        atts = list(dict.fromkeys(t["attention"] for t in gpk))
+        L += [f"On the GPU (`model_gpu.py forward`, {mt.get('date', '?')}, commit `{mt.get('commit', '?')}`): the same "
+              "prompt builder with other keys, the prefill through the cupy backend in float32, the answer decoded "
+              "densely on the KV cache.", "",
+              "| tokens | depth | " + " | ".join(atts) + " |", "| --- | --- | " + " | ".join("---" for _ in atts) + " |"]
+        for d in dict.fromkeys(t["depth"] for t in gpk):
+            row = {t["attention"]: t for t in gpk if t["depth"] == d}
+            cells = []
+            for a in atts:
+                t = row.get(a)
+                ans = t["answer"].replace("<|im_end|>", "").strip().replace("|", "/")[:14] if t else ""
+                cells.append("-" if t is None else ("hit" if t["ok"] else "miss") + f" (`{ans}`)")
+            L.append(f"| {next(iter(row.values()))['n_tokens']} | {d} | " + " | ".join(cells) + " |")
+        L.append("")
     L += _gpu_md()
     tail = OUT / "page_tail.md"
     if tail.exists():

@@ -83,6 +83,25 @@ def _sha256(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
+def _passkey_prompts(path: Path, n: int, depths: list[float]) -> None:
+    """The passkey prompts of ``model_eval.py passkey`` (same builder, keys from one seeded draw
+    per depth), tokenized here so that the GPU machine needs no text: ``passkey.npz``."""
+    sys.path.insert(0, str(ROOT / "scripts"))
+    from model_eval import passkey_prompt
+
+    from unisparse_ref.models import SmolLM2
+
+    model = SmolLM2.from_package()
+    rng = np.random.default_rng(1)
+    arrays: dict = {"depths": np.array(depths), "keys": np.zeros(len(depths), dtype=np.int64)}
+    for j, depth in enumerate(depths):
+        key = int(rng.integers(10000, 99999))
+        arrays["keys"][j] = key
+        arrays[f"ids{j}"] = passkey_prompt(model, n, depth, key)
+    np.savez(path, **arrays)
+    log(f"wrote {path}: {len(depths)} prompts of about {n} tokens")
+
+
 def cmd_split(args: argparse.Namespace) -> None:
     from unisparse_ref.models import find_smollm2_gguf
 
@@ -107,6 +126,7 @@ def cmd_split(args: argparse.Namespace) -> None:
                          "the CPU's log-probs come from it)")
     z = np.load(qkv)
     np.savez(last / "ids.npz", ids=z["ids"], token_logprobs=z["token_logprobs"])
+    _passkey_prompts(last / "passkey.npz", args.passkey_n, args.passkey_depths)
     wheels = sorted(Path(args.wheels).glob("*.whl")) if args.wheels else []
     if wheels:
         (last / "wheels").mkdir(exist_ok=True)
@@ -325,6 +345,28 @@ def cmd_forward(args: argparse.Namespace) -> None:
             rec["top1_agreement_vs_gpu_dense"] = float((r.top1 == ref.top1).mean())
         out["runs"].append(rec)
         log(json.dumps({k: v for k, v in rec.items() if k not in ("layer_density", "seconds_all")}))
+    pk = sorted(d.glob("part*/passkey.npz"))
+    out["passkey"] = []
+    if pk:
+        # passkey retrieval on the GPU: the prefill with each attention (float32), 8 greedy tokens
+        # decoded densely on the KV cache, as `model_eval.py passkey` does on the CPU
+        z = np.load(pk[0])
+        atts = [("dense", None)] + [(f"unisparse P={p}", us.UniSparseConfig(block_size=128, c_q=16, c_k=16,
+                                                                            threshold=p)) for p in (0.9, 0.8)]
+        for j, (depth, key) in enumerate(zip(z["depths"].tolist(), z["keys"].tolist(), strict=True)):
+            pids = z[f"ids{j}"]
+            for name, att in atts:
+                try:
+                    tp = time.perf_counter()
+                    ans = model.decode(model.generate(pids, 8, attention=att, backend="cupy"))
+                    rec = {"n_tokens": int(len(pids)), "depth": depth, "key": int(key), "attention": name,
+                           "answer": ans, "ok": str(key) in ans.replace(" ", ""),
+                           "seconds": time.perf_counter() - tp}
+                    out["passkey"].append(rec)
+                    log(f"passkey n={len(pids)} depth={depth} {name}: {ans!r} {'OK' if rec['ok'] else 'miss'}")
+                except Exception as e:  # noqa: BLE001 - recorded and reported
+                    failed.append(f"passkey depth {depth} {name}: {type(e).__name__}: {e}")
+                    log("FAILED", failed[-1])
     out["failed"] = failed
     o = Path(args.out)
     o.mkdir(parents=True, exist_ok=True)
@@ -369,6 +411,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--parts", type=int, default=3)
     p.add_argument("--max-mib", type=float, default=45.0, help="refuse a part above this size")
     p.add_argument("--wheels", default=str(DIR / "wheels"), help="folder of wheels for the GPU machine")
+    p.add_argument("--passkey-n", type=int, default=8192, help="tokens of the passkey prompts")
+    p.add_argument("--passkey-depths", type=float, nargs="*", default=[0.1, 0.25, 0.5, 0.75, 0.9])
     p = sub.add_parser("time")
     p.add_argument("--dir", default=str(DIR))
     p.add_argument("--out", default=str(DIR / "results"))
