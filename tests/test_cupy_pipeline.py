@@ -27,6 +27,7 @@ from unisparse_ref.cupy_backend import selection
 from unisparse_ref.errors import BackendUnavailable
 
 from .conftest import random_qkv
+from .test_cupy_compile import host_kernels  # noqa: F401 - the g++-built kernels, a fixture
 
 #: nKb values around every power-of-two edge of the sort, up to past 2048.
 NKBS = [1, 2, 3, 5, 31, 32, 33, 64, 65, 127, 129, 255, 256, 257, 511, 513, 1023, 1024, 1025, 2047, 2048, 2049, 2500]
@@ -238,3 +239,144 @@ def test_graph_plans_are_bounded_and_keyed() -> None:
     assert len(BACKEND._plans) == BACKEND.max_plans
     BACKEND.clear_plans()
     assert not BACKEND._plans
+
+
+# ---------------------------------------------------------------------------- CPU: the plan's glue
+def _graph_stand_in(monkeypatch, kernels):
+    """tests/test_cupy_compile.py's NumPy stand-in for CuPy, plus streams that capture: between
+    ``begin_capture`` and ``end_capture`` every kernel launch (the emulated kernels, the
+    non-finite counter, the reference standing in for the attention) is recorded as well as run,
+    and ``Graph.launch`` runs the records again on the same arrays, as a CUDA graph would."""
+    import contextlib
+    import sys
+    import types
+
+    from unisparse_ref.cupy_backend import _device, _loader, attention
+
+    from .test_cupy_compile import _fake_cupy, _reference_attention_forward
+
+    fake, Kernel = _fake_cupy(kernels)
+    rec: dict[str, list | None] = {"ops": None}
+
+    def recorded(fn):
+        def run(*a, **k):
+            res = fn(*a, **k)
+            if rec["ops"] is not None:
+                rec["ops"].append(lambda: fn(*a, **k))
+            return res
+        return run
+
+    Kernel.__call__ = recorded(Kernel.__call__)
+    zeros = fake.zeros
+
+    def zeros_recorded(*a, **k):  # cudaMemsetAsync: a node of the graph, replayed too
+        z = zeros(*a, **k)
+        if rec["ops"] is not None:
+            rec["ops"].append(lambda: z.fill(0))
+        return z
+
+    fake.zeros = zeros_recorded
+    fake.ReductionKernel.__call__ = recorded(fake.ReductionKernel.__call__)
+    ref_forward = _reference_attention_forward()
+
+    def attention_forward(*a, **k):
+        out, lse = ref_forward(*a, **k)
+        if rec["ops"] is not None:
+            def again():
+                o2, l2 = ref_forward(*a, **k)
+                out[...] = o2
+                lse[...] = l2
+            rec["ops"].append(again)
+        return out, lse
+
+    class Graph:
+        def __init__(self, ops):
+            self.ops = ops
+
+        def launch(self, stream=None):
+            for op in self.ops:
+                op()
+
+    class Stream:
+        ptr = 7
+
+        def __init__(self, *a, **k):
+            pass
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            return False
+
+        def synchronize(self):
+            pass
+
+        def begin_capture(self, mode=None):
+            assert rec["ops"] is None, "capture inside a capture"
+            rec["ops"] = []
+
+        def end_capture(self):
+            ops, rec["ops"] = rec["ops"], None
+            return Graph(ops)
+
+    class Data:
+        def __init__(self, arr):
+            self.arr, self.ptr = arr, arr.ctypes.data
+
+        def copy_from_device_async(self, src, nbytes, stream=None):
+            assert nbytes == self.arr.nbytes == src.arr.nbytes
+            self.arr.view(np.uint8)[...] = src.arr.view(np.uint8)
+
+    fake.ndarray.data = property(lambda self: Data(self))
+    fake.cuda.Stream = Stream
+    fake.cuda.get_current_stream = lambda: Stream()
+    fake.cuda.MemoryPool = lambda: types.SimpleNamespace(malloc=None)
+    fake.cuda.using_allocator = lambda alloc=None: contextlib.nullcontext()
+    fake.empty_like = lambda a: np.empty_like(a).view(fake.ndarray)
+    monkeypatch.setitem(sys.modules, "cupy", fake)
+    monkeypatch.setattr(attention, "attention_forward", attention_forward)
+    monkeypatch.setattr(_device, "_BF16_NATIVE", True)
+    monkeypatch.setattr(_device, "_NONFINITE", {})
+    monkeypatch.setattr(selection, "THREADS", 32)  # the emulation was built with -DUS_SEL_THREADS=32
+    monkeypatch.setattr(_loader, "_SHARED_OPTIN", {})
+    monkeypatch.setattr(_loader, "get_function", Kernel)
+    return fake
+
+
+def test_plan_glue_on_host_emulation(host_kernels, monkeypatch) -> None:  # noqa: F811 - the imported fixture
+    """PipelinePlan and graph=True on the stand-in: the replay recomputes from new inputs and
+    gives the eager bits, the plan's own buffers skip the copies, the check raises, plans are
+    keyed and bounded."""
+    from unisparse_ref import cupy_backend as cb
+
+    _graph_stand_in(monkeypatch, host_kernels)
+    be = cb.CupyBackend("host emulation")
+    cfg = UniSparseConfig(block_size=32, c_q=8, c_k=4, c_h=2, threshold=0.8)
+    rng = np.random.default_rng(5)
+    q, k, v = random_qkv(rng, 1, 4, 2, 150, 200, 32, BFLOAT16)
+    plan = be.plan(q, k, v, cfg)
+    for seed in (5, 6):
+        q2, k2, v2 = random_qkv(np.random.default_rng(seed), 1, 4, 2, 150, 200, 32, BFLOAT16)
+        eager = be.unisparse_attention(q2, k2, v2, cfg)
+        got = plan(q2, k2, v2)
+        for x, y in zip(eager[:2] + eager[3:], got[:2] + got[3:], strict=True):
+            assert _bits(x).tobytes() == _bits(y).tobytes()
+        assert np.array_equal(us.to_numpy(eager[2].mask), us.to_numpy(got[2].mask))
+    same = plan(plan.q, plan.k, plan.v)  # the plan's own buffers (bf16 views): no copy, same bits
+    assert _bits(same[0]).tobytes() == _bits(eager[0]).tobytes()
+    bad = v2.copy()
+    bad[0, 1, 9, 4] = np.nan
+    with pytest.raises(ValueError, match="v holds"):  # (the reference standing in for the attention may say it first)
+        plan(q2, k2, bad)
+    with pytest.raises(ValueError, match="plan was built for"):
+        plan(q2[:, :, :140], k2, v2)
+    be.max_plans = 2
+    for n in (64, 96, 128):
+        qn, kn, vn = random_qkv(rng, 1, 4, 2, n, n, 32, BFLOAT16)
+        a1 = be.unisparse_attention(qn, kn, vn, cfg, graph=True)
+        a2 = be.unisparse_attention(qn, kn, vn, cfg, graph=True)
+        assert a1[1] is a2[1]  # the same plan's buffers
+    assert len(be._plans) == 2
+    be.clear_plans()
+    assert not be._plans
