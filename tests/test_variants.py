@@ -58,11 +58,10 @@ if not SIM:  # larger where the kernels run on a GPU or in NumPy
 def variant_config(name: str, geometry_fields: dict, **extra: object) -> UniSparseConfig:
     """The config of variant ``name`` on a geometry (``calibrated()`` keeps its own ``P`` unless given)."""
     options = VARIANTS[name]
-    fields = {**geometry_fields, **extra}
     if options is None:
-        fields.pop("threshold", None)
-        return UniSparseConfig.calibrated(**fields)
-    return UniSparseConfig(**{**fields, **options})
+        fields = {k: v for k, v in geometry_fields.items() if k != "threshold"}
+        return UniSparseConfig.calibrated(**{**fields, **extra})
+    return UniSparseConfig(**{**geometry_fields, **extra, **options})
 
 
 def eps_valid(mask, scores, config: UniSparseConfig, nq: int, nk: int, eps: float) -> np.ndarray:
