@@ -92,6 +92,14 @@ def native_stage(backend: str | Any, name: str) -> Any:
     return None
 
 
+def _cache_types() -> tuple[type, ...]:
+    """The paged caches the entry points read: the reference's and the CuPy layer's (which
+    imports without CuPy; its pages need CuPy only when one is built)."""
+    from .cupy_backend.varlen import CupyPagedKVCache
+
+    return (PagedKVCache, CupyPagedKVCache)
+
+
 def _unchecked_stage(be: Any, name: str) -> Any:
     """The native stage ``name`` with ``check_finite=False`` for the pipeline, if it takes that
     argument (else ``None``): the attention (the pooling already checked ``q`` and ``k``; the
@@ -254,7 +262,7 @@ def unisparse_attention_varlen(
 
 def unisparse_attention_paged(
     q: Any,
-    cache: PagedKVCache,
+    cache: Any,
     cu_seqlens_q: Any,
     config: UniSparseConfig | None = None,
     *,
@@ -279,8 +287,10 @@ def unisparse_attention_paged(
     Parameters
     ----------
     q : array, shape ``[total_q, Hq, D]``
-    cache : PagedKVCache
-        Its ``c_k`` must be ``config.c_k``; ``Hkv`` and ``D`` must fit ``q``.
+    cache : PagedKVCache or CupyPagedKVCache
+        The reference's host cache, or the CuPy layer's device cache
+        (:class:`unisparse_ref.cupy_backend.varlen.CupyPagedKVCache`, the same layout). Its
+        ``c_k`` must be ``config.c_k``; ``Hkv`` and ``D`` must fit ``q``.
     cu_seqlens_q : integer array, shape ``[cache.batch + 1]``
     config, backend, return_details :
         As in :func:`unisparse_attention_varlen`.
@@ -290,8 +300,8 @@ def unisparse_attention_paged(
     out : ``[total_q, Hq, D]``, or a :class:`VarlenResult` (``cu_seqlens_k`` from ``seqused_k``).
     """
     config = check_config(config)
-    if not isinstance(cache, PagedKVCache):
-        raise TypeError(f"cache must be a PagedKVCache, got {type(cache)!r}")
+    if not isinstance(cache, _cache_types()):
+        raise TypeError(f"cache must be a PagedKVCache or a CupyPagedKVCache, got {type(cache)!r}")
     if cache.c_k != config.c_k:
         raise ValueError(f"the cache pools keys with c_k={cache.c_k} but config.c_k={config.c_k}")
     q = _as_array("q", q)

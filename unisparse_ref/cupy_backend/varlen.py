@@ -59,7 +59,6 @@ from .._arrays import (
     packed_offsets,
 )
 from ..config import UniSparseConfig
-from ..reference.paged import PagedKVCache
 from . import _hopper, _loader, attention
 from ._device import as_bfloat16, check_finite_device, cupy_module, device_input, i32, wrap_output
 from ._loader import CTYPES, KernelSpec
@@ -513,7 +512,7 @@ def _cache_pages(arr: Any) -> bool:
                                      for x in (cache._k, cache._v))
 
 
-class CupyPagedKVCache(PagedKVCache):
+class CupyPagedKVCache:
     """The paged KV cache of :class:`~unisparse_ref.reference.paged.PagedKVCache` on the GPU (CuPy).
 
     The same layout, block table, page order and rules (``c_k`` divides ``page_size``; the
@@ -546,12 +545,30 @@ class CupyPagedKVCache(PagedKVCache):
         max_pages: int | None = None, c_k: int = 16, dtype: Any = np.float16, page_order: Any = None,
     ) -> None:
         cp = cupy_module()
-        # The reference validates and builds the host bookkeeping on a one-page stand-in ...
-        super().__init__(num_pages, page_size, num_kv_heads, head_dim, batch=batch, max_pages=max_pages, c_k=c_k,
-                         dtype=dtype, page_order=page_order)
+        # The reference's rules and messages (reference/paged.py), its bookkeeping on the host.
+        for name, value in (("num_pages", num_pages), ("page_size", page_size), ("num_kv_heads", num_kv_heads),
+                            ("head_dim", head_dim), ("batch", batch), ("c_k", c_k)):
+            if not isinstance(value, (int, np.integer)) or value < 1:
+                raise ValueError(f"CupyPagedKVCache: {name} must be a positive int, got {value!r}")
+        if page_size % c_k != 0:
+            raise ValueError(
+                f"CupyPagedKVCache: c_k={c_k} must divide page_size={page_size} (a group of c_k keys must not "
+                f"straddle two pages)"
+            )
+        max_pages = num_pages if max_pages is None else int(max_pages)
+        if max_pages < 1:
+            raise ValueError(f"CupyPagedKVCache: max_pages must be >= 1, got {max_pages}")
+        self._order = list(range(num_pages)) if page_order is None else [int(p) for p in page_order]
+        if sorted(self._order) != list(range(num_pages)):
+            raise ValueError("CupyPagedKVCache: page_order must be a permutation of range(num_pages)")
+        self.dtype = check_dtype("dtype", dtype)
         if self.dtype not in (np.dtype(np.float16), BFLOAT16, np.dtype(np.float32)):
             raise TypeError(f"CupyPagedKVCache holds float16, bfloat16 or float32, got {self.dtype}")
-        # ... and the pages live on the device.
+        self.page_size, self.c_k = int(page_size), int(c_k)
+        self.block_table = np.full((batch, max_pages), -1, dtype=np.int32)
+        self.seqused_k = np.zeros(batch, dtype=np.int32)
+        self._free = self._order[::-1]  # pop() hands out page_order[0] first
+        # The pages and their composite keys live on the device.
         shape = (num_pages, page_size, num_kv_heads, head_dim)
         storage = cp.uint16 if self.dtype == BFLOAT16 else self.dtype
         self._k = cp.zeros(shape, dtype=storage)
@@ -559,23 +576,26 @@ class CupyPagedKVCache(PagedKVCache):
         self.kc_pages = cp.zeros((num_pages, page_size // c_k, num_kv_heads, head_dim), dtype=cp.float32)
         for pages in (self._k, self._v):  # finite by construction: the attention skips their check
             _CACHE_PAGES[int(pages.data.ptr)] = weakref.ref(self)
-        self._order = list(range(num_pages)) if page_order is None else [int(p) for p in page_order]
+
+    @classmethod
+    def for_config(cls, config: UniSparseConfig, num_pages: int, page_size: int, num_kv_heads: int, head_dim: int,
+                   **kwargs: Any) -> CupyPagedKVCache:
+        """A cache whose ``c_k`` is ``config.c_k``."""
+        return cls(num_pages, page_size, num_kv_heads, head_dim, c_k=check_config(config).c_k, **kwargs)
 
     @property
-    def k_pages(self) -> Any:  # type: ignore[override]
+    def k_pages(self) -> Any:
+        """CuPy ``[num_pages, page_size, Hkv, D]`` (bfloat16: a bf16 view of the ``uint16`` storage)."""
         return as_bfloat16(self._k) if self.dtype == BFLOAT16 else self._k
 
-    @k_pages.setter
-    def k_pages(self, value: Any) -> None:  # the reference's __init__ assigns host pages: dropped
-        pass
-
     @property
-    def v_pages(self) -> Any:  # type: ignore[override]
+    def v_pages(self) -> Any:
+        """Like :attr:`k_pages`."""
         return as_bfloat16(self._v) if self.dtype == BFLOAT16 else self._v
 
-    @v_pages.setter
-    def v_pages(self, value: Any) -> None:
-        pass
+    @property
+    def batch(self) -> int:
+        return int(self.block_table.shape[0])
 
     @property
     def num_kv_heads(self) -> int:
@@ -584,6 +604,24 @@ class CupyPagedKVCache(PagedKVCache):
     @property
     def head_dim(self) -> int:
         return int(self._k.shape[3])
+
+    @property
+    def free_pages(self) -> int:
+        """Pages not yet handed out."""
+        return len(self._free)
+
+    @property
+    def cu_seqlens_k(self) -> np.ndarray:
+        """int32 ``[batch + 1]``: the offsets of the packed keys (:meth:`packed_keys`)."""
+        return np.concatenate([[0], np.cumsum(self.seqused_k.astype(np.int64))]).astype(np.int32)
+
+    def check_queries(self, cu_seqlens_q: Any, total_q: int, causal: bool) -> np.ndarray:
+        """``cu_seqlens_q`` checked against the cache: one entry per sequence, ``N_q,b <= seqused_k[b]`` when causal."""
+        cu_q = check_cu_seqlens("cu_seqlens_q", cu_seqlens_q, total_q)
+        if cu_q.size - 1 != self.batch:
+            raise ValueError(f"cu_seqlens_q describes {cu_q.size - 1} sequences, the cache holds {self.batch}")
+        check_varlen_lengths(cu_q, self.seqused_k, causal)
+        return cu_q
 
     def clear(self) -> None:
         """Empty every sequence and give every page back (the pages' contents stay until overwritten)."""
@@ -598,7 +636,7 @@ class CupyPagedKVCache(PagedKVCache):
     def append(self, k_new: Any, v_new: Any, seq: int = 0) -> None:
         """Append ``n`` keys and values ``[n, Hkv, D]`` (any accepted array; copied to the device) to ``seq``.
 
-        As :meth:`PagedKVCache.append <unisparse_ref.reference.paged.PagedKVCache.append>`:
+        As the reference's ``PagedKVCache.append``:
         pages assigned as needed, nothing written when a check fails (shapes, dtype,
         non-finite values, a full block-table row or pool); then one scatter of the keys and
         one of the values, and ``us_pool_varlen`` over the touched groups (group-aligned).
@@ -697,7 +735,8 @@ class CupyPagedKVCache(PagedKVCache):
         return self._composite_rows(range(self.batch))
 
     def __repr__(self) -> str:
-        return "Cupy" + super().__repr__()
+        return (f"CupyPagedKVCache(pages={self._k.shape[0]}, page_size={self.page_size}, c_k={self.c_k}, "
+                f"batch={self.batch}, seqused_k={self.seqused_k.tolist()}, free={self.free_pages})")
 
 
 def _wrap(bits: Any, dtype: np.dtype) -> Any:
