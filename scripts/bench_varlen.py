@@ -28,7 +28,14 @@ data, ratios within one run.
    block table. Against the one-shot pipeline (``CupyBackend.unisparse_attention`` on the
    whole prompt). Target: chunked within 1.3x. Scoring and selection run the batch kernels
    on each chunk (the chunk is one sequence); the launchers are called directly (no input
-   checks on either side beyond the one-shot pipeline's own).
+   checks on either side beyond the one-shot pipeline's own); and the same through the public
+   API (``CupyPagedKVCache.append``, then ``unisparse_attention_paged(..., backend="cupy")``).
+3. **The whole pipeline** on the packed batch (``unisparse_attention_varlen``) against the batch
+   pipeline ``CupyBackend.unisparse_attention`` looped over the sequences and on one sequence
+   of the same causal work.
+
+``--final`` is the short run of a shared GPU batch (about 80 s): 1 warm-up, 5 repeats, two tile
+orders, and ``--out``'s JSON rewritten after every section.
 """
 
 from __future__ import annotations
@@ -79,6 +86,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", default=None, help="directory for bench_varlen.json")
     p.add_argument("--quick", action="store_true", help="fewer repeats, packed batch only at density 1")
     p.add_argument("--repeats", type=int, default=10)
+    p.add_argument("--final", action="store_true",
+                   help="the short run of a shared batch (at most about 80 s): 1 warm-up and 5 repeats, two tile "
+                        "orders; sections in the order packed, chunked, pipeline; the JSON rewritten after each")
     args = p.parse_args(argv)
 
     import cupy as cp
@@ -94,11 +104,17 @@ def main(argv: list[str] | None = None) -> int:
     be = us.get_backend("cupy")
     dev = cp.cuda.runtime.getDeviceProperties(0)
     gpu = dev["name"].decode() if isinstance(dev["name"], bytes) else str(dev["name"])
-    kw = {"warmup": 2, "repeats": 3 if args.quick else args.repeats}
+    kw = {"warmup": 1 if args.final else 2, "repeats": 3 if args.quick else 5 if args.final else args.repeats}
     results: dict[str, Any] = {"gpu": gpu, "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
                                "lengths": LENGTHS, "Hq": HQ, "Hkv": HKV, "D": D, "S": S, "dtype": "bfloat16"}
     wrong: list[str] = []
     scale = 1.0 / math.sqrt(D)
+
+    def save() -> None:  # after every section: a cap that kills the run keeps what was measured
+        results["refused"] = wrong
+        if args.out:
+            Path(args.out).mkdir(parents=True, exist_ok=True)
+            (Path(args.out) / "bench_varlen.json").write_text(json.dumps(results, indent=1))
 
     def check(name: str, chk: Any) -> bool:
         if not chk.ok:
@@ -119,8 +135,11 @@ def main(argv: list[str] | None = None) -> int:
     seq = [tuple(cp.ascontiguousarray(x[int(cu[i]):int(cu[i + 1])].transpose(1, 0, 2)[None]) for x in (q, k, v))
            for i in range(nq.size)]
     tiles_of = {o: cp.asarray(_hopper.varlen_tiles(cu, nq, cu[:-1], S, True, order=o)) for o in _hopper.VARLEN_ORDERS}
-    for g in (1024, 4096, 8192):  # other buckets of the grouped order (the default is 2048 keys)
-        tiles_of[f"grouped{g}"] = cp.asarray(_hopper.varlen_tiles(cu, nq, cu[:-1], S, True, group_keys=g))
+    if args.final:
+        del tiles_of["sequence"]
+    else:
+        for g in (1024, 4096, 8192):  # other buckets of the grouped order (the default is 2048 keys)
+            tiles_of[f"grouped{g}"] = cp.asarray(_hopper.varlen_tiles(cu, nq, cu[:-1], S, True, group_keys=g))
     total_qb = int(packed_offsets(cu, S)[-1])
     cfg = UniSparseConfig(block_size=S)
     out_p = cp.empty_like(q)
@@ -227,32 +246,31 @@ def main(argv: list[str] | None = None) -> int:
                             "tflops_packed": 4 * D * HQ * work / 2 / t_packed["ms"] / 1e9})
         rows.append(row)
         print(json.dumps(row))
-    results["packed"] = rows
-
-    # ------------------------------------------------------------------ 1b. the whole pipeline, packed
-    if not args.quick:
-        try:
-            results["pipeline"] = _pipeline(be, cp, us, as_bfloat16, _bf16_bits, reference_check, time_calls, kw,
-                                            check, q, k, v, seq, cu, nq, rs)
-        except Exception as e:  # noqa: BLE001 - recorded, and the exit status says so
-            wrong.append(f"pipeline section failed: {type(e).__name__}: {e}"[:300])
-            print("FAILED pipeline section:", repr(e)[:300])
-        del seq
-        cp.get_default_memory_pool().free_all_blocks()
+        results["packed"] = rows
+        save()
 
     # ------------------------------------------------------------------ 2. chunked prefill
     if not args.quick:
         try:
             results["chunked"] = _chunked(be, cp, us, as_bfloat16, _bf16_bits, reference_check, time_calls, cv,
                                           _hopper, kw, check, scale)
-        except Exception as e:  # noqa: BLE001
+        except Exception as e:  # noqa: BLE001 - recorded, and the exit status says so
             wrong.append(f"chunked section failed: {type(e).__name__}: {e}"[:300])
             print("FAILED chunked section:", repr(e)[:300])
-    results["refused"] = wrong
-    print(json.dumps({k: v for k, v in results.items() if k not in ("packed", "chunked")}))
-    if args.out:
-        Path(args.out).mkdir(parents=True, exist_ok=True)
-        (Path(args.out) / "bench_varlen.json").write_text(json.dumps(results, indent=1))
+        save()
+        cp.get_default_memory_pool().free_all_blocks()
+
+    # ------------------------------------------------------------------ 3. the whole pipeline, packed
+    if not args.quick:
+        try:
+            results["pipeline"] = _pipeline(be, cp, us, as_bfloat16, _bf16_bits, reference_check, time_calls, kw,
+                                            check, q, k, v, seq, cu, nq, rs)
+        except Exception as e:  # noqa: BLE001
+            wrong.append(f"pipeline section failed: {type(e).__name__}: {e}"[:300])
+            print("FAILED pipeline section:", repr(e)[:300])
+        save()
+    print(json.dumps({k: v for k, v in results.items() if k not in ("packed", "chunked", "pipeline")}))
+    save()
     _summary(results)
     return 1 if wrong else 0
 

@@ -6,7 +6,8 @@
 #   memcheck: compute-sanitizer memcheck on scripts/sanitize_varlen.py (merge, packed pooling,
 #             us_fa3_fwd_varlen contiguous and paged, CupyPagedKVCache; about 45 s)
 #   bench:    scripts/bench_varlen.py (correctness first, then timings; about 100 s)
-#   M = tests + memcheck (at most 185 s), F = tests + bench (at most 250 s), all = the three.
+#   M = tests + memcheck (at most 185 s); all = tests + memcheck + bench;
+#   F = the bench only, short (--final: at most 80 s; the shared batch F runs the test suite itself).
 # Writes $OUT/varlen/summary.txt (and bench_varlen.json); the exit status is non-zero if a step failed.
 set -u
 MODE=${1:-all}
@@ -18,19 +19,24 @@ status=0
 SUM="$DIR/summary.txt"
 { date -u; nvidia-smi --query-gpu=name,driver_version --format=csv,noheader 2>/dev/null; \
   echo "commit ${UNISPARSE_COMMIT:-$(git rev-parse HEAD 2>/dev/null || echo unknown)} mode $MODE"; } > "$SUM" 2>&1
-step() {  # step NAME SECONDS COMMAND...
+step() {  # step NAME SECONDS COMMAND...: its output live on stdout, its tail in the summary
   local name=$1 limit=$2; shift 2
   echo "=== $name: $*"
   local t0=$(date +%s)
-  if timeout "$limit" "$@" > "/tmp/varlen_$name.log" 2>&1; then r=0; else r=$?; status=1; fi
-  tail -n 25 "/tmp/varlen_$name.log" | tee -a "$SUM"
+  timeout "$limit" "$@" 2>&1 | tee "/tmp/varlen_$name.log" | grep -v "^\[" | cut -c1-400
+  local r=${PIPESTATUS[0]}
+  [ "$r" = 0 ] || status=1
+  tail -n 25 "/tmp/varlen_$name.log" >> "$SUM"
   echo "=== $name: exit $r in $(( $(date +%s) - t0 )) s" | tee -a "$SUM"
 }
-step tests 120 env UNISPARSE_TEST_BACKENDS=cupy $PY -m pytest -q -p no:cacheprovider -rs tests/test_varlen.py -k cupy
 if [ "$MODE" = all ] || [ "$MODE" = M ]; then
+  step tests 120 env UNISPARSE_TEST_BACKENDS=cupy $PY -m pytest -q -p no:cacheprovider -rs tests/test_varlen.py -k cupy
   step memcheck 60 compute-sanitizer --tool memcheck --error-exitcode 3 $PY scripts/sanitize_varlen.py
 fi
-if [ "$MODE" = all ] || [ "$MODE" = F ]; then
+if [ "$MODE" = all ]; then
   step bench 125 $PY scripts/bench_varlen.py --out "$DIR"
+fi
+if [ "$MODE" = F ]; then
+  step bench 76 $PY scripts/bench_varlen.py --final --out "$DIR"
 fi
 exit $status
