@@ -7,6 +7,9 @@
 #      D=128, causal), each run checked first.
 # Writes $OUT/dist/summary.txt and $OUT/dist/timing.json; exits non-zero when anything failed.
 # Run from the repository root of a clean tree, PYTHONPATH set to it.
+#
+#   bash scripts/gpu_dist.sh --time-only   (about 25 s, no tests: batch F, where the shared suite
+#       runs the GPU tests) times 512K tokens on 8 simulated ranks and on one, each run checked first.
 set -u -o pipefail
 export NCCL_NVLS_ENABLE=0
 OUTD="${OUT:-/tmp/gpu_dist_out}/dist"
@@ -14,6 +17,13 @@ mkdir -p "$OUTD"
 SUM="$OUTD/summary.txt"
 rc=0
 start=$(date +%s)
+if [ "${1:-}" = "--time-only" ]; then
+  echo "gpu_dist.sh --time-only on $(nvidia-smi --query-gpu=name,driver_version --format=csv,noheader 2>/dev/null | head -n1), $(date -u +%FT%TZ)" | tee "$SUM"
+  timeout 27 python scripts/distributed_gpu.py time --sizes 524288 --world-sizes 1,8 --reps 1 \
+    --json "$OUTD/timing.json" --budget-s 17 2>&1 | tail -n 20 | tee -a "$SUM" || rc=1
+  echo "== gpu_dist.sh --time-only: exit $rc after $(( $(date +%s) - start )) s" | tee -a "$SUM"
+  exit $rc
+fi
 {
   echo "gpu_dist.sh at $([ -d .git ] && git rev-parse --short HEAD || echo 'a clean tree (commit: the batch record)') on $(nvidia-smi --query-gpu=name,driver_version --format=csv,noheader 2>/dev/null | head -n1), $(date -u +%FT%TZ)"
   echo "== tests/test_distributed_gpu.py"
