@@ -512,16 +512,16 @@ class _FakeCupyBackend:
         return self.cp.asarray(out), self.cp.asarray(lse)
 
 
-@pytest.mark.parametrize("dtype", [us.BFLOAT16, np.float16])
-@pytest.mark.parametrize("combine", ["gather", "merge"])
+@pytest.mark.parametrize("dtype,combine", [(us.BFLOAT16, "gather"), (np.float16, "merge")])
 def test_stage_path_cupy_glue_on_a_numpy_stand_in(monkeypatch, dtype, combine):
     """The CuPy branches of the stage path (bf16 carried as uint16 bits, shards cut and results
     assembled on the "device", byte counts with float32 composite keys and 2-byte K/V) on a
-    stand-in CuPy made of NumPy, around the reference's stages (the kernels need a GPU)."""
+    stand-in CuPy made of NumPy, around the reference's stages (the kernels need a GPU),
+    checked by the GPU tests' comparison (verify.compare_stage_run: SPEC 7 against the float64
+    reference, masks and bits against the one-device run of the stand-in, bytes = formula)."""
     import sys
 
     from unisparse_ref.cupy_backend import _device
-    from unisparse_ref.tolerance import check_attention, check_lse
 
     fake = _fake_cupy()
     monkeypatch.setitem(sys.modules, "cupy", fake)
@@ -533,19 +533,7 @@ def test_stage_path_cupy_glue_on_a_numpy_stand_in(monkeypatch, dtype, combine):
     res = simulate_context_parallel(qd, kd, vd, cfg, 3, backend=be, combine=combine)
     assert type(res.lse).__module__ == "cupy" and type(res.block_mask.mask).__module__ == "cupy"
     assert np.dtype(res.out.dtype) == np.dtype(dtype)
-    ref = us.unisparse_attention(q, k, v, cfg, backend="numpy", return_details=True)
-    assert np.array_equal(us.to_numpy(res.block_mask.mask), ref.block_mask.mask)
-    lp, lse_lp = us.reference.block_sparse_attention(q, k, v, ref.block_mask, cfg, precision=dtype)
-    chk = check_attention(us.to_numpy(res.out), ref.out, lp, dtype)
-    assert chk.ok, chk.message()
-    lchk = check_lse(us.to_numpy(res.lse), ref.lse, lse_lp)
-    assert lchk.ok, lchk.message()
-    exp = expected_bytes(res.plan, res.block_mask.mask, kv_heads=2, head_dim=16, kv_itemsize=2, c_k=cfg.c_k,
-                         heads_per_mask=cfg.c_h, composite_itemsize=4)
-    for r, (got, want) in enumerate(zip(res.stats, exp, strict=True)):
-        for way in ("sent", "recv"):
-            assert {t: got[way].get(t, 0) for t in TAGS} == want[way], (r, way)
-    # the GPU tests' comparison (verify.compare_stage_run) on the same run
+    assert res.k_c.dtype == np.float32 and res.stats[0]["recv"]["composite_keys"] > 0
     one = us.unisparse_attention(qd, kd, vd, cfg, backend=be, return_details=True)
     rep = compare_stage_run(res, one, q, k, v, cfg, be.score_eps)
     assert not rep.failures and rep.bytes_ok and rep.rows_differ == 0, rep.summary()
