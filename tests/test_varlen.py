@@ -726,3 +726,97 @@ def test_cupy_v9_varlen_launch_glue(monkeypatch, paged):
     assert int(rest[15]) == n_tiles * Hq and cfg["grid"] == (n_tiles * Hq, 1, 1)  # fewer tasks than SMs
     assert rest[16].shape == (1 + n_tiles * Hq,) and int(rest[17]) == 1  # sched, dynamic
     assert rest[18] is table and int(rest[19]) == (2 if paged else 0) and int(rest[20]) == (128 if paged else 0)
+
+
+_VARLEN_WRAPPERS = r'''
+extern "C" void emu_merge_f(const float* oa, const float* la, const float* ob, const float* lb, float* o, float* l,
+                            long long rows, int D, unsigned grid, unsigned block) {
+  emu_launch(dim3_{grid, 1, 1}, dim3_{block, 1, 1}, [&] { us_merge_states<float>(oa, la, ob, lb, o, l, rows, D); }); }
+#define US_POOL_WRAP(NAME, T) \
+extern "C" void NAME(const T* x, const int* cu, const int* cu_out, float* out, int batch, int H, int D, int c, int ch, \
+                     unsigned grid, unsigned block) { \
+  emu_launch(dim3_{grid, 1, 1}, dim3_{block, 1, 1}, [&] { us_pool_varlen<T>(x, cu, cu_out, out, batch, H, D, c, ch); }); }
+US_POOL_WRAP(emu_poolv_f, float)
+US_POOL_WRAP(emu_poolv_h, __half)
+US_POOL_WRAP(emu_poolv_bf, __nv_bfloat16)
+'''
+
+
+@pytest.fixture(scope="module")
+def varlen_host_kernels(tmp_path_factory):
+    """raw_kernels/varlen.cu built with g++ under the host emulation of tests/test_cupy_compile.py."""
+    import ctypes
+    import re
+    import shutil
+    import subprocess
+
+    from tests.test_cupy_compile import _PRELUDE
+    from unisparse_ref.cupy_backend import _loader
+
+    gxx = shutil.which("g++")
+    if gxx is None:
+        pytest.skip("g++ is not installed: the host emulation of the kernels is skipped")
+    src = _loader.read_source("varlen.cu")
+    src = re.sub(r"#include <cuda_(fp16|bf16)\.h>", "", src).replace("#pragma once", "")
+    d = tmp_path_factory.mktemp("varlen_emu")
+    (d / "varlen.cpp").write_text(_PRELUDE + src + _VARLEN_WRAPPERS)
+    r = subprocess.run([gxx, "-std=c++20", "-O1", "-fPIC", "-shared", "-pthread", "-w", str(d / "varlen.cpp"), "-o",
+                        str(d / "libvarlen.so")], capture_output=True, text=True, timeout=300)
+    if r.returncode != 0 and "barrier" in r.stderr and "No such file" in r.stderr:
+        pytest.skip("g++ lacks C++20 <barrier>")
+    assert r.returncode == 0, r.stderr[-3000:]
+    return ctypes.CDLL(str(d / "libvarlen.so"))
+
+
+def _c(a):
+    import ctypes
+
+    return a.ctypes.data_as(ctypes.c_void_p)
+
+
+def test_host_emulated_varlen_pooling(varlen_host_kernels):
+    """us_pool_varlen (no GPU: g++ and the host emulation): every sequence's composite tokens,
+    groups never crossing a sequence (lengths 1, odd, empty, a partial last group), against
+    the reference, with a grid-stride loop over more outputs than threads."""
+    import ctypes
+
+    rng = np.random.default_rng(13)
+    nq = np.array([1, 37, 0, 50, 23])
+    cu = offsets(nq)
+    for dt, fn in ((np.float32, "emu_poolv_f"), (np.float16, "emu_poolv_h"), (us.BFLOAT16, "emu_poolv_bf")):
+        for c, ch in ((16, 2), (4, 1)):
+            x = rng.standard_normal((cu[-1], 4, 8)).astype(dt)
+            cu_out = packed_offsets(cu, c)
+            out = np.zeros((cu_out[-1], 4 // ch, 8), np.float32)
+            xin = np.ascontiguousarray(x if dt == np.float32 else x.view(np.uint16))
+            getattr(varlen_host_kernels, fn)(_c(xin), _c(cu), _c(cu_out), _c(out), *(ctypes.c_int(v) for v in (
+                len(nq), 4, 8, c, ch)), ctypes.c_uint(2), ctypes.c_uint(32))
+            want = rv.compress_queries_varlen(x, cu, UniSparseConfig(block_size=16, c_q=c, c_k=c, c_h=ch), num_kv_heads=1)
+            tol, _ = attention_tolerance(want, None, np.float32)
+            assert np.abs(out - want).max() <= tol, (np.dtype(dt), c, ch)
+
+
+def test_host_emulated_merge(varlen_host_kernels):
+    """us_merge_states in float32 (no GPU): the reference merge within SPEC 7's float32 rule,
+    rows empty on one side exactly the other side, rows empty on both 0 and -inf, no NaN."""
+    import ctypes
+
+    rng = np.random.default_rng(14)
+    oa, ob = (rng.standard_normal((6, 5, 24)).astype(np.float32) for _ in range(2))
+    la, lb = (3 * rng.standard_normal((6, 5)).astype(np.float32) for _ in range(2))
+    la[0, :2] = lb[0, 1:3] = -np.inf  # a-empty, both empty, b-empty rows
+    ob[0, 1:3] = 0
+    oa[0, :2] = 0
+    out, lse = np.zeros_like(oa), np.zeros_like(la)
+    varlen_host_kernels.emu_merge_f(_c(oa), _c(la), _c(ob), _c(lb), _c(out), _c(lse), ctypes.c_longlong(30),
+                                    ctypes.c_int(24), ctypes.c_uint(3), ctypes.c_uint(32))
+    want, wl = ref.merge_attention_states(oa, la, ob, lb)
+    chk = check_attention(out, want, None, np.float32)
+    assert chk.ok, chk.message()
+    assert not np.isnan(out).any() and not np.isnan(lse).any()
+    fin = np.isfinite(wl)
+    np.testing.assert_allclose(lse[fin], wl[fin], rtol=1e-6)
+    np.testing.assert_array_equal(out[0, 0], ob[0, 0])  # a empty: b exactly
+    np.testing.assert_array_equal(lse[0, 0], lb[0, 0])
+    assert (out[0, 1] == 0).all() and np.isneginf(lse[0, 1])  # both empty
+    np.testing.assert_array_equal(out[0, 2], oa[0, 2])  # b empty: a exactly
