@@ -34,7 +34,7 @@ Pipeline
 --------
 :meth:`CupyBackend.unisparse_attention` queues every stage without a host synchronisation
 between them; ``graph=True`` (or :meth:`CupyBackend.plan`) replays it from a CUDA graph
-captured once per shapes, dtype and config (:class:`PipelinePlan`, :mod:`.plan`).
+captured once per shapes, dtype and config (:class:`PipelinePlan`, ``cupy_backend/plan.py``).
 
 bfloat16
 --------
@@ -305,7 +305,7 @@ class CupyBackend:
         """
         config = check_config(config)
         if graph:
-            return self._plan_for(q, k, v, config, check_finite)(q, k, v)
+            return self._run_plan(q, k, v, config, check_finite)
         self._refuse_variants(config, "cupy backend unisparse_attention")
         (qd, kd, vd), dt, (_, Hq, Hkv, _, _, _) = qkv_inputs(q, k, v, config.causal)
         check_head_pooling(Hq, Hkv, config.c_h)
@@ -326,7 +326,9 @@ class CupyBackend:
         """Drop the plans kept by ``unisparse_attention(..., graph=True)`` (and their memory)."""
         self._plans.clear()
 
-    def _plan_for(self, q: Any, k: Any, v: Any, config: UniSparseConfig, check_finite: bool) -> PipelinePlan:
+    def _run_plan(self, q: Any, k: Any, v: Any, config: UniSparseConfig,
+                  check_finite: bool) -> tuple[Any, Any, BlockMask, Any, Any, Any]:
+        """Run the kept plan of these inputs' key (built first if missing) on them."""
         from .plan import plan_key
 
         self._refuse_variants(config, "cupy backend unisparse_attention")
@@ -340,7 +342,7 @@ class CupyBackend:
                 self._plans.popitem(last=False)
         else:
             self._plans.move_to_end(key)
-        return plan
+        return plan.run_converted(qd, kd, vd)
 
     def _queue_pipeline(
         self, qd: Any, kd: Any, vd: Any, dt: np.dtype, config: UniSparseConfig, check_finite: bool

@@ -54,8 +54,8 @@ class PipelinePlan:
 
     Attributes
     ----------
-    q, k, v : cupy array
-        The plan's input buffers, in the inputs' dtype (bf16: as :func:`as_bfloat16` gives it).
+    q, k, v : cupy.ndarray
+        The plan's input buffers, in the inputs' dtype (bf16: as ``as_bfloat16`` gives it).
         Writing into them and calling ``plan(plan.q, plan.k, plan.v)`` skips the copies.
     key : tuple
         What the plan is specific to: shapes, dtype, config, ``check_finite``, device.
@@ -116,11 +116,16 @@ class PipelinePlan:
             Inputs of other shapes or dtype than the plan's, or (``check_finite``) NaN or
             infinity in an input.
         """
-        cp = cupy_module()
         (qd, kd, vd), dt, _ = qkv_inputs(q, k, v, self.config.causal)
         got = plan_key(qd, kd, vd, dt, self.config, self.check_finite)
         if got != self.key:
             raise ValueError(f"this plan was built for {describe_key(self.key)}; got {describe_key(got)}")
+        return self.run_converted(qd, kd, vd)
+
+    def run_converted(self, qd: Any, kd: Any, vd: Any) -> tuple[Any, Any, Any, Any, Any, Any]:
+        """:meth:`__call__` for inputs already converted and matched to :attr:`key` (the
+        backend's ``graph=True`` path, which has done both)."""
+        cp = cupy_module()
         stream = cp.cuda.get_current_stream()
         for dst, src in zip(self._in, (qd, kd, vd), strict=True):
             if src.data.ptr != dst.data.ptr:
