@@ -85,19 +85,29 @@ def emulated_selection(tmp_path_factory: pytest.TempPathFactory):
     return ctypes.CDLL(str(so))
 
 
-@pytest.mark.parametrize("mode", ["total", "remaining"])
-@pytest.mark.parametrize("score_dtype", [np.float32, np.float64])
-def test_host_emulated_selection_modes(emulated_selection, mode: str, score_dtype, monkeypatch) -> None:
-    """The kernel (host emulation, the backend's launch configuration) equals the reference."""
+#: (nKb, causal, P, kind) rows of the host-emulated selection: every path of the kernel (fast,
+#: exact with ties at the cutoff, on-threshold rows walked sequentially, P = 1).
+EMULATED_CASES = [(1, True, 0.9, "random"), (2, False, 0.5, "ties"), (33, True, 0.9, "ties"),
+                  (64, False, 0.7, "uniform"), (70, True, 0.5, "uniform"), (130, True, 0.95, "random"),
+                  (257, False, 0.9, "ties"), (40, True, 1.0, "random")]
+
+
+@pytest.mark.parametrize(
+    "mode, score_dtype, cases",
+    [pytest.param("remaining", np.float32, [EMULATED_CASES[i] for i in (2, 3, 5)], id="remaining-float32-small")]
+    + [pytest.param(m, d, EMULATED_CASES, id=f"{m}-{np.dtype(d).name}-all", marks=pytest.mark.slow)
+       for m in ("total", "remaining") for d in (np.float32, np.float64)],
+)
+def test_host_emulated_selection_modes(emulated_selection, mode: str, score_dtype, cases, monkeypatch) -> None:
+    """The kernel (host emulation, the backend's launch configuration) equals the reference
+    (one small case by default; every case of both modes and dtypes is marked slow)."""
     import ctypes
 
     monkeypatch.setattr(selection, "THREADS", 32)  # the emulation was built with -DUS_SEL_THREADS=32
     fn = emulated_selection.emk_select_d if score_dtype == np.float64 else emulated_selection.emk_select_f
     rng = np.random.default_rng(31)
     S = 16
-    for nkb, causal, P, kind in [(1, True, 0.9, "random"), (2, False, 0.5, "ties"), (33, True, 0.9, "ties"),
-                                 (64, False, 0.7, "uniform"), (70, True, 0.5, "uniform"), (130, True, 0.95, "random"),
-                                 (257, False, 0.9, "ties"), (40, True, 1.0, "random")]:
+    for nkb, causal, P, kind in cases:
         Nq, Nk = min(3, nkb) * S, nkb * S
         cfg = UniSparseConfig(block_size=S, c_q=4, c_k=4, threshold=P, n_sink_blocks=1, n_local_blocks=2,
                               causal=causal, threshold_mode=mode)
@@ -344,6 +354,7 @@ def _graph_stand_in(monkeypatch, kernels):
     return fake
 
 
+@pytest.mark.slow  # builds pooling, scores and selection with g++ (about 15 s) and emulates the pipeline
 def test_plan_glue_on_host_emulation(host_kernels, monkeypatch) -> None:  # noqa: F811 - the imported fixture
     """PipelinePlan and graph=True on the stand-in: the replay recomputes from new inputs and
     gives the eager bits, the plan's own buffers skip the copies, the check raises, plans are
