@@ -4,7 +4,7 @@
 # BATCH_FILE has one job a line: "NAME | COMMAND | SECONDS" (blank lines and # comments skipped).
 # Each job runs from the repo root with OUT=<work>/NAME; its output goes to <work>/NAME/log.txt
 # (the last 40 lines are also printed). Every job runs; the exit status is non-zero if any failed.
-# At the end everything is packed into $OUT/batch.tgz (the device tool returns at most 8 files)
+# After every job everything so far is packed into $OUT/batch.tgz (the device tool returns at most 8 files)
 # beside $OUT/summary.txt.
 # The lead uses it to run the helpers' scripts (scripts/gpu_*.sh) in one lease.
 set -u
@@ -26,6 +26,8 @@ while IFS='|' read -r name cmd secs; do
   tail -n 40 "$LOG/$name/log.txt"
   echo "=== $name: exit $r in $(( $(date +%s) - t0 )) s"
   echo "$name exit=$r seconds=$(( $(date +%s) - t0 ))" >> "$LOG/summary.txt"
+  # packed after every job, so that a call stopped at its time limit still returns what finished
+  cp "$LOG/summary.txt" "$DEST/summary.txt"; tar czf "$DEST/batch.tgz" -C "$LOG" .
 done < "$BATCH"
 cat "$LOG/summary.txt"
 cp "$LOG/summary.txt" "$DEST/summary.txt"
