@@ -8,14 +8,16 @@
 #
 #   call 1, carry .model_gpu/part0:  bash scripts/gpu_model.sh check part0
 #   call 2, carry .model_gpu/part1:  bash scripts/gpu_model.sh check part1
-#   call 3, carry .model_gpu/part2:  bash scripts/gpu_model.sh forward
+#   call 3, carry .model_gpu/part2:  bash scripts/gpu_model.sh forward    (BUDGET_S=140 by default)
 #
 # `forward` joins the parts (each SHA-256 checked; a missing part stops it with a message),
 # installs the wheels into /tmp/msite, runs `scripts/model_gpu.py forward` (dense and UniSparse
 # prefills, the attention's share, log-probs against the CPU's; passkey retrieval at 8K tokens at
 # five depths, dense and UniSparse P = 0.9, 0.8; then the captured layers' attention timed alone,
 # every contender checked against the float64 reference first) and writes
-# model_gpu_forward.json and model_gpu_time.json to $OUT/model/. Exit status non-zero on failure.
+# model_gpu_forward.json, model_gpu_time.json and forward.log to $OUT/model/. The steps run in that
+# order of priority; none starts after BUDGET_S seconds (the rest are listed as skipped). Exit
+# status non-zero on failure.
 # Runs from the repository root of a tree (a clean `git archive` one or the working tree); the
 # parts are looked for in that tree's .model_gpu/, in $PWD/.model_gpu/ and one level up.
 set -u
@@ -44,9 +46,12 @@ forward)
     export PYTHONPATH=/tmp/msite${PYTHONPATH:+:$PYTHONPATH}:$here
     out=${OUT:-/tmp/out}/model
     mkdir -p "$out"
-    python3 "$here/scripts/model_gpu.py" forward --dir "$D" --out "$out" > /tmp/gpu_model.log 2>&1
+    # the log goes to $OUT as it is written, the JSON is rewritten after every step: a run
+    # stopped from outside keeps what it finished; --budget-s starts no step after that time
+    python3 "$here/scripts/model_gpu.py" forward --dir "$D" --out "$out" --budget-s "${BUDGET_S:-140}" \
+        > "$out/forward.log" 2>&1
     rc=$?
-    tail -n 40 /tmp/gpu_model.log
+    grep -v '"layer": ' "$out/forward.log" | tail -n 40
     echo "gpu_model.sh forward: exit $rc"
     exit $rc
     ;;

@@ -603,7 +603,10 @@ def _gpu_md() -> list[str]:
                      f"**{r['max_logprob_diff_vs_cpu_dense']:.1e}**, cross-entropy {r['ce']:.5f} against the CPU's "
                      f"{f['cpu_dense_ce']:.5f}; repeated prefills differ by at most {r['repeat_max_logprob_diff']:.1e}.")
         if f.get("failed"):
-            L.append("- Failed runs: " + "; ".join(f["failed"]))
+            L.append("- Failed steps: " + "; ".join(f["failed"]))
+        if f.get("skipped"):
+            L.append(f"- Not run (the call's time budget of {f.get('budget_s', 0):.0f} s was spent): "
+                     + "; ".join(f["skipped"]))
         L.append("")
     if tm.exists():
         t = json.loads(tm.read_text())

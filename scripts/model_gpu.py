@@ -40,6 +40,7 @@ import argparse
 import json
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -283,17 +284,23 @@ def _join_gguf(d: Path, man: dict) -> Path:
 
 
 def cmd_forward(args: argparse.Namespace) -> None:
+    """The whole prefill on CuPy arrays, then passkey retrieval and the captured layers' attention.
+
+    The steps run in order of priority under a time budget (``--budget-s`` from the start): a
+    step that would start after it is skipped and listed in ``skipped``; the JSON is rewritten
+    after every step, so a run stopped from outside keeps what it finished.
+    """
     import cupy as cp
 
     import unisparse_ref as us
     from unisparse_ref.models import SmolLM2
 
+    t_start = time.perf_counter()
     d, man = _find_parts([Path(args.dir), ROOT / ".model_gpu", Path.cwd() / ".model_gpu",
                           ROOT.parent / ".model_gpu"])
-    t0 = time.perf_counter()
     gguf_path = _join_gguf(d, man)
     model = SmolLM2.from_package(gguf_path)
-    log(f"model from {gguf_path} ({man['size'] / 2**20:.1f} MiB, SHA-256 checked) in {time.perf_counter() - t0:.1f} s")
+    log(f"model from {gguf_path} ({man['size'] / 2**20:.1f} MiB, SHA-256 checked) in {time.perf_counter() - t_start:.1f} s")
     z = np.load(sorted(d.glob("part*/ids.npz"))[0])
     n = len(z["ids"]) if args.n is None else args.n
     ids, cpu_lp = z["ids"][:n], z["token_logprobs"][: n - 1]
@@ -301,31 +308,32 @@ def cmd_forward(args: argparse.Namespace) -> None:
     props = cp.cuda.runtime.getDeviceProperties(0)
     out: dict = {"device": props["name"].decode(), "cupy": cp.__version__, "numpy": np.__version__,
                  "n_tokens": int(len(ids)), "cpu_dense_ce": cpu_ce, "repeats": args.repeats,
-                 "config": {"block_size": 128, "c_q": 16, "c_k": 16}, "runs": []}
-    runs = [("dense", None, None), ("dense", None, "float16")]
-    runs += [(f"unisparse P={p}", us.UniSparseConfig(block_size=128, c_q=16, c_k=16, threshold=p), "float16")
-             for p in THRESHOLDS]
-    runs += [("unisparse P=0.9", us.UniSparseConfig(block_size=128, c_q=16, c_k=16, threshold=0.9), None)]
+                 "config": {"block_size": 128, "c_q": 16, "c_k": 16}, "budget_s": args.budget_s,
+                 "runs": [], "passkey": [], "failed": [], "skipped": []}
+    o = Path(args.out)
+    o.mkdir(parents=True, exist_ok=True)
+
+    def save() -> None:
+        out["elapsed_s"] = time.perf_counter() - t_start
+        (o / "model_gpu_forward.json").write_text(json.dumps(out, indent=1))
+
+    def cfg(p: float) -> us.UniSparseConfig:
+        return us.UniSparseConfig(block_size=128, c_q=16, c_k=16, threshold=p)
+
     dense_ref: dict = {}
     captured: dict = {}
-    failed: list[str] = []
-    for name, att, dt in runs:
-        label = f"{name} ({dt or 'float32'} attention)"
-        try:
-            tw = time.perf_counter()
-            model.score(ids[: min(1024, n)], attention=att, backend="cupy", attention_dtype=dt)  # compiles the kernels
-            cp.cuda.get_current_stream().synchronize()
-            warm = time.perf_counter() - tw
-            res = []
-            for rep in range(args.repeats):
-                cap = args.time_layers if (att is None and dt is None and rep == 0) else ()
-                res.append(model.score(ids, attention=att, backend="cupy", attention_dtype=dt, capture_layers=cap))
-                if cap:
-                    captured = res[-1].captured
-        except Exception as e:  # noqa: BLE001 - recorded and reported, the other runs go on
-            failed.append(f"{label}: {type(e).__name__}: {e}")
-            log("FAILED", failed[-1])
-            continue
+
+    def run(name: str, att: object, dt: str | None) -> None:
+        tw = time.perf_counter()
+        model.score(ids[: min(1024, n)], attention=att, backend="cupy", attention_dtype=dt)  # compiles the kernels
+        cp.cuda.get_current_stream().synchronize()
+        warm = time.perf_counter() - tw
+        res = []
+        for rep in range(args.repeats):
+            cap = args.time_layers if (att is None and dt is None and rep == 0) else ()
+            res.append(model.score(ids, attention=att, backend="cupy", attention_dtype=dt, capture_layers=cap))
+            if cap:
+                captured.update(res[-1].captured)
         r = res[0]
         secs = sorted(x.seconds for x in res)
         att_secs = sorted(x.attention_seconds for x in res)
@@ -345,39 +353,62 @@ def cmd_forward(args: argparse.Namespace) -> None:
             rec["top1_agreement_vs_gpu_dense"] = float((r.top1 == ref.top1).mean())
         out["runs"].append(rec)
         log(json.dumps({k: v for k, v in rec.items() if k not in ("layer_density", "seconds_all")}))
-    pk = sorted(d.glob("part*/passkey.npz"))
-    out["passkey"] = []
-    if pk:
-        # passkey retrieval on the GPU: the prefill with each attention (float32), 8 greedy tokens
-        # decoded densely on the KV cache, as `model_eval.py passkey` does on the CPU
-        z = np.load(pk[0])
-        atts = [("dense", None)] + [(f"unisparse P={p}", us.UniSparseConfig(block_size=128, c_q=16, c_k=16,
-                                                                            threshold=p)) for p in (0.9, 0.8)]
-        for j, (depth, key) in enumerate(zip(z["depths"].tolist(), z["keys"].tolist(), strict=True)):
-            pids = z[f"ids{j}"]
-            for name, att in atts:
-                try:
-                    tp = time.perf_counter()
-                    ans = model.decode(model.generate(pids, 8, attention=att, backend="cupy"))
-                    rec = {"n_tokens": int(len(pids)), "depth": depth, "key": int(key), "attention": name,
-                           "answer": ans, "ok": str(key) in ans.replace(" ", ""),
-                           "seconds": time.perf_counter() - tp}
-                    out["passkey"].append(rec)
-                    log(f"passkey n={len(pids)} depth={depth} {name}: {ans!r} {'OK' if rec['ok'] else 'miss'}")
-                except Exception as e:  # noqa: BLE001 - recorded and reported
-                    failed.append(f"passkey depth {depth} {name}: {type(e).__name__}: {e}")
-                    log("FAILED", failed[-1])
-    out["failed"] = failed
-    o = Path(args.out)
-    o.mkdir(parents=True, exist_ok=True)
-    (o / "model_gpu_forward.json").write_text(json.dumps(out, indent=1))
-    log("wrote", o / "model_gpu_forward.json")
+
+    pk_files = sorted(d.glob("part*/passkey.npz"))
+    pk = np.load(pk_files[0]) if pk_files else None
+
+    def passkey(j: int, name: str, att: object) -> None:
+        # the prefill with ``att`` (float32), 8 greedy tokens decoded densely on the KV cache, as
+        # `model_eval.py passkey` does on the CPU
+        depth, key, pids = float(pk["depths"][j]), int(pk["keys"][j]), pk[f"ids{j}"]
+        tp = time.perf_counter()
+        ans = model.decode(model.generate(pids, 8, attention=att, backend="cupy"))
+        rec = {"n_tokens": int(len(pids)), "depth": depth, "key": key, "attention": name, "answer": ans,
+               "ok": str(key) in ans.replace(" ", ""), "seconds": time.perf_counter() - tp}
+        out["passkey"].append(rec)
+        log(f"passkey n={len(pids)} depth={depth} {name}: {ans!r} {'OK' if rec['ok'] else 'miss'} "
+            f"({rec['seconds']:.1f} s)")
+
     refused: list[str] = []
-    if captured:
+
+    def time_layers() -> None:
         # the attention of the captured layers alone (the `time` step, on this run's own q, k, v)
-        refused = _time_layers({i: tuple(x.astype(np.float16) for x in qkv) for i, qkv in captured.items()},
-                               o, args.repeats_layers)
-    if failed or refused or "float32" not in dense_ref:
+        refused.extend(_time_layers({i: tuple(x.astype(np.float16) for x in qkv) for i, qkv in captured.items()},
+                                    o, args.repeats_layers))
+
+    # in order of priority
+    steps: list[tuple[str, Callable[[], None], float]] = [  # (label, step, seconds it must have left)
+        ("dense (float32 attention)", lambda: run("dense", None, None), 0),
+        ("dense (float16 attention)", lambda: run("dense", None, "float16"), 0),
+        ("unisparse P=0.9 (float16 attention)", lambda: run("unisparse P=0.9", cfg(0.9), "float16"), 0),
+        ("unisparse P=0.95 (float16 attention)", lambda: run("unisparse P=0.95", cfg(0.95), "float16"), 0),
+    ]
+    n_pk = 0 if pk is None else len(pk["depths"])
+    steps += [(f"passkey {j} {name}", lambda j=j, name=name, att=att: passkey(j, name, att), 0)
+              for j in range(n_pk) for name, att in (("dense", None), ("unisparse P=0.9", cfg(0.9)))]
+    steps += [("captured layers' attention", time_layers, 25)]
+    steps += [(f"unisparse P={p} (float16 attention)", lambda p=p: run(f"unisparse P={p}", cfg(p), "float16"), 0)
+              for p in (0.8, 0.99)]
+    steps += [(f"passkey {j} unisparse P=0.8", lambda j=j: passkey(j, "unisparse P=0.8", cfg(0.8)), 0)
+              for j in range(n_pk)]
+    for label, step, need in steps:
+        left = args.budget_s - (time.perf_counter() - t_start)
+        if left <= need:
+            out["skipped"].append(label)
+            log(f"skipped (budget): {label}")
+            continue
+        if label == "captured layers' attention" and not captured:
+            continue
+        try:
+            step()
+        except Exception as e:  # noqa: BLE001 - recorded and reported, the other steps go on
+            out["failed"].append(f"{label}: {type(e).__name__}: {e}")
+            log("FAILED", out["failed"][-1])
+        save()
+    out["refused"] = refused
+    save()
+    log("wrote", o / "model_gpu_forward.json", f"after {out['elapsed_s']:.0f} s")
+    if out["failed"] or refused or "float32" not in dense_ref:
         sys.exit(1)
 
 
@@ -425,6 +456,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--time-layers", type=int, nargs="*", default=[3, 20],
                    help="layers whose captured attention is then timed alone (none: skip)")
     p.add_argument("--repeats-layers", type=int, default=10)
+    p.add_argument("--budget-s", type=float, default=150.0,
+                   help="start no step after this many seconds (the JSON keeps what finished)")
     p = sub.add_parser("ingest", help="copy a GPU run's JSON files into docs/_static/models/")
     p.add_argument("src", help="the folder holding model_gpu_forward.json / model_gpu_time.json")
     p.add_argument("--commit", required=True, help="the commit the GPU ran")
