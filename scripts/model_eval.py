@@ -671,7 +671,7 @@ def cmd_report(args: argparse.Namespace) -> None:
               "densely.", ""]
         atts = list(dict.fromkeys(t["attention"] for t in pk["trials"]))
         L += ["| tokens | depth | " + " | ".join(atts) + " |", "| --- | --- | " + " | ".join("---" for _ in atts) + " |"]
-        keys = list(dict.fromkeys((t["target"], t["depth"]) for t in pk["trials"]))
+        keys = sorted(dict.fromkeys((t["target"], t["depth"]) for t in pk["trials"]))
         for n, d in keys:
             row = {t["attention"]: t for t in pk["trials"] if t["target"] == n and t["depth"] == d}
             ntok = next(iter(row.values()))["n_tokens"]
