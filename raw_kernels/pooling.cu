@@ -14,8 +14,11 @@
 // Version table
 // | kernel          | T                               | thread mapping                         |
 // |-----------------|---------------------------------|----------------------------------------|
-// | us_pool_seq<T>  | __half, __nv_bfloat16, float    | one thread per output (r, d); grid.y = |
-// |                 |                                 | b*(H/c_h) + g; x over R*D / blockDim   |
+// | us_pool_seq<T>  | __half, __nv_bfloat16, float    | one thread per V = 16/sizeof(T)        |
+// |                 |                                 | outputs (r, d..d+V-1), one 16-byte     |
+// |                 |                                 | load per token (when D % V == 0 and x  |
+// |                 |                                 | is 16-byte aligned; else one output    |
+// |                 |                                 | per thread); grid.y = b*(H/c_h) + g    |
 // | us_pool_keys_   | __half, __nv_bfloat16, float    | as us_pool_seq (c_h = 1), over the     |
 // | sinks<T>        |                                 | t + C output columns                   |
 //
@@ -32,28 +35,78 @@
 #define US_POOL_THREADS 256
 #endif
 
+// 16 bytes of x as one load (V = 16 / sizeof(T) elements).
+struct __align__(16) us_pool_v16 {
+    unsigned w[4];
+};
+
+// Element v of a 16-byte load as float (v a compile-time index after unrolling: no local memory).
+__device__ __forceinline__ float us_pool_elem(const us_pool_v16& a, int v, float*) {
+    return __uint_as_float(a.w[v]);
+}
+__device__ __forceinline__ float us_pool_elem(const us_pool_v16& a, int v, __nv_bfloat16*) {
+    return __uint_as_float(((a.w[v >> 1] >> (16 * (v & 1))) & 0xffffu) << 16);  // bf16 = the top half of a float
+}
+__device__ __forceinline__ float us_pool_elem(const us_pool_v16& a, int v, __half*) {
+    const unsigned short bits = (unsigned short)((a.w[v >> 1] >> (16 * (v & 1))) & 0xffffu);
+#if defined(__CUDACC__) || defined(__CUDACC_RTC__)
+    return __half2float(__ushort_as_half(bits));
+#else
+    return __half2float(__half{bits});  // the host emulation's __half
+#endif
+}
+
+// Whether a thread of us_pool_seq<T> takes V consecutive d with 16-byte loads: D a multiple of
+// V and x 16-byte aligned (the backend's launch_config evaluates the same test for the grid).
+template <typename T> __device__ __forceinline__ bool us_pool_vector(const T* x, int D) {
+    return D % (int)(16 / sizeof(T)) == 0 && ((unsigned long long)x & 15ull) == 0;
+}
+
 template <typename T>
 __global__ void __launch_bounds__(US_POOL_THREADS)
 us_pool_seq(const T* __restrict__ x, float* __restrict__ out, int H, int N, int D, int c, int c_h) {
+    constexpr int V = (int)(16 / sizeof(T));  // 8 halves or 4 floats per 16-byte load
+    const int per = us_pool_vector(x, D) ? V : 1;  // outputs (consecutive d) per thread
     const int R = us::cdiv(N, c);
     const int Hout = H / c_h;
     const int bg = blockIdx.y;              // b * Hout + g
     const int b = bg / Hout, g = bg % Hout;
-    const long long idx = (long long)blockIdx.x * blockDim.x + threadIdx.x;  // r * D + d
-    if (idx >= (long long)R * D) return;
-    const int r = (int)(idx / D), d = (int)(idx % D);
+    const int Dv = D / per;
+    const long long idx = (long long)blockIdx.x * blockDim.x + threadIdx.x;  // r * Dv + d / per
+    if (idx >= (long long)R * Dv) return;
+    const int r = (int)(idx / Dv), d0 = (int)(idx % Dv) * per;
     const int t0 = r * c;
     const int t1 = min(t0 + c, N);
     const float inv_n = 1.0f / (float)(t1 - t0);
-    float acc = 0.0f;
+    float acc[V];
+#pragma unroll
+    for (int v = 0; v < V; ++v) acc[v] = 0.0f;
     for (int hh = 0; hh < c_h; ++hh) {
         const int h = g * c_h + hh;
-        const T* row = x + (((long long)b * H + h) * N) * D + d;
-        float s = 0.0f;
-        for (int t = t0; t < t1; ++t) s += us::to_float(row[(long long)t * D]);
-        acc += s * inv_n;                    // sequence mean of head h
+        const T* row = x + (((long long)b * H + h) * N) * D + d0;
+        float s[V];
+#pragma unroll
+        for (int v = 0; v < V; ++v) s[v] = 0.0f;
+        if (per == V) {
+#pragma unroll 4
+            for (int t = t0; t < t1; ++t) {  // one 16-byte load per token (four in flight)
+                const us_pool_v16 ld = *reinterpret_cast<const us_pool_v16*>(row + (long long)t * D);
+#pragma unroll
+                for (int v = 0; v < V; ++v) s[v] += us_pool_elem(ld, v, (T*)nullptr);
+            }
+        } else {
+            for (int t = t0; t < t1; ++t) s[0] += us::to_float(row[(long long)t * D]);
+        }
+#pragma unroll
+        for (int v = 0; v < V; ++v) acc[v] += s[v] * inv_n;   // sequence mean of head h
     }
-    out[((long long)bg * R + r) * D + d] = acc / (float)c_h;   // head mean
+    float* o = out + ((long long)bg * R + r) * D + d0;
+    if (per == V) {
+#pragma unroll
+        for (int v = 0; v < V; ++v) o[v] = acc[v] / (float)c_h;   // head mean
+    } else {
+        o[0] = acc[0] / (float)c_h;
+    }
 }
 
 template <typename T>

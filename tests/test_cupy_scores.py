@@ -197,6 +197,8 @@ def host_pool_sinks(tmp_path_factory):
     src = _host_source("pooling.cu") + """
 extern "C" void emk_pool_sinks_f(unsigned gx, unsigned gy, unsigned bx, const float* x, float* o, int N, int D, int c, int t) {
   emu_launch({gx, gy, 1}, {bx, 1, 1}, [&] { us_pool_keys_sinks<float>(x, o, N, D, c, t); }); }
+extern "C" void emk_pool_seq_h(unsigned gx, unsigned gy, unsigned bx, const __half* x, float* o, int H, int N, int D, int c, int ch) {
+  emu_launch({gx, gy, 1}, {bx, 1, 1}, [&] { us_pool_seq<__half>(x, o, H, N, D, c, ch); }); }
 """
     (d / "sinks.cpp").write_text(src)
     so = d / "libsinks.so"
@@ -226,6 +228,36 @@ def test_host_emulated_pool_keys_with_sinks(host_pool_sinks, Nk, c_k, t) -> None
                                      ctypes.c_int(t))
     assert out.shape == want.shape
     assert np.abs(out - want).max() <= 1e-6 * max(1.0, float(np.abs(want).max()))
+
+
+@pytest.mark.parametrize("D", [24, 20])
+def test_host_emulated_pooling_vector_and_scalar_paths_agree(host_pool_sinks, D) -> None:
+    """``us_pool_seq<__half>`` with 16-byte loads (D % 8 == 0, aligned input) and one element per
+    thread (a misaligned input, or D % 8 != 0): the same sums in the same order, the same bits,
+    each with the grid the backend computes."""
+    from unisparse_ref.cupy_backend import pooling
+
+    rng = np.random.default_rng(8)
+    B, H, N, c, ch = 2, 4, 45, 16, 2
+    x = rng.standard_normal((B, H, N, D)).astype(np.float16)
+    buf = np.zeros(x.size + 8, np.float16)
+    base = (-buf.ctypes.data // 2) % 8  # an element offset giving a 16-byte aligned start
+    outs = []
+    for off in (base, base + 1):  # aligned, then misaligned by 2 bytes
+        xin = buf[off:off + x.size].reshape(x.shape)
+        xin[...] = x
+        per = pooling.outputs_per_thread(np.float16, D, xin.ctypes.data)
+        assert per == (8 if off == base and D % 8 == 0 else 1)
+        R = geometry.cdiv(N, c)
+        lc = pooling.launch_config(B, H // ch, R, D, per)
+        out = np.full((B, H // ch, R, D), np.nan, np.float32)
+        host_pool_sinks.emk_pool_seq_h(ctypes.c_uint(lc["grid"][0] * pooling.THREADS // 64), ctypes.c_uint(lc["grid"][1]),
+                                       ctypes.c_uint(64), _ptr(xin), _ptr(out),
+                                       *(ctypes.c_int(v) for v in (H, N, D, c, ch)))
+        want = ref.pool_heads(ref.pool_sequence(x, c), ch)
+        assert np.abs(out - want).max() <= 1e-5 * float(np.abs(want).max())
+        outs.append(out)
+    assert outs[0].tobytes() == outs[1].tobytes()
 
 
 # ---------------------------------------------------------------------------- GPU

@@ -1,7 +1,8 @@
 """Stage 1 on the GPU: composite tokens (SPEC 3) with ``us_pool_seq<T>`` of ``raw_kernels/pooling.cu``.
 
-``x [B, H, N, D] -> float32 [B, H/c_h, ceil(N/c), D]``: one thread per output ``(r, d)`` of one
-``(b, g)``, float32 sums over the ``c`` tokens of a group and then over ``c_h`` heads. Queries
+``x [B, H, N, D] -> float32 [B, H/c_h, ceil(N/c), D]``: one thread per 16 bytes of a token's
+``d`` (8 halves or 4 floats: :func:`outputs_per_thread`) of one ``(r, b, g)``, float32 sums over
+the ``c`` tokens of a group and then over ``c_h`` heads (the same order for every ``d``). Queries
 use ``(c_q, c_h)``, keys ``(c_k, 1)``.
 
 Here: the instantiations (:data:`INSTANTIATIONS`, with their NVRTC options :data:`OPTIONS`),
@@ -45,16 +46,27 @@ INSTANTIATIONS: list[KernelSpec] = [kernel_spec(t) for t in CTYPES.values()] + [
     sinks_kernel_spec(t) for t in CTYPES.values()]
 
 
-def launch_config(batch: int, heads_out: int, R: int, D: int) -> dict[str, Any]:
-    """Grid and block of one launch: ``R * D`` outputs per ``(b, g)`` over ``THREADS``-thread blocks.
+def outputs_per_thread(dtype: np.dtype | str, D: int, ptr: int) -> int:
+    """Consecutive ``d`` one thread of ``us_pool_seq<T>`` pools: ``V = 16 / itemsize`` (one 16-byte
+    load per token) when ``D % V == 0`` and the input address ``ptr`` is 16-byte aligned, else 1
+    (the kernel makes the same test, ``us_pool_vector``)."""
+    V = 16 // np.dtype("uint16" if str(dtype) == "bfloat16" else dtype).itemsize
+    return V if D % V == 0 and int(ptr) % 16 == 0 else 1
+
+
+def launch_config(batch: int, heads_out: int, R: int, D: int, per_thread: int = 1) -> dict[str, Any]:
+    """Grid and block of one launch: ``R * D / per_thread`` threads per ``(b, g)`` over ``THREADS``-thread blocks.
+
+    ``per_thread``: :func:`outputs_per_thread` of the input (1 for ``us_pool_keys_sinks``).
 
     Returns
     -------
     dict
-        ``grid`` ``(ceil(R * D / THREADS), B * H/c_h, 1)``, ``block`` ``(THREADS, 1, 1)``,
+        ``grid`` ``(ceil(R * D / per_thread / THREADS), B * H/c_h, 1)``, ``block`` ``(THREADS, 1, 1)``,
         ``shared_mem`` 0.
     """
-    return {"grid": (geometry.cdiv(R * D, THREADS), batch * heads_out, 1), "block": (THREADS, 1, 1), "shared_mem": 0}
+    return {"grid": (geometry.cdiv(R * (D // per_thread), THREADS), batch * heads_out, 1), "block": (THREADS, 1, 1),
+            "shared_mem": 0}
 
 
 def launch_pool(x: Any, dtype: np.dtype, c: int, c_h: int) -> Any:
@@ -67,7 +79,7 @@ def launch_pool(x: Any, dtype: np.dtype, c: int, c_h: int) -> Any:
     R, Hout = geometry.cdiv(N, c), H // c_h
     out = cp.empty((B, Hout, R, D), dtype=cp.float32)
     kernel = _loader.get_function(kernel_spec(CTYPES[str(dtype)]))
-    lc = launch_config(B, Hout, R, D)
+    lc = launch_config(B, Hout, R, D, outputs_per_thread(dtype, D, x.data.ptr))
     _loader.launch(kernel, lc["grid"], lc["block"], (x, out, i32(H), i32(N), i32(D), i32(c), i32(c_h)),
                    shared_mem=lc["shared_mem"])
     return out
