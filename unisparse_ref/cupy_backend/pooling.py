@@ -57,7 +57,7 @@ def outputs_per_thread(dtype: np.dtype | str, D: int, ptr: int) -> int:
 def launch_config(batch: int, heads_out: int, R: int, D: int, per_thread: int = 1) -> dict[str, Any]:
     """Grid and block of one launch: ``R * D / per_thread`` threads per ``(b, g)`` over ``THREADS``-thread blocks.
 
-    ``per_thread``: :func:`outputs_per_thread` of the input (1 for ``us_pool_keys_sinks``).
+    ``per_thread``: ``outputs_per_thread`` of the input (1 for ``us_pool_keys_sinks``).
 
     Returns
     -------

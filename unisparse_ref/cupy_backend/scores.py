@@ -382,7 +382,7 @@ def launch_scores(q_c: Any, k_c: Any, config: UniSparseConfig, nq: int, nk: int,
 
     ``q_c [B, Hm, R, D]`` and ``k_c [B, Hkv, W, D]`` are C-contiguous float32 CuPy arrays
     (``W = C``, or ``sink_tokens + C`` with that research variant). Version 4 runs with
-    :data:`DEFAULT_PARTS` parts where :func:`mma_applicable`; otherwise the SPEC computation runs
+    ``DEFAULT_PARTS`` parts where ``mma_applicable``; otherwise the SPEC computation runs
     on version 3, and the research variants on version 4 with two parts (or raise
     ``NotImplementedError`` where neither applies). ``version``, ``warps``, ``stages`` and
     ``parts`` force a kernel and its configuration (benchmarks and tests).
