@@ -18,7 +18,7 @@ The tile loop is that of ``unisparse_ref.numba_backend.attention`` (one thread b
 and head ``h``; K/V tiles of ``Bc`` keys in shared memory; the same
 :func:`~unisparse_ref.numba_backend.attention.choose_tiles`), and the update of one tile (the
 online softmax with float32 accumulation and ``P`` rounded to the input dtype) is the same
-device function, :func:`~unisparse_ref.numba_backend.attention.make_tile_update`; only the
+device function, ``unisparse_ref.numba_backend.attention.make_tile_update``; only the
 addressing differs. Bottom-right causal alignment is per sequence:
 ``p(t) = t + N_k,b - N_q,b``.
 
@@ -78,7 +78,7 @@ def get_kernel(d: int, br: int, bc: int, tpr: int, dtype: np.dtype):
 def _make_kernel(D: int, BR: int, BC: int, TPR: int, storage, itemsize: int):
     """Build the kernel with its tile shapes as compile-time constants (as ``unisparse_ref.numba_backend.attention`` does).
 
-    The update of one K/V tile is that module's :func:`~unisparse_ref.numba_backend.attention.make_tile_update`;
+    The update of one K/V tile is that module's ``unisparse_ref.numba_backend.attention.make_tile_update``;
     only the addressing of Q, K, V, the mask and the output is this kernel's own.
     """
     tile_update = make_tile_update(D, BC, TPR)
