@@ -2,9 +2,11 @@
 # SmolLM2-135M's whole 8192-token prefill on the GPU through the cupy backend (issue 14), in
 # back-to-back calls on one warm machine: the GGUF (98 MB) is more than one call carries with the
 # tree (64 MiB), so `python scripts/model_gpu.py split` wrote it in parts under .model_gpu/part<j>
-# (31 MiB each; the last part also holds the manifest, the tokens with the CPU's log-probs, and
-# the gguf / tokenizers / pyyaml wheels the GPU machine lacks). The machine keeps ignored files
-# between calls, so:
+# (31 MiB each; the last part also holds the manifest, the tokens with the CPU's log-probs, the
+# passkey prompts, and the gguf / tokenizers / pyyaml wheels the GPU machine lacks). The machine
+# keeps files outside the tree between calls, but NOT an earlier call's carried paths inside it
+# (carrying part2 removes part0 there), so each call copies its part to $STASH
+# (default /tmp/model_gpu_parts), and `forward` joins the parts there:
 #
 #   call 1, carry .model_gpu/part0:  bash scripts/gpu_model.sh check part0
 #   call 2, carry .model_gpu/part1:  bash scripts/gpu_model.sh check part1
@@ -19,7 +21,7 @@
 # order of priority; none starts after BUDGET_S seconds (the rest are listed as skipped). Exit
 # status non-zero on failure.
 # Runs from the repository root of a tree (a clean `git archive` one or the working tree); the
-# parts are looked for in that tree's .model_gpu/, in $PWD/.model_gpu/ and one level up.
+# carried part is looked for in that tree's .model_gpu/, in $PWD/.model_gpu/ and one level up.
 set -u
 here=$(cd "$(dirname "$0")/.." && pwd)
 D=""
@@ -30,13 +32,20 @@ if [ -z "$D" ]; then
     echo "no .model_gpu/part*/model.gguf.part next to $here or in $PWD: carry .model_gpu/part<j>" >&2
     exit 1
 fi
-echo "parts in $D:"
-ls -l "$D"/part*/model.gguf.part
+# the carried part(s) into the stash, which outlives this call
+STASH=${STASH:-/tmp/model_gpu_parts}
+mkdir -p "$STASH"
+for p in "$D"/part*; do
+    [ -f "$p/model.gguf.part" ] && rm -rf "$STASH/$(basename "$p")" && cp -r "$p" "$STASH/"
+done
+echo "parts in $STASH:"
+ls -l "$STASH"/part*/model.gguf.part
+D=$STASH
 case "${1:-}" in
 check)
     part=${2:?which part}
     [ -f "$D/$part/model.gguf.part" ] || { echo "$part has not arrived" >&2; exit 1; }
-    echo "$part: $(stat -c %s "$D/$part/model.gguf.part") bytes, kept for the next call"
+    echo "$part: $(stat -c %s "$D/$part/model.gguf.part") bytes, kept in $STASH for the next call"
     ;;
 forward)
     wheels=$(ls "$D"/part*/wheels/*.whl 2>/dev/null)

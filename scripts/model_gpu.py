@@ -17,10 +17,11 @@ The model is installed on the CPU machine; the GPU machine gets what it needs as
     # and SDPA (when PyTorch is there), each checked against the float64 reference first
     python scripts/model_gpu.py time --out $OUT
 
-    # GPU, the whole prefill (back-to-back calls on one warm machine, which keeps ignored files
-    # between calls: carry .model_gpu/part0, then part1, then part2 with this command)
-    pip install --no-index --no-deps --target /tmp/msite .model_gpu/part2/wheels/*.whl
-    PYTHONPATH=/tmp/msite:$PYTHONPATH python scripts/model_gpu.py forward --out $OUT/model
+    # GPU, the whole prefill: three back-to-back calls on one warm machine, carrying
+    # .model_gpu/part0, then part1, then part2; each copies its part outside the tree (the
+    # machine does not keep an earlier call's carried paths), the last joins them and runs
+    # `forward` (see scripts/gpu_model.sh)
+    bash scripts/gpu_model.sh check part0 / check part1 / forward
 
 ``forward`` joins the parts (refusing a missing or corrupt part), runs the 8192-token prefill
 on CuPy arrays (cuBLAS matmuls, our kernels for every attention call): dense in float32 (the
