@@ -132,8 +132,8 @@ class CupyBackend:
 
     name = "cupy"
     supported_dtypes = SUPPORTED_DTYPES
-    #: SPEC 7's eps for this layer's scores: the measured maxima 1.07e-6 (version 4) and 1.03e-6
-    #: (version 3) on the H200, see the module docstring.
+    #: The eps of SPEC 7 for this layer's scores, above the measured maxima 1.07e-6 (version 4)
+    #: and 1.03e-6 (version 3) on the H200 (see the module docstring).
     score_eps = 2e-6
 
     #: Any D up to 256 (the kernels run 32, 64, 128 and 256; other D are zero-padded up to the

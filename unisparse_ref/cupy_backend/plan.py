@@ -123,8 +123,8 @@ class PipelinePlan:
         return self.run_converted(qd, kd, vd)
 
     def run_converted(self, qd: Any, kd: Any, vd: Any) -> tuple[Any, Any, Any, Any, Any, Any]:
-        """:meth:`__call__` for inputs already converted and matched to :attr:`key` (the
-        backend's ``graph=True`` path, which has done both)."""
+        """``plan(q, k, v)`` for inputs already converted and matched to the plan's ``key``
+        (the backend's ``graph=True`` path, which has done both)."""
         cp = cupy_module()
         stream = cp.cuda.get_current_stream()
         for dst, src in zip(self._in, (qd, kd, vd), strict=True):
