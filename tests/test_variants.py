@@ -245,6 +245,18 @@ def test_reference_varlen_and_paged_refuse_sink_tokens() -> None:
         us.unisparse_attention_paged(q, _cache(cfg, k, v, cu_k), cu_q, cfg, backend="numpy")
 
 
+def test_cupy_packed_stages_refuse_sink_tokens_before_any_device_work() -> None:
+    """The CuPy layer's packed stages refuse ``sink_tokens`` with the reference's message (no GPU needed)."""
+    from unisparse_ref.cupy_backend import varlen as cupy_varlen
+
+    q, k, _, cu_q, cu_k = _packed()
+    cfg = UniSparseConfig(block_size=16, c_q=4, c_k=8, sink_tokens=2)
+    with pytest.raises(NotImplementedError, match="compress_varlen: the research option sink_tokens=2"):
+        cupy_varlen.compress_varlen(None, q, k, cu_q, cu_k, cfg)
+    with pytest.raises(NotImplementedError, match="block_scores_varlen: the research option sink_tokens=2"):
+        cupy_varlen.block_scores_varlen(None, q, k, cu_q, cu_k, cfg)
+
+
 def test_calibrated_is_a_variant_config() -> None:
     cal = UniSparseConfig.calibrated()
     assert cal.spec_variants(), "calibrated() sets research options; the layers must run them"

@@ -166,6 +166,21 @@ def check_config(config: Any) -> UniSparseConfig:
     return config
 
 
+def check_no_packed_sinks(config: Any, where: str) -> None:
+    """``NotImplementedError`` for the research option ``sink_tokens`` on packed or paged batches.
+
+    The packed layouts hold ``C_i`` composite keys per sequence (a paged cache pools them
+    when keys are appended); the un-pooled sinks in front of them are not implemented there.
+    ``threshold_mode`` and ``diagonal_correction`` need nothing packed and work. ``where``
+    names the refusing function in the message.
+    """
+    if config.sink_tokens > 0:
+        raise NotImplementedError(
+            f"{where}: the research option sink_tokens={config.sink_tokens} is not implemented for packed "
+            "(varlen) or paged batches; run unisparse_attention per sequence, or use sink_tokens=0"
+        )
+
+
 def check_spec_variants(config: Any, layer: str, supported: tuple[str, ...] | frozenset[str] = ()) -> None:
     """Refuse a config that sets a research variant the layer ``layer`` does not implement.
 

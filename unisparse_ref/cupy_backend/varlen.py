@@ -52,6 +52,7 @@ from .._arrays import (
     check_dtype,
     check_head_pooling,
     check_merge_states,
+    check_no_packed_sinks,
     check_packed_mask,
     check_paged_qkv,
     check_varlen_lengths,
@@ -191,6 +192,7 @@ def compress_varlen(be: Any, q: Any, k: Any, cu_seqlens_q: Any, cu_seqlens_k: An
         Offsets ``packed_offsets(cu_seqlens_q, c_q)`` and ``packed_offsets(cu_seqlens_k, c_k)``.
     """
     config = check_config(config)
+    check_no_packed_sinks(config, "compress_varlen")
     qd, dt = device_input("q", q)
     kd, dtk = device_input("k", k)
     if dtk != dt:
@@ -254,7 +256,8 @@ def block_scores_varlen(be: Any, q_c: Any, k_c: Any, cu_seqlens_q: Any, cu_seqle
     packed array on the device.
     """
     cp = cupy_module()
-    config = check_config(config)  # the research variants: refused (or not) by be.block_scores
+    config = check_config(config)  # the other research variants: refused (or not) by be.block_scores
+    check_no_packed_sinks(config, "block_scores_varlen")
     qc, kc = _f32_device("q_c", q_c), _f32_device("k_c", k_c)
     if qc.ndim != 3 or kc.ndim != 3:
         raise ValueError(f"q_c and k_c must have rank 3 (packed), got {qc.shape} and {kc.shape}")

@@ -50,6 +50,7 @@ from .._arrays import (
     check_config,
     check_cu_seqlens,
     check_head_pooling,
+    check_no_packed_sinks,
     check_packed_mask,
     check_varlen_lengths,
     check_varlen_qkv,
@@ -112,20 +113,6 @@ def _checked_cu(cu_seqlens_q: Any, cu_seqlens_k: Any, total_q: int | None, total
     return cu_q, cu_k
 
 
-def _refuse_sink_tokens(config: UniSparseConfig, where: str) -> None:
-    """``NotImplementedError`` for the research option ``sink_tokens`` (the *Calibration* page).
-
-    The packed layouts hold ``C_i`` composite keys per sequence (a paged cache pools them
-    when keys are appended); the un-pooled sinks in front of them are not implemented there.
-    ``threshold_mode`` and ``diagonal_correction`` need nothing packed and work.
-    """
-    if config.sink_tokens > 0:
-        raise NotImplementedError(
-            f"{where}: the research option sink_tokens={config.sink_tokens} is not implemented for packed "
-            "(varlen) or paged batches; run unisparse_attention per sequence, or use sink_tokens=0"
-        )
-
-
 # ---------------------------------------------------------------------------------- stage 1
 def compress_varlen(
     q: Any, k: Any, cu_seqlens_q: Any, cu_seqlens_k: Any, config: UniSparseConfig | None = None,
@@ -153,7 +140,7 @@ def compress_varlen(
         Sequence ``i``'s composite keys at rows ``packed_offsets(cu_seqlens_k, c_k)[i]...``.
     """
     config = check_config(config)
-    _refuse_sink_tokens(config, "compress_varlen")
+    check_no_packed_sinks(config, "compress_varlen")
     cu_q, cu_k, Hq, Hkv, D = check_varlen_qkv(q, k, k, cu_seqlens_q, cu_seqlens_k, causal=config.causal,
                                                shape_only=True)
     check_head_pooling(Hq, Hkv, config.c_h)
@@ -241,7 +228,7 @@ def block_scores_varlen(
         ``W = max(1, max_i nKb_i)``.
     """
     config = check_config(config)
-    _refuse_sink_tokens(config, "block_scores_varlen")
+    check_no_packed_sinks(config, "block_scores_varlen")
     q_c = np.asarray(to_numpy(q_c), dtype=np.float64)
     k_c = np.asarray(to_numpy(k_c), dtype=np.float64)
     if q_c.ndim != 3 or k_c.ndim != 3:
