@@ -255,9 +255,9 @@ def block_scores_varlen(be: Any, q_c: Any, k_c: Any, cu_seqlens_q: Any, cu_seqle
     composite tokens (a small transposing copy each); the results are written into the
     packed array on the device.
     """
-    cp = cupy_module()
     config = check_config(config)  # the other research variants: refused (or not) by be.block_scores
     check_no_packed_sinks(config, "block_scores_varlen")
+    cp = cupy_module()
     qc, kc = _f32_device("q_c", q_c), _f32_device("k_c", k_c)
     if qc.ndim != 3 or kc.ndim != 3:
         raise ValueError(f"q_c and k_c must have rank 3 (packed), got {qc.shape} and {kc.shape}")
