@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import sys
 import time
 from pathlib import Path
@@ -86,18 +85,10 @@ def time_estimator(be, cp, cfg: UniSparseConfig, q, k, N: int, repeats: int) -> 
         qc, kc = be.compress(q, k, cfg)
         return be.select_blocks(be.block_scores(qc, kc, cfg, N, N), cfg, N, N)
 
-    for _ in range(2):
-        bm = run()
-    cp.cuda.Device().synchronize()
-    times = []
-    for _ in range(repeats):
-        a, b = cp.cuda.Event(), cp.cuda.Event()
-        a.record()
-        run()
-        b.record()
-        b.synchronize()
-        times.append(cp.cuda.get_elapsed_time(a, b))
-    return statistics.median(times), float(bm.numpy().density)
+    from unisparse_ref.bench import time_calls
+
+    ms = time_calls([run], warmup=2, repeats=repeats, budget_s=1e6)["ms"]  # the package's CUDA-event timer
+    return ms, float(run().numpy().density)
 
 
 def main() -> int:

@@ -28,18 +28,10 @@ HBM = 4.8e12  # H200 HBM3e bytes/s
 
 
 def median_ms(fn, reps: int, cp) -> float:
-    for _ in range(2):
-        fn()
-    cp.cuda.Device().synchronize()
-    times = []
-    for _ in range(reps):
-        a, b = cp.cuda.Event(), cp.cuda.Event()
-        a.record()
-        fn()
-        b.record()
-        b.synchronize()
-        times.append(cp.cuda.get_elapsed_time(a, b))
-    return float(np.median(times))
+    """Median ms of ``fn()`` over ``reps`` calls after 2 warm-ups: the package's CUDA-event timer."""
+    from unisparse_ref.bench import time_calls
+
+    return time_calls([fn], warmup=2, repeats=reps, budget_s=1e6)["ms"]
 
 
 def mma_flops(R: int, C: int, D: int, heads: int, cfg, nq: int, nk: int, RG: int = 128, TC: int = 64) -> float:

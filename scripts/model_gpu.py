@@ -147,19 +147,10 @@ def cmd_split(args: argparse.Namespace) -> None:
 
 
 def _timer(cp: object, fn: object, repeats: int, warmup: int = 2) -> float:
-    """Median milliseconds of ``fn()`` on the current CUDA stream."""
-    for _ in range(warmup):
-        fn()
-    cp.cuda.get_current_stream().synchronize()
-    times = []
-    for _ in range(repeats):
-        a, b = cp.cuda.Event(), cp.cuda.Event()
-        a.record()
-        fn()
-        b.record()
-        b.synchronize()
-        times.append(cp.cuda.get_elapsed_time(a, b))
-    return float(np.median(times))
+    """Median milliseconds of ``fn()``: the package's CUDA-event timer (``unisparse_ref.bench.time_calls``)."""
+    from unisparse_ref.bench import time_calls
+
+    return time_calls([fn], warmup=warmup, repeats=repeats, budget_s=1e6)["ms"]
 
 
 def cmd_time(args: argparse.Namespace) -> None:
