@@ -52,6 +52,17 @@ _PROFILE = ("sim-ci" if SIM else "ci") if _CI else ("sim" if SIM else "default")
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", _PROFILE))
 
 
+def cupy_backend_or_reason() -> tuple[object | None, str]:
+    """The CuPy backend for a module of GPU tests, or ``None`` and why it cannot run here
+    (CuPy missing, no usable GPU, ...): the reason the module's ``skipif`` reports."""
+    try:
+        from unisparse_ref.cupy_backend import make_backend
+
+        return make_backend(), ""
+    except (ImportError, us.BackendUnavailable) as e:
+        return None, str(e)
+
+
 @pytest.fixture(params=BACKENDS)
 def backend(request: pytest.FixtureRequest):
     """A backend object; skipped, with the reason, where it cannot run."""

@@ -20,8 +20,8 @@ import numpy as np
 import pytest
 
 import unisparse_ref as us
-from tests.conftest import assert_attention_matches_reference, random_qkv
-from unisparse_ref import BFLOAT16, BackendUnavailable, BlockMask, UniSparseConfig, geometry
+from tests.conftest import assert_attention_matches_reference, cupy_backend_or_reason, random_qkv
+from unisparse_ref import BFLOAT16, BlockMask, UniSparseConfig, geometry
 from unisparse_ref import reference as ref
 from unisparse_ref.evaluation import workloads
 from unisparse_ref.tolerance import attention_tolerance, check_attention, compare_selection, eps_valid_rows
@@ -32,15 +32,7 @@ from unisparse_ref import cupy_backend as cb  # noqa: E402
 from unisparse_ref.cupy_backend import _device, selection  # noqa: E402
 from unisparse_ref.cupy_backend import scores as scores_stage  # noqa: E402
 
-
-def _backend_or_reason():
-    try:
-        return cb.make_backend(), None
-    except BackendUnavailable as e:
-        return None, str(e)
-
-
-BACKEND, _WHY = _backend_or_reason()
+BACKEND, _WHY = cupy_backend_or_reason()
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(BACKEND is None, reason=f"cupy backend unavailable: {_WHY}")]
 
 DTYPES = [np.float16, BFLOAT16, np.float32]

@@ -24,9 +24,8 @@ import unisparse_ref as us
 from unisparse_ref import BFLOAT16, UniSparseConfig, geometry
 from unisparse_ref import reference as ref
 from unisparse_ref.cupy_backend import selection
-from unisparse_ref.errors import BackendUnavailable
 
-from .conftest import random_qkv
+from .conftest import cupy_backend_or_reason, random_qkv
 from .test_cupy_compile import host_kernels  # noqa: F401 - the g++-built kernels, a fixture
 
 #: nKb values around every power-of-two edge of the sort, up to past 2048.
@@ -129,16 +128,7 @@ def test_host_emulated_selection_modes(emulated_selection, mode: str, score_dtyp
 
 
 # ---------------------------------------------------------------------------- GPU
-def _backend():
-    try:
-        from unisparse_ref.cupy_backend import make_backend
-
-        return make_backend(), None
-    except (BackendUnavailable, ImportError) as e:
-        return None, str(e)
-
-
-BACKEND, _WHY = _backend()
+BACKEND, _WHY = cupy_backend_or_reason()
 needs_gpu = pytest.mark.skipif(BACKEND is None, reason=f"cupy backend unavailable: {_WHY}")
 
 

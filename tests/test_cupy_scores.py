@@ -22,8 +22,9 @@ import ctypes
 import numpy as np
 import pytest
 
+from tests.conftest import cupy_backend_or_reason
 from tests.test_cupy_compile import host_kernels  # noqa: F401 - the g++ host-emulation fixture
-from unisparse_ref import BFLOAT16, BackendUnavailable, UniSparseConfig, geometry
+from unisparse_ref import BFLOAT16, UniSparseConfig, geometry
 from unisparse_ref import reference as ref
 from unisparse_ref.cupy_backend import CupyBackend
 from unisparse_ref.cupy_backend import scores as sc
@@ -261,16 +262,12 @@ def test_host_emulated_pooling_vector_and_scalar_paths_agree(host_pool_sinks, D)
 
 
 # ---------------------------------------------------------------------------- GPU
-cp = None
-try:  # the GPU tests need CuPy and a device; the host-emulation tests above do not
-    import cupy as cp  # type: ignore[no-redef]
-
-    from unisparse_ref import cupy_backend as cb
-
-    BACKEND = cb.make_backend()
-    _WHY = ""
-except (ImportError, BackendUnavailable) as e:
-    BACKEND, _WHY = None, str(e)
+# the GPU tests need CuPy and a device; the host-emulation tests above do not
+BACKEND, _WHY = cupy_backend_or_reason()
+if BACKEND is not None:
+    import cupy as cp
+else:
+    cp = None
 
 
 

@@ -20,6 +20,7 @@ import numpy as np
 import pytest
 
 import unisparse_ref as us
+from tests.conftest import cupy_backend_or_reason
 from unisparse_ref import BFLOAT16, BackendUnavailable, UniSparseConfig
 from unisparse_ref.distributed import (
     NcclComm,
@@ -36,15 +37,7 @@ cp = pytest.importorskip("cupy", reason="CuPy is not installed")
 
 from unisparse_ref import cupy_backend as cb  # noqa: E402
 
-
-def _backend_or_reason():
-    try:
-        return cb.make_backend(), None
-    except BackendUnavailable as e:
-        return None, str(e)
-
-
-BACKEND, _WHY = _backend_or_reason()
+BACKEND, _WHY = cupy_backend_or_reason()
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(BACKEND is None, reason=f"cupy backend unavailable: {_WHY}")]
 
 # (B, Hq, Hkv, nq, nk, D, S, c_q, c_k, c_h, dtype)
