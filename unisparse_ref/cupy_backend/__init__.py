@@ -48,12 +48,12 @@ both. :func:`as_bfloat16` turns a ``uint16`` CuPy array of bf16 bits into the sa
 Precision
 ---------
 Pooling, softmax and block sums run in float32; the compressed logits run on the tensor cores
-from three fp16 parts per float32 operand (exact products, float32 sums; scores version 4). The
-declared ``score_eps = 2e-6`` (SPEC 7: "about 1e-6 for float32 arithmetic") rests on the
-largest errors measured on the H200 (batch F, 2026-12-01): 1.07e-6 for version 4 on the shared
-scores battery (``gqa4_ch2_cq2_ck8``, structured D = 16, logits up to 72) and 1.03e-6 for
-version 3 (float32 FMA) on a structured D = 16 case; float32 rounding of large logits and of the
-softmax, not the operand split, sets them (docs/gpu_results/estimator.md). The selection adds
+from three fp16 parts per float32 operand (exact products, float32 sums; scores version 4),
+``score_eps = 1e-6`` (SPEC 7). Known to exceed it (H200, batch F, 2026-12-01): 1.07e-6 for
+version 4 on the shared scores battery (``gqa4_ch2_cq2_ck8``, structured D = 16, logits up to
+72) and 1.03e-6 for version 3 (float32 FMA) on a structured D = 16 case; float32 rounding of
+large logits and of the softmax, not the operand split, sets them. The two GPU tests fail until
+the kernels keep that error below 1e-6 (docs/gpu_results/estimator.md). The selection adds
 in float64 exactly as the reference does, so on identical scores its mask is the reference's.
 Attention accumulates in float32; ``lse`` is float32.
 
@@ -132,9 +132,9 @@ class CupyBackend:
 
     name = "cupy"
     supported_dtypes = SUPPORTED_DTYPES
-    #: The eps of SPEC 7 for this layer's scores, above the measured maxima 1.07e-6 (version 4)
-    #: and 1.03e-6 (version 3) on the H200 (see the module docstring).
-    score_eps = 2e-6
+    #: The eps of SPEC 7 for this layer's scores (float32 arithmetic); two measured cases exceed
+    #: it by up to 7 % (see the module docstring).
+    score_eps = 1e-6
 
     #: Any D up to 256 (the kernels run 32, 64, 128 and 256; other D are zero-padded up to the
     #: next). Off Hopper, D > 128 runs on the scalar rung v1.

@@ -50,7 +50,7 @@ KERNEL = KernelSpec(FILE, "us_scores_onepass", OPTIONS)
 SPLIT_KERNEL = KernelSpec(FILE, "us_split_rows", OPTIONS)
 #: fp16 parts per operand of version 4 (the template parameter P): 3 (the default: fp32 inputs
 #: represented exactly, six products per k-step) or 2 (22 bits, three products, twice as fast,
-#: score errors up to about 2e-6 on the shared battery's structured D = 16 cases).
+#: score errors above 1e-6 on the shared battery's structured D = 16 cases).
 DEFAULT_PARTS = 3
 #: Bound on |scores - ref64| that the tests hold the two-part form to (not the backend's
 #: ``score_eps``, which is the default three-part form's): its 22-bit operands gave up to 1.5e-6
