@@ -14,7 +14,8 @@
 //
 // with R_i the number of composite queries in query block i (RB = S/c_q per full block;
 // composite r lies in block r/RB, composite key c in key block c/KB, KB = S/c_k).
-// Nothing of size [R, C] is ever stored. Every sum is taken in a fixed order (no atomics):
+// Both versions read the composite keys centred first (us_center_keys, below: Kc[c] - kbar, the
+// same softmax, smaller float32 logits). Nothing of size [R, C] is ever stored. Every sum is taken in a fixed order (no atomics):
 // repeated runs are bit-identical. Output scores are float32; each row sums to 1 up to
 // float32 rounding.
 //
@@ -54,6 +55,8 @@
 // | (version 3, fp32    |                      |         | logits tile) + dynamic (below)         |
 // | FMA; for S/c_q >    |                      |         |                                        |
 // | 128 or D > 160)     |                      |         |                                        |
+// | us_center_keys      | (segments * ceil(W / | 32 x 8  | static 1 KiB (8 partial sums per d)    |
+// | (both versions)     | 256), ceil(D/32))    |         |                                        |
 // | us_split_rows       | (ceil(rows/4))       | 128     | none (one warp per composite row)      |
 // | us_scores_mma<NW,   | (slots): persistent, | 32*NW   | dynamic: Q tile + 1-2 K tiles of split |
 // | VAR, P> (version 4, | items from a counter |         | rows + factors (version 4 section;     |
@@ -106,6 +109,71 @@ __device__ __forceinline__ int us_last_visible_key(int r, int R, int C, int nq, 
     const long long last = min((long long)(r + 1) * c_q, (long long)nq) - 1;
     const long long p = us::qpos(last, nq, nk);
     return (int)min((long long)(C - 1), p / c_k);
+}
+
+// Step 0 of both versions: the composite keys, centred (us_center_keys; scores.py center_keys).
+// The row softmax is unchanged when every logit of row r moves by the same amount, and
+//   scale * Qh[r] . (Kc[c] - kbar) = x[r, c] - scale * Qh[r] . kbar      for ANY vector kbar,
+// so subtracting one vector per (sequence, KV head) from all its composite keys leaves SPEC 4's
+// A[r, c] and the scores unchanged in exact arithmetic. In float32 it matters: a logit of
+// magnitude 64-128 carries a rounding error up to ulp(x)/2 = 3.8e-6 (the dot product's own
+// roundings come on top), and dA = A (1 - A) dx then reaches score_eps = 1e-6 for a row split
+// between two keys. Keys with a large common component (real models' keys, the structured
+// workloads' shared direction) make exactly such logits; subtracting their mean removes the
+// common part before any rounding (SageAttention's "smooth K"). On the shared battery this takes
+// the largest score error of float32 logits from 1.4e-6 to 5e-7 (docs/gpu_results/estimator.md).
+// kbar = the mean of the first min(W, US_KREF) columns (every column is shifted): columns past
+// the first US_KREF do not change it, so scoring a prefix of the keys (a chunk of a chunked
+// prefill, a rank of context parallelism) centres with the same kbar as the whole.
+// Sums in a fixed order (each thread its rows ascending, then the 8 partial sums ascending), so
+// repeated runs are bit-identical; every block recomputes kbar (at most US_KREF rows) instead of
+// waiting for another block.
+// Layouts: batch (cu null): k [B, Hkv, W, D], segment s = b*Hkv + h, column c at (s*W + c)*D.
+// Packed (cu = composite-key offsets, int32 [nseq + 1]; W = the longest sequence's columns):
+// k [total_c, Hkv, D], segment s = i*Hkv + h, W_i = cu[i+1] - cu[i], column c at
+// ((cu[i] + c)*Hkv + h)*D. out has k's layout (it may not alias k).
+// grid (segments * ceil(W/US_KC_ROWS), ceil(D/32)), block (32, 8): thread (x, y) owns
+// d = 32*blockIdx.y + x; the block writes columns [chunk*US_KC_ROWS, +US_KC_ROWS) of its segment.
+#ifndef US_KREF
+#define US_KREF 64
+#endif
+#ifndef US_KC_ROWS
+#define US_KC_ROWS 256
+#endif
+__global__ void __launch_bounds__(256)
+us_center_keys(const float* __restrict__ k, float* __restrict__ out, const int* __restrict__ cu, int Hkv, int W,
+               int D) {
+    __shared__ float partial[8][32];
+    const int nchunk = max(1, us::cdiv(W, US_KC_ROWS));  // the grid is never empty (W = 0: one idle chunk)
+    const int s = blockIdx.x / nchunk, chunk = blockIdx.x % nchunk;
+    const int x = threadIdx.x, y = threadIdx.y, d = blockIdx.y * 32 + x;
+    long long base, stride;
+    int n;
+    if (cu == nullptr) {
+        base = (long long)s * W * D;
+        stride = D;
+        n = W;
+    } else {
+        const int i = s / Hkv, h = s % Hkv;
+        base = ((long long)cu[i] * Hkv + h) * D;
+        stride = (long long)Hkv * D;
+        n = cu[i + 1] - cu[i];
+    }
+    const int c0 = chunk * US_KC_ROWS, c1 = min(n, c0 + US_KC_ROWS);
+    if (c0 >= c1) return;  // block-uniform: a packed sequence shorter than this chunk
+    const int nref = min(n, US_KREF);
+    float acc = 0.0f;
+    if (d < D)
+        for (int c = y; c < nref; c += 8) acc += k[base + c * stride + d];
+    partial[y][x] = acc;
+    __syncthreads();  // the 8 partial sums of every d are in shared memory before each thread adds them
+    float kbar = 0.0f;
+#pragma unroll
+    for (int j = 0; j < 8; ++j) kbar += partial[j][x];
+    kbar /= (float)nref;
+    if (d < D)
+#pragma unroll 4
+        for (int c = c0 + y; c < c1; c += 8) out[base + c * stride + d] = k[base + c * stride + d] - kbar;
 }
 
 // acc[a][b] = Qh[r0 + US_ROW(a)] . Kc[c0 + US_COL(b)] (rows >= R or columns >= C give 0).

@@ -271,6 +271,8 @@ extern "C" void emk_onepass(unsigned gx, unsigned gy, unsigned bx, unsigned by, 
   emu_launch(US_G, US_B, [&] { us_scores_onepass(qc, kc, sc, part, tmax, bh0, Hm, Hkv, R, C, D, nq, nk, cq, ck, ch, G, S, causal, scale); }); }
 extern "C" void emk_split(unsigned gx, unsigned gy, unsigned bx, unsigned by, const float* x, unsigned* out, float* fac, int rows, int D, int Dp, int P) {
   emu_launch(US_G, US_B, [&] { us_split_rows(x, out, fac, rows, D, Dp, P); }); }
+extern "C" void emk_center(unsigned gx, unsigned gy, unsigned bx, unsigned by, const float* k, float* out, const int* cu, int Hkv, int W, int D) {
+  emu_launch(US_G, US_B, [&] { us_center_keys(k, out, cu, Hkv, W, D); }); }
 #define US_MMA_ARGS const unsigned* qs, const float* qf, const unsigned* ks, const float* kf, float* sc, float* part, float* tmax, int* counter, int BH, int Hm, int Hkv, int R, int W, int Dp, int nq, int nk, int cq, int ck, int ch, int G, int S, int causal, float sl2, int stages, int ntiles, int T, const float* colw, const int* j0, const float* band, int NB
 #define US_MMA_PASS qs, qf, ks, kf, sc, part, tmax, counter, BH, Hm, Hkv, R, W, Dp, nq, nk, cq, ck, ch, G, S, causal, sl2, stages, ntiles, T, colw, j0, band, NB
 #define US_MMA_EMK(NAME, NW, VAR, P) extern "C" void NAME(unsigned gx, unsigned gy, unsigned bx, unsigned by, US_MMA_ARGS) { emu_launch(US_G, US_B, [&] { us_scores_mma<NW, VAR, P>(US_MMA_PASS); }); }
@@ -481,6 +483,7 @@ _KERNEL_TABLE = {
     ("pooling.cu", "us_pool_seq<float>"): "emk_pool_f", ("pooling.cu", "us_pool_seq<__half>"): "emk_pool_h",
     ("pooling.cu", "us_pool_seq<__nv_bfloat16>"): "emk_pool_bf",
     ("scores.cu", "us_scores_onepass"): "emk_onepass", ("scores.cu", "us_split_rows"): "emk_split",
+    ("scores.cu", "us_center_keys"): "emk_center",
     **{("scores.cu", f"us_scores_mma<{w}, {'true' if v else 'false'}, {p}>"): f"emk_mma{w}{'v' if v else ''}_{p}"
        for p, ws in ((3, (8,)), (2, (4, 8))) for w in ws for v in (False, True)},
     ("selection.cu", "us_select_topp<float>"): "emk_select_f", ("selection.cu", "us_select_topp<double>"): "emk_select_d",

@@ -154,6 +154,77 @@ def test_host_emulated_variants_match_reference(host_kernels, case, t, diag) -> 
     assert err <= EPS, f"max |scores - ref| = {err:.2e} > score_eps {EPS:g}"
 
 
+def _center_model(k: np.ndarray, want_kbar: bool = False) -> np.ndarray:
+    """``us_center_keys`` of one segment ``[W, D]`` in NumPy, in the kernel's order of float32 sums
+    (``want_kbar``: the subtracted vector ``[D]`` instead)."""
+    k = np.asarray(k, np.float32)
+    nref = min(k.shape[0], sc.KREF)
+    partial = np.zeros((8, k.shape[1]), np.float32)
+    for c in range(nref):  # thread y adds its rows y, y + 8, ... ascending
+        partial[c % 8] += k[c]
+    kbar = np.zeros(k.shape[1], np.float32)
+    for j in range(8):
+        kbar += partial[j]
+    kbar = kbar / np.float32(max(nref, 1))
+    return kbar if want_kbar else k - kbar
+
+
+def _emu_center(lib, k: np.ndarray, cu: np.ndarray | None = None) -> np.ndarray:
+    k = np.ascontiguousarray(k, np.float32)
+    out = np.full_like(k, np.nan)
+    if cu is None:
+        B, Hkv, W, D = k.shape
+        segments = B * Hkv
+    else:
+        Hkv, D = k.shape[1], k.shape[2]
+        W = int(np.diff(cu).max())
+        segments = (cu.size - 1) * Hkv
+    lc = sc.center_config(segments, W, D)
+    cu32 = None if cu is None else np.ascontiguousarray(cu, np.int32)
+    lib.emk_center(*(ctypes.c_uint(v) for v in (lc["grid"][0], lc["grid"][1], 32, 8)), _ptr(k), _ptr(out),
+                   _ptr(cu32), ctypes.c_int(Hkv), ctypes.c_int(W), ctypes.c_int(D))
+    return out
+
+
+def test_host_emulated_center_keys_batch_and_packed(host_kernels) -> None:  # noqa: F811
+    """``us_center_keys``: each (sequence, KV head) minus the mean of its first ``KREF`` columns, in a
+    fixed order (the NumPy model's bits), the same bits in the batch and the packed layout."""
+    rng = np.random.default_rng(7)
+    lib = host_kernels["scores.cu"]
+    k = (rng.standard_normal((2, 3, 300, 40)) + 5.0).astype(np.float32)  # W > CENTER_ROWS, D not a multiple of 32
+    got = _emu_center(lib, k)
+    want = np.stack([np.stack([_center_model(k[b, h]) for h in range(3)]) for b in range(2)])
+    assert got.tobytes() == want.tobytes()
+    lens = [5, 300, 64, 0, 257]  # fewer than KREF columns, two chunks, exactly KREF, empty, a short last chunk
+    cu = np.concatenate([[0], np.cumsum(lens)])
+    packed = (rng.standard_normal((int(cu[-1]), 3, 40)) + 5.0).astype(np.float32)
+    gotp = _emu_center(lib, packed, cu)
+    for i in range(len(lens)):
+        seq = packed[cu[i]:cu[i + 1]].transpose(1, 0, 2)[None]
+        assert gotp[cu[i]:cu[i + 1]].transpose(1, 0, 2)[None].tobytes() == _emu_center(lib, seq).tobytes(), i
+    # a prefix of at least KREF columns is centred like the whole (chunked prefill, context parallelism)
+    assert _emu_center(lib, k[:, :, :100])[:, :, :100].tobytes() == got[:, :, :100].tobytes()
+
+
+@pytest.mark.parametrize("case,extra", [((1, 2, 1, 1, 200, 333, 16, 16, 16, 16, False), {}),
+                                        ((2, 8, 2, 2, 50, 70, 16, 64, 2, 8, True), {}),
+                                        ((1, 2, 1, 1, 200, 260, 32, 64, 4, 8, True),
+                                         {"sink_tokens": 3, "diagonal_correction": True})])
+def test_centering_leaves_the_reference_scores_unchanged(case, extra) -> None:
+    """SPEC 4's scores of the centred keys equal those of the keys (a per-row shift of the logits), in float64."""
+    qc, kc, cfg, nq, nk = _composites(case, seed=9, **extra)
+    kc = kc + 3.0 * np.random.default_rng(1).standard_normal(kc.shape[-1]).astype(np.float32)  # a common component
+    kbar = np.stack([np.stack([_center_model(kc[b, h], want_kbar=True) for h in range(kc.shape[1])])
+                     for b in range(kc.shape[0])])[:, :, None, :].astype(np.float64)  # [B, Hkv, 1, D]
+    a = ref.block_scores(qc, kc, cfg, nq, nk)
+    b = ref.block_scores(qc, kc.astype(np.float64) - kbar, cfg, nq, nk)
+    # within float64's own rounding of the logits (the dot-product bound D u sum|q||k|, u = 2^-53, twice):
+    # |dA| <= A (1 - A) |dx| summed over a block is at most the largest logit error
+    D = qc.shape[-1]
+    dots = np.abs(qc.astype(np.float64)).max() * np.abs(kc.astype(np.float64)).max() * D
+    assert np.abs(a - b).max() <= 2 * D * np.finfo(np.float64).eps * cfg.scale_for(D) * dots
+
+
 @pytest.mark.parametrize("t,diag,causal", [(0, True, True), (3, False, True), (5, True, True), (2, True, False),
                                            (3, False, False)])
 @pytest.mark.parametrize("nq,nk,c_q,c_k", [(200, 260, 4, 8), (77, 77, 16, 8), (33, 100, 1, 16), (64, 64, 8, 8)])

@@ -32,8 +32,8 @@ from . import _loader
 from ._device import cupy_module, i32
 from ._loader import KernelSpec
 
-__all__ = ["DEFAULT_PARTS", "FILE", "INSTANTIATIONS", "KERNEL", "MMA_TC", "MMA_WARPS", "OPTIONS", "SCRATCH_BYTES",
-           "SPLIT_KERNEL", "TC", "TR", "launch_config", "launch_scores", "mma_applicable", "mma_kernel",
+__all__ = ["CENTER_KERNEL", "DEFAULT_PARTS", "FILE", "KREF", "INSTANTIATIONS", "KERNEL", "MMA_TC", "MMA_WARPS", "OPTIONS", "SCRATCH_BYTES",
+           "SPLIT_KERNEL", "TC", "TR", "center_config", "center_keys", "launch_config", "launch_scores", "mma_applicable", "mma_kernel",
            "mma_launch_config", "row_bytes", "variant_weights"]
 
 FILE = "scores.cu"
@@ -48,6 +48,12 @@ OPTIONS: tuple[str, ...] = (f"-DUS_SC_TR={TR}", f"-DUS_SC_TC={TC}")
 KERNEL = KernelSpec(FILE, "us_scores_onepass", OPTIONS)
 #: Version 4's operand split (fp16 hi/lo words in fragment order, one factor per row).
 SPLIT_KERNEL = KernelSpec(FILE, "us_split_rows", OPTIONS)
+#: Step 0 of both versions: the composite keys minus the mean of their first :data:`KREF` columns.
+CENTER_KERNEL = KernelSpec(FILE, "us_center_keys", OPTIONS)
+#: Columns whose mean is subtracted from every composite key (``US_KREF`` in scores.cu), and the
+#: columns one thread block of ``us_center_keys`` writes (``US_KC_ROWS``).
+KREF = 64
+CENTER_ROWS = 256
 #: fp16 parts per operand of version 4 (the template parameter P): 3 (the default: fp32 inputs
 #: represented exactly, six products per k-step) or 2 (22 bits, three products, twice as fast,
 #: score errors above 1e-6 on the shared battery's structured D = 16 cases).
@@ -70,7 +76,7 @@ def mma_kernel(warps: int, variant: bool, parts: int = DEFAULT_PARTS) -> KernelS
 
 
 #: Every instantiation this stage launches.
-INSTANTIATIONS: list[KernelSpec] = [KERNEL, SPLIT_KERNEL] + [
+INSTANTIATIONS: list[KernelSpec] = [KERNEL, SPLIT_KERNEL, CENTER_KERNEL] + [
     mma_kernel(w, v, p) for p in (3, 2) for v in (False, True) for w in MMA_WARPS[p]]
 #: Registers per thread of ``us_scores_mma`` by parts (ptxas, sm_90a, rounded up to 8; at most 255
 #: with __launch_bounds__(32*NW, 1)): the occupancy estimate of :func:`mma_launch_config`.
@@ -131,6 +137,53 @@ def launch_config(batch: int, mask_heads: int, R: int, config: UniSparseConfig, 
         "ntiles": ntiles, "NKS": NKS, "scratch_per_head": per_head, "heads_per_chunk": chunk,
         "TR": TR, "TC": TC, "RB": RB, "KB": KB, "RG": RG, "NQ": NQ,
     }
+
+
+def center_config(segments: int, W: int, D: int) -> dict[str, Any]:
+    """Grid and block of ``us_center_keys`` (pure Python, no GPU needed): one thread block per
+    (segment, :data:`CENTER_ROWS` columns, 32 head-dim entries), 32 x 8 threads; static shared
+    memory only. ``segments`` = ``B * Hkv`` (batch) or ``batch * Hkv`` (packed), ``W`` the (longest)
+    segment's columns."""
+    return {"grid": (max(1, int(segments) * geometry.cdiv(max(int(W), 1), CENTER_ROWS)), geometry.cdiv(int(D), 32), 1),
+            "block": (32, 8, 1), "shared_mem": 0}
+
+
+def center_keys(k_c: Any, cu: np.ndarray | None = None, cu_device: Any = None) -> Any:
+    """The composite keys minus one reference key per (sequence, KV head): a new float32 CuPy array.
+
+    Step 0 of both scoring versions (``us_center_keys``; scores.cu's comment gives the argument):
+    ``out[c] = k_c[c] - kbar`` with ``kbar`` the mean of the first ``min(W, KREF)`` columns. The
+    scores are unchanged in exact arithmetic (a per-row shift of the logits), and the float32
+    logits lose the keys' common component before any rounding.
+
+    Parameters
+    ----------
+    k_c : cupy float32, C-contiguous
+        ``[B, Hkv, W, D]``, or packed ``[total_c, Hkv, D]`` with ``cu``.
+    cu : numpy integer array ``[nseq + 1]``, optional
+        Composite-key offsets of the packed layout, on the host (``None``: the batch layout).
+    cu_device : cupy int32 ``[nseq + 1]``, optional
+        The same offsets on the device (uploaded here when not given).
+    """
+    cp = cupy_module()
+    out = cp.empty(k_c.shape, dtype=cp.float32)
+    if k_c.size == 0:
+        return out
+    if cu is None:
+        B, Hkv, W, D = (int(s) for s in k_c.shape)
+        segments = B * Hkv
+    else:
+        Hkv, D = int(k_c.shape[1]), int(k_c.shape[2])
+        offs = np.asarray(cu, dtype=np.int64)
+        W = int(np.diff(offs).max(initial=0))
+        segments = (int(offs.size) - 1) * Hkv
+        if cu_device is None:
+            cu_device = cp.asarray(offs.astype(np.int32))
+    lc = center_config(segments, W, D)
+    _loader.launch(_loader.get_function(CENTER_KERNEL), lc["grid"], lc["block"],
+                   (k_c, out, np.uint64(0) if cu is None else cu_device, i32(Hkv), i32(W), i32(D)),
+                   shared_mem=lc["shared_mem"])
+    return out
 
 
 def _launch_v3(q_c: Any, k_c: Any, config: UniSparseConfig, nq: int, nk: int) -> Any:
@@ -408,7 +461,7 @@ def launch_scores(q_c: Any, k_c: Any, config: UniSparseConfig, nq: int, nk: int,
         if variant:
             raise NotImplementedError("cupy backend block_scores: scores version 3 does not compute the research "
                                       "variants sink_tokens / diagonal_correction")
-        return _launch_v3(q_c, k_c, config, nq, nk)
+        return _launch_v3(q_c, center_keys(k_c), config, nq, nk)
     if version != 4:
         raise ValueError(f"version must be 3 or 4, got {version}")
     S, c_q, c_k, c_h = config.block_size, config.c_q, config.c_k, config.c_h
@@ -421,7 +474,7 @@ def launch_scores(q_c: Any, k_c: Any, config: UniSparseConfig, nq: int, nk: int,
                            variant=variant, shared_limit=limit, parts=parts)
     Dp, P = lc["Dp"], lc["parts"]
     qw, qf = _split(q_c, D, Dp, P)
-    kw, kf = _split(k_c, D, Dp, P)
+    kw, kf = _split(center_keys(k_c), D, Dp, P)
     nqb, nkb = geometry.num_blocks(nq, S), geometry.num_blocks(nk, S)
     scores = cp.zeros((B, Hm, nqb, nkb), dtype=cp.float32)  # blocks no row sees stay 0
     slots, ntiles, RG = lc["slots"], lc["ntiles"], lc["RG"]
