@@ -61,7 +61,7 @@
 // | us_scores_mma<NW,   | (slots): persistent, | 32*NW   | dynamic: Q tile + 1-2 K tiles of split |
 // | VAR, P> (version 4, | items from a counter |         | rows + factors (version 4 section;     |
 // | tensor cores,       |                      |         | scores.py mma_launch_config)           |
-// | default P = 3)      |                      |         |                                        |
+// | default P = 2)      |                      |         |                                        |
 // Version 3's dynamic shared memory (floats): TR*(TC+1) + TR*16 + TR*NKS + 2*TR + 2*RG (one TR
 // of them int), computed by unisparse_ref/cupy_backend/scores.py (launch_config).
 // H200, 131072 tokens, 32 heads (bf16 structured workload, D = 128): 16.2 ms, against 33.1 ms
@@ -357,16 +357,17 @@ us_scores_onepass(const float* __restrict__ qc, const float* __restrict__ kc, fl
 // with one power of two 2^e per row chosen so that max_d |2^e x_d| lies in [2^14, 2^15): the parts
 // stay in fp16's normal range except for elements far below the row maximum, whose absolute error
 // (2^-25 in scaled units) is 2^-39 of the row maximum. Each residual is exact in float32.
-//   P = 3 (default): x1 + x2 + x3 holds a float32 x exactly (33 >= 24 significant bits); the logit
+//   P = 3: x1 + x2 + x3 holds a float32 x exactly (33 >= 24 significant bits); the logit
 //     scale * 2^-(e_r + e_c) * sum_{i+j<=2} q_i . k_j takes six products per k-step (the dropped
 //     ones are below 2^-33 relative). Each 32-wide chunk of d is summed from zero in a partial
 //     (twelve mma, smallest terms first) and added to the accumulator with one float32 add, so no
 //     chain of tensor-core sums (whose rounding the hardware does not promise to be to nearest)
 //     is longer than twelve. One m16 tile (16 rows) per warp.
-//   P = 2: x1 + x2 carries 22 significant bits (error <= 2^-22 |x|); three products per k-step
-//     (q1.k1 + q1.k2 + q2.k1), twice as fast; two m16 tiles (32 rows) per warp. Its scores can be
-//     off by about 2e-6 on the shared battery's structured D = 16 cases (logits up to 72), above
-//     the backend's score_eps: an explicit option (scores.launch_scores(parts=2)), not the default.
+//   P = 2 (default): x1 + x2 carries 22 significant bits (error <= 2^-22 |x|); three products per
+//     k-step (q1.k1 + q1.k2 + q2.k1), half the products; two m16 tiles (32 rows) per warp. On the
+//     raw keys its scores were off by up to 1.5e-6 on structured D = 16 cases (logits up to 72);
+//     on the centred keys (us_center_keys) the largest error over the GPU test cases is 4.9e-7
+//     (three parts: 3.1e-7; H200, docs/gpu_results/estimator.md), within score_eps = 1e-6.
 // The powers of two are exact. Logits are kept in base 2 (scale * log2(e) folded into the row
 // factor) and exponentiated with ex2.approx (relative error about 2^-22). The backend's
 // score_eps and the measured errors: docs/gpu_results/estimator.md.

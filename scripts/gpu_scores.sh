@@ -18,8 +18,8 @@ t0=$(date +%s)
 python3 -m pytest -q -s -p no:cacheprovider tests/test_cupy_scores.py -m gpu > /tmp/us_scores_tests.log 2>&1 || status=1
 grep -E "passed|failed|error" /tmp/us_scores_tests.log | tail -n 3
 grep -E "^(FAILED|E )" /tmp/us_scores_tests.log | head -n 12
-echo "largest max|scores - ref64| over the GPU cases, by kernel (v4 = three parts, the default):"
-for tag in "GPU v4 " "GPU v4-2parts " "GPU v3 "; do
+echo "largest max|scores - ref64| over the GPU cases, by kernel (v4 = two parts, the default):"
+for tag in "GPU v4 " "GPU v4-3parts " "GPU v3 "; do
   grep -F "$tag" /tmp/us_scores_tests.log | grep "max |scores - ref64|" | sort -t= -k2 -g | tail -n 1 | sed "s/^/  /"
 done
 cp /tmp/us_scores_tests.log "$OUTD/tests.log"

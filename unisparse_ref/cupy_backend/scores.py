@@ -54,14 +54,13 @@ CENTER_KERNEL = KernelSpec(FILE, "us_center_keys", OPTIONS)
 #: columns one thread block of ``us_center_keys`` writes (``US_KC_ROWS``).
 KREF = 64
 CENTER_ROWS = 256
-#: fp16 parts per operand of version 4 (the template parameter P): 3 (the default: fp32 inputs
-#: represented exactly, six products per k-step) or 2 (22 bits, three products, twice as fast,
-#: score errors above 1e-6 on the shared battery's structured D = 16 cases).
-DEFAULT_PARTS = 3
-#: Bound on |scores - ref64| that the tests hold the two-part form to (not the backend's
-#: ``score_eps``, which is the default three-part form's): its 22-bit operands gave up to 1.5e-6
-#: in the host emulation of the shared battery (structured D = 16, logits up to 72).
-TWO_PART_EPS = 4e-6
+#: fp16 parts per operand of version 4 (the template parameter P): 2 (the default: 22-bit
+#: operands, three products per k-step) or 3 (fp32 inputs represented exactly, six products).
+#: Two parts became the default once the keys are centred (:func:`center_keys`): on the H200
+#: (2026-12-01, session 5) the largest error over the GPU cases of tests/test_cupy_scores.py was
+#: 4.9e-7 with two parts and 3.1e-7 with three (before centring two parts reached 1.5e-6 on
+#: structured D = 16 cases), and at 131072 tokens two parts take 9.0 ms against 11.7 ms.
+DEFAULT_PARTS = 2
 #: Warps per thread block built for each number of parts (16 rows per warp with three parts, 32 with two).
 MMA_WARPS: dict[int, tuple[int, ...]] = {3: (8,), 2: (4, 8)}
 #: Composite key columns per tile of version 4 (US_SM_TC in scores.cu).
