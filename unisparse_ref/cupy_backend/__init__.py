@@ -48,12 +48,11 @@ both. :func:`as_bfloat16` turns a ``uint16`` CuPy array of bf16 bits into the sa
 Precision
 ---------
 Pooling, softmax and block sums run in float32; the compressed logits run on the tensor cores
-from three fp16 parts per float32 operand (exact products, float32 sums; scores version 4),
-``score_eps = 1e-6`` (SPEC 7). Known to exceed it (H200, batch F, 2026-12-01): 1.07e-6 for
-version 4 on the shared scores battery (``gqa4_ch2_cq2_ck8``, structured D = 16, logits up to
-72) and 1.03e-6 for version 3 (float32 FMA) on a structured D = 16 case; float32 rounding of
-large logits and of the softmax, not the operand split, sets them. The two GPU tests fail until
-the kernels keep that error below 1e-6 (docs/gpu_results/estimator.md). The selection adds
+from two fp16 parts per float32 operand (22-bit operands, float32 sums; scores version 4) of
+the *centred* composite keys (each key minus the mean of the first 64 keys of its sequence and
+KV head: the same softmax, smaller float32 logits), ``score_eps = 1e-6`` (SPEC 7). Largest
+error over every GPU case of the scores tests (H200, 2026-12-01, session 5): 4.9e-7 (two
+parts), 3.1e-7 (three), 6.2e-7 (version 3) (docs/gpu_results/estimator.md). The selection adds
 in float64 exactly as the reference does, so on identical scores its mask is the reference's.
 Attention accumulates in float32; ``lse`` is float32.
 
