@@ -40,13 +40,20 @@
 // Outputs: mask bool [B, Hm, nQb, nKb]; optionally (non-null pointers) the FlexAttention
 // index form kv_counts int32 [B, Hm, nQb] and kv_indices int32 [B, Hm, nQb, nKb]
 // (ascending, padded with -1), written with a warp-ballot scan over the kept flags.
+// Packed layout (issue 16, serving): with a non-null row table `geom` the same kernel reads
+// packed scores [Hm, total_qb, W] of a ragged batch (W = max over sequences of nKb_b, zero past
+// each sequence's nKb_b) and writes kv_counts [Hm, total_qb], kv_indices [Hm, total_qb, W]
+// (block indices local to the sequence, -1 padded to W); nQb = total_qb, nKb = W, and each row
+// takes its geometry (local query block i, N_q,b, N_k,b, nKb_b) from geom[qb]; mask may be null
+// (if given, [Hm, total_qb, W] with the padding false). Scores past nKb_b are never read.
 //
 // Version table
 // | kernel                 | T             | grid         | block          | dynamic shared         |
 // |------------------------|---------------|--------------|----------------|------------------------|
 // | us_select_topp<T>      | float, double | (rows, 1, 1) | 32..SEL_THREADS| NP*key + nKb           |
 // | us_mask_to_indices     | -             | (rows, 1, 1) | 32..SEL_THREADS| nKb                    |
-// rows = B*Hm*nQb, NP = next power of two >= nKb, key = 8 bytes (float) or 16 bytes (double);
+// rows = B*Hm*nQb (packed: Hm*total_qb, nKb = W), NP = next power of two >= nKb, key = 8 bytes
+// (float) or 16 bytes (double);
 // block = clamp(NP/US_SEL_EMAX, 32, US_SEL_THREADS) threads for float scores with
 // NP <= US_SEL_EMAX * US_SEL_THREADS (the fast path), else clamp(NP/4, 32, US_SEL_THREADS);
 // a multiple of 32 (selection.py launch_config).
@@ -248,11 +255,17 @@ __device__ __forceinline__ int us_topp_fast(const float* s, int nvis, long long 
 
 // One thread block per row (b, g, i), row = (b*Hm + g)*nQb + i; blockDim.x a multiple of 32,
 // at most US_SEL_THREADS. threshold_mode: 0 "total" (SPEC), 1 "remaining".
+// geom: null for the batch layout (every row has the arguments' nq, nk and nKb). Packed layout
+// (B = 1, nQb = total_qb, nKb = W, row = g*total_qb + qb): int32 [total_qb, 4], built on the
+// host from cu_seqlens, geom[4*qb .. 4*qb+3] = {i, N_q,b, N_k,b, nKb_b} of the sequence b that
+// packed query block qb belongs to (i its query block inside b). The row's scores, flags and
+// outputs keep the row stride nKb = W; only the geometry of SPEC 5 is the sequence's. Every
+// thread reads the row's entry itself (read-only global memory, no shared copy: no barrier).
 template <typename T>
 __global__ void __launch_bounds__(US_SEL_THREADS)
 us_select_topp(const T* __restrict__ scores, bool* __restrict__ mask, int* __restrict__ kv_counts,
-               int* __restrict__ kv_indices, int nQb, int nKb, int nq, int nk, int S, int n_sink, int n_local,
-               int causal, double P, int threshold_mode) {
+               int* __restrict__ kv_indices, const int* __restrict__ geom, int nQb, int nKb, int nq, int nk, int S,
+               int n_sink, int n_local, int causal, double P, int threshold_mode) {
     typedef SelKey<T> SK;
     typedef typename SK::K K;
     extern __shared__ __align__(16) unsigned char dyn_raw[];
@@ -268,19 +281,27 @@ us_select_topp(const T* __restrict__ scores, bool* __restrict__ mask, int* __res
     const int tid = threadIdx.x, lane = tid & 31, w = tid >> 5;
     const int nthreads = blockDim.x, nwarps = nthreads >> 5;
     const long long row = blockIdx.x;
-    const int i = (int)(row % nQb);
+    int i = (int)(row % nQb);
+    int nkr = nKb;  // key blocks of this row's sequence (the row stride stays nKb)
+    if (geom != nullptr) {
+        const int* gq = geom + 4LL * i;  // i is the packed query block qb here
+        i = gq[0];
+        nq = gq[1];
+        nk = gq[2];
+        nkr = gq[3];
+    }
     const T* s = scores + row * nKb;
 
     const long long p_last = us::qpos(min((long long)(i + 1) * S, (long long)nq) - 1, nq, nk);
     // floor division (p_last < 0 happens only when non-causal with Nq > Nk), as Python's //
     const long long d = p_last >= 0 ? p_last / S : -((-p_last + S - 1) / S);
     // Visible blocks are the prefix j < nvis.
-    const int nvis = !causal ? nKb : (p_last < 0 ? 0 : (int)min((long long)nKb, p_last / S + 1));
+    const int nvis = !causal ? nkr : (p_last < 0 ? 0 : (int)min((long long)nkr, p_last / S + 1));
     const bool all = P >= 1.0;
     const int NP = us_next_pow2(max(nvis, 1));
     const bool remaining = threshold_mode == 1;
 
-    for (int j = tid; j < nKb; j += nthreads) {
+    for (int j = tid; j < nKb; j += nthreads) {  // (packed: j >= nkr >= nvis is padding, flag 0)
         const bool vis = j < nvis;
         const bool forced = vis && (j < n_sink || (j <= d && j > d - n_local));
         keep[j] = all ? (vis ? 1 : 0) : (forced ? 1 : 0);
@@ -393,14 +414,17 @@ us_select_topp(const T* __restrict__ scores, bool* __restrict__ mask, int* __res
     }
     __syncthreads();  // every keep flag (either path, or the exact walk of thread 0) is set
 
-    bool* mrow = mask + row * nKb;
-    if ((nKb & 3) == 0) {  // 4 flags per store (row * nKb and the keep array are 4-aligned)
-        const uchar4* k4 = reinterpret_cast<const uchar4*>(keep);
-        uchar4* m4 = reinterpret_cast<uchar4*>(mrow);
-        for (int j = tid; j < (nKb >> 2); j += nthreads) m4[j] = k4[j];
-    } else {
-        for (int j = tid; j < nKb; j += nthreads) mrow[j] = keep[j] != 0;
+    if (mask != nullptr) {
+        bool* mrow = mask + row * nKb;
+        if ((nKb & 3) == 0) {  // 4 flags per store (row * nKb and the keep array are 4-aligned)
+            const uchar4* k4 = reinterpret_cast<const uchar4*>(keep);
+            uchar4* m4 = reinterpret_cast<uchar4*>(mrow);
+            for (int j = tid; j < (nKb >> 2); j += nthreads) m4[j] = k4[j];
+        } else {
+            for (int j = tid; j < nKb; j += nthreads) mrow[j] = keep[j] != 0;
+        }
     }
+    // Kept blocks are visible (j < nvis <= nkr); indices padded with -1 up to the stride nKb.
     if (kv_counts != nullptr) us_write_indices(keep, nvis, nKb, row, kv_counts, kv_indices);
 }
 

@@ -5,7 +5,9 @@
 
 CuPy's memory pool is off, so every array is its own cudaMalloc and an access past the end of
 the packed arrays (the last sequence's tile, a page) is caught at the array's edge. Covers
-``us_merge_states<half|bf16|float>``, ``us_pool_varlen<half|bf16|float>`` and, on Hopper,
+``us_merge_states<half|bf16|float>``, ``us_pool_varlen<half|bf16|float>``, the packed selection
+(one launch of ``us_select_topp<float|double>`` with its row table: ragged lengths, an empty
+sequence, causal and not, a row wider than the register fast path) and, on Hopper,
 ``us_fa3_fwd_varlen`` (D = 64, 128, 256; contiguous packed and paged through the block
 table; ragged lengths, an empty sequence, a last tile past the end of the packed arrays) and
 ``CupyPagedKVCache`` (appends, chunked prefill through ``unisparse_attention_paged``).
@@ -57,6 +59,25 @@ def main() -> int:
         rq, rk = rv.compress_varlen(q, k, cu_q, cu_k, cfg)
         if np.abs(us.to_numpy(q_c) - rq).max() > 1e-5 or np.abs(us.to_numpy(k_c) - rk).max() > 1e-5:
             failures.append(f"compress_varlen {np.dtype(dt)}")
+
+    # packed selection: one launch over the packed scores, against the reference's packed selection
+    from unisparse_ref.cupy_backend import varlen as cv
+
+    for nq, nk, S, causal in (([1, 19, 0, 33, 16, 5], [3, 40, 5, 33, 70, 5], 16, True),
+                              ([21, 3, 40], [13, 40, 7], 16, False), ([5, 40], [140000, 77], 16, True)):
+        cu_q, cu_k = (np.concatenate([[0], np.cumsum(n)]).astype(np.int32) for n in (nq, nk))
+        cu_qb = np.concatenate([[0], np.cumsum([-(-a // S) for a in nq])])
+        W = max(-(-b // S) for b in nk)
+        for dt in (np.float32, np.float64) if W <= 8192 else (np.float32,):  # float64 keys: nKb <= 8192
+            s = np.zeros((2, int(cu_qb[-1]), W), dt)
+            for i, (a, b) in enumerate(zip(nq, nk, strict=True)):
+                s[:, cu_qb[i]:cu_qb[i + 1], :-(-b // S)] = rng.exponential(size=(2, -(-a // S), -(-b // S))) ** 3
+            for mode in ("total", "remaining"):
+                cfg = UniSparseConfig(block_size=S, c_q=4, c_k=4, causal=causal, threshold=0.7, threshold_mode=mode)
+                counts, idx = cv.select_blocks_varlen(be, cp.asarray(s), cu_q, cu_k, cfg)
+                wc, wi = rv.select_blocks_varlen(s, cu_q, cu_k, cfg)
+                if not (np.array_equal(counts.get(), wc) and np.array_equal(idx.get(), wi)):
+                    failures.append(f"select_blocks_varlen {np.dtype(dt)} {mode} nk={nk}")
 
     if attention._has_sm90():
         for D, S, page in ((64, 128, 128), (128, 256, 256), (256, 128, 64)):

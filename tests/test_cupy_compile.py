@@ -283,16 +283,16 @@ US_MMA_EMK(emk_mma4v_2, 4, true, 2) US_MMA_EMK(emk_mma8v_2, 8, true, 2)
 "selection.cu": '''
 #define US_G dim3_{gx, gy, 1}
 #define US_B dim3_{bx, by, 1}
-extern "C" void emk_select_f(unsigned gx, unsigned gy, unsigned bx, unsigned by, const float* s, bool* mask, int* cnt, int* idx, int nQb, int nKb, int nq, int nk, int S, int ns, int nl, int causal, double P, int mode) {
-  emu_launch(US_G, US_B, [&] { us_select_topp<float>(s, mask, cnt, idx, nQb, nKb, nq, nk, S, ns, nl, causal, P, mode); }); }
-extern "C" void emk_select_d(unsigned gx, unsigned gy, unsigned bx, unsigned by, const double* s, bool* mask, int* cnt, int* idx, int nQb, int nKb, int nq, int nk, int S, int ns, int nl, int causal, double P, int mode) {
-  emu_launch(US_G, US_B, [&] { us_select_topp<double>(s, mask, cnt, idx, nQb, nKb, nq, nk, S, ns, nl, causal, P, mode); }); }
+extern "C" void emk_select_f(unsigned gx, unsigned gy, unsigned bx, unsigned by, const float* s, bool* mask, int* cnt, int* idx, const int* geom, int nQb, int nKb, int nq, int nk, int S, int ns, int nl, int causal, double P, int mode) {
+  emu_launch(US_G, US_B, [&] { us_select_topp<float>(s, mask, cnt, idx, geom, nQb, nKb, nq, nk, S, ns, nl, causal, P, mode); }); }
+extern "C" void emk_select_d(unsigned gx, unsigned gy, unsigned bx, unsigned by, const double* s, bool* mask, int* cnt, int* idx, const int* geom, int nQb, int nKb, int nq, int nk, int S, int ns, int nl, int causal, double P, int mode) {
+  emu_launch(US_G, US_B, [&] { us_select_topp<double>(s, mask, cnt, idx, geom, nQb, nKb, nq, nk, S, ns, nl, causal, P, mode); }); }
 extern "C" void emk_m2i(unsigned gx, unsigned gy, unsigned bx, unsigned by, const bool* mask, int* cnt, int* idx, int nKb) {
   emu_launch(US_G, US_B, [&] { us_mask_to_indices(mask, cnt, idx, nKb); }); }
 extern "C" void emu_select_d(const double* s, bool* mask, int* cnt, int* idx, unsigned rows, int nQb, int nKb, int nq, int nk, int S, int ns, int nl, int causal, double P) {
-  emu_launch({rows, 1, 1}, {US_SEL_THREADS, 1, 1}, [&] { us_select_topp<double>(s, mask, cnt, idx, nQb, nKb, nq, nk, S, ns, nl, causal, P, 0); }); }
+  emu_launch({rows, 1, 1}, {US_SEL_THREADS, 1, 1}, [&] { us_select_topp<double>(s, mask, cnt, idx, nullptr, nQb, nKb, nq, nk, S, ns, nl, causal, P, 0); }); }
 extern "C" void emu_select_f(const float* s, bool* mask, int* cnt, int* idx, unsigned rows, int nQb, int nKb, int nq, int nk, int S, int ns, int nl, int causal, double P) {
-  emu_launch({rows, 1, 1}, {US_SEL_THREADS, 1, 1}, [&] { us_select_topp<float>(s, mask, cnt, idx, nQb, nKb, nq, nk, S, ns, nl, causal, P, 0); }); }
+  emu_launch({rows, 1, 1}, {US_SEL_THREADS, 1, 1}, [&] { us_select_topp<float>(s, mask, cnt, idx, nullptr, nQb, nKb, nq, nk, S, ns, nl, causal, P, 0); }); }
 extern "C" void emu_m2i(const bool* mask, int* cnt, int* idx, unsigned rows, int nKb) {
   emu_launch({rows, 1, 1}, {US_SEL_THREADS, 1, 1}, [&] { us_mask_to_indices(mask, cnt, idx, nKb); }); }
 ''',

@@ -820,3 +820,247 @@ def test_host_emulated_merge(varlen_host_kernels):
     np.testing.assert_array_equal(lse[0, 0], lb[0, 0])
     assert (out[0, 1] == 0).all() and np.isneginf(lse[0, 1])  # both empty
     np.testing.assert_array_equal(out[0, 2], oa[0, 2])  # b empty: a exactly
+
+
+# ============================================================================ packed selection (one launch)
+#: (lengths_q, lengths_k, S, causal): lengths 1 and odd, non-multiples of S, Nq < Nk, sequences
+#: without queries (with and without keys), sequences of a single query block (1 and S queries),
+#: a sequence as wide as the packed width, non-causal with Nq > Nk.
+SELECT_CASES = [
+    ([1, 19, 0, 33, 16, 5, 0], [3, 40, 5, 33, 70, 5, 0], 16, True),
+    ([21, 3, 40], [13, 40, 7], 16, False),
+]
+
+
+def _packed_scores(lengths_q, lengths_k, S, causal, Hm, dtype, seed, pad=0.0, extra_width=0):
+    """Packed scores ``[Hm, total_qb, W]`` (``W = max(1, max nKb) + extra_width``): nonnegative,
+    each row summing to 1 over its visible blocks, many exact ties; ``pad`` past each ``nKb``."""
+    from unisparse_ref import geometry
+
+    rng = np.random.default_rng(seed)
+    cu_q, cu_k = offsets(lengths_q), offsets(lengths_k)
+    cu_qb = packed_offsets(cu_q, S)
+    W = max(1, max(num_blocks(n, S) for n in lengths_k)) + extra_width
+    s = np.full((Hm, int(cu_qb[-1]), W), pad)
+    for b, (nq, nk) in enumerate(zip(lengths_q, lengths_k, strict=True)):
+        if nq == 0:
+            continue
+        nqb, nkb = num_blocks(nq, S), num_blocks(nk, S)
+        raw = rng.exponential(size=(Hm, nqb, nkb)) ** 3
+        raw[0] = np.round(raw[0], 1) + 0.1  # exact ties in mask head 0
+        raw = np.where(geometry.visible_blocks(nq, nk, S, causal), raw, 0.0)
+        s[:, cu_qb[b] : cu_qb[b + 1], :nkb] = raw / np.maximum(raw.sum(-1, keepdims=True), 1e-300)
+    return np.ascontiguousarray(s.astype(dtype)), cu_q, cu_k
+
+
+def _select_configs(S, causal):
+    return [UniSparseConfig(block_size=S, c_q=S // 4, c_k=S // 4, causal=causal, threshold=0.7),
+            UniSparseConfig(block_size=S, c_q=S // 4, c_k=S // 4, causal=causal, threshold=0.5, n_sink_blocks=0,
+                            n_local_blocks=2, threshold_mode="remaining"),
+            UniSparseConfig(block_size=S, c_q=S // 4, c_k=S // 4, causal=causal, threshold=1.0)]
+
+
+@pytest.fixture(scope="module")
+def selection_host_lib(tmp_path_factory):
+    """raw_kernels/selection.cu alone, built with g++ under the host emulation of
+    tests/test_cupy_compile.py (its wrappers; 32 threads per block, as there)."""
+    import ctypes
+    import shutil
+    import subprocess
+
+    from tests.test_cupy_compile import _host_source
+    from unisparse_ref.cupy_backend import selection
+
+    gxx = shutil.which("g++")
+    if gxx is None:
+        pytest.skip("g++ is not installed: the host emulation of the kernels is skipped")
+    d = tmp_path_factory.mktemp("selection_emu")
+    (d / "selection.cpp").write_text(_host_source("selection.cu"))
+    flags = sorted({o for o in selection.OPTIONS if o.startswith("-D")} - {f"-DUS_SEL_THREADS={selection.THREADS}"})
+    r = subprocess.run([gxx, "-std=c++20", "-O1", "-fPIC", "-shared", "-pthread", "-w", "-DUS_SEL_THREADS=32", *flags,
+                        str(d / "selection.cpp"), "-o", str(d / "libselection.so")], capture_output=True, text=True,
+                       timeout=300)
+    if r.returncode != 0 and "barrier" in r.stderr and "No such file" in r.stderr:
+        pytest.skip("g++ lacks C++20 <barrier>")
+    assert r.returncode == 0, r.stderr[-3000:]
+    return ctypes.CDLL(str(d / "libselection.so"))
+
+
+def _emu_select(lib, s, cfg, geom, nqb, nkb, nq, nk):
+    """One emulated launch of us_select_topp<T> (T from s.dtype) with the backend's launch
+    configuration; returns (counts, indices) shaped like s without / with its last axis."""
+    import ctypes
+
+    from unisparse_ref.cupy_backend import selection
+
+    rows = s.size // nkb
+    lc = selection.launch_config(rows, nkb, s.dtype.itemsize)
+    assert lc["block"][0] == 32  # small widths: one warp (the emulator's US_SEL_THREADS)
+    cnt = np.full(s.shape[:-1], -7, np.int32)
+    idx = np.full(s.shape, -7, np.int32)
+    fn = lib.emk_select_d if s.dtype == np.float64 else lib.emk_select_f
+    fn(*(ctypes.c_uint(v) for v in (lc["grid"][0], 1, lc["block"][0], 1)), _c(s), None, _c(cnt), _c(idx),
+       None if geom is None else _c(geom), *(ctypes.c_int(int(v)) for v in (nqb, nkb, nq, nk, cfg.block_size,
+                                                                             cfg.n_sink_blocks, cfg.n_local_blocks,
+                                                                             cfg.causal)),
+       ctypes.c_double(cfg.threshold), ctypes.c_int({"total": 0, "remaining": 1}[cfg.threshold_mode]))
+    return cnt, idx
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("case", SELECT_CASES, ids=["causal", "noncausal"])
+def test_host_emulated_packed_selection(selection_host_lib, case, dtype):
+    """us_select_topp over packed scores with the row table (no GPU: g++ and the host emulation):
+    one launch gives, bit for bit, the batch launch on each sequence's scores alone (padded with
+    -1 to the packed width) and the reference's packed selection; the padding past each nKb
+    (NaN here) is never read; both threshold modes and P = 1."""
+    from unisparse_ref.cupy_backend import selection
+
+    nq, nk, S, causal = case
+    Hm = 2
+    s, cu_q, cu_k = _packed_scores(nq, nk, S, causal, Hm, dtype, seed=21, pad=np.nan)
+    cu_qb = packed_offsets(cu_q, S)
+    table = selection.packed_row_table(cu_q, cu_k, S)
+    assert table.shape == (cu_qb[-1], 4) and table.dtype == np.int32
+    W = s.shape[2]
+    for cfg in _select_configs(S, causal):
+        cnt, idx = _emu_select(selection_host_lib, s, cfg, table, cu_qb[-1], W, 0, 0)
+        want_c, want_i = rv.select_blocks_varlen(np.nan_to_num(s, nan=0.0), cu_q, cu_k, cfg)
+        np.testing.assert_array_equal(cnt, want_c)
+        np.testing.assert_array_equal(idx, want_i)
+        for b in range(len(nq)):
+            if nq[b] == 0:
+                continue
+            rows, nkb = slice(cu_qb[b], cu_qb[b + 1]), num_blocks(nk[b], S)
+            one = np.ascontiguousarray(s[:, rows, :nkb])
+            c1, i1 = _emu_select(selection_host_lib, one, cfg, None, one.shape[1], nkb, nq[b], nk[b])
+            np.testing.assert_array_equal(cnt[:, rows], c1)
+            np.testing.assert_array_equal(idx[:, rows, :nkb], i1)
+            assert (idx[:, rows, nkb:] == -1).all()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("seed", range(6))
+def test_host_emulated_packed_selection_random_batches(selection_host_lib, seed):
+    """The same property on random ragged batches (lengths 0 to 5 S, random S, modes, forced
+    blocks, causality), float32 and float64, and a packed width wider than every sequence."""
+    from unisparse_ref.cupy_backend import selection
+
+    rng = np.random.default_rng(100 + seed)
+    S = int(rng.choice([16, 32]))
+    causal = bool(rng.integers(2))
+    n = int(rng.integers(1, 7))
+    nk = rng.integers(1, 5 * S + 1, n)
+    nq = np.where(rng.random(n) < 0.2, 0, rng.integers(1, 5 * S + 1, n))
+    nq = np.minimum(nq, nk) if causal else nq
+    for dtype in (np.float32, np.float64):
+        s, cu_q, cu_k = _packed_scores(list(nq), list(nk), S, causal, 3, dtype, seed=seed, pad=1.0, extra_width=2)
+        cfg = UniSparseConfig(block_size=S, c_q=S // 4, c_k=S // 4, causal=causal, threshold=float(rng.uniform(0.2, 1)),
+                              n_sink_blocks=int(rng.integers(3)), n_local_blocks=int(rng.integers(3)),
+                              threshold_mode=str(rng.choice(["total", "remaining"])))
+        cu_qb = packed_offsets(cu_q, S)
+        table = selection.packed_row_table(cu_q, cu_k, S)
+        cnt, idx = _emu_select(selection_host_lib, s, cfg, table, cu_qb[-1], s.shape[2], 0, 0)
+        want_c, want_i = rv.select_blocks_varlen(s, cu_q, cu_k, cfg)
+        np.testing.assert_array_equal(cnt, want_c)
+        np.testing.assert_array_equal(idx[:, :, : want_i.shape[2]], want_i)
+        assert (idx[:, :, want_i.shape[2] :] == -1).all()
+
+
+def test_cupy_select_blocks_varlen_glue_on_host_emulation(selection_host_lib, monkeypatch):
+    """cupy_backend.varlen.select_blocks_varlen on a NumPy stand-in for CuPy whose kernel is the
+    host-emulated us_select_topp (no GPU): ONE launch for the batch, with the row table and
+    the backend's launch configuration, giving the reference's packed selection; float64 scores
+    take the double instantiation; a bad score inside a sequence is refused, one only in the
+    padding is ignored; scores narrower than a sequence's nKb and sequences with queries but no
+    key are refused; a batch of sequences without queries gives empty outputs."""
+    import sys
+
+    from tests.test_cupy_compile import _fake_cupy
+    from unisparse_ref import cupy_backend as cb
+    from unisparse_ref.cupy_backend import _device, _loader, selection
+    from unisparse_ref.cupy_backend import varlen as cv
+
+    fake, Kernel = _fake_cupy({"selection.cu": selection_host_lib})
+    fake.full = lambda *a, **k: np.full(*a, **k).view(fake.ndarray)
+    monkeypatch.setitem(sys.modules, "cupy", fake)
+    monkeypatch.setattr(_device, "_NONFINITE", {})
+    monkeypatch.setattr(selection, "THREADS", 32)  # the emulator is built with -DUS_SEL_THREADS=32
+    monkeypatch.setattr(_loader, "_SHARED_OPTIN", {})
+    launches = []
+
+    def get_function(spec):
+        k = Kernel(spec)
+        launches.append(spec.name_expression)
+        return k
+
+    monkeypatch.setattr(_loader, "get_function", get_function)
+    be = cb.CupyBackend("host emulation")
+    nq, nk, S, causal = SELECT_CASES[0]
+    cfg = _select_configs(S, causal)[0]
+    for dtype, name in ((np.float32, "us_select_topp<float>"), (np.float64, "us_select_topp<double>")):
+        s, cu_q, cu_k = _packed_scores(nq, nk, S, causal, 2, dtype, seed=22)
+        launches.clear()
+        counts, indices = cv.select_blocks_varlen(be, s, cu_q, cu_k, cfg)
+        assert launches == [name]  # one launch for the whole batch
+        assert isinstance(counts, fake.ndarray) and counts.dtype == np.int32 and indices.dtype == np.int32
+        want_c, want_i = rv.select_blocks_varlen(s, cu_q, cu_k, cfg)
+        np.testing.assert_array_equal(counts.get(), want_c)
+        np.testing.assert_array_equal(indices.get(), want_i)
+    cu_qb = packed_offsets(cu_q, S)
+    pad = s.copy()
+    pad[0, cu_qb[1], num_blocks(nk[1], S) :] = np.nan  # padding past nKb: not read, not checked
+    c2, i2 = cv.select_blocks_varlen(be, fake.asarray(pad), cu_q, cu_k, cfg)
+    np.testing.assert_array_equal(i2.get(), want_i)
+    bad = s.copy()
+    bad[1, cu_qb[3], 0] = -1.0
+    with pytest.raises(ValueError, match="finite and non-negative"):
+        cv.select_blocks_varlen(be, bad, cu_q, cu_k, cfg)
+    cv.select_blocks_varlen(be, bad, cu_q, cu_k, cfg, check_finite=False)  # no check asked for
+    with pytest.raises(ValueError, match="W >= 5"):
+        cv.select_blocks_varlen(be, s[:, :, :4], cu_q, cu_k, cfg)
+    with pytest.raises(ValueError, match="no key"):
+        cv.select_blocks_varlen(be, s, cu_q, np.array([0, 3, 43, 48, 81, 151, 151, 151]), cfg)
+    c0, i0 = cv.select_blocks_varlen(be, np.zeros((2, 0, 3)), [0, 0, 0], [0, 4, 4], cfg)
+    assert c0.shape == (2, 0) and i0.shape == (2, 0, 3)
+    c0, i0 = cv.select_blocks_varlen(be, np.zeros((2, 0, 0)), [0, 0], [0, 0], cfg)
+    assert c0.shape == (2, 0) and i0.shape == (2, 0, 1)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_cupy_packed_selection_is_the_batch_kernel_on_each_sequence(dtype):
+    """On the GPU: select_blocks_varlen (one launch over the packed scores) equals, bit for bit,
+    CupyBackend.select_blocks_indices on each sequence's scores alone and the reference's
+    packed selection; widths from 1 block to more than the register fast path holds
+    (nKb > EMAX * THREADS: the sort), both threshold modes and P = 1."""
+    from tests.conftest import cupy_backend_or_reason
+    from unisparse_ref.cupy_backend import varlen as cv
+
+    be, why = cupy_backend_or_reason()
+    if be is None:
+        pytest.skip(f"backend 'cupy' unavailable: {why}")
+    import cupy as cp
+
+    cases = [*SELECT_CASES, ([1, 300, 0, 2000, 129, 64], [3, 4000, 9, 2000, 30000, 64], 128, True)]
+    if dtype == np.float32:  # nKb up to 8750 > EMAX * THREADS (float64's 16-byte keys: nKb <= 8192)
+        cases.append(([40, 3, 130], [140000, 77, 9000], 16, True))
+    for nq, nk, S, causal in cases:
+        s, cu_q, cu_k = _packed_scores(nq, nk, S, causal, 3, dtype, seed=23)
+        sd = cp.asarray(s)
+        cu_qb = packed_offsets(cu_q, S)
+        for cfg in _select_configs(S, causal):
+            counts, indices = cv.select_blocks_varlen(be, sd, cu_q, cu_k, cfg)
+            counts, indices = counts.get(), indices.get()
+            assert indices.shape == s.shape
+            for b in range(len(nq)):
+                if nq[b] == 0:
+                    continue
+                rows, nkb = slice(cu_qb[b], cu_qb[b + 1]), num_blocks(nk[b], S)
+                _, c1, i1 = be.select_blocks_indices(cp.ascontiguousarray(sd[None, :, rows, :nkb]), cfg, nq[b], nk[b])
+                np.testing.assert_array_equal(counts[:, rows], c1.get()[0])
+                np.testing.assert_array_equal(indices[:, rows, :nkb], i1.get()[0])
+                assert (indices[:, rows, nkb:] == -1).all()
+            want_c, want_i = rv.select_blocks_varlen(s, cu_q, cu_k, cfg)
+            np.testing.assert_array_equal(counts, want_c)
+            np.testing.assert_array_equal(indices, want_i)

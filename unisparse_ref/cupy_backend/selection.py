@@ -10,10 +10,14 @@ the same scores (the head of ``selection.cu`` gives the argument). Both threshol
 FlexAttention's index form (``kv_counts``, ascending ``kv_indices`` padded with -1), which the
 attention reads.
 ``us_mask_to_indices`` writes that index form for any bool mask (a user's BlockMask).
+The same ``us_select_topp`` also reads the packed scores of a ragged batch (issue 16) in one
+launch: a per-query-block row table (:func:`packed_row_table`) gives each row its sequence's
+geometry, and the kernel writes the packed index form directly (:func:`launch_select_packed`).
 
 Here: the instantiations (:data:`INSTANTIATIONS`, NVRTC options :data:`OPTIONS`), the launch
 configurations (:func:`launch_config`, :func:`mask_to_indices_config`) and the launches
-(:func:`launch_select`, :func:`launch_mask_to_indices`). Imports without CuPy.
+(:func:`launch_select`, :func:`launch_select_packed`, :func:`launch_mask_to_indices`).
+Imports without CuPy.
 """
 
 from __future__ import annotations
@@ -28,7 +32,8 @@ from ._device import cupy_module, i32
 from ._loader import KernelSpec
 
 __all__ = ["FILE", "INSTANTIATIONS", "MASK_TO_INDICES", "EMAX", "OPTIONS", "THREADS", "THRESHOLD_MODES", "launch_config",
-           "launch_mask_to_indices", "launch_select", "mask_to_indices_config", "select_spec"]
+           "launch_mask_to_indices", "launch_select", "launch_select_packed", "mask_to_indices_config",
+           "packed_row_table", "select_spec"]
 
 FILE = "selection.cu"
 #: Most threads per block (``US_SEL_THREADS`` in selection.cu); :func:`launch_config` uses
@@ -100,7 +105,6 @@ def launch_select(scores: Any, config: UniSparseConfig, nq: int, nk: int, with_i
     """
     cp = cupy_module()
     B, Hm, nqb, nkb = (int(s) for s in scores.shape)
-    ctype = "double" if scores.dtype == cp.float64 else "float"
     mask = cp.empty((B, Hm, nqb, nkb), dtype=cp.bool_)
     if with_indices:
         counts = cp.empty((B, Hm, nqb), dtype=cp.int32)
@@ -109,15 +113,67 @@ def launch_select(scores: Any, config: UniSparseConfig, nq: int, nk: int, with_i
     else:
         counts = indices = None
         cptr = iptr = np.uintp(0)  # null pointers: the kernel skips the index form
-    lc = launch_config(B * Hm * nqb, nkb, scores.dtype.itemsize)
+    _launch_topp(scores, mask, cptr, iptr, np.uintp(0), B * Hm * nqb, nqb, nkb, nq, nk, config)
+    return mask, counts, indices
+
+
+def _launch_topp(scores: Any, mask: Any, counts: Any, indices: Any, geom: Any, rows: int, nqb: int, nkb: int,
+                 nq: int, nk: int, config: UniSparseConfig) -> None:
+    """One launch of ``us_select_topp<T>`` (T from ``scores.dtype``) over ``rows`` rows of
+    stride ``nkb``; ``geom`` the packed row table or a null pointer (the batch layout)."""
+    cp = cupy_module()
+    ctype = "double" if scores.dtype == cp.float64 else "float"
+    lc = launch_config(rows, nkb, scores.dtype.itemsize)
     _loader.launch(
         _loader.get_function(select_spec(ctype)), lc["grid"], lc["block"],
-        (scores, mask, cptr, iptr, i32(nqb), i32(nkb), i32(nq), i32(nk), i32(config.block_size),
+        (scores, mask, counts, indices, geom, i32(nqb), i32(nkb), i32(nq), i32(nk), i32(config.block_size),
          i32(config.n_sink_blocks), i32(config.n_local_blocks), np.int32(1 if config.causal else 0),
          np.float64(config.threshold), np.int32(THRESHOLD_MODES[config.threshold_mode])),
         shared_mem=lc["shared_mem"],
     )
-    return mask, counts, indices
+
+
+def packed_row_table(cu_seqlens_q: np.ndarray, cu_seqlens_k: np.ndarray, block_size: int) -> np.ndarray:
+    """The packed selection's row table, int32 ``[total_qb, 4]`` (host, NumPy).
+
+    Row ``qb`` of the packed scores (query block ``i`` of sequence ``b``) holds
+    ``(i, N_q,b, N_k,b, nKb_b)``, ``nKb_b = ceil(N_k,b / S)``; sequences without queries have no
+    row. ``cu_seqlens_q`` and ``cu_seqlens_k`` are checked offsets ``[batch + 1]``.
+    """
+    nq = np.diff(np.asarray(cu_seqlens_q, dtype=np.int64))
+    nk = np.diff(np.asarray(cu_seqlens_k, dtype=np.int64))
+    S = int(block_size)
+    nqb = -(-nq // S)
+    seq = np.repeat(np.arange(nq.size), nqb)  # the sequence of every packed query block
+    first = np.repeat(np.cumsum(nqb) - nqb, nqb)  # its sequence's first packed query block
+    table = np.stack([np.arange(seq.size) - first, nq[seq], nk[seq], -(-nk[seq] // S)], axis=1)
+    return np.ascontiguousarray(table, dtype=np.int32).reshape(-1, 4)
+
+
+def launch_select_packed(scores: Any, table: np.ndarray, config: UniSparseConfig) -> tuple[Any, Any]:
+    """``us_select_topp<T>`` in the packed layout: one launch over every sequence's rows.
+
+    ``scores`` is a C-contiguous float32 or float64 CuPy array ``[Hm, total_qb, W]`` (row
+    ``g * total_qb + qb``), ``table`` the host row table of :func:`packed_row_table` (uploaded
+    here; every ``nKb_b <= W``). Same launch configuration as the batch layout with
+    ``nKb = W``; no bool mask. ``config.threshold_mode`` may be ``"total"`` or ``"remaining"``.
+
+    Returns
+    -------
+    kv_counts : cupy int32 ``[Hm, total_qb]``
+    kv_indices : cupy int32 ``[Hm, total_qb, W]`` (ascending, local to the sequence, -1 padded)
+    """
+    cp = cupy_module()
+    Hm, total_qb, W = (int(s) for s in scores.shape)
+    table = np.asarray(table)
+    if table.dtype != np.int32 or table.shape != (total_qb, 4) or (total_qb and int(table[:, 3].max()) > W):
+        raise ValueError(f"the row table must be int32 [total_qb={total_qb}, 4] with every nKb_b <= W={W}, got "
+                         f"{table.dtype} {table.shape}")
+    counts = cp.empty((Hm, total_qb), dtype=cp.int32)
+    indices = cp.empty((Hm, total_qb, W), dtype=cp.int32)
+    if Hm * total_qb:
+        _launch_topp(scores, np.uintp(0), counts, indices, cp.asarray(table), Hm * total_qb, total_qb, W, 0, 0, config)
+    return counts, indices
 
 
 def launch_mask_to_indices(mask: Any) -> tuple[Any, Any]:

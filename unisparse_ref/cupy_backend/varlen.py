@@ -288,38 +288,73 @@ def block_scores_varlen(be: Any, q_c: Any, k_c: Any, cu_seqlens_q: Any, cu_seqle
 
 def select_blocks_varlen(be: Any, scores: Any, cu_seqlens_q: Any, cu_seqlens_k: Any,
                          config: UniSparseConfig, *, check_finite: bool = True) -> tuple[Any, Any]:
-    """Top-P selection of every sequence (SPEC 5) in the packed index form (cupy int32).
+    """Top-P selection of every sequence (SPEC 5) in the packed index form (cupy int32), one launch.
 
-    One launch of the backend's batch selection per sequence with queries (its rows of the
-    packed scores, a small copy each), written into ``kv_counts [Hm, total_qb]`` and
-    ``kv_indices [Hm, total_qb, W]`` on the device. ``check_finite=False`` (scores from
-    :func:`block_scores_varlen`) skips the per-sequence check of the scores (a host
-    synchronisation each).
+    One launch of ``us_select_topp<T>`` (``selection.cu``) over the packed scores: a row table
+    built on the host from the offsets (``selection.packed_row_table``, int32 ``[total_qb, 4]``,
+    uploaded once) gives every row its sequence's query block,
+    ``N_q``, ``N_k`` and ``nKb``, and the kernel writes the packed index form directly: no
+    per-sequence loop, no copy of the scores. The result is bit for bit the batch selection
+    (``CupyBackend.select_blocks_indices``) run on each sequence's scores alone, hence the
+    reference's selection on the same scores.
+
+    Parameters
+    ----------
+    be : CupyBackend
+    scores : array ``[Hm, total_qb, W]``
+        float32 or float64 (other dtypes are converted to float64), ``W >= nKb`` of every
+        sequence with queries (:func:`block_scores_varlen` gives ``W = max(1, max nKb)``);
+        entries past a sequence's ``nKb`` are not read.
+    cu_seqlens_q, cu_seqlens_k : int array ``[batch + 1]`` (checked on the host)
+    config : UniSparseConfig
+    check_finite : bool
+        Default ``True``: raise for a negative or non-finite score of a sequence (one reduction
+        over the packed array, one synchronisation; a bad value only in the padding past
+        ``nKb`` is ignored). ``False`` (scores from :func:`block_scores_varlen`): no check.
+
+    Returns
+    -------
+    kv_counts : cupy int32 ``[Hm, total_qb]``
+    kv_indices : cupy int32 ``[Hm, total_qb, max(W, 1)]``
+        Ascending, local to the sequence, padded with -1.
+
+    Raises
+    ------
+    ValueError
+        Bad offsets, scores of another shape or narrower than a sequence's ``nKb``, a bad score.
     """
+    from . import selection
+    from ._device import count_bad
+
     cp = cupy_module()
     config = check_config(config)
+    be._refuse_variants(config, "cupy backend select_blocks_varlen")
     s = scores if isinstance(scores, cp.ndarray) else cp.asarray(np.asarray(scores))
     cu_q, cu_k = _offsets(cu_seqlens_q, cu_seqlens_k, config.causal)
     S = config.block_size
     cu_qb = packed_offsets(cu_q, S)
     if s.ndim != 3 or s.shape[1] != cu_qb[-1]:
         raise ValueError(f"scores must have shape [Hm, total_qb={int(cu_qb[-1])}, W], got {tuple(s.shape)}")
+    table = selection.packed_row_table(cu_q, cu_k, S)
     Hm, total_qb, W = (int(x) for x in s.shape)
-    counts = cp.zeros((Hm, total_qb), dtype=cp.int32)
-    indices = cp.full((Hm, total_qb, max(W, 1)), -1, dtype=cp.int32)  # the width of the scores
-    for i in range(cu_q.size - 1):
-        nq, nk = int(cu_q[i + 1] - cu_q[i]), int(cu_k[i + 1] - cu_k[i])
-        if nq == 0:
-            continue
-        nkb = geometry.num_blocks(nk, S)
-        s_i = cp.ascontiguousarray(s[None, :, cu_qb[i]:cu_qb[i + 1], :nkb])
-        _, c_i, idx_i = be.select_blocks_indices(s_i, config, nq, nk, **({} if check_finite else
-                                                                          {"check_finite": False}))
-        if tuple(idx_i.shape[1:]) == tuple(indices.shape):  # one sequence fills the packed arrays
-            return c_i[0], idx_i[0]
-        counts[:, cu_qb[i]:cu_qb[i + 1]] = c_i[0]
-        indices[:, cu_qb[i]:cu_qb[i + 1], :nkb] = idx_i[0]
-    return counts, indices
+    need = int(table[:, 3].max(initial=0))
+    if W < need:
+        raise ValueError(f"scores must have shape [Hm, total_qb={total_qb}, W >= {need}] (the key blocks of the "
+                         f"longest sequence with queries), got {tuple(s.shape)}")
+    if W == 0:  # no row (every sequence without queries): the index form is one -1 wide
+        return cp.zeros((Hm, total_qb), dtype=cp.int32), cp.full((Hm, total_qb, 1), -1, dtype=cp.int32)
+    if s.dtype not in (cp.float32, cp.float64):
+        s = s.astype(cp.float64)
+    s = cp.ascontiguousarray(s)
+    if check_finite and s.size and int(count_bad(s, "score")):
+        # Something is negative or not finite: in a sequence's scores (refused, as the batch
+        # selection refuses it) or only in the padding past its nKb (never read: ignored).
+        host = s.get()
+        inside = np.arange(W)[None, :] < table[:, 3][:, None]  # [total_qb, W]
+        v = host[:, inside]
+        if ((v < 0) | ~np.isfinite(v)).any():
+            raise ValueError("scores must be finite and non-negative")
+    return selection.launch_select_packed(s, table, config)
 
 
 # ----------------------------------------------------------------------------- stage 4, packed and paged
