@@ -11,10 +11,10 @@ set -u -o pipefail
 export PYTHONUNBUFFERED=1 HYPOTHESIS_PROFILE=gpu
 PY=${PY:-python3}
 status=0
-echo "=== tests"; timeout 100 $PY -m pytest -q -x -m "not slow" tests/test_varlen.py tests/test_cupy_layer.py -k "select or mask_to_indices" \
+echo "=== tests"; timeout 90 $PY -m pytest -q -x -m "not slow" tests/test_varlen.py tests/test_cupy_layer.py -k "select or mask_to_indices" \
   2>&1 | tail -n 25 || status=1
-echo "=== memcheck"; timeout 100 compute-sanitizer --tool memcheck --error-exitcode 3 $PY scripts/sanitize_varlen.py \
+echo "=== memcheck"; timeout 95 compute-sanitizer --tool memcheck --error-exitcode 3 $PY scripts/sanitize_varlen.py \
   2>&1 | tail -n 15 || status=1
-echo "=== bench"; timeout 40 $PY scripts/bench_select_varlen.py 2>&1 | tail -n 5 || status=1
+echo "=== bench"; timeout 35 $PY scripts/bench_select_varlen.py 2>&1 | tail -n 5 || status=1
 echo "gpu_select_varlen: status $status"
 exit $status
