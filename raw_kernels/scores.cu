@@ -60,8 +60,8 @@
 // | us_split_rows       | (ceil(rows/4))       | 128     | none (one warp per composite row)      |
 // | us_scores_mma<NW,   | (slots): persistent, | 32*NW   | dynamic: Q tile + 1-2 K tiles of split |
 // | VAR, P> (version 4, | items from a counter |         | rows + factors (version 4 section;     |
-// | tensor cores,       |                      |         | scores.py mma_launch_config)           |
-// | default P = 2)      |                      |         |                                        |
+// | tensor cores,       | (batch), or from a   |         | scores.py mma_launch_config, and       |
+// | default P = 2)      | packed work list     |         | packed_launch_config: the same bytes)  |
 // Version 3's dynamic shared memory (floats): TR*(TC+1) + TR*16 + TR*NKS + 2*TR + 2*RG (one TR
 // of them int), computed by unisparse_ref/cupy_backend/scores.py (launch_config).
 // H200, 131072 tokens, 32 heads (bf16 structured workload, D = 128): 16.2 ms, against 33.1 ms
@@ -392,6 +392,31 @@ us_scores_onepass(const float* __restrict__ qc, const float* __restrict__ kc, fl
 // Every sum is taken in a fixed order and no item depends on another: which slot runs an item
 // changes nothing, and repeated runs are bit-identical.
 //
+// Packed mode (serving layouts, docs/layers/serving.md; unisparse_ref/cupy_backend/scores.py
+// packed_launch_config builds both tables on the host, launch_scores_packed launches): a batch of
+// sequences i = 0 .. nseq-1 packed along the token axis, sequence i with N_q,i queries and N_k,i keys
+// (bottom-right causal per sequence), R_i = ceil(N_q,i / c_q) composite queries at rows
+// cu_r[i] .. cu_r[i+1]-1 of q_c [total_r, Hm, D], C_i = ceil(N_k,i / c_k) composite keys at rows
+// cu_c[i] .. of k_c [total_c, Hkv, D] (centred per (sequence, KV head) by us_center_keys), and
+// nQb_i = ceil(N_q,i / S) score rows from cu_qb[i] in scores [Hm, total_qb, sW]. Each sequence is
+// its own SPEC 4 problem with B = 1. One launch covers them all:
+//   descriptor table desc int32 [nseq][8]:  {R_i, W_i = C_i, N_q,i, N_k,i, cu_r[i], cu_c[i], cu_qb[i], 0}
+//   work list        wlist int32 [nwork][2]: {i, x} for every row tile x < ceil(R_i / RG) of every
+//                    sequence, sorted longest first ACROSS the sequences: by the column tiles the
+//                    tile's last row walks, ntg = last_col(min((x+1) RG, R_i) - 1) / TC + 1,
+//                    descending (ties: sequence ascending, then x descending);
+//   work item        item = e * Hm + g: entry e = item / Hm, mask head g = item % Hm (the heads of
+//                    one row tile together, as in the batch mode).
+// Item (i, x, g) is the batch mode's item (row tile x, head g) of sequence i run alone: the same
+// rows, columns, visibility (SPEC 4 with N_q,i, N_k,i), the same sums in the same order; only the
+// addresses differ (Q row r: split row (cu_r[i] + r) Hm + g; key column c: (cu_c[i] + c) Hkv + h;
+// score (qi, j): (g total_qb + cu_qb[i] + qi) sW + j). So each sequence's packed scores are bit for
+// bit those of the batch launch on that sequence's composite tokens (tests/test_cupy_scores.py).
+// The per-slot scratch is sized for the widest sequence (ntiles = ceil(max_i C_i / TC)). A
+// sequence without queries has no entry; score entries past nKb_i are never written (zeros).
+// The mode is a run-time switch on wlist (a null pointer: batch), uniform over the launch; it adds
+// no barrier.
+//
 // VAR = true (research variants, not SPEC; unisparse_ref/reference/scores.py variant_log_weights):
 // column j of the walk is key column j of k_c, whose first T = sink_tokens columns are the un-pooled
 // sink keys; the logit gets an additive log-weight (base e)
@@ -578,18 +603,28 @@ __device__ __forceinline__ int us_sm_row_bytes(int Dp, int P) {
 // unisparse_ref/cupy_backend/scores.py (mma_launch_config) computes the same number.
 
 // The one-pass scores on the tensor cores (see the header of version 4). grid (slots), block
-// (32*NW). qs/ks, qf/kf: us_split_rows of Qh [B*Hm*R, D] and of Kc [B*Hkv*W, D] (W = C columns,
-// or T + C with the sink variant). scores: float32 [B, Hm, nQb, nKb], zero-initialised. part/tmax:
-// per-slot scratch [slots, ntiles, RG, NKS] / [slots, ntiles, RG]. counter: int32, zero. colw/j0/band:
-// VAR only (see the header), else null.
+// (32*NW). Two modes, switched at run time by wlist (the same body, the same arithmetic per item):
+// * batch (wlist null): qs/ks, qf/kf: us_split_rows of Qh [B*Hm*R, D] and of Kc [B*Hkv*W, D]
+//   (W = C columns, or T + C with the sink variant); the geometry R, W, nq, nk is the arguments'.
+//   scores: float32 [B, Hm, nQb, nKb], zero-initialised.
+// * packed (wlist not null; VAR = false only, no sinks): qs/qf split rows of Qh = q_c
+//   [total_r, Hm, D] and ks/kf of the centred Kc = k_c [total_c, Hkv, D] in memory order (row
+//   (cu_r[i] + r)*Hm + g, column (cu_c[i] + c)*Hkv + h: no copy); each item reads its geometry
+//   from the descriptor table (see "Packed mode" above); R, W, nq, nk are unused. scores:
+//   float32 [Hm, total_qb, sW] (the packed layout, row stride sW = max(1, max_i nKb_i)),
+//   zero-initialised; entries past nKb_i stay 0.
+// part/tmax: per-slot scratch [slots, ntiles, RG, NKS] / [slots, ntiles, RG] (ntiles of the widest
+// sequence in the packed mode). counter: int32, zero. colw/j0/band: VAR only (see the header),
+// else null.
 template <int NW, bool VAR, int P>
 __global__ void __launch_bounds__(32 * NW, 1)
 us_scores_mma(const unsigned* __restrict__ qs, const float* __restrict__ qfac, const unsigned* __restrict__ ks,
               const float* __restrict__ kfac, float* __restrict__ scores, float* __restrict__ part,
-              float* __restrict__ tmax, int* __restrict__ counter, int BH, int Hm, int Hkv, int R, int W, int Dp,
-              int nq, int nk, int c_q, int c_k, int c_h, int G, int S, int causal, float scale_log2, int stages,
+              float* __restrict__ tmax, int* __restrict__ counter, int BH, int Hm, int Hkv, int R_b, int W_b,
+              int Dp, int nq_b, int nk_b, int c_q, int c_k, int c_h, int G, int S, int causal, float scale_log2, int stages,
               int ntiles, int T, const float* __restrict__ colw, const int* __restrict__ j0,
-              const float* __restrict__ band, int NB) {
+              const float* __restrict__ band, int NB, const int* __restrict__ desc, const int* __restrict__ wlist,
+              int nwork, int total_qb, int sW) {
     static_assert(P == 2 || P == 3, "two or three fp16 parts");
     constexpr int MT = P == 2 ? 2 : 1;  // m16 tiles per warp (registers: three parts hold more fragments)
     constexpr int TC = US_SM_TC, NT = TC / 8, WR = 16 * MT, RG = WR * NW, THREADS = 32 * NW;
@@ -607,28 +642,53 @@ us_scores_mma(const unsigned* __restrict__ qs, const float* __restrict__ qfac, c
 
     const int tid = threadIdx.x, warp = tid / 32, lane = tid & 31, g = lane >> 2, q = lane & 3;
     const int RB = S / c_q, KB = S / c_k;
-    const int C = W - T;                                       // composite key columns
     const int KBe = VAR ? 1 : min(KB, TC), NKS = TC / KBe, SPB = VAR ? 1 : KB / KBe;
-    const int nQb = us::cdiv(nq, S), nKb = us::cdiv(nk, S);
-    const int nrt = us::cdiv(R, RG), nitems = BH * nrt;
+    const bool packed = wlist != nullptr;                      // uniform: the mode of the whole launch
+    const int nrt_b = us::cdiv(R_b, RG);                       // batch: row tiles per head
+    const int nitems = packed ? nwork * Hm : BH * nrt_b;
     float* pe = part + (long long)blockIdx.x * ntiles * RG * NKS;  // this slot's e [ntiles][RG][NKS]
     float* tm = tmax + (long long)blockIdx.x * ntiles * RG;        // this slot's M, then w [ntiles][RG]
-
-    // Last key column (of the W) visible to row r: composite rule of SPEC 4, shifted by the T sinks
-    // (a sink s is visible when s <= p(last(r)), always true for s < T <= c_k when composite 0 is).
-    auto last_col = [&](int r) { return T + usm::last_key(r, R, C, nq, nk, c_q, c_k, causal); };
 
     for (;;) {
         if (tid == 0) *item_s = usm::next_item(counter);
         __syncthreads();  // (1) the item index is in shared memory before every thread reads it
         const int item = *item_s;
         if (item >= nitems) break;
-        const int x = nrt - 1 - item / BH, bh = item % BH;  // longest items (last row tiles) first
-        const int b = bh / Hm, gh = bh % Hm, kvh = (gh * c_h) / G;
+        // The item's geometry: its row tile x of mask head gh of sequence (batch: b) with R composite
+        // queries, W key columns, nq queries and nk keys; Q row r is split row qrow + r*qstr, key
+        // column c is split row krow + c*kstr, score (i, j) is scores[sbase + i*sstr + j].
+        int x, gh, kvh, R, W, nq, nk, qstr, kstr, sstr;
+        long long qrow, krow, sbase;
+        if (!packed) {  // longest items (last row tiles) first; a row tile's BH heads together
+            x = nrt_b - 1 - item / BH;
+            const int bh = item % BH, b = bh / Hm;
+            gh = bh % Hm;
+            kvh = (gh * c_h) / G;
+            R = R_b, W = W_b, nq = nq_b, nk = nk_b;
+            qrow = (long long)bh * R, qstr = 1;
+            krow = ((long long)b * Hkv + kvh) * W, kstr = 1;
+            sstr = us::cdiv(nk, S), sbase = (long long)bh * us::cdiv(nq, S) * sstr;
+        } else {  // work-list entry item / Hm (already longest first), head item % Hm
+            const int* wk = wlist + 2 * (item / Hm);
+            const int* dsc = desc + 8 * wk[0];
+            x = wk[1];
+            gh = item % Hm;
+            kvh = (gh * c_h) / G;
+            R = dsc[0], W = dsc[1], nq = dsc[2], nk = dsc[3];
+            qrow = (long long)dsc[4] * Hm + gh, qstr = Hm;
+            krow = (long long)dsc[5] * Hkv + kvh, kstr = Hkv;
+            sstr = sW, sbase = ((long long)gh * total_qb + dsc[6]) * sW;
+        }
+        const int C = W - T;  // composite key columns
+        const int nQb = us::cdiv(nq, S), nKb = us::cdiv(nk, S);
+        // Last key column (of the W) visible to row r: composite rule of SPEC 4, shifted by the T sinks
+        // (a sink s is visible when s <= p(last(r)), always true for s < T <= c_k when composite 0 is).
+        auto last_col = [&](int r) { return T + usm::last_key(r, R, C, nq, nk, c_q, c_k, causal); };
         const int r0 = x * RG;
-        const unsigned char* qsrc = reinterpret_cast<const unsigned char*>(qs + ((long long)bh * R) * rwords);
-        const unsigned char* ksrc = reinterpret_cast<const unsigned char*>(ks + ((long long)b * Hkv + kvh) * W * rwords);
-        const float* kfh = kfac + ((long long)b * Hkv + kvh) * W;
+        const long long qstep = (long long)qstr * rwords, kstep = (long long)kstr * rwords;  // words per row
+        const unsigned char* qsrc = reinterpret_cast<const unsigned char*>(qs + qrow * rwords);
+        const unsigned char* ksrc = reinterpret_cast<const unsigned char*>(ks + krow * rwords);
+        const float* kfh = kfac + krow;
         const int cmax = last_col(min(r0 + RG, R) - 1);
         const int ntg = cmax / TC + 1;  // column tiles of this item
         const int wlast = last_col(min(r0 + WR * warp + WR - 1, R - 1));  // this warp's last visible column
@@ -637,21 +697,21 @@ us_scores_mma(const unsigned* __restrict__ qs, const float* __restrict__ qfac, c
         const int chunks = rwords / 4;  // 16-byte chunks per row
         for (int e = tid; e < RG * chunks; e += THREADS) {
             const int row = e / chunks, ch = e % chunks, r = r0 + row;
-            usm::cp16(Qs + row * rowb + ch * 16, qsrc + ((long long)min(r, R - 1) * rwords + ch * 4) * 4, r < R);
+            usm::cp16(Qs + row * rowb + ch * 16, qsrc + ((long long)min(r, R - 1) * qstep + ch * 4) * 4, r < R);
         }
         for (int e = tid; e < RG; e += THREADS) {
             const int r = r0 + e;
-            qf[e] = r < R ? scale_log2 * qfac[(long long)bh * R + r] : 0.0f;
+            qf[e] = r < R ? scale_log2 * qfac[qrow + (long long)r * qstr] : 0.0f;
         }
         auto load_k = [&](int t, int st) {
             unsigned char* dst = Ks + st * TC * rowb;
             for (int e = tid; e < TC * chunks; e += THREADS) {
                 const int col = e / chunks, ch = e % chunks, c = t * TC + col;
-                usm::cp16(dst + col * rowb + ch * 16, ksrc + ((long long)min(c, W - 1) * rwords + ch * 4) * 4, c < W);
+                usm::cp16(dst + col * rowb + ch * 16, ksrc + ((long long)min(c, W - 1) * kstep + ch * 4) * 4, c < W);
             }
             for (int e = tid; e < TC; e += THREADS) {
                 const int c = t * TC + e;
-                kf[st * TC + e] = c < W ? kfh[c] : 0.0f;
+                kf[st * TC + e] = c < W ? kfh[(long long)c * kstr] : 0.0f;
                 if (VAR) kw[st * TC + e] = c < W ? colw[c] : 0.0f;
             }
             usm::cp_commit();
@@ -877,7 +937,7 @@ us_scores_mma(const unsigned* __restrict__ qs, const float* __restrict__ qfac, c
                 }
                 sacc += sr;
             }
-            scores[((long long)bh * nQb + i) * nKb + j] = sacc / (float)(rb - ra);
+            scores[sbase + (long long)i * sstr + j] = sacc / (float)(rb - ra);
         }
         __syncthreads();  // (6) the item's reads of shared memory and scratch are done before the next item
     }

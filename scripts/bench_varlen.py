@@ -30,9 +30,13 @@ data, ratios within one run.
    on each chunk (the chunk is one sequence); the launchers are called directly (no input
    checks on either side beyond the one-shot pipeline's own); and the same through the public
    API (``CupyPagedKVCache.append``, then ``unisparse_attention_paged(..., backend="cupy")``).
-3. **The whole pipeline** on the packed batch (``unisparse_attention_varlen``) against the batch
-   pipeline ``CupyBackend.unisparse_attention`` looped over the sequences and on one sequence
-   of the same causal work.
+3. **The whole pipeline** on the packed batch (``unisparse_attention_varlen``: packed pooling,
+   scoring in one launch of ``us_scores_mma``'s packed mode, selection, the packed attention)
+   against the batch pipeline ``CupyBackend.unisparse_attention`` looped over the sequences and
+   on one sequence of the same causal work; and its stages one by one (the packed scoring against
+   the per-sequence scoring it replaced, checked bit for bit equal first).
+
+``--pipeline`` runs section 3 only (about 30 s).
 
 ``--final`` is the short run of a shared GPU batch (about 80 s): 1 warm-up, 5 repeats, two tile
 orders, and ``--out``'s JSON rewritten after every section.
@@ -86,6 +90,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", default=None, help="directory for bench_varlen.json")
     p.add_argument("--quick", action="store_true", help="fewer repeats, packed batch only at density 1")
     p.add_argument("--repeats", type=int, default=10)
+    p.add_argument("--pipeline", action="store_true", help="section 3 only: the whole packed pipeline and its stages")
     p.add_argument("--final", action="store_true",
                    help="the short run of a shared batch (at most about 80 s): 1 warm-up and 5 repeats, two tile "
                         "orders; sections in the order packed, chunked, pipeline; the JSON rewritten after each")
@@ -146,7 +151,7 @@ def main(argv: list[str] | None = None) -> int:
     lse_p = cp.empty((HQ, T), dtype=cp.float32)
     rows = []
     densities = [None] if args.quick else [None, 0.2]
-    for density in densities:
+    for density in [] if args.pipeline else densities:
         tag = "dense" if density is None else f"density {density}"
         counts_h, idx_h, masks = _dense_packed_mask(nq, nq, HQ, density, seed=1)
         counts, idx = cp.asarray(counts_h), cp.asarray(idx_h)
@@ -250,7 +255,7 @@ def main(argv: list[str] | None = None) -> int:
         save()
 
     # ------------------------------------------------------------------ 2. chunked prefill
-    if not args.quick:
+    if not args.quick and not args.pipeline:
         try:
             results["chunked"] = _chunked(be, cp, us, as_bfloat16, _bf16_bits, reference_check, time_calls, cv,
                                           _hopper, kw, check, scale)
@@ -277,9 +282,11 @@ def main(argv: list[str] | None = None) -> int:
 
 def _pipeline(be, cp, us, as_bfloat16, bf16_bits, reference_check, time_calls, kw, check, q, k, v, seq, cu, nq, rs):
     """The whole UniSparse pipeline on the packed batch (``unisparse_attention_varlen``: packed pooling,
-    scoring and selection one launch per sequence, packed attention in one launch) against the
-    batch pipeline ``CupyBackend.unisparse_attention`` looped over the sequences (arrays laid out
-    per sequence beforehand) and on one sequence of the same causal work."""
+    scoring in one launch, selection, packed attention in one launch) against the batch pipeline
+    ``CupyBackend.unisparse_attention`` looped over the sequences (arrays laid out per sequence
+    beforehand) and on one sequence of the same causal work; then the packed stages one by one, the
+    scoring against the per-sequence scoring (``varlen._block_scores_per_sequence``, the path before
+    the packed kernel), whose scores must be the packed ones bit for bit."""
     from unisparse_ref import UniSparseConfig
     from unisparse_ref.cupy_backend import BFloat16Array
 
@@ -320,8 +327,41 @@ def _pipeline(be, cp, us, as_bfloat16, bf16_bits, reference_check, time_calls, k
            "loop_ms": t_loop["ms"], "one_seq_ms": t_one["ms"], "one_seq_L": L,
            "speedup_vs_loop": t_loop["ms"] / t_packed["ms"], "packed_over_one_seq": t_packed["ms"] / t_one["ms"],
            "density": float(res.density), "one_seq_density": float(one_res[2].density)}
+    row["stages"] = _stages(be, cp, us, time_calls, kw, qb, kb, vb, cu, cfg)
     print(json.dumps(row))
+    if "refused" in row["stages"]:  # recorded by the caller: the run exits 1
+        raise RuntimeError(f"packed pipeline stages: {row['stages']['refused']}")
     return row
+
+
+def _stages(be, cp, us, time_calls, kw, qb, kb, vb, cu, cfg):
+    """The packed pipeline's stages one by one (median ms each), and the packed scoring against the
+    per-sequence scoring it replaced (refused unless their scores are the same bits)."""
+    from unisparse_ref._arrays import packed_offsets
+    from unisparse_ref.cupy_backend import scores as sc
+    from unisparse_ref.cupy_backend import varlen as cv
+
+    stage = {n: us.varlen.native_stage(be, n) for n in ("compress_varlen", "block_scores_varlen",
+                                                         "select_blocks_varlen", "block_sparse_attention_varlen")}
+    q_c, k_c = stage["compress_varlen"](qb, kb, cu, cu, cfg)
+    scores = stage["block_scores_varlen"](q_c, k_c, cu, cu, cfg)
+    cu_r, cu_c = packed_offsets(cu, cfg.c_q), packed_offsets(cu, cfg.c_k)
+
+    def per_seq() -> Any:
+        return cv._block_scores_per_sequence(be, q_c, k_c, cu, cu, cu_r, cu_c, cfg)
+
+    if not bool(cp.array_equal(per_seq(), scores)):
+        return {"refused": "the packed scores differ from the per-sequence scores"}
+    counts, idx = stage["select_blocks_varlen"](scores, cu, cu, cfg, check_finite=False)
+    out = {"packed_scoring_one_launch": sc.packed_applicable(cfg, int(q_c.shape[2])), "scores_bit_identical": True}
+    for name, fn in (("compress", lambda: stage["compress_varlen"](qb, kb, cu, cu, cfg)),
+                     ("scores_packed", lambda: stage["block_scores_varlen"](q_c, k_c, cu, cu, cfg)),
+                     ("scores_per_sequence", per_seq),
+                     ("select", lambda: stage["select_blocks_varlen"](scores, cu, cu, cfg, check_finite=False)),
+                     ("attention", lambda: stage["block_sparse_attention_varlen"](qb, kb, vb, cu, cu, counts, idx, cfg))):
+        out[f"{name}_ms"] = time_calls([fn], **kw)["ms"]
+    out["scores_speedup"] = out["scores_per_sequence_ms"] / out["scores_packed_ms"]
+    return out
 
 
 def _chunked(be, cp, us, as_bfloat16, bf16_bits, reference_check, time_calls, cv, hopper, kw, check, scale):
@@ -435,6 +475,14 @@ def _summary(results: dict[str, Any]) -> None:
         print(f"{p['case']}: packed {p['packed_ms']:.2f} ms; loop of the batch pipeline {p['loop_ms']:.2f} ms "
               f"({p['speedup_vs_loop']:.2f}x); one sequence L={p['one_seq_L']} {p['one_seq_ms']:.2f} ms "
               f"(packed/one = {p['packed_over_one_seq']:.3f}); densities {p['density']:.3f} / {p['one_seq_density']:.3f}")
+        st = p.get("stages", {})
+        if "scores_packed_ms" in st:
+            print(f"  stages: compress {st['compress_ms']:.2f} ms, scores {st['scores_packed_ms']:.2f} ms (one launch: "
+                  f"{st['packed_scoring_one_launch']}; per sequence {st['scores_per_sequence_ms']:.2f} ms, "
+                  f"{st['scores_speedup']:.2f}x; bits equal), select {st['select_ms']:.2f} ms, attention "
+                  f"{st['attention_ms']:.2f} ms")
+        elif st:
+            print("  stages:", st)
     c = results.get("chunked")
     if c and "chunked_ms" in c:
         print(f"{c['case']}: {c['chunked_ms']:.2f} ms vs one-shot {c['one_shot_ms']:.2f} ms "

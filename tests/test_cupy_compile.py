@@ -273,8 +273,8 @@ extern "C" void emk_split(unsigned gx, unsigned gy, unsigned bx, unsigned by, co
   emu_launch(US_G, US_B, [&] { us_split_rows(x, out, fac, rows, D, Dp, P); }); }
 extern "C" void emk_center(unsigned gx, unsigned gy, unsigned bx, unsigned by, const float* k, float* out, const int* cu, int Hkv, int W, int D) {
   emu_launch(US_G, US_B, [&] { us_center_keys(k, out, cu, Hkv, W, D); }); }
-#define US_MMA_ARGS const unsigned* qs, const float* qf, const unsigned* ks, const float* kf, float* sc, float* part, float* tmax, int* counter, int BH, int Hm, int Hkv, int R, int W, int Dp, int nq, int nk, int cq, int ck, int ch, int G, int S, int causal, float sl2, int stages, int ntiles, int T, const float* colw, const int* j0, const float* band, int NB
-#define US_MMA_PASS qs, qf, ks, kf, sc, part, tmax, counter, BH, Hm, Hkv, R, W, Dp, nq, nk, cq, ck, ch, G, S, causal, sl2, stages, ntiles, T, colw, j0, band, NB
+#define US_MMA_ARGS const unsigned* qs, const float* qf, const unsigned* ks, const float* kf, float* sc, float* part, float* tmax, int* counter, int BH, int Hm, int Hkv, int R, int W, int Dp, int nq, int nk, int cq, int ck, int ch, int G, int S, int causal, float sl2, int stages, int ntiles, int T, const float* colw, const int* j0, const float* band, int NB, const int* desc, const int* wlist, int nwork, int total_qb, int sW
+#define US_MMA_PASS qs, qf, ks, kf, sc, part, tmax, counter, BH, Hm, Hkv, R, W, Dp, nq, nk, cq, ck, ch, G, S, causal, sl2, stages, ntiles, T, colw, j0, band, NB, desc, wlist, nwork, total_qb, sW
 #define US_MMA_EMK(NAME, NW, VAR, P) extern "C" void NAME(unsigned gx, unsigned gy, unsigned bx, unsigned by, US_MMA_ARGS) { emu_launch(US_G, US_B, [&] { us_scores_mma<NW, VAR, P>(US_MMA_PASS); }); }
 US_MMA_EMK(emk_mma8_3, 8, false, 3) US_MMA_EMK(emk_mma8v_3, 8, true, 3)
 US_MMA_EMK(emk_mma4_2, 4, false, 2) US_MMA_EMK(emk_mma8_2, 8, false, 2)
@@ -739,9 +739,9 @@ def test_backend_glue_on_host_emulation(host_kernels, monkeypatch, bf16_native) 
     assert isinstance(qt, fake.ndarray) and not qt.flags.c_contiguous
     b_, _ = be.compress(qt if q.dtype != BFLOAT16 else cb.as_bfloat16(qt), k, cfg)
     assert np.array_equal(us.to_numpy(a), us.to_numpy(b_))
-    # (version 3 of the scores, version 4 with two parts and the variant instantiations run only on
-    # shapes or configs this test does not use: tests/test_cupy_scores.py emulates them)
-    not_here = {"emk_onepass", "emk_mma8v_3", "emk_mma4_2", "emk_mma8_2", "emk_mma4v_2", "emk_mma8v_2"}
+    # (version 3 of the scores, version 4 with three parts or 8 warps and the variant instantiations run
+    # only on shapes or configs this test does not use: tests/test_cupy_scores.py emulates them)
+    not_here = {"emk_onepass", "emk_mma8_3", "emk_mma8v_3", "emk_mma8_2", "emk_mma4v_2", "emk_mma8v_2"}
     assert set(Kernel.launched) == set(_KERNEL_TABLE.values()) - not_here, f"not every kernel ran: {Kernel.launched}"
     # Every kernel the backend asked for is in the list the NVRTC test compiles: same name, same options
     # (the attention's are checked in tests/test_cupy_attention_cpu.py).

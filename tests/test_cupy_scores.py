@@ -26,6 +26,7 @@ from tests.conftest import cupy_backend_or_reason
 from tests.test_cupy_compile import host_kernels  # noqa: F401 - the g++ host-emulation fixture
 from unisparse_ref import BFLOAT16, UniSparseConfig, geometry
 from unisparse_ref import reference as ref
+from unisparse_ref._arrays import packed_offsets
 from unisparse_ref.cupy_backend import CupyBackend
 from unisparse_ref.cupy_backend import scores as sc
 from unisparse_ref.reference.scores import variant_log_weights
@@ -77,7 +78,8 @@ def _emu_scores_v4(lib, qc, kc, cfg: UniSparseConfig, nq: int, nk: int, warps=No
     fn(ctypes.c_uint(lc["grid"][0]), ctypes.c_uint(1), ctypes.c_uint(lc["block"][0]), ctypes.c_uint(1),
        _ptr(qw), _ptr(qf), _ptr(kw), _ptr(kf), _ptr(out), _ptr(part), _ptr(tmax), _ptr(counter),
        *(ctypes.c_int(v) for v in ints), ctypes.c_float(cfg.scale_for(D) * LOG2E), ctypes.c_int(lc["stages"]),
-       ctypes.c_int(lc["ntiles"]), ctypes.c_int(cfg.sink_tokens), _ptr(colw), _ptr(j0), _ptr(band), ctypes.c_int(NB))
+       ctypes.c_int(lc["ntiles"]), ctypes.c_int(cfg.sink_tokens), _ptr(colw), _ptr(j0), _ptr(band), ctypes.c_int(NB),
+       _ptr(None), _ptr(None), *(ctypes.c_int(0) for _ in range(3)))  # batch mode: no work list
     assert counter[0] >= lc["items"], "not every work item was taken"
     return out, lc
 
@@ -329,6 +331,205 @@ def test_host_emulated_pooling_vector_and_scalar_paths_agree(host_pool_sinks, D)
         assert np.abs(out - want).max() <= 1e-5 * float(np.abs(want).max())
         outs.append(out)
     assert outs[0].tobytes() == outs[1].tobytes()
+
+
+# ---------------------------------------------------------------------------- packed batches (one launch)
+@pytest.fixture(scope="module")
+def host_scores(tmp_path_factory):
+    """``scores.cu`` alone built for the host emulation (g++), as ``host_kernels`` builds it (``{"scores.cu": lib}``):
+    the packed-mode tests do not depend on the other files' builds."""
+    import shutil
+    import subprocess
+
+    from tests.test_cupy_compile import _host_source
+    from unisparse_ref.cupy_backend import all_instantiations
+
+    if shutil.which("g++") is None:
+        pytest.skip("g++ is not installed: the host emulation of the kernels is skipped")
+    d = tmp_path_factory.mktemp("hostemu_scores")
+    (d / "scores.cpp").write_text(_host_source("scores.cu"))
+    flags = sorted({o for s_ in all_instantiations() if s_.file == "scores.cu" for o in s_.options if o.startswith("-D")})
+    r = subprocess.run(["g++", "-std=c++20", "-O1", "-fPIC", "-shared", "-pthread", "-w", *flags, str(d / "scores.cpp"),
+                        "-o", str(d / "libscores.so")], capture_output=True, text=True, timeout=300)
+    if r.returncode != 0 and "barrier" in r.stderr and "No such file" in r.stderr:
+        pytest.skip("g++ lacks C++20 <barrier>")
+    assert r.returncode == 0, r.stderr[-3000:]
+    return {"scores.cu": ctypes.CDLL(str(d / "libscores.so"))}
+
+
+def _offsets(lengths) -> np.ndarray:
+    return np.concatenate([[0], np.cumsum(lengths)]).astype(np.int32)
+
+
+def _packed_composites(nq, nk, Hq, Hkv, D, cfg, seed=4):
+    """Packed float32 composite tokens ``q_c [sum R_i, Hm, D]``, ``k_c [sum C_i, Hkv, D]`` (the reference's
+    pooling; a shared direction in the keys, which the centring removes) and the offsets."""
+    from unisparse_ref.reference import varlen as rv
+
+    rng = np.random.default_rng(seed)
+    cu_q, cu_k = _offsets(nq), _offsets(nk)
+    q = 1.5 * rng.standard_normal((int(cu_q[-1]), Hq, D))
+    k = 1.5 * rng.standard_normal((int(cu_k[-1]), Hkv, D)) + 2.0 * rng.standard_normal(D)
+    q_c, k_c = rv.compress_varlen(q, k, cu_q, cu_k, cfg)
+    return np.ascontiguousarray(q_c, np.float32), np.ascontiguousarray(k_c, np.float32), cu_q, cu_k
+
+
+#: (lengths_q, lengths_k, Hq, Hkv, D, config): lengths 1 and odd, not multiples of S or c, Nq < Nk, a
+#: sequence without queries (with keys) and one without either, GQA with c_h = 2, a sequence of two
+#: row tiles and two column tiles (the longest first across the batch), D = 40 padded to 64.
+PACKED_CASES = [
+    ([1, 37, 0, 600, 23, 0], [1, 61, 9, 700, 90, 0], 8, 2, 40,
+     UniSparseConfig(block_size=32, c_q=4, c_k=8, c_h=2, threshold=0.8)),
+    ([21, 3, 300], [13, 40, 250], 4, 2, 32, UniSparseConfig(block_size=16, c_q=2, c_k=4, causal=False)),
+    ([130, 1, 260], [200, 1, 300], 2, 1, 64, UniSparseConfig(block_size=128, c_q=1, c_k=1)),
+    ([5, 300, 77], [5, 400, 100], 4, 4, 64, UniSparseConfig(block_size=128, c_q=16, c_k=16)),
+]
+
+
+def test_packed_launch_config_work_list_and_descriptors() -> None:
+    """The packed mode's tables (host, no GPU): every row tile of every sequence with queries once,
+    sorted by the column tiles its last row walks, most first across the sequences; the descriptor
+    of each sequence; the scratch of the widest sequence; the batch mode's tile numbers."""
+    nq, nk, Hq, Hkv, D, cfg = PACKED_CASES[0]
+    cu_q, cu_k = _offsets(nq), _offsets(nk)
+    Hm = Hq // cfg.c_h
+    lc = sc.packed_launch_config(cu_q, cu_k, Hm, D, cfg, num_sms=4)
+    RG, TC = lc["RG"], lc["TC"]
+    R = [geometry.cdiv(n, cfg.c_q) for n in nq]
+    C = [geometry.cdiv(n, cfg.c_k) for n in nk]
+    assert sorted(map(tuple, lc["work"].tolist())) == sorted(
+        (i, x) for i in range(len(nq)) for x in range(geometry.cdiv(R[i], RG)))
+    assert lc["nwork"] == 2 + 1 + 1 + 1 and lc["items"] == lc["nwork"] * Hm  # sequence 3 has two row tiles
+    vis = [geometry.composite_visibility(nq[i], nk[i], cfg.c_q, cfg.c_k, cfg.causal) if nq[i] else None
+           for i in range(len(nq))]
+    tiles = [int(np.flatnonzero(vis[i][min((x + 1) * RG, R[i]) - 1]).max()) // TC + 1 for i, x in lc["work"].tolist()]
+    assert tiles == sorted(tiles, reverse=True) and tiles[0] == 2 and lc["work"][0].tolist() == [3, 1]
+    want = np.stack([R, C, nq, nk, packed_offsets(cu_q, cfg.c_q)[:-1], packed_offsets(cu_k, cfg.c_k)[:-1],
+                     packed_offsets(cu_q, cfg.block_size)[:-1], np.zeros(len(nq), int)], axis=1)
+    np.testing.assert_array_equal(lc["desc"], want)
+    assert lc["ntiles"] == geometry.cdiv(max(C), TC) and lc["slots"] == min(lc["items"], 4 * lc["blocks_per_sm"])
+    assert lc["width"] == max(geometry.num_blocks(n, cfg.block_size) for n in nk)
+    batch = sc.mma_launch_config(1, Hm, R[3], C[3], D, cfg, num_sms=4)
+    assert all(lc[k_] == batch[k_] for k_ in ("block", "shared_mem", "stages", "warps", "parts", "RG", "NKS", "Dp"))
+    empty = sc.packed_launch_config(_offsets([0, 0]), _offsets([3, 0]), Hm, D, cfg)
+    assert empty["nwork"] == 0 and empty["work"].shape == (0, 2) and empty["total_qb"] == 0
+
+
+def _emu_scores_packed(lib, q_c, k_c, cu_q, cu_k, cfg, slots=3, warps=None, stages=None, parts=None):
+    """``us_center_keys`` (packed), ``us_split_rows`` on the packed rows and ONE ``us_scores_mma`` launch in its
+    packed mode, in the host emulation, with :func:`~unisparse_ref.cupy_backend.scores.packed_launch_config`."""
+    Hm, D = q_c.shape[1], q_c.shape[2]
+    Hkv = k_c.shape[1]
+    lc = sc.packed_launch_config(cu_q, cu_k, Hm, D, cfg, num_sms=slots, warps=warps, stages=stages, parts=parts)
+    Dp, P = lc["Dp"], lc["parts"]
+    qw, qf = _emu_split(lib, q_c, Dp, P)
+    kw, kf = _emu_split(lib, _emu_center(lib, k_c, lc["cu_c"]), Dp, P)
+    out = np.zeros((Hm, lc["total_qb"], lc["width"]), np.float32)
+    part = np.full((lc["slots"], lc["ntiles"], lc["RG"], lc["NKS"]), np.nan, np.float32)
+    tmax = np.full((lc["slots"], lc["ntiles"], lc["RG"]), np.nan, np.float32)
+    counter = np.zeros(1, np.int32)
+    desc, work = np.ascontiguousarray(lc["desc"]), np.ascontiguousarray(lc["work"])
+    fn = getattr(lib, f"emk_mma{lc['warps']}_{P}")
+    ints = [Hm, Hm, Hkv, 0, 0, Dp, 0, 0, cfg.c_q, cfg.c_k, cfg.c_h, Hm * cfg.c_h // Hkv, cfg.block_size, int(cfg.causal)]
+    fn(ctypes.c_uint(lc["grid"][0]), ctypes.c_uint(1), ctypes.c_uint(lc["block"][0]), ctypes.c_uint(1),
+       _ptr(qw), _ptr(qf), _ptr(kw), _ptr(kf), _ptr(out), _ptr(part), _ptr(tmax), _ptr(counter),
+       *(ctypes.c_int(v) for v in ints), ctypes.c_float(cfg.scale_for(D) * LOG2E), ctypes.c_int(lc["stages"]),
+       ctypes.c_int(lc["ntiles"]), ctypes.c_int(0), _ptr(None), _ptr(None), _ptr(None), ctypes.c_int(0),
+       _ptr(desc), _ptr(work), *(ctypes.c_int(v) for v in (lc["nwork"], lc["total_qb"], lc["width"])))
+    assert counter[0] >= lc["items"], "not every work item was taken"
+    return out
+
+
+def _check_packed_against_batch(lib, case, **kw):
+    """Packed scores: each sequence's rows bit for bit the batch mode on that sequence alone (its keys
+    centred by the batch call), zeros past nKb_i; within score_eps of the float64 reference."""
+    from unisparse_ref.reference import varlen as rv
+
+    nq, nk, Hq, Hkv, D, cfg = case
+    q_c, k_c, cu_q, cu_k = _packed_composites(nq, nk, Hq, Hkv, D, cfg)
+    got = _emu_scores_packed(lib, q_c, k_c, cu_q, cu_k, cfg, **kw)
+    cu_r, cu_c, cu_qb = (packed_offsets(c, g) for c, g in ((cu_q, cfg.c_q), (cu_k, cfg.c_k), (cu_q, cfg.block_size)))
+    for i in range(len(nq)):
+        if nq[i] == 0:
+            continue
+        qi = np.ascontiguousarray(q_c[cu_r[i]:cu_r[i + 1]].transpose(1, 0, 2)[None])
+        ki = _emu_center(lib, np.ascontiguousarray(k_c[cu_c[i]:cu_c[i + 1]].transpose(1, 0, 2)[None]))
+        one, _ = _emu_scores_v4(lib, qi, ki, cfg, nq[i], nk[i], warps=kw.get("warps"), stages=kw.get("stages"),
+                                parts=kw.get("parts"))
+        rows = got[:, cu_qb[i]:cu_qb[i + 1]]
+        nkb = one.shape[-1]
+        assert rows[:, :, :nkb].tobytes() == one[0].tobytes(), f"sequence {i}: packed != batch"
+        assert not rows[:, :, nkb:].any(), f"sequence {i}: entries past nKb_i"
+    want = rv.block_scores_varlen(q_c, k_c, cu_q, cu_k, cfg)
+    err = float(np.abs(got - want).max())
+    assert err <= EPS, f"max |packed scores - ref| = {err:.2e} > score_eps {EPS:g}"
+    return got
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kw", [{"parts": 3}, {"parts": 2, "warps": 4, "stages": 1, "slots": 2}, {"parts": 2, "warps": 8}],
+                         ids=["p3", "p2w4s1", "p2w8"])
+@pytest.mark.parametrize("case", PACKED_CASES, ids=[f"packed{i}" for i in range(len(PACKED_CASES))])
+def test_host_emulated_packed_scores_equal_the_batch_mode(host_scores, case, kw) -> None:
+    """us_scores_mma's packed mode (one launch over every sequence) against its batch mode on each
+    sequence alone: the same bits; and against the float64 reference (more configurations; the
+    default run has the backend-level test below)."""
+    if not sc.mma_applicable(case[5], case[4], parts=kw.get("parts")):
+        pytest.skip("version 4 does not take this shape with these parts")
+    _check_packed_against_batch(host_scores["scores.cu"], case, **kw)
+
+
+def test_host_emulated_block_scores_varlen_is_one_packed_launch(host_scores, monkeypatch) -> None:
+    """``block_scores_varlen`` of the CuPy layer through a NumPy stand-in for CuPy whose kernels are the
+    host-emulated ones (no GPU): ONE scoring launch in the packed mode (plus one centring and two splits),
+    whose scores equal the per-sequence batch path ``be.block_scores`` bit for bit and the float64
+    reference within score_eps; the variant diagonal_correction keeps the per-sequence path."""
+    import sys
+
+    from tests.test_cupy_compile import _fake_cupy
+    from unisparse_ref.cupy_backend import _device, _loader
+    from unisparse_ref.cupy_backend import varlen as cv
+    from unisparse_ref.reference import varlen as rv
+
+    fake, Kernel = _fake_cupy(host_scores)
+    monkeypatch.setitem(sys.modules, "cupy", fake)
+    monkeypatch.setattr(_device, "_NONFINITE", {})
+    monkeypatch.setattr(_loader, "_SHARED_OPTIN", {})
+    monkeypatch.setattr(sc, "_SMS", {0: 3})  # three slots: each takes several items
+    calls = []
+
+    class Counting(Kernel):
+        def __call__(self, grid, block, args, shared_mem=0):
+            calls.append(self.name)
+            return super().__call__(grid, block, args, shared_mem)
+
+    monkeypatch.setattr(_loader, "get_function", Counting)
+    be = CupyBackend("host emulation")
+    # small (the emulation spawns a thread per CUDA thread): lengths 1 and odd, an empty sequence, Nq < Nk,
+    # GQA with c_h = 2; sequence 3's row tile walks two column tiles and is taken first
+    nq, nk, Hq, Hkv, D, cfg = ([1, 37, 0, 200, 23], [1, 61, 9, 300, 90], 4, 1, 32,
+                               UniSparseConfig(block_size=32, c_q=4, c_k=4, c_h=2, threshold=0.8))
+    q_c, k_c, cu_q, cu_k = _packed_composites(nq, nk, Hq, Hkv, D, cfg)
+    got = cv.block_scores_varlen(be, fake.asarray(q_c), fake.asarray(k_c), cu_q, cu_k, cfg)
+    mma = sc.mma_kernel(sc.mma_launch_config(1, 1, 1, 1, D, cfg)["warps"], False, sc.DEFAULT_PARTS).name_expression
+    assert calls == ["us_split_rows", "us_center_keys", "us_split_rows", mma], calls
+    got = np.asarray(got)
+    cu_r, cu_c, cu_qb = (packed_offsets(c, g) for c, g in ((cu_q, cfg.c_q), (cu_k, cfg.c_k), (cu_q, cfg.block_size)))
+    for i in range(len(nq)):
+        if nq[i]:
+            one = be.block_scores(np.ascontiguousarray(q_c[cu_r[i]:cu_r[i + 1]].transpose(1, 0, 2)[None]),
+                                  np.ascontiguousarray(k_c[cu_c[i]:cu_c[i + 1]].transpose(1, 0, 2)[None]), cfg,
+                                  nq[i], nk[i])
+            nkb = one.shape[-1]
+            assert got[:, cu_qb[i]:cu_qb[i + 1], :nkb].tobytes() == np.asarray(one)[0].tobytes(), i
+            assert not got[:, cu_qb[i]:cu_qb[i + 1], nkb:].any()
+    err = float(np.abs(got - rv.block_scores_varlen(q_c, k_c, cu_q, cu_k, cfg)).max())
+    assert err <= EPS, f"max |packed scores - ref| = {err:.2e} > score_eps {EPS:g}"
+    calls.clear()  # the research variant: per sequence, as before (one scoring launch per sequence with queries)
+    small = ([3, 0, 20], [9, 4, 20], 2, 1, 16, UniSparseConfig(block_size=16, c_q=4, c_k=4, diagonal_correction=True))
+    q2, k2, cq2, ck2 = _packed_composites(*small[:5], small[5])
+    cv.block_scores_varlen(be, fake.asarray(q2), fake.asarray(k2), cq2, ck2, small[5])
+    assert sum(c.startswith("us_scores_mma") for c in calls) == 2, calls
 
 
 # ---------------------------------------------------------------------------- GPU

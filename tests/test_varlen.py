@@ -679,6 +679,52 @@ def test_cupy_paged_cache_on_the_device(dtype):
         start = end
 
 
+#: Packed scoring (one launch of us_scores_mma's packed mode): the shared CASES (lengths 1 and odd,
+#: empty sequences, Nq < Nk, GQA with c_h = 2, non-causal Nq > Nk; V9_CASES among them off the simulator),
+#: and a batch with several row and column tiles per sequence; the last shape (S / c_q = 256 rows) takes
+#: the per-sequence path (version 3).
+SCORE_CASES = CASES + [
+    ([1, 1000, 0, 4097, 333, 2500], [1, 1500, 7, 4097, 900, 2500], 8, 2, 128,
+     UniSparseConfig(block_size=128, c_q=16, c_k=16, c_h=2)),
+    ([600, 5], [700, 5], 4, 2, 64, UniSparseConfig(block_size=512, c_q=1, c_k=8)),
+]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("case", SCORE_CASES, ids=[f"case{i}" for i in range(len(SCORE_CASES))])
+def test_cupy_packed_scores_are_the_batch_scores_of_each_sequence(case):
+    """block_scores_varlen of the CuPy layer (ONE launch of us_scores_mma in its packed mode where scores
+    version 4 takes the shape): each sequence's rows bit for bit the batch call be.block_scores on that
+    sequence's composite tokens, zeros past nKb_i, within score_eps of the float64 reference."""
+    status = us.backend_status().get("cupy", "not registered")
+    if status is not None:
+        pytest.skip(f"backend 'cupy' unavailable: {status}")
+    import cupy as cp
+
+    from unisparse_ref.cupy_backend import scores as sc
+
+    be = us.get_backend("cupy")
+    nq, nk, Hq, Hkv, D, cfg = case
+    q, k, _, cu_q, cu_k = packed_qkv(case, np.float32, seed=5)
+    q_c, k_c = native_stage(be, "compress_varlen")(q, k, cu_q, cu_k, cfg)
+    got = cp.asnumpy(native_stage(be, "block_scores_varlen")(q_c, k_c, cu_q, cu_k, cfg))
+    print(f"\npacked scoring in one launch: {sc.packed_applicable(cfg, D)}")
+    assert sc.packed_applicable(cfg, D) == sc.mma_applicable(cfg, D) == (cfg.block_size // cfg.c_q <= 256)
+    cu_r, cu_c, cu_qb = packed_offsets(cu_q, cfg.c_q), packed_offsets(cu_k, cfg.c_k), packed_offsets(cu_q, cfg.block_size)
+    for i in range(len(nq)):
+        if nq[i] == 0:
+            continue
+        one = be.block_scores(cp.ascontiguousarray(q_c[cu_r[i]:cu_r[i + 1]].transpose(1, 0, 2)[None]),
+                              cp.ascontiguousarray(k_c[cu_c[i]:cu_c[i + 1]].transpose(1, 0, 2)[None]), cfg, nq[i], nk[i])
+        one = cp.asnumpy(one)[0]
+        rows = got[:, cu_qb[i]:cu_qb[i + 1]]
+        np.testing.assert_array_equal(rows[:, :, : one.shape[-1]], one, err_msg=f"sequence {i}")
+        assert not rows[:, :, one.shape[-1]:].any()
+    want = rv.block_scores_varlen(cp.asnumpy(q_c), cp.asnumpy(k_c), cu_q, cu_k, cfg)
+    err = float(np.abs(got - want).max())
+    assert err <= be.score_eps, f"max |packed scores - ref| = {err:.2e} > score_eps {be.score_eps:g}"
+
+
 def _host_cache(cfg, k, v, page_size):
     cache = PagedKVCache.for_config(cfg, cdiv(k.shape[0], page_size), page_size, k.shape[1], k.shape[2], dtype=k.dtype)
     cache.append(k, v)

@@ -10,13 +10,21 @@ scratch is per slot (thread block), not per head. ``VAR = true`` adds the resear
 ``sink_tokens`` and ``diagonal_correction`` (an additive log-weight per column and a band of
 per-row log-weights near the diagonal, built on the host by :func:`variant_weights`).
 
+Packed batches (serving layouts): :func:`launch_scores_packed` scores every sequence of a packed
+batch (``q_c [total_r, Hm, D]``, ``k_c [total_c, Hkv, D]``) in ONE launch of the same kernel in its
+packed mode: the keys centred per (sequence, KV head), the rows split where they lie (no copy),
+and a work list of (sequence, row tile) entries sorted longest first across the sequences, each
+item reading its geometry from a descriptor table (:func:`packed_launch_config`). Each
+sequence's scores are bit for bit those of :func:`launch_scores` on that sequence.
+
 Version 3 (``us_scores_onepass``, float32 FMA, scratch per head) remains for the shapes version
 4 does not take: a query block of more than ``32*NW`` composite rows (``block_size / c_q > 256``)
 or a head dim above 256. ``scores.cu``'s opening comments give the formulas and the barriers.
 
 Here: the instantiations (:data:`INSTANTIATIONS`, NVRTC options :data:`OPTIONS`), the launch
-configurations (:func:`launch_config` for version 3, :func:`mma_launch_config` for version 4;
-grid, block, shared memory and scratch, pure Python) and the launch (:func:`launch_scores`).
+configurations (:func:`launch_config` for version 3, :func:`mma_launch_config` for version 4,
+:func:`packed_launch_config` for its packed mode; grid, block, shared memory, scratch and work
+list, pure Python) and the launches (:func:`launch_scores`, :func:`launch_scores_packed`).
 Imports without CuPy.
 """
 
@@ -27,6 +35,7 @@ from typing import Any
 import numpy as np
 
 from .. import geometry
+from .._arrays import packed_offsets
 from ..config import UniSparseConfig
 from . import _loader
 from ._device import cupy_module, i32
@@ -34,7 +43,8 @@ from ._loader import KernelSpec
 
 __all__ = ["CENTER_KERNEL", "DEFAULT_PARTS", "FILE", "KREF", "INSTANTIATIONS", "KERNEL", "MMA_TC", "MMA_WARPS", "OPTIONS", "SCRATCH_BYTES",
            "SPLIT_KERNEL", "TC", "TR", "center_config", "center_keys", "launch_config", "launch_scores", "mma_applicable", "mma_kernel",
-           "mma_launch_config", "row_bytes", "variant_weights"]
+           "mma_launch_config", "packed_applicable", "packed_launch_config", "launch_scores_packed", "row_bytes",
+           "variant_weights"]
 
 FILE = "scores.cu"
 #: Composite rows (TR) and columns (TC) per tile, passed to NVRTC with -D so Python and CUDA agree.
@@ -488,7 +498,146 @@ def launch_scores(q_c: Any, k_c: Any, config: UniSparseConfig, nq: int, nk: int,
         extra = (np.uint64(0), np.uint64(0), np.uint64(0), i32(0))
     args = (qw, qf, kw, kf, scores, part, tmax, counter, i32(B * Hm), i32(Hm), i32(Hkv), i32(R), i32(W), i32(Dp),
             i32(nq), i32(nk), i32(c_q), i32(c_k), i32(c_h), i32(G), i32(S), i32(1 if config.causal else 0),
-            scale_log2, i32(lc["stages"]), i32(ntiles), i32(config.sink_tokens)) + extra
+            scale_log2, i32(lc["stages"]), i32(ntiles), i32(config.sink_tokens)) + extra + _BATCH_MODE
     _loader.launch(_loader.get_function(mma_kernel(lc["warps"], variant, P)), lc["grid"], lc["block"], args,
+                   shared_mem=lc["shared_mem"])
+    return scores
+
+
+# ---------------------------------------------------------------------------- version 4, packed batches
+#: The packed-mode arguments of a batch launch: no descriptor table, no work list (null pointers).
+_BATCH_MODE = (np.uint64(0), np.uint64(0), i32(0), i32(0), i32(0))
+#: Integers per sequence in the descriptor table: R_i, W_i = C_i, N_q,i, N_k,i, cu_r[i], cu_c[i], cu_qb[i], 0.
+DESC_INTS = 8
+
+
+def _last_key(r: int, R: int, C: int, nq: int, nk: int, config: UniSparseConfig) -> int:
+    """``us_last_visible_key``: the last composite key visible to composite query ``r`` (SPEC 4)."""
+    if not config.causal:
+        return C - 1
+    last = min((min(r, R - 1) + 1) * config.c_q, nq) - 1
+    return min(C - 1, (last + nk - nq) // config.c_k)
+
+
+def packed_applicable(config: UniSparseConfig, D: int, shared_limit: int = 227 * 1024) -> bool:
+    """Whether a packed batch is scored in one launch (:func:`launch_scores_packed`): the SPEC
+    computation (no research variant) on a shape version 4 takes with :data:`DEFAULT_PARTS` parts."""
+    return not (config.sink_tokens > 0 or config.diagonal_correction) and mma_applicable(config, D, shared_limit)
+
+
+def packed_launch_config(cu_seqlens_q: Any, cu_seqlens_k: Any, mask_heads: int, D: int, config: UniSparseConfig, *,
+                         num_sms: int = 132, warps: int | None = None, stages: int | None = None,
+                         shared_limit: int = 227 * 1024, parts: int | None = None) -> dict[str, Any]:
+    """Grid, block, shared memory, scratch, descriptor table and work list of ``us_scores_mma`` in
+    its packed mode (pure Python, no GPU needed).
+
+    The tile numbers, shared memory and blocks per SM are :func:`mma_launch_config`'s (they do not
+    depend on the lengths). Sequence ``i`` (``N_q,i = cu_seqlens_q[i+1] - cu_seqlens_q[i]``, likewise
+    ``N_k,i``) has ``R_i = ceil(N_q,i / c_q)`` composite queries, ``C_i = ceil(N_k,i / c_k)`` composite
+    keys and ``nQb_i = ceil(N_q,i / S)`` score rows. The descriptor table ``desc`` (int32 ``[nseq, 8]``)
+    holds ``{R_i, C_i, N_q,i, N_k,i, cu_r[i], cu_c[i], cu_qb[i], 0}``; the work list ``work`` (int32
+    ``[nwork, 2]``) one ``(i, x)`` per row tile ``x < ceil(R_i / RG)`` of every sequence, sorted by
+    the column tiles its last row walks (``last_key(min((x+1) RG, R_i) - 1) // TC + 1``), most first,
+    across the sequences (ties: sequence ascending, then ``x`` descending). Items: ``nwork * Hm``
+    (item ``e * Hm + g``: entry ``e``, mask head ``g``); slots ``min(items, num_sms * blocks_per_sm)``;
+    scratch per slot for the widest sequence (``ntiles = ceil(max_i C_i / TC)``). Output
+    ``[Hm, total_qb, width]`` with ``width = max(1, max_i nKb_i)`` (the packed layout's ``W``).
+
+    Parameters
+    ----------
+    cu_seqlens_q, cu_seqlens_k : integer arrays ``[nseq + 1]`` (host)
+    mask_heads, D : int
+        ``Hm = Hq / c_h`` and the head dim.
+    config : UniSparseConfig
+        The SPEC computation (no research variant).
+    num_sms, warps, stages, shared_limit, parts
+        As :func:`mma_launch_config`.
+
+    Returns
+    -------
+    dict with :func:`mma_launch_config`'s keys (``items``, ``slots``, ``ntiles`` of the packed
+    launch) plus ``desc``, ``work``, ``nwork``, ``total_qb``, ``width``, ``cu_r``, ``cu_c``, ``cu_qb``.
+    """
+    cu_q = np.asarray(cu_seqlens_q, dtype=np.int64).reshape(-1)
+    cu_k = np.asarray(cu_seqlens_k, dtype=np.int64).reshape(-1)
+    S = config.block_size
+    cu_r, cu_c, cu_qb = packed_offsets(cu_q, config.c_q), packed_offsets(cu_k, config.c_k), packed_offsets(cu_q, S)
+    nq, nk = np.diff(cu_q), np.diff(cu_k)
+    R, C = np.diff(cu_r), np.diff(cu_c)
+    Cmax = int(C.max(initial=0))
+    lc = mma_launch_config(1, mask_heads, 1, max(1, Cmax), D, config, num_sms=num_sms, warps=warps, stages=stages,
+                           shared_limit=shared_limit, parts=parts)
+    RG, TCm = lc["RG"], lc["TC"]
+    nseq = int(nq.size)
+    desc = np.zeros((nseq, DESC_INTS), np.int32)
+    if nseq:
+        desc[:, :7] = np.stack([R, C, nq, nk, cu_r[:-1], cu_c[:-1], cu_qb[:-1]], axis=1)
+    entries = []  # (-column tiles, sequence, -x): longest first, then sequence ascending, x descending
+    for i in range(nseq):
+        Ri, Ci, nqi, nki = int(R[i]), int(C[i]), int(nq[i]), int(nk[i])
+        for x in range(geometry.cdiv(Ri, RG) - 1, -1, -1):
+            ntg = _last_key(min((x + 1) * RG, Ri) - 1, Ri, Ci, nqi, nki, config) // TCm + 1
+            entries.append((-ntg, i, -x))
+    entries.sort()
+    work = np.array([(i, -mx) for _, i, mx in entries], np.int32).reshape(-1, 2)
+    nwork = int(work.shape[0])
+    items = nwork * int(mask_heads)
+    slots = max(1, min(items, int(num_sms) * max(1, lc["blocks_per_sm"])))
+    ntiles = geometry.cdiv(max(1, Cmax), TCm)
+    width = max(1, max((geometry.num_blocks(int(n), S) for n in nk), default=0))
+    lc.update({"grid": (slots, 1, 1), "items": items, "slots": slots, "ntiles": ntiles,
+               "scratch_per_slot": 4 * ntiles * RG * (lc["NKS"] + 1), "desc": desc, "work": work, "nwork": nwork,
+               "total_qb": int(cu_qb[-1]), "width": width, "cu_r": cu_r, "cu_c": cu_c, "cu_qb": cu_qb})
+    return lc
+
+
+def launch_scores_packed(q_c: Any, k_c: Any, cu_seqlens_q: Any, cu_seqlens_k: Any, config: UniSparseConfig, *,
+                         warps: int | None = None, stages: int | None = None, parts: int | None = None) -> Any:
+    """Block scores of every sequence of a packed batch in one launch: float32 ``[Hm, total_qb, W]``.
+
+    ``q_c [total_r, Hm, D]`` and ``k_c [total_c, Hkv, D]`` are C-contiguous float32 CuPy arrays
+    (offsets ``packed_offsets(cu_seqlens_q, c_q)`` and ``packed_offsets(cu_seqlens_k, c_k)``);
+    ``cu_seqlens_*`` are checked host arrays. Steps: :func:`center_keys` on the packed keys (one
+    ``kbar`` per sequence and KV head), ``us_split_rows`` on the packed rows as they lie (rows are
+    (composite index, head) pairs: no copy), then ONE launch of ``us_scores_mma`` in its packed mode
+    with the descriptor table and work list of :func:`packed_launch_config` (uploaded in one copy).
+    Row ``cu_qb[i] + qi`` is query block ``qi`` of sequence ``i``; entries past ``nKb_i`` are zero.
+    Each sequence's rows are bit for bit :func:`launch_scores` on that sequence's composite tokens
+    (``[1, Hm, R_i, D]``, ``[1, Hkv, C_i, D]``) with the same ``parts``. The SPEC computation only
+    (:func:`packed_applicable`); ``warps``, ``stages``, ``parts`` force a configuration (tests).
+    """
+    cp = cupy_module()
+    if config.sink_tokens > 0 or config.diagonal_correction:
+        raise NotImplementedError("launch_scores_packed: the research variants are scored per sequence "
+                                  "(launch_scores on each sequence)")
+    Hm, D = int(q_c.shape[1]), int(q_c.shape[2])
+    Hkv = int(k_c.shape[1])
+    G = Hm * config.c_h // Hkv
+    lc = packed_launch_config(cu_seqlens_q, cu_seqlens_k, Hm, D, config, num_sms=_num_sms(), warps=warps,
+                              stages=stages, shared_limit=_loader.max_dynamic_shared_memory(), parts=parts)
+    if int(q_c.shape[0]) != int(lc["cu_r"][-1]) or int(k_c.shape[0]) != int(lc["cu_c"][-1]):
+        raise ValueError(f"q_c has {int(q_c.shape[0])} composite queries and k_c {int(k_c.shape[0])} composite keys; "
+                         f"the offsets need {int(lc['cu_r'][-1])} and {int(lc['cu_c'][-1])}")
+    scores = cp.zeros((Hm, lc["total_qb"], lc["width"]), dtype=cp.float32)  # entries past nKb_i stay 0
+    if lc["nwork"] == 0:
+        return scores
+    Dp, P, nseq = lc["Dp"], lc["parts"], int(lc["desc"].shape[0])
+    tables = cp.asarray(np.concatenate([lc["desc"].reshape(-1), lc["work"].reshape(-1), lc["cu_c"]]).astype(np.int32))
+    desc_d, work_d = tables[: DESC_INTS * nseq], tables[DESC_INTS * nseq: DESC_INTS * nseq + 2 * lc["nwork"]]
+    cu_c_d = tables[DESC_INTS * nseq + 2 * lc["nwork"]:]
+    qw, qf = _split(q_c, D, Dp, P)
+    kw, kf = _split(center_keys(k_c, cu=lc["cu_c"], cu_device=cu_c_d), D, Dp, P)
+    slots, ntiles, RG = lc["slots"], lc["ntiles"], lc["RG"]
+    part = cp.empty((slots, ntiles, RG, lc["NKS"]), dtype=cp.float32)
+    tmax = cp.empty((slots, ntiles, RG), dtype=cp.float32)
+    counter = cp.zeros((1,), dtype=cp.int32)
+    scale_log2 = np.float32(config.scale_for(D) * 1.4426950408889634)
+    S = config.block_size
+    args = (qw, qf, kw, kf, scores, part, tmax, counter, i32(Hm), i32(Hm), i32(Hkv), i32(0), i32(0), i32(Dp),
+            i32(0), i32(0), i32(config.c_q), i32(config.c_k), i32(config.c_h), i32(G), i32(S),
+            i32(1 if config.causal else 0), scale_log2, i32(lc["stages"]), i32(ntiles), i32(0),
+            np.uint64(0), np.uint64(0), np.uint64(0), i32(0),
+            desc_d, work_d, i32(lc["nwork"]), i32(lc["total_qb"]), i32(lc["width"]))
+    _loader.launch(_loader.get_function(mma_kernel(lc["warps"], False, P)), lc["grid"], lc["block"], args,
                    shared_mem=lc["shared_mem"])
     return scores

@@ -60,7 +60,7 @@ from .._arrays import (
     packed_offsets,
 )
 from ..config import UniSparseConfig
-from . import _hopper, _loader, attention
+from . import _hopper, _loader, attention, scores
 from ._device import as_bfloat16, check_finite_device, cupy_module, device_input, i32, wrap_output
 from ._loader import CTYPES, KernelSpec
 
@@ -251,9 +251,24 @@ def block_scores_varlen(be: Any, q_c: Any, k_c: Any, cu_seqlens_q: Any, cu_seqle
                         config: UniSparseConfig) -> Any:
     """Block scores of every sequence (SPEC 4), packed: cupy float32 ``[Hm, total_qb, W]`` (zero past ``nKb_i``).
 
-    One launch of the backend's batch scoring per sequence with queries, on that sequence's
-    composite tokens (a small transposing copy each); the results are written into the
-    packed array on the device.
+    ``q_c [sum R_i, Hm, D]`` and ``k_c [sum C_i, Hkv, D]`` as :func:`compress_varlen` returns them;
+    row ``cu_qblocks[i] + qi`` of the result is query block ``qi`` of sequence ``i``.
+
+    **One pass over the packed arrays** (:func:`~unisparse_ref.cupy_backend.scores.launch_scores_packed`)
+    where scores version 4 takes the shape and the config is SPEC's (no ``diagonal_correction``):
+    the composite keys centred per (sequence, KV head) (``us_center_keys`` with the offsets), the
+    composite rows split where they lie (``us_split_rows``, no copy), then ONE launch of
+    ``us_scores_mma`` in its packed mode, whose work list holds every (sequence, row tile) sorted
+    longest first across the sequences and whose items read their sequence's geometry from a
+    descriptor table. No per-sequence Python loop, no repacking copy. Each sequence's rows are
+    bit for bit the batch call ``be.block_scores`` on that sequence's composite tokens.
+
+    **Per sequence** (the batch scoring once per sequence with queries, on a transposed copy of
+    its composite tokens, written into the packed array) in the other cases: shapes only version
+    3 takes (a query block of more composite rows than a work item holds, ``block_size / c_q > 256``
+    with the default two parts, or tiles beyond shared memory: ``scores.mma_applicable``), and the
+    research variant ``diagonal_correction`` (``sink_tokens`` is refused for packed batches, as
+    everywhere).
     """
     config = check_config(config)  # the other research variants: refused (or not) by be.block_scores
     check_no_packed_sinks(config, "block_scores_varlen")
@@ -268,6 +283,21 @@ def block_scores_varlen(be: Any, q_c: Any, k_c: Any, cu_seqlens_q: Any, cu_seqle
             f"q_c has {qc.shape[0]} composite queries and k_c {kc.shape[0]} composite keys; the offsets "
             f"need {int(cu_r[-1])} and {int(cu_c[-1])}"
         )
+    if qc.shape[2] != kc.shape[2]:
+        raise ValueError(f"q_c and k_c must have the same head dim, got {qc.shape[2]} and {kc.shape[2]}")
+    Hq, Hkv = int(qc.shape[1]) * config.c_h, int(kc.shape[1])
+    if Hq % Hkv or (Hq // Hkv) % config.c_h:
+        raise ValueError(f"q_c has {int(qc.shape[1])} composite heads and k_c {Hkv} KV heads: with c_h={config.c_h} "
+                         "the query heads Hm*c_h must be a multiple of Hkv, with c_h dividing the group size")
+    if scores.packed_applicable(config, int(qc.shape[2]), _loader.max_dynamic_shared_memory()):
+        return scores.launch_scores_packed(cp.ascontiguousarray(qc), cp.ascontiguousarray(kc), cu_q, cu_k, config)
+    return _block_scores_per_sequence(be, qc, kc, cu_q, cu_k, cu_r, cu_c, config)
+
+
+def _block_scores_per_sequence(be: Any, qc: Any, kc: Any, cu_q: np.ndarray, cu_k: np.ndarray, cu_r: np.ndarray,
+                               cu_c: np.ndarray, config: UniSparseConfig) -> Any:
+    """The fallback of :func:`block_scores_varlen`: ``be.block_scores`` once per sequence with queries."""
+    cp = cupy_module()
     S = config.block_size
     cu_qb = packed_offsets(cu_q, S)
     nk_all = np.diff(cu_k)
