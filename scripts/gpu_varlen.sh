@@ -8,8 +8,8 @@
 #   bench:    scripts/bench_varlen.py (correctness first, then timings; about 100 s)
 #   M = tests + memcheck (at most 185 s); all = tests + memcheck + bench;
 #   F = the bench only, short (--final: at most 80 s; the shared batch F runs the test suite itself);
-#   S = packed scoring (us_scores_mma's packed mode): the GPU tests of tests/test_varlen.py and
-#       tests/test_cupy_scores.py (not slow, 8 workers), compute-sanitizer memcheck on
+#   S = packed scoring (us_scores_mma's packed mode): the cupy cases of tests/test_varlen.py and the GPU
+#       tests of tests/test_cupy_scores.py (not slow, no host emulation, 8 workers), memcheck on
 #       scripts/sanitize_scores.py (every version-4 kernel and the packed launch), and the whole packed
 #       pipeline with its stages (bench_varlen.py --pipeline --final); at most 280 s.
 # Writes $OUT/varlen/summary.txt (and bench_varlen.json); the exit status is non-zero if a step failed.
@@ -42,9 +42,9 @@ if [ "$MODE" = all ]; then
 fi
 if [ "$MODE" = S ]; then
   XD=$($PY -c "import xdist" 2>/dev/null && echo "-n 8")  # 8 workers where pytest-xdist is installed
-  step tests 140 env HYPOTHESIS_PROFILE=gpu $PY -m pytest -q -x -p no:cacheprovider $XD -m "not slow" \
-    tests/test_varlen.py tests/test_cupy_scores.py
-  step memcheck 70 compute-sanitizer --tool memcheck --error-exitcode 3 $PY scripts/sanitize_scores.py
+  step tests 130 env UNISPARSE_TEST_BACKENDS=cupy HYPOTHESIS_PROFILE=gpu $PY -m pytest -q -x -p no:cacheprovider $XD \
+    -m "not slow" -k "not host_emulated" tests/test_varlen.py tests/test_cupy_scores.py
+  step memcheck 65 compute-sanitizer --tool memcheck --error-exitcode 3 $PY scripts/sanitize_scores.py
   step bench 70 $PY scripts/bench_varlen.py --pipeline --final --out "$DIR"
 fi
 if [ "$MODE" = F ]; then
