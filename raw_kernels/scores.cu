@@ -813,7 +813,8 @@ us_scores_mma(const unsigned* __restrict__ qs, const float* __restrict__ qfac, c
                                 bool vis = col <= cm;
                                 if (VAR) {  // sinks: visible when s <= p(last(r)); log-weights, -inf: not visible
                                     const int c = c0 + col;
-                                    if (c < T) vis = !causal || c <= plast[mt][h];
+                                    // rows past R see nothing (their j0, band entries do not exist)
+                                    if (c < T) vis = r < R && (!causal || c <= plast[mt][h]);
                                     if (vis) {
                                         const int jb = c - j0[r];
                                         const float lw = kw[st * TC + col] + ((jb >= 0 && jb < NB) ? band[(long long)r * NB + jb] : 0.0f);
