@@ -27,6 +27,6 @@ step() {  # step NAME SECONDS COMMAND...: its output's tail on stdout and in the
   grep -v "Host Frame" "/tmp/scovar_$name.log" | tail -n 20 | cut -c1-400 | tee -a "$SUM"
   echo "=== $name: exit $r in $(( $(date +%s) - t0 )) s" | tee -a "$SUM"
 }
-step memcheck 80 compute-sanitizer --tool memcheck --error-exitcode 3 $PY scripts/sanitize_scores.py
+step memcheck 100 compute-sanitizer --tool memcheck --error-exitcode 3 $PY scripts/sanitize_scores.py
 step bench 60 $PY scripts/bench_varlen.py --pipeline --final --out "$DIR"
 exit $status
