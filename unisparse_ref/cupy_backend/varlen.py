@@ -254,7 +254,7 @@ def block_scores_varlen(be: Any, q_c: Any, k_c: Any, cu_seqlens_q: Any, cu_seqle
     ``q_c [sum R_i, Hm, D]`` and ``k_c [sum C_i, Hkv, D]`` as :func:`compress_varlen` returns them;
     row ``cu_qblocks[i] + qi`` of the result is query block ``qi`` of sequence ``i``.
 
-    **One pass over the packed arrays** (:func:`~unisparse_ref.cupy_backend.scores.launch_scores_packed`)
+    **One pass over the packed arrays** (``scores.launch_scores_packed``)
     where scores version 4 takes the shape and the config is SPEC's (no ``diagonal_correction``):
     the composite keys centred per (sequence, KV head) (``us_center_keys`` with the offsets), the
     composite rows split where they lie (``us_split_rows``, no copy), then ONE launch of
