@@ -120,6 +120,7 @@ def test_host_emulated_selection_modes(emulated_selection, mode: str, score_dtyp
         lc = selection.launch_config(2 * nqb, nkb, scores.itemsize)
         ptr = [a.ctypes.data_as(ctypes.c_void_p) for a in (scores, mask, cnt, idx)]
         fn(*(ctypes.c_uint(x) for x in (lc["grid"][0], 1, lc["block"][0], 1)), *ptr,
+           ctypes.c_void_p(None),  # geom: null, the batch layout
            *(ctypes.c_int(x) for x in (nqb, nkb, Nq, Nk, S, 1, 2, int(causal))), ctypes.c_double(P),
            ctypes.c_int(selection.THRESHOLD_MODES[mode]))
         assert np.array_equal(mask, want.mask), (nkb, causal, P, kind)
