@@ -50,3 +50,31 @@ __device__ __forceinline__ int cdiv(int a, int b) { return (a + b - 1) / b; }
 __device__ __forceinline__ long long qpos(long long t, int nq, int nk) { return t + (nk - nq); }
 
 }  // namespace us
+
+// Pooling's 16-byte loads (pooling.cu us_pool_seq, varlen.cu us_pool_varlen): V = 16 / sizeof(T)
+// consecutive elements of x as one load, read back as floats.
+struct __align__(16) us_pool_v16 {
+    unsigned w[4];
+};
+
+// Element v of a 16-byte load as float (v a compile-time index after unrolling: no local memory).
+__device__ __forceinline__ float us_pool_elem(const us_pool_v16& a, int v, float*) {
+    return __uint_as_float(a.w[v]);
+}
+__device__ __forceinline__ float us_pool_elem(const us_pool_v16& a, int v, __nv_bfloat16*) {
+    return __uint_as_float(((a.w[v >> 1] >> (16 * (v & 1))) & 0xffffu) << 16);  // bf16 = the top half of a float
+}
+__device__ __forceinline__ float us_pool_elem(const us_pool_v16& a, int v, __half*) {
+    const unsigned short bits = (unsigned short)((a.w[v >> 1] >> (16 * (v & 1))) & 0xffffu);
+#if defined(__CUDACC__) || defined(__CUDACC_RTC__)
+    return __half2float(__ushort_as_half(bits));
+#else
+    return __half2float(__half{bits});  // the host emulation's __half
+#endif
+}
+
+// Whether a pooling thread takes V consecutive d with 16-byte loads: D a multiple of V and x
+// 16-byte aligned (the backend's launch configurations evaluate the same test for the grid).
+template <typename T> __device__ __forceinline__ bool us_pool_vector(const T* x, int D) {
+    return D % (int)(16 / sizeof(T)) == 0 && ((unsigned long long)x & 15ull) == 0;
+}

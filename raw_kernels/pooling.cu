@@ -35,33 +35,8 @@
 #define US_POOL_THREADS 256
 #endif
 
-// 16 bytes of x as one load (V = 16 / sizeof(T) elements).
-struct __align__(16) us_pool_v16 {
-    unsigned w[4];
-};
-
-// Element v of a 16-byte load as float (v a compile-time index after unrolling: no local memory).
-__device__ __forceinline__ float us_pool_elem(const us_pool_v16& a, int v, float*) {
-    return __uint_as_float(a.w[v]);
-}
-__device__ __forceinline__ float us_pool_elem(const us_pool_v16& a, int v, __nv_bfloat16*) {
-    return __uint_as_float(((a.w[v >> 1] >> (16 * (v & 1))) & 0xffffu) << 16);  // bf16 = the top half of a float
-}
-__device__ __forceinline__ float us_pool_elem(const us_pool_v16& a, int v, __half*) {
-    const unsigned short bits = (unsigned short)((a.w[v >> 1] >> (16 * (v & 1))) & 0xffffu);
-#if defined(__CUDACC__) || defined(__CUDACC_RTC__)
-    return __half2float(__ushort_as_half(bits));
-#else
-    return __half2float(__half{bits});  // the host emulation's __half
-#endif
-}
-
-// Whether a thread of us_pool_seq<T> takes V consecutive d with 16-byte loads: D a multiple of
-// V and x 16-byte aligned (the backend's launch_config evaluates the same test for the grid).
-template <typename T> __device__ __forceinline__ bool us_pool_vector(const T* x, int D) {
-    return D % (int)(16 / sizeof(T)) == 0 && ((unsigned long long)x & 15ull) == 0;
-}
-
+// us_pool_v16, us_pool_elem and us_pool_vector (the 16-byte loads) are in common.cuh: varlen.cu's
+// us_pool_varlen shares them.
 template <typename T>
 __global__ void __launch_bounds__(US_POOL_THREADS)
 us_pool_seq(const T* __restrict__ x, float* __restrict__ out, int H, int N, int D, int c, int c_h) {

@@ -25,9 +25,11 @@
 //   out[cu_out[b] + r, g, d] = (1/c_h) sum_{h in group g} (1/n_r) sum_{t in group r of b} x[cu[b] + t, h, d]
 // the arithmetic of us_pool_seq (pooling.cu) in the same order, so a sequence's composite
 // tokens are bit for bit those of pooling it alone. No group crosses a sequence boundary: the
-// last group of a sequence averages only its own n_r = min(c, N_b - r c) tokens. One thread
-// per output (composite row, g, d); the sequence of a composite row is found by a binary
-// search over cu_out.
+// last group of a sequence averages only its own n_r = min(c, N_b - r c) tokens. As
+// us_pool_seq, one thread per V = 16/sizeof(T) outputs (composite row, g, d .. d+V-1) with one
+// 16-byte load per token when D is a multiple of V and x is 16-byte aligned (us_pool_vector;
+// every element's sums in the same order as one output per thread, else one output per thread);
+// the sequence of a composite row is found by a binary search over cu_out. Grid-stride.
 #include "common.cuh"
 
 #ifndef US_VARLEN_THREADS
@@ -65,13 +67,15 @@ template <typename T>
 __global__ void __launch_bounds__(US_VARLEN_THREADS)
 us_pool_varlen(const T* __restrict__ x, const int* __restrict__ cu, const int* __restrict__ cu_out,
                float* __restrict__ out, int batch, int H, int D, int c, int c_h) {
-    const int Hout = H / c_h;
-    const long long total_out = (long long)cu_out[batch] * Hout * D;
+    constexpr int V = (int)(16 / sizeof(T));  // 8 halves or 4 floats per 16-byte load
+    const int per = us_pool_vector(x, D) ? V : 1;  // outputs (consecutive d) per thread
+    const int Hout = H / c_h, Dv = D / per;
+    const long long total_out = (long long)cu_out[batch] * Hout * Dv;
     for (long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x; i < total_out;
          i += (long long)gridDim.x * blockDim.x) {
-        const int d = (int)(i % D);
-        const int g = (int)((i / D) % Hout);
-        const int row = (int)(i / ((long long)D * Hout));  // packed composite row
+        const int d0 = (int)(i % Dv) * per;
+        const int g = (int)((i / Dv) % Hout);
+        const int row = (int)(i / ((long long)Dv * Hout));  // packed composite row
         // The sequence b with cu_out[b] <= row < cu_out[b + 1] (empty sequences have
         // cu_out[b] == cu_out[b + 1] and are skipped by the search).
         int lo = 0, hi = batch - 1;
@@ -85,14 +89,35 @@ us_pool_varlen(const T* __restrict__ x, const int* __restrict__ cu, const int* _
         const int t0 = r * c;
         const int t1 = min(t0 + c, N);
         const float inv_n = 1.0f / (float)(t1 - t0);
-        float acc = 0.0f;
+        const long long stride = (long long)H * D;  // between consecutive tokens
+        float acc[V];
+#pragma unroll
+        for (int v = 0; v < V; ++v) acc[v] = 0.0f;
         for (int hh = 0; hh < c_h; ++hh) {
             const int h = g * c_h + hh;
-            const T* col = x + ((long long)cu[b] * H + h) * D + d;
-            float s = 0.0f;
-            for (int t = t0; t < t1; ++t) s += us::to_float(col[(long long)t * H * D]);
-            acc += s * inv_n;                    // sequence mean of head h
+            const T* col = x + ((long long)cu[b] * H + h) * D + d0;
+            float s[V];
+#pragma unroll
+            for (int v = 0; v < V; ++v) s[v] = 0.0f;
+            if (per == V) {
+#pragma unroll 4
+                for (int t = t0; t < t1; ++t) {  // one 16-byte load per token (four in flight)
+                    const us_pool_v16 ld = *reinterpret_cast<const us_pool_v16*>(col + (long long)t * stride);
+#pragma unroll
+                    for (int v = 0; v < V; ++v) s[v] += us_pool_elem(ld, v, (T*)nullptr);
+                }
+            } else {
+                for (int t = t0; t < t1; ++t) s[0] += us::to_float(col[(long long)t * stride]);
+            }
+#pragma unroll
+            for (int v = 0; v < V; ++v) acc[v] += s[v] * inv_n;  // sequence mean of head h
         }
-        out[i] = acc / (float)c_h;               // head mean
+        float* o = out + ((long long)row * Hout + g) * D + d0;
+        if (per == V) {
+#pragma unroll
+            for (int v = 0; v < V; ++v) o[v] = acc[v] / (float)c_h;  // head mean
+        } else {
+            o[0] = acc[0] / (float)c_h;
+        }
     }
 }

@@ -691,6 +691,35 @@ SCORE_CASES = CASES + [
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [np.float16, us.BFLOAT16, np.float32], ids=["float16", "bfloat16", "float32"])
+@pytest.mark.parametrize("D", [16, 20, 128])
+def test_cupy_packed_pooling_is_the_batch_pooling_of_each_sequence(dtype, D):
+    """compress_varlen of the CuPy layer (us_pool_varlen: 16-byte loads where D allows, D = 20 one
+    output per thread for 16-bit inputs): each sequence's composite tokens bit for bit the batch
+    compress (us_pool_seq) of that sequence, for queries (with c_h = 2) and keys."""
+    status = us.backend_status().get("cupy", "not registered")
+    if status is not None:
+        pytest.skip(f"backend 'cupy' unavailable: {status}")
+    import cupy as cp
+
+    be = us.get_backend("cupy")
+    cfg = UniSparseConfig(block_size=16, c_q=4, c_k=8, c_h=2)
+    case = ([1, 37, 0, 50, 23], [1, 61, 0, 50, 90], 4, 2, D, cfg)
+    nq = case[0]
+    q, k, _, cu_q, cu_k = packed_qkv(case, dtype, seed=6)
+    q_c, k_c = (cp.asnumpy(x) for x in native_stage(be, "compress_varlen")(q, k, cu_q, cu_k, cfg))
+    cu_r, cu_c = packed_offsets(cu_q, cfg.c_q), packed_offsets(cu_k, cfg.c_k)
+    for i in range(len(nq)):
+        if nq[i] == 0:
+            continue
+        qi = np.ascontiguousarray(q[cu_q[i]:cu_q[i + 1]].transpose(1, 0, 2)[None])
+        ki = np.ascontiguousarray(k[cu_k[i]:cu_k[i + 1]].transpose(1, 0, 2)[None])
+        oq, ok = (cp.asnumpy(x)[0].transpose(1, 0, 2) for x in be.compress(qi, ki, cfg))
+        np.testing.assert_array_equal(q_c[cu_r[i]:cu_r[i + 1]], oq, err_msg=f"queries of sequence {i}")
+        np.testing.assert_array_equal(k_c[cu_c[i]:cu_c[i + 1]], ok, err_msg=f"keys of sequence {i}")
+
+
+@pytest.mark.gpu
 @pytest.mark.parametrize("case", SCORE_CASES, ids=[f"case{i}" for i in range(len(SCORE_CASES))])
 def test_cupy_packed_scores_are_the_batch_scores_of_each_sequence(case):
     """block_scores_varlen of the CuPy layer (ONE launch of us_scores_mma in its packed mode where scores
@@ -835,11 +864,22 @@ def test_host_emulated_varlen_pooling(varlen_host_kernels):
             cu_out = packed_offsets(cu, c)
             out = np.zeros((cu_out[-1], 4 // ch, 8), np.float32)
             xin = np.ascontiguousarray(x if dt == np.float32 else x.view(np.uint16))
+            assert xin.ctypes.data % 16 == 0  # the 16-byte loads (D = 8 is a multiple of 16 / itemsize)
             getattr(varlen_host_kernels, fn)(_c(xin), _c(cu), _c(cu_out), _c(out), *(ctypes.c_int(v) for v in (
                 len(nq), 4, 8, c, ch)), ctypes.c_uint(2), ctypes.c_uint(32))
             want = rv.compress_queries_varlen(x, cu, UniSparseConfig(block_size=16, c_q=c, c_k=c, c_h=ch), num_kv_heads=1)
             tol, _ = attention_tolerance(want, None, np.float32)
             assert np.abs(out - want).max() <= tol, (np.dtype(dt), c, ch)
+            # x one element past a 16-byte boundary: one output per thread instead of 16-byte loads,
+            # the same sums in the same order, so the same bits
+            buf = np.zeros(xin.size + 16, xin.dtype)
+            k = next(j for j in range(1, 16) if (buf.ctypes.data + j * xin.itemsize) % 16)
+            xmis = buf[k:k + xin.size].reshape(xin.shape)
+            xmis[...] = xin
+            out1 = np.zeros_like(out)
+            getattr(varlen_host_kernels, fn)(_c(xmis), _c(cu), _c(cu_out), _c(out1), *(ctypes.c_int(v) for v in (
+                len(nq), 4, 8, c, ch)), ctypes.c_uint(2), ctypes.c_uint(32))
+            assert out1.tobytes() == out.tobytes(), (np.dtype(dt), c, ch)
 
 
 def test_host_emulated_merge(varlen_host_kernels):

@@ -168,14 +168,19 @@ def merge_attention_states(be: Any, out_a: Any, lse_a: Any, out_b: Any, lse_b: A
 
 # ----------------------------------------------------------------------------- stage 1, packed
 def launch_pool_varlen(x: Any, dtype: np.dtype, cu: np.ndarray, c: int, c_h: int) -> Any:
-    """``us_pool_varlen<T>``: packed ``x [total, H, D]`` -> float32 ``[sum ceil(N_b / c), H / c_h, D]``."""
+    """``us_pool_varlen<T>``: packed ``x [total, H, D]`` -> float32 ``[sum ceil(N_b / c), H / c_h, D]``
+    (a grid-stride launch over the threads: one per output, or per 16-byte group of outputs)."""
     cp = cupy_module()
     _, H, D = (int(s) for s in x.shape)
     cu_out = packed_offsets(cu, c)
     Hout = H // c_h
     out = cp.empty((int(cu_out[-1]), Hout, D), dtype=cp.float32)
     if out.size:
-        lc = launch_config(out.size)
+        # V = 16 / itemsize outputs per thread with 16-byte loads where the kernel takes them
+        # (us_pool_vector: D a multiple of V and x 16-byte aligned), else one
+        V = 16 // x.dtype.itemsize
+        per = V if D % V == 0 and x.data.ptr % 16 == 0 else 1
+        lc = launch_config(out.size // per)
         _loader.launch(_loader.get_function(pool_spec(CTYPES[str(dtype)])), lc["grid"], lc["block"],
                        (x, cp.asarray(cu, dtype=cp.int32), cp.asarray(cu_out, dtype=cp.int32), out,
                         i32(cu.size - 1), i32(H), i32(D), i32(c), i32(c_h)), shared_mem=0)
