@@ -1,6 +1,6 @@
 """Time the CuPy block scores, version 3 (float32 FMA) against version 4 (tensor cores), on a GPU.
 
-    python scripts/gpu_scores.py [--sizes 8192,32768,131072] [--out DIR]
+    python scripts/gpu_scores.py [--sizes 8192,32768,131072] [--shape Hq,Hkv,D] [--out DIR]
 
 Workload (docs/performance.md): bf16, B = 1, Hq = 32, Hkv = 8, D = 128, c_q = c_k = 16,
 S = 128, causal, random data through the backend's compress. Correctness first: at every size
@@ -56,6 +56,7 @@ def main() -> int:
     ap.add_argument("--sizes", default="8192,32768,131072")
     ap.add_argument("--out", default=os.environ.get("OUT", "."))
     ap.add_argument("--reps", type=int, default=10)
+    ap.add_argument("--shape", default="32,8,128", help="Hq,Hkv,D (default 32,8,128; the small model: 9,3,64)")
     args = ap.parse_args()
 
     import cupy as cp
@@ -71,7 +72,8 @@ def main() -> int:
     props = cp.cuda.runtime.getDeviceProperties(dev.id)
     name = props["name"].decode() if isinstance(props["name"], bytes) else str(props["name"])
     print(f"device {name}, {dev.attributes['MultiProcessorCount']} SMs, score_eps {eps:g}", flush=True)
-    B, Hq, Hkv, D = 1, 32, 8, 128
+    Hq, Hkv, D = (int(x) for x in args.shape.split(","))
+    B = 1
     cfg = UniSparseConfig()  # S = 128, c_q = c_k = 16, causal
     results = {"device": name, "commit": os.environ.get("UNISPARSE_COMMIT", "unknown"), "sizes": {}}
     ok = True
@@ -127,7 +129,8 @@ def main() -> int:
                                                                             stages=s, parts=p), reps, cp)
         res["v4_ms"] = configs
         res["v4_default_ms"] = median_ms(lambda: sc.launch_scores(q_c, k_c, cfg, N, N), reps, cp)
-        res["split_ms"] = {p: median_ms(lambda p=p: (sc._split(q_c, D, 128, p), sc._split(k_c, D, 128, p)), reps, cp)
+        res["center_ms"] = median_ms(lambda: sc.center_keys(k_c), reps, cp)
+        res["split_ms"] = {p: median_ms(lambda p=p: (sc._split(q_c, D, 32 * -(-D // 32), p), sc._split(k_c, D, 32 * -(-D // 32), p)), reps, cp)
                            for p in (2, 3)}
         bf16 = np.dtype(BFLOAT16)
         res["pool_ms"] = median_ms(lambda: (pooling.launch_pool(q, bf16, cfg.c_q, cfg.c_h),
@@ -145,7 +148,7 @@ def main() -> int:
                   f"({res['tc_bound_ms'][p] / best[p] * 100:.0f} % of peak); split {res['split_ms'][p]:.3f} ms "
                   f"(memory bound {res['split_bound_ms'][p]:.3f})", flush=True)
         print(f"N={N}: pooling (us_pool_seq, q and k) {res['pool_ms']:.3f} ms (memory bound "
-              f"{res['pool_bound_ms']:.3f})", flush=True)
+              f"{res['pool_bound_ms']:.3f}); key centring (us_center_keys) {res['center_ms']:.3f} ms", flush=True)
         # the research variants' cost (issue 15): diagonal correction, and 4 sink tokens
         if N <= 32768:
             for name_, extra in (("diag", {"diagonal_correction": True}), ("sinks4_diag", {"sink_tokens": 4,
