@@ -28,10 +28,17 @@ function                                  how
 :func:`compress_varlen`,                  ``us_pool_varlen<T>`` (``varlen.cu``), one launch per
 :func:`compress_queries_varlen`           tensor, reading ``cu_seqlens`` (bit for bit the batch
                                           kernel's composite tokens of each sequence)
-:func:`block_scores_varlen`,              **still one launch per sequence**: the batch scoring and
-:func:`select_blocks_varlen`              selection kernels (owned elsewhere) on each sequence's
-                                          composite tokens / scores (small copies), the results
-                                          written into the packed arrays on the device
+:func:`block_scores_varlen`              **one launch** of ``us_scores_mma`` in its packed mode
+                                          (``scores.cu``; ``scores.launch_scores_packed``): keys
+                                          centred per (sequence, KV head), rows split where they
+                                          lie, a work list of (sequence, row tile) longest first
+                                          across the batch, a descriptor table per sequence. Per
+                                          sequence (copies) only for version-3 shapes and
+                                          ``diagonal_correction``
+:func:`select_blocks_varlen`              **one launch** of ``us_select_topp<T>`` with the row table
+                                          ``selection.packed_row_table`` (int32 ``[total_qb, 4]`` =
+                                          ``{i, N_q,b, N_k,b, nKb_b}``), writing ``kv_counts`` /
+                                          ``kv_indices [Hm, total_qb, W]`` directly, no copies
 ========================================  ==========================================================
 
 Imports without CuPy.
