@@ -78,3 +78,27 @@ __device__ __forceinline__ float us_pool_elem(const us_pool_v16& a, int v, __hal
 template <typename T> __device__ __forceinline__ bool us_pool_vector(const T* x, int D) {
     return D % (int)(16 / sizeof(T)) == 0 && ((unsigned long long)x & 15ull) == 0;
 }
+
+// One head's share of a composite token (pooling.cu us_pool_seq, varlen.cu us_pool_varlen):
+// acc[v] += (sum over tokens t = t0 .. t1-1, ascending, of col[t * stride + v]) * inv_n for the
+// per = V (16-byte loads, four in flight) or per = 1 consecutive d of this thread.
+template <typename T>
+__device__ __forceinline__ void us_pool_head(const T* col, long long stride, int t0, int t1, int per, float inv_n,
+                                             float (&acc)[16 / sizeof(T)]) {
+    constexpr int V = (int)(16 / sizeof(T));
+    float s[V];
+#pragma unroll
+    for (int v = 0; v < V; ++v) s[v] = 0.0f;
+    if (per == V) {
+#pragma unroll 4
+        for (int t = t0; t < t1; ++t) {
+            const us_pool_v16 ld = *reinterpret_cast<const us_pool_v16*>(col + (long long)t * stride);
+#pragma unroll
+            for (int v = 0; v < V; ++v) s[v] += us_pool_elem(ld, v, (T*)nullptr);
+        }
+    } else {
+        for (int t = t0; t < t1; ++t) s[0] += us::to_float(col[(long long)t * stride]);
+    }
+#pragma unroll
+    for (int v = 0; v < V; ++v) acc[v] += s[v] * inv_n;  // the sequence mean of this head
+}

@@ -58,22 +58,7 @@ us_pool_seq(const T* __restrict__ x, float* __restrict__ out, int H, int N, int 
     for (int v = 0; v < V; ++v) acc[v] = 0.0f;
     for (int hh = 0; hh < c_h; ++hh) {
         const int h = g * c_h + hh;
-        const T* row = x + (((long long)b * H + h) * N) * D + d0;
-        float s[V];
-#pragma unroll
-        for (int v = 0; v < V; ++v) s[v] = 0.0f;
-        if (per == V) {
-#pragma unroll 4
-            for (int t = t0; t < t1; ++t) {  // one 16-byte load per token (four in flight)
-                const us_pool_v16 ld = *reinterpret_cast<const us_pool_v16*>(row + (long long)t * D);
-#pragma unroll
-                for (int v = 0; v < V; ++v) s[v] += us_pool_elem(ld, v, (T*)nullptr);
-            }
-        } else {
-            for (int t = t0; t < t1; ++t) s[0] += us::to_float(row[(long long)t * D]);
-        }
-#pragma unroll
-        for (int v = 0; v < V; ++v) acc[v] += s[v] * inv_n;   // sequence mean of head h
+        us_pool_head<T>(x + (((long long)b * H + h) * N) * D + d0, D, t0, t1, per, inv_n, acc);  // tokens D apart
     }
     float* o = out + ((long long)bg * R + r) * D + d0;
     if (per == V) {
