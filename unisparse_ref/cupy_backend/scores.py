@@ -150,7 +150,7 @@ def launch_config(batch: int, mask_heads: int, R: int, config: UniSparseConfig, 
 
 def center_config(segments: int, W: int, D: int) -> dict[str, Any]:
     """Grid and block of ``us_center_keys`` (pure Python, no GPU needed): one thread block per
-    (segment, :data:`CENTER_ROWS` columns, 32 head-dim entries), 32 x 8 threads; static shared
+    (segment, ``CENTER_ROWS`` columns, 32 head-dim entries), 32 x 8 threads; static shared
     memory only. ``segments`` = ``B * Hkv`` (batch) or ``batch * Hkv`` (packed), ``W`` the (longest)
     segment's columns."""
     return {"grid": (max(1, int(segments) * geometry.cdiv(max(int(W), 1), CENTER_ROWS)), geometry.cdiv(int(D), 32), 1),
@@ -167,12 +167,12 @@ def center_keys(k_c: Any, cu: np.ndarray | None = None, cu_device: Any = None) -
 
     Parameters
     ----------
-    k_c : cupy float32, C-contiguous
-        ``[B, Hkv, W, D]``, or packed ``[total_c, Hkv, D]`` with ``cu``.
+    k_c : cupy.ndarray
+        float32, C-contiguous: ``[B, Hkv, W, D]``, or packed ``[total_c, Hkv, D]`` with ``cu``.
     cu : numpy integer array ``[nseq + 1]``, optional
         Composite-key offsets of the packed layout, on the host (``None``: the batch layout).
-    cu_device : cupy int32 ``[nseq + 1]``, optional
-        The same offsets on the device (uploaded here when not given).
+    cu_device : cupy.ndarray, optional
+        int32 ``[nseq + 1]``: the same offsets on the device (uploaded here when not given).
     """
     cp = cupy_module()
     out = cp.empty(k_c.shape, dtype=cp.float32)
@@ -521,7 +521,7 @@ def _last_key(r: int, R: int, C: int, nq: int, nk: int, config: UniSparseConfig)
 
 def packed_applicable(config: UniSparseConfig, D: int, shared_limit: int = 227 * 1024) -> bool:
     """Whether a packed batch is scored in one launch (:func:`launch_scores_packed`): the SPEC
-    computation (no research variant) on a shape version 4 takes with :data:`DEFAULT_PARTS` parts."""
+    computation (no research variant) on a shape version 4 takes with ``DEFAULT_PARTS`` parts."""
     return not (config.sink_tokens > 0 or config.diagonal_correction) and mma_applicable(config, D, shared_limit)
 
 
@@ -531,7 +531,7 @@ def packed_launch_config(cu_seqlens_q: Any, cu_seqlens_k: Any, mask_heads: int, 
     """Grid, block, shared memory, scratch, descriptor table and work list of ``us_scores_mma`` in
     its packed mode (pure Python, no GPU needed).
 
-    The tile numbers, shared memory and blocks per SM are :func:`mma_launch_config`'s (they do not
+    The tile numbers, shared memory and blocks per SM are ``mma_launch_config``'s (they do not
     depend on the lengths). Sequence ``i`` (``N_q,i = cu_seqlens_q[i+1] - cu_seqlens_q[i]``, likewise
     ``N_k,i``) has ``R_i = ceil(N_q,i / c_q)`` composite queries, ``C_i = ceil(N_k,i / c_k)`` composite
     keys and ``nQb_i = ceil(N_q,i / S)`` score rows. The descriptor table ``desc`` (int32 ``[nseq, 8]``)
@@ -551,11 +551,11 @@ def packed_launch_config(cu_seqlens_q: Any, cu_seqlens_k: Any, mask_heads: int, 
     config : UniSparseConfig
         The SPEC computation (no research variant).
     num_sms, warps, stages, shared_limit, parts
-        As :func:`mma_launch_config`.
+        As ``mma_launch_config``.
 
     Returns
     -------
-    dict with :func:`mma_launch_config`'s keys (``items``, ``slots``, ``ntiles`` of the packed
+    dict with ``mma_launch_config``'s keys (``items``, ``slots``, ``ntiles`` of the packed
     launch) plus ``desc``, ``work``, ``nwork``, ``total_qb``, ``width``, ``cu_r``, ``cu_c``, ``cu_qb``.
     """
     cu_q = np.asarray(cu_seqlens_q, dtype=np.int64).reshape(-1)

@@ -28,7 +28,7 @@ function                                  how
 :func:`compress_varlen`,                  ``us_pool_varlen<T>`` (``varlen.cu``), one launch per
 :func:`compress_queries_varlen`           tensor, reading ``cu_seqlens`` (bit for bit the batch
                                           kernel's composite tokens of each sequence)
-:func:`block_scores_varlen`              **one launch** of ``us_scores_mma`` in its packed mode
+:func:`block_scores_varlen`               **one launch** of ``us_scores_mma`` in its packed mode
                                           (``scores.cu``; ``scores.launch_scores_packed``): keys
                                           centred per (sequence, KV head), rows split where they
                                           lie, a work list of (sequence, row tile) longest first
