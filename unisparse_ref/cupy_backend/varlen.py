@@ -67,7 +67,7 @@ from .._arrays import (
     packed_offsets,
 )
 from ..config import UniSparseConfig
-from . import _hopper, _loader, attention, scores
+from . import _hopper, _loader, attention, pooling, scores
 from ._device import as_bfloat16, check_finite_device, cupy_module, device_input, i32, wrap_output
 from ._loader import CTYPES, KernelSpec
 
@@ -183,11 +183,8 @@ def launch_pool_varlen(x: Any, dtype: np.dtype, cu: np.ndarray, c: int, c_h: int
     Hout = H // c_h
     out = cp.empty((int(cu_out[-1]), Hout, D), dtype=cp.float32)
     if out.size:
-        # V = 16 / itemsize outputs per thread with 16-byte loads where the kernel takes them
-        # (us_pool_vector: D a multiple of V and x 16-byte aligned), else one
-        V = 16 // x.dtype.itemsize
-        per = V if D % V == 0 and x.data.ptr % 16 == 0 else 1
-        lc = launch_config(out.size // per)
+        # outputs per thread: as us_pool_seq's (16-byte loads where D and the alignment allow)
+        lc = launch_config(out.size // pooling.outputs_per_thread(x.dtype, D, x.data.ptr))
         _loader.launch(_loader.get_function(pool_spec(CTYPES[str(dtype)])), lc["grid"], lc["block"],
                        (x, cp.asarray(cu, dtype=cp.int32), cp.asarray(cu_out, dtype=cp.int32), out,
                         i32(cu.size - 1), i32(H), i32(D), i32(c), i32(c_h)), shared_mem=0)
