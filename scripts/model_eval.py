@@ -632,6 +632,14 @@ def _gpu_md() -> list[str]:
     return L
 
 
+def _passkey_cell(t: dict | None) -> str:
+    """One passkey trial as a table cell: ``hit`` / ``miss`` with the answer's start, ``-`` when not run."""
+    if t is None:
+        return "-"
+    ans = t["answer"].replace("<|im_end|>", "").strip().replace("|", "/")[:14]
+    return ("hit" if t["ok"] else "miss") + f" (`{ans}`)"
+
+
 def cmd_report(args: argparse.Namespace) -> None:
     L = [(OUT / "page_head.md").read_text().rstrip(), ""]
     v = json.loads((OUT / "validate.json").read_text()) if (OUT / "validate.json").exists() else None
@@ -675,12 +683,7 @@ def cmd_report(args: argparse.Namespace) -> None:
         for n, d in keys:
             row = {t["attention"]: t for t in pk["trials"] if t["target"] == n and t["depth"] == d}
             ntok = next(iter(row.values()))["n_tokens"]
-            cells = []
-            for a in atts:
-                t = row.get(a)
-                ans = t["answer"].replace("<|im_end|>", "").strip().replace("|", "/")[:14] if t else ""
-                cells.append("-" if t is None else ("hit" if t["ok"] else "miss") + f" (`{ans}`)")
-            L.append(f"| {ntok} | {d} | " + " | ".join(cells) + " |")
+            L.append(f"| {ntok} | {d} | " + " | ".join(_passkey_cell(row.get(a)) for a in atts) + " |")
         L.append("")
     fw = OUT / "model_gpu_forward.json"
     gpk = json.loads(fw.read_text()).get("passkey", []) if fw.exists() else []
@@ -693,12 +696,8 @@ def cmd_report(args: argparse.Namespace) -> None:
               "| tokens | depth | " + " | ".join(atts) + " |", "| --- | --- | " + " | ".join("---" for _ in atts) + " |"]
         for d in dict.fromkeys(t["depth"] for t in gpk):
             row = {t["attention"]: t for t in gpk if t["depth"] == d}
-            cells = []
-            for a in atts:
-                t = row.get(a)
-                ans = t["answer"].replace("<|im_end|>", "").strip().replace("|", "/")[:14] if t else ""
-                cells.append("-" if t is None else ("hit" if t["ok"] else "miss") + f" (`{ans}`)")
-            L.append(f"| {next(iter(row.values()))['n_tokens']} | {d} | " + " | ".join(cells) + " |")
+            L.append(f"| {next(iter(row.values()))['n_tokens']} | {d} | "
+                     + " | ".join(_passkey_cell(row.get(a)) for a in atts) + " |")
         L.append("")
     L += _gpu_md()
     tail = OUT / "page_tail.md"
