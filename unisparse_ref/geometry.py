@@ -98,12 +98,23 @@ def composite_visibility(nq: int, nk: int, c_q: int, c_k: int, causal: bool) -> 
     mostly give the same matrix, so the oracle's cases use other factors and offsets
     (``tests/test_mutations.py`` plants both).
     """
+    C = cdiv(nk, c_k)
+    return np.arange(C, dtype=np.int64)[None, :] <= last_visible_composite_keys(nq, nk, c_q, c_k, causal)[:, None]
+
+
+def last_visible_composite_keys(nq: int, nk: int, c_q: int, c_k: int, causal: bool) -> np.ndarray:
+    """The last composite key each composite query sees, int64 ``[R]`` (SPEC section 4).
+
+    Composite keys ``0 .. last[r]`` are visible to composite query ``r`` (the rule of
+    :func:`composite_visibility`, row by row): causal, ``last[r] = min(C - 1, floor(p(last(r)) / c_k))``
+    with ``last(r) = min((r+1)*c_q, nq) - 1``, ``-1`` when no key is visible; non-causal ``C - 1``.
+    The kernels' launch configurations use it to size a row's walk over the keys.
+    """
     R, C = cdiv(nq, c_q), cdiv(nk, c_k)
     if not causal:
-        return np.ones((R, C), dtype=bool)
+        return np.full(R, C - 1, dtype=np.int64)
     last = np.minimum((np.arange(R, dtype=np.int64) + 1) * c_q, nq) - 1 + (nk - nq)
-    first_key = np.arange(C, dtype=np.int64) * c_k
-    return first_key[None, :] <= last[:, None]
+    return np.minimum(C - 1, np.floor_divide(last, c_k))
 
 
 def composite_counts_per_block(n: int, c: int, block_size: int) -> np.ndarray:

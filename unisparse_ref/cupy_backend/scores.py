@@ -511,14 +511,6 @@ _BATCH_MODE = (np.uint64(0), np.uint64(0), i32(0), i32(0), i32(0))
 DESC_INTS = 8
 
 
-def _last_key(r: int, R: int, C: int, nq: int, nk: int, config: UniSparseConfig) -> int:
-    """``us_last_visible_key``: the last composite key visible to composite query ``r`` (SPEC 4)."""
-    if not config.causal:
-        return C - 1
-    last = min((min(r, R - 1) + 1) * config.c_q, nq) - 1
-    return min(C - 1, (last + nk - nq) // config.c_k)
-
-
 def packed_applicable(config: UniSparseConfig, D: int, shared_limit: int = 227 * 1024) -> bool:
     """Whether a packed batch is scored in one launch (:func:`launch_scores_packed`): the SPEC
     computation (no research variant) on a shape version 4 takes with ``DEFAULT_PARTS`` parts."""
@@ -537,7 +529,8 @@ def packed_launch_config(cu_seqlens_q: Any, cu_seqlens_k: Any, mask_heads: int, 
     keys and ``nQb_i = ceil(N_q,i / S)`` score rows. The descriptor table ``desc`` (int32 ``[nseq, 8]``)
     holds ``{R_i, C_i, N_q,i, N_k,i, cu_r[i], cu_c[i], cu_qb[i], 0}``; the work list ``work`` (int32
     ``[nwork, 2]``) one ``(i, x)`` per row tile ``x < ceil(R_i / RG)`` of every sequence, sorted by
-    the column tiles its last row walks (``last_key(min((x+1) RG, R_i) - 1) // TC + 1``), most first,
+    the column tiles its last row walks (``geometry.last_visible_composite_keys`` of row
+    ``min((x+1) RG, R_i) - 1``, ``// TC + 1``), most first,
     across the sequences (ties: sequence ascending, then ``x`` descending). Items: ``nwork * Hm``
     (item ``e * Hm + g``: entry ``e``, mask head ``g``); slots ``min(items, num_sms * blocks_per_sm)``;
     scratch per slot for the widest sequence (``ntiles = ceil(max_i C_i / TC)``). Output
@@ -572,14 +565,16 @@ def packed_launch_config(cu_seqlens_q: Any, cu_seqlens_k: Any, mask_heads: int, 
     desc = np.zeros((nseq, DESC_INTS), np.int32)
     if nseq:
         desc[:, :7] = np.stack([R, C, nq, nk, cu_r[:-1], cu_c[:-1], cu_qb[:-1]], axis=1)
-    entries = []  # (-column tiles, sequence, -x): longest first, then sequence ascending, x descending
+    seqs, tiles, walks = [], [], []  # per row tile: its sequence, x, and the column tiles its last row walks
     for i in range(nseq):
-        Ri, Ci, nqi, nki = int(R[i]), int(C[i]), int(nq[i]), int(nk[i])
-        for x in range(geometry.cdiv(Ri, RG) - 1, -1, -1):
-            ntg = _last_key(min((x + 1) * RG, Ri) - 1, Ri, Ci, nqi, nki, config) // TCm + 1
-            entries.append((-ntg, i, -x))
-    entries.sort()
-    work = np.array([(i, -mx) for _, i, mx in entries], np.int32).reshape(-1, 2)
+        last = geometry.last_visible_composite_keys(int(nq[i]), int(nk[i]), config.c_q, config.c_k, config.causal)
+        x = np.arange(geometry.cdiv(int(R[i]), RG))
+        seqs.append(np.full(x.size, i))
+        tiles.append(x)
+        walks.append(last[np.minimum((x + 1) * RG, int(R[i])) - 1] // TCm + 1)
+    seqs, tiles, walks = (np.concatenate(a) if a else np.zeros(0, np.int64) for a in (seqs, tiles, walks))
+    order = np.lexsort((-tiles, seqs, -walks))  # longest first, then sequence ascending, x descending
+    work = np.stack([seqs[order], tiles[order]], axis=1).astype(np.int32).reshape(-1, 2)
     nwork = int(work.shape[0])
     items = nwork * int(mask_heads)
     slots = max(1, min(items, int(num_sms) * max(1, lc["blocks_per_sm"])))
