@@ -438,6 +438,18 @@ def _split(x: Any, D: int, Dp: int, parts: int) -> tuple[Any, Any]:
     return words, fac
 
 
+def _mma_state(lc: dict[str, Any], config: UniSparseConfig, D: int) -> tuple[Any, Any, Any, np.float32]:
+    """What every ``us_scores_mma`` launch needs besides its operands: the per-slot scratch
+    ``part [slots, ntiles, RG, NKS]`` and ``tmax [slots, ntiles, RG]`` (float32), the zeroed work-item
+    counter and ``scale * log2(e)``."""
+    cp = cupy_module()
+    slots, ntiles, RG = lc["slots"], lc["ntiles"], lc["RG"]
+    part = cp.empty((slots, ntiles, RG, lc["NKS"]), dtype=cp.float32)
+    tmax = cp.empty((slots, ntiles, RG), dtype=cp.float32)
+    counter = cp.zeros((1,), dtype=cp.int32)
+    return part, tmax, counter, np.float32(config.scale_for(D) * 1.4426950408889634)
+
+
 def launch_scores(q_c: Any, k_c: Any, config: UniSparseConfig, nq: int, nk: int, *, version: int | None = None,
                   warps: int | None = None, stages: int | None = None, parts: int | None = None) -> Any:
     """Block scores, float32 ``[B, Hm, nQb, nKb]``: version 4 where it applies, else version 3.
@@ -486,11 +498,7 @@ def launch_scores(q_c: Any, k_c: Any, config: UniSparseConfig, nq: int, nk: int,
     kw, kf = _split(center_keys(k_c), D, Dp, P)
     nqb, nkb = geometry.num_blocks(nq, S), geometry.num_blocks(nk, S)
     scores = cp.zeros((B, Hm, nqb, nkb), dtype=cp.float32)  # blocks no row sees stay 0
-    slots, ntiles, RG = lc["slots"], lc["ntiles"], lc["RG"]
-    part = cp.empty((slots, ntiles, RG, lc["NKS"]), dtype=cp.float32)
-    tmax = cp.empty((slots, ntiles, RG), dtype=cp.float32)
-    counter = cp.zeros((1,), dtype=cp.int32)
-    scale_log2 = np.float32(config.scale_for(D) * 1.4426950408889634)
+    part, tmax, counter, scale_log2 = _mma_state(lc, config, D)
     if variant:
         colw, j0, band, NB = _variant_device(config, nq, nk)
         extra = (colw, j0, band, i32(NB))
@@ -498,7 +506,7 @@ def launch_scores(q_c: Any, k_c: Any, config: UniSparseConfig, nq: int, nk: int,
         extra = (np.uint64(0), np.uint64(0), np.uint64(0), i32(0))
     args = (qw, qf, kw, kf, scores, part, tmax, counter, i32(B * Hm), i32(Hm), i32(Hkv), i32(R), i32(W), i32(Dp),
             i32(nq), i32(nk), i32(c_q), i32(c_k), i32(c_h), i32(G), i32(S), i32(1 if config.causal else 0),
-            scale_log2, i32(lc["stages"]), i32(ntiles), i32(config.sink_tokens)) + extra + _BATCH_MODE
+            scale_log2, i32(lc["stages"]), i32(lc["ntiles"]), i32(config.sink_tokens)) + extra + _BATCH_MODE
     _loader.launch(_loader.get_function(mma_kernel(lc["warps"], variant, P)), lc["grid"], lc["block"], args,
                    shared_mem=lc["shared_mem"])
     return scores
@@ -622,15 +630,11 @@ def launch_scores_packed(q_c: Any, k_c: Any, cu_seqlens_q: Any, cu_seqlens_k: An
     cu_c_d = tables[DESC_INTS * nseq + 2 * lc["nwork"]:]
     qw, qf = _split(q_c, D, Dp, P)
     kw, kf = _split(center_keys(k_c, cu=lc["cu_c"], cu_device=cu_c_d), D, Dp, P)
-    slots, ntiles, RG = lc["slots"], lc["ntiles"], lc["RG"]
-    part = cp.empty((slots, ntiles, RG, lc["NKS"]), dtype=cp.float32)
-    tmax = cp.empty((slots, ntiles, RG), dtype=cp.float32)
-    counter = cp.zeros((1,), dtype=cp.int32)
-    scale_log2 = np.float32(config.scale_for(D) * 1.4426950408889634)
+    part, tmax, counter, scale_log2 = _mma_state(lc, config, D)
     S = config.block_size
     args = (qw, qf, kw, kf, scores, part, tmax, counter, i32(Hm), i32(Hm), i32(Hkv), i32(0), i32(0), i32(Dp),
             i32(0), i32(0), i32(config.c_q), i32(config.c_k), i32(config.c_h), i32(G), i32(S),
-            i32(1 if config.causal else 0), scale_log2, i32(lc["stages"]), i32(ntiles), i32(0),
+            i32(1 if config.causal else 0), scale_log2, i32(lc["stages"]), i32(lc["ntiles"]), i32(0),
             np.uint64(0), np.uint64(0), np.uint64(0), i32(0),
             desc_d, work_d, i32(lc["nwork"]), i32(lc["total_qb"]), i32(lc["width"]))
     _loader.launch(_loader.get_function(mma_kernel(lc["warps"], False, P)), lc["grid"], lc["block"], args,
