@@ -16,7 +16,7 @@ PKG = Path(__file__).resolve().parent.parent / "unisparse_ref"
 LAYERS = ("reference", "numba_backend", "cupy_backend")
 STAGES = ("pooling", "scores", "selection", "attention")
 #: Modules below the layers: what a layer may import from the package.
-BOTTOM = {"config", "geometry", "blockmask", "masks", "_arrays", "_convert", "errors", "tolerance"}
+BOTTOM = {"config", "geometry", "blockmask", "masks", "_arrays", "_convert", "errors", "tolerance", "pagetable"}
 
 
 def _module_name(path: Path) -> str:

@@ -311,6 +311,43 @@ def test_cache_refusals():
                                          [[0, 7]], [9], np.zeros((1, 1), np.int32), np.zeros((1, 1, 1), np.int32))
 
 
+@pytest.mark.parametrize("kwargs,message", [
+    ({"num_pages": 0}, "num_pages must be a positive int"),
+    ({"page_size": 12}, "c_k=8 must divide page_size=12"),
+    ({"max_pages": 0}, "max_pages must be >= 1"),
+    ({"page_order": [0, 0, 1, 2]}, "page_order must be a permutation"),
+])
+def test_both_caches_share_the_page_table_rules(monkeypatch, kwargs, message):
+    """The reference's PagedKVCache and the CuPy layer's CupyPagedKVCache extend one PageTable:
+    the same refusals, each naming its class, and the same bookkeeping (the CuPy cache built on
+    the NumPy stand-in for CuPy of tests/test_cupy_compile.py: no GPU, no kernel launched)."""
+    import sys
+
+    from tests.test_cupy_compile import _fake_cupy
+    from unisparse_ref.cupy_backend.varlen import CupyPagedKVCache
+
+    monkeypatch.setitem(sys.modules, "cupy", _fake_cupy({})[0])
+    args = {"num_pages": 4, "page_size": 16, "max_pages": None, "page_order": None} | kwargs
+    for cls in (PagedKVCache, CupyPagedKVCache):
+        with pytest.raises(ValueError, match=f"^{cls.__name__}: {message}"):
+            cls(args["num_pages"], args["page_size"], 2, 8, c_k=8, max_pages=args["max_pages"],
+                page_order=args["page_order"])
+    caches = [cls.for_config(UniSparseConfig(block_size=16, c_q=4, c_k=8), 4, 16, 2, 8, batch=2,
+                             page_order=[2, 0, 1, 3], dtype=np.float16) for cls in (PagedKVCache, CupyPagedKVCache)]
+    for cache in caches:
+        with pytest.raises(ValueError, match="seq must be an int in \\[0, 2\\)"):
+            cache.append(np.zeros((3, 2, 8), np.float16), np.zeros((3, 2, 8), np.float16), seq=2)
+        with pytest.raises(ValueError, match="sequence 1 would need 5 pages, its block-table row holds 4"):
+            cache.append(np.zeros((80, 2, 8), np.float16), np.zeros((80, 2, 8), np.float16), seq=1)
+        assert cache.free_pages == 4 and not cache.seqused_k.any()  # nothing written
+        L, L_new, first, needed = cache._pages_for(1, 40)
+        assert (L, L_new, first, needed) == (0, 40, 0, 3)
+        assert cache._assign_pages(1, first, needed).tolist() == [2, 0, 1, -1] and cache.free_pages == 1
+        cache.clear()
+        assert cache.free_pages == 4 and (cache.block_table == -1).all()
+        assert cache.c_k == 8 and cache.batch == 2 and cache.cu_seqlens_k.tolist() == [0, 0, 0]
+
+
 @pytest.mark.parametrize("chunks", [(32, 16, 48, 54), (150,), (16,) * 9 + (6,)], ids=["mixed", "one", "sixteens"])
 def test_chunked_prefill_on_the_paged_cache_equals_one_shot(chunks):
     """Chunks whose boundaries are multiples of S, each appended then attended against the cache:

@@ -67,6 +67,7 @@ from .._arrays import (
     packed_offsets,
 )
 from ..config import UniSparseConfig
+from ..pagetable import PageTable
 from . import _hopper, _loader, attention, pooling, scores
 from ._device import as_bfloat16, check_finite_device, cupy_module, device_input, i32, wrap_output
 from ._loader import CTYPES, KernelSpec
@@ -589,7 +590,7 @@ def _cache_pages(arr: Any) -> bool:
                                      for x in (cache._k, cache._v))
 
 
-class CupyPagedKVCache:
+class CupyPagedKVCache(PageTable):
     """The paged KV cache of :class:`~unisparse_ref.reference.paged.PagedKVCache` on the GPU (CuPy).
 
     The same layout, block table, page order and rules (``c_k`` divides ``page_size``; the
@@ -622,29 +623,12 @@ class CupyPagedKVCache:
         max_pages: int | None = None, c_k: int = 16, dtype: Any = np.float16, page_order: Any = None,
     ) -> None:
         cp = cupy_module()
-        # The reference's rules and messages (reference/paged.py), its bookkeeping on the host.
-        for name, value in (("num_pages", num_pages), ("page_size", page_size), ("num_kv_heads", num_kv_heads),
-                            ("head_dim", head_dim), ("batch", batch), ("c_k", c_k)):
-            if not isinstance(value, (int, np.integer)) or value < 1:
-                raise ValueError(f"CupyPagedKVCache: {name} must be a positive int, got {value!r}")
-        if page_size % c_k != 0:
-            raise ValueError(
-                f"CupyPagedKVCache: c_k={c_k} must divide page_size={page_size} (a group of c_k keys must not "
-                f"straddle two pages)"
-            )
-        max_pages = num_pages if max_pages is None else int(max_pages)
-        if max_pages < 1:
-            raise ValueError(f"CupyPagedKVCache: max_pages must be >= 1, got {max_pages}")
-        self._order = list(range(num_pages)) if page_order is None else [int(p) for p in page_order]
-        if sorted(self._order) != list(range(num_pages)):
-            raise ValueError("CupyPagedKVCache: page_order must be a permutation of range(num_pages)")
+        # The reference's rules, messages and host bookkeeping: PageTable's (pagetable.py).
+        super().__init__(num_pages, page_size, num_kv_heads, head_dim, batch=batch, max_pages=max_pages, c_k=c_k,
+                         page_order=page_order)
         self.dtype = check_dtype("dtype", dtype)
         if self.dtype not in (np.dtype(np.float16), BFLOAT16, np.dtype(np.float32)):
             raise TypeError(f"CupyPagedKVCache holds float16, bfloat16 or float32, got {self.dtype}")
-        self.page_size, self.c_k = int(page_size), int(c_k)
-        self.block_table = np.full((batch, max_pages), -1, dtype=np.int32)
-        self.seqused_k = np.zeros(batch, dtype=np.int32)
-        self._free = self._order[::-1]  # pop() hands out page_order[0] first
         # The pages and their composite keys live on the device.
         shape = (num_pages, page_size, num_kv_heads, head_dim)
         storage = cp.uint16 if self.dtype == BFLOAT16 else self.dtype
@@ -653,12 +637,6 @@ class CupyPagedKVCache:
         self.kc_pages = cp.zeros((num_pages, page_size // c_k, num_kv_heads, head_dim), dtype=cp.float32)
         for pages in (self._k, self._v):  # finite by construction: the attention skips their check
             _CACHE_PAGES[int(pages.data.ptr)] = weakref.ref(self)
-
-    @classmethod
-    def for_config(cls, config: UniSparseConfig, num_pages: int, page_size: int, num_kv_heads: int, head_dim: int,
-                   **kwargs: Any) -> CupyPagedKVCache:
-        """A cache whose ``c_k`` is ``config.c_k``."""
-        return cls(num_pages, page_size, num_kv_heads, head_dim, c_k=check_config(config).c_k, **kwargs)
 
     @property
     def k_pages(self) -> Any:
@@ -671,40 +649,12 @@ class CupyPagedKVCache:
         return as_bfloat16(self._v) if self.dtype == BFLOAT16 else self._v
 
     @property
-    def batch(self) -> int:
-        return int(self.block_table.shape[0])
-
-    @property
     def num_kv_heads(self) -> int:
         return int(self._k.shape[2])
 
     @property
     def head_dim(self) -> int:
         return int(self._k.shape[3])
-
-    @property
-    def free_pages(self) -> int:
-        """Pages not yet handed out."""
-        return len(self._free)
-
-    @property
-    def cu_seqlens_k(self) -> np.ndarray:
-        """int32 ``[batch + 1]``: the offsets of the packed keys (:meth:`packed_keys`)."""
-        return np.concatenate([[0], np.cumsum(self.seqused_k.astype(np.int64))]).astype(np.int32)
-
-    def check_queries(self, cu_seqlens_q: Any, total_q: int, causal: bool) -> np.ndarray:
-        """``cu_seqlens_q`` checked against the cache: one entry per sequence, ``N_q,b <= seqused_k[b]`` when causal."""
-        cu_q = check_cu_seqlens("cu_seqlens_q", cu_seqlens_q, total_q)
-        if cu_q.size - 1 != self.batch:
-            raise ValueError(f"cu_seqlens_q describes {cu_q.size - 1} sequences, the cache holds {self.batch}")
-        check_varlen_lengths(cu_q, self.seqused_k, causal)
-        return cu_q
-
-    def clear(self) -> None:
-        """Empty every sequence and give every page back (the pages' contents stay until overwritten)."""
-        self.block_table[:] = -1
-        self.seqused_k[:] = 0
-        self._free = self._order[::-1]
 
     def _flat_slots(self, seq: int, positions: np.ndarray) -> np.ndarray:
         ps = self.page_size
@@ -719,8 +669,7 @@ class CupyPagedKVCache:
         one of the values, and ``us_pool_varlen`` over the touched groups (group-aligned).
         """
         cp = cupy_module()
-        if not isinstance(seq, (int, np.integer)) or not 0 <= seq < self.batch:
-            raise ValueError(f"seq must be an int in [0, {self.batch}), got {seq!r}")
+        self._check_seq(seq)
         (kd, dk), (vd, dv) = device_input("k_new", k_new), device_input("v_new", v_new)
         want = (self.num_kv_heads, self.head_dim)
         for name, x, d in (("k_new", kd, dk), ("v_new", vd, dv)):
@@ -733,20 +682,9 @@ class CupyPagedKVCache:
         n, ps, c = int(kd.shape[0]), self.page_size, self.c_k
         if n == 0:
             return
-        L = int(self.seqused_k[seq])
-        L_new = L + n
-        first_new_page, pages_needed = geometry.cdiv(L, ps), geometry.cdiv(L_new, ps)
-        if pages_needed > self.block_table.shape[1]:
-            raise ValueError(
-                f"sequence {seq} would need {pages_needed} pages, its block-table row holds {self.block_table.shape[1]}"
-            )
-        if pages_needed - first_new_page > len(self._free):
-            raise ValueError(f"the page pool is full: {pages_needed - first_new_page} pages needed, "
-                             f"{len(self._free)} free")
+        L, L_new, first_new_page, pages_needed = self._pages_for(seq, n)
         check_finite_device(("k_new", kd, dk), ("v_new", vd, dv))
-        row = self.block_table[seq]
-        for p in range(first_new_page, pages_needed):
-            row[p] = self._free.pop()
+        row = self._assign_pages(seq, first_new_page, pages_needed)
         Hkv, D = want
         k_flat, v_flat = (x.reshape(-1, Hkv, D) for x in (self._k, self._v))
         slots = cp.asarray(self._flat_slots(seq, np.arange(L, L_new)))

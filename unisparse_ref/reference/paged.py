@@ -47,9 +47,9 @@ from .._arrays import (
     check_dtype,
     check_paged_kv,
     check_paged_qkv,
-    check_varlen_lengths,
 )
 from ..config import UniSparseConfig
+from ..pagetable import PageTable
 from .pooling import pool_sequence
 from .varlen import block_sparse_attention_varlen
 
@@ -148,8 +148,11 @@ def block_sparse_attention_paged(
                                          precision=precision)
 
 
-class PagedKVCache:
+class PagedKVCache(PageTable):
     """A paged KV cache holding keys, values and the composite keys of its pages (NumPy, host).
+
+    The host bookkeeping (rules, block table, used lengths, free pages, ``check_queries``,
+    ``clear``) is :class:`~unisparse_ref.pagetable.PageTable`'s, shared with the CuPy layer's cache.
 
     Parameters
     ----------
@@ -190,42 +193,16 @@ class PagedKVCache:
         self, num_pages: int, page_size: int, num_kv_heads: int, head_dim: int, *, batch: int = 1,
         max_pages: int | None = None, c_k: int = 16, dtype: Any = np.float32, page_order: Sequence[int] | None = None,
     ) -> None:
-        for name, value in (("num_pages", num_pages), ("page_size", page_size), ("num_kv_heads", num_kv_heads),
-                            ("head_dim", head_dim), ("batch", batch), ("c_k", c_k)):
-            if not isinstance(value, (int, np.integer)) or value < 1:
-                raise ValueError(f"PagedKVCache: {name} must be a positive int, got {value!r}")
-        if page_size % c_k != 0:
-            raise ValueError(
-                f"PagedKVCache: c_k={c_k} must divide page_size={page_size} (a group of c_k keys must not "
-                f"straddle two pages)"
-            )
-        max_pages = num_pages if max_pages is None else int(max_pages)
-        if max_pages < 1:
-            raise ValueError(f"PagedKVCache: max_pages must be >= 1, got {max_pages}")
-        order = list(range(num_pages)) if page_order is None else [int(p) for p in page_order]
-        if sorted(order) != list(range(num_pages)):
-            raise ValueError("PagedKVCache: page_order must be a permutation of range(num_pages)")
+        # The rules, the block table, the used lengths and the free pages: PageTable's.
+        super().__init__(num_pages, page_size, num_kv_heads, head_dim, batch=batch, max_pages=max_pages, c_k=c_k,
+                         page_order=page_order)
         self.dtype = check_dtype("dtype", dtype)
-        self.page_size, self.c_k = int(page_size), int(c_k)
         shape = (num_pages, page_size, num_kv_heads, head_dim)
         self.k_pages = np.zeros(shape, dtype=self.dtype)
         self.v_pages = np.zeros(shape, dtype=self.dtype)
         self.kc_pages = np.zeros((num_pages, page_size // c_k, num_kv_heads, head_dim), dtype=np.float64)
-        self.block_table = np.full((batch, max_pages), -1, dtype=np.int32)
-        self.seqused_k = np.zeros(batch, dtype=np.int32)
-        self._free = order[::-1]  # pop() hands out page_order[0] first
-
-    @classmethod
-    def for_config(cls, config: UniSparseConfig, num_pages: int, page_size: int, num_kv_heads: int, head_dim: int,
-                   **kwargs: Any) -> PagedKVCache:
-        """A cache whose ``c_k`` is ``config.c_k``."""
-        return cls(num_pages, page_size, num_kv_heads, head_dim, c_k=check_config(config).c_k, **kwargs)
 
     # ------------------------------------------------------------------ sizes
-    @property
-    def batch(self) -> int:
-        return int(self.block_table.shape[0])
-
     @property
     def num_kv_heads(self) -> int:
         return int(self.k_pages.shape[2])
@@ -233,16 +210,6 @@ class PagedKVCache:
     @property
     def head_dim(self) -> int:
         return int(self.k_pages.shape[3])
-
-    @property
-    def free_pages(self) -> int:
-        """Pages not yet handed out."""
-        return len(self._free)
-
-    @property
-    def cu_seqlens_k(self) -> np.ndarray:
-        """int32 ``[batch + 1]``: the offsets of the packed keys (:meth:`packed_keys`)."""
-        return _cu_of(self.seqused_k)
 
     # ------------------------------------------------------------------ writing
     def append(self, k_new: Any, v_new: Any, seq: int = 0) -> None:
@@ -261,8 +228,7 @@ class PagedKVCache:
         TypeError
             A dtype other than the cache's.
         """
-        if not isinstance(seq, (int, np.integer)) or not 0 <= seq < self.batch:
-            raise ValueError(f"seq must be an int in [0, {self.batch}), got {seq!r}")
+        self._check_seq(seq)
         k_new, v_new = as_checked_numpy("k_new", k_new), as_checked_numpy("v_new", v_new)
         want = (self.num_kv_heads, self.head_dim)
         for name, x in (("k_new", k_new), ("v_new", v_new)):
@@ -275,19 +241,8 @@ class PagedKVCache:
         n, ps, c = k_new.shape[0], self.page_size, self.c_k
         if n == 0:
             return
-        L = int(self.seqused_k[seq])
-        L_new = L + n
-        first_new_page, pages_needed = geometry.cdiv(L, ps), geometry.cdiv(L_new, ps)
-        if pages_needed > self.block_table.shape[1]:
-            raise ValueError(
-                f"sequence {seq} would need {pages_needed} pages, its block-table row holds {self.block_table.shape[1]}"
-            )
-        if pages_needed - first_new_page > len(self._free):
-            raise ValueError(f"the page pool is full: {pages_needed - first_new_page} pages needed, "
-                             f"{len(self._free)} free")
-        row = self.block_table[seq]
-        for p in range(first_new_page, pages_needed):
-            row[p] = self._free.pop()
+        L, L_new, first_new_page, pages_needed = self._pages_for(seq, n)
+        row = self._assign_pages(seq, first_new_page, pages_needed)
         page, slot = _slots(row, np.arange(L, L_new), ps)
         self.k_pages[page, slot] = k_new
         self.v_pages[page, slot] = v_new
@@ -336,14 +291,6 @@ class PagedKVCache:
     def packed_composite_keys(self) -> np.ndarray:
         """Every sequence's composite keys packed, float64 ``[sum C_b, Hkv, D]`` (offsets ``packed_offsets(cu_seqlens_k, c_k)``)."""
         return gather_composite_keys(self.kc_pages, self.block_table, self.seqused_k, self.c_k)
-
-    def check_queries(self, cu_seqlens_q: Any, total_q: int, causal: bool) -> np.ndarray:
-        """``cu_seqlens_q`` checked against the cache: one entry per sequence, ``N_q,b <= seqused_k[b]`` when causal."""
-        cu_q = check_cu_seqlens("cu_seqlens_q", cu_seqlens_q, total_q)
-        if cu_q.size - 1 != self.batch:
-            raise ValueError(f"cu_seqlens_q describes {cu_q.size - 1} sequences, the cache holds {self.batch}")
-        check_varlen_lengths(cu_q, self.seqused_k, causal)
-        return cu_q
 
     def __repr__(self) -> str:
         return (f"PagedKVCache(pages={self.k_pages.shape[0]}, page_size={self.page_size}, c_k={self.c_k}, "
