@@ -497,11 +497,24 @@ def test_numba_work_list_is_longest_first_across_sequences():
 
 
 # ============================================================================ the CuPy layer
+def _cupy_reason() -> str | None:
+    """Why the CuPy backend cannot run here (``None``: it can)."""
+    status = us.backend_status().get("cupy", "backend 'cupy' is not registered")
+    return None if status is None else f"backend 'cupy' unavailable: {status}"
+
+
+def _skip_without_cupy() -> None:
+    """Skip the calling GPU test, with the reason, where the CuPy backend cannot run."""
+    why = _cupy_reason()
+    if why is not None:
+        pytest.skip(why)
+
+
 def _cupy_hopper_reason() -> str | None:
     """Why the CuPy v9 varlen tests cannot run here (``None``: they can)."""
-    status = us.backend_status().get("cupy", "backend 'cupy' is not registered")
-    if status is not None:
-        return f"backend 'cupy' unavailable: {status}"
+    why = _cupy_reason()
+    if why is not None:
+        return why
     from unisparse_ref.cupy_backend import attention
 
     if not attention._has_sm90():
@@ -641,9 +654,7 @@ def test_cupy_v9_paged_reads_the_block_table(page_size):
 def test_cupy_merge_bfloat16_and_empty_rows():
     """The merge kernel in bfloat16 (the shared merge tests cover float16 and float32): the
     empty-row cases exactly, the rest within the bfloat16 rule against the reference merge."""
-    status = us.backend_status().get("cupy", "not registered")
-    if status is not None:
-        pytest.skip(f"backend 'cupy' unavailable: {status}")
+    _skip_without_cupy()
     q, k, v, cfg, whole, a, b = _split_mask_case()
     (ow, lw), (oa, la), (ob, lb) = (ref.block_sparse_attention(q, k, v, m, cfg) for m in (whole, a, b))
     oa16, ob16 = oa.astype(us.BFLOAT16), ob.astype(us.BFLOAT16)
@@ -734,9 +745,7 @@ def test_cupy_packed_pooling_is_the_batch_pooling_of_each_sequence(dtype, D):
     """compress_varlen of the CuPy layer (us_pool_varlen: 16-byte loads where D allows, D = 20 one
     output per thread for 16-bit inputs): each sequence's composite tokens bit for bit the batch
     compress (us_pool_seq) of that sequence, for queries (with c_h = 2) and keys."""
-    status = us.backend_status().get("cupy", "not registered")
-    if status is not None:
-        pytest.skip(f"backend 'cupy' unavailable: {status}")
+    _skip_without_cupy()
     import cupy as cp
 
     be = us.get_backend("cupy")
@@ -762,9 +771,7 @@ def test_cupy_packed_scores_are_the_batch_scores_of_each_sequence(case):
     """block_scores_varlen of the CuPy layer (ONE launch of us_scores_mma in its packed mode where scores
     version 4 takes the shape): each sequence's rows bit for bit the batch call be.block_scores on that
     sequence's composite tokens, zeros past nKb_i, within score_eps of the float64 reference."""
-    status = us.backend_status().get("cupy", "not registered")
-    if status is not None:
-        pytest.skip(f"backend 'cupy' unavailable: {status}")
+    _skip_without_cupy()
     import cupy as cp
 
     from unisparse_ref.cupy_backend import scores as sc
