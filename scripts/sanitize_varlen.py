@@ -10,7 +10,8 @@ the packed arrays (the last sequence's tile, a page) is caught at the array's ed
 sequence, causal and not, a row wider than the register fast path) and, on Hopper,
 ``us_fa3_fwd_varlen`` (D = 64, 128, 256; contiguous packed and paged through the block
 table; ragged lengths, an empty sequence, a last tile past the end of the packed arrays) and
-``CupyPagedKVCache`` (appends, chunked prefill through ``unisparse_attention_paged``).
+``CupyPagedKVCache`` (appends, chunked prefill through ``unisparse_attention_paged``) and the
+whole packed pipeline queued (``unisparse_attention_varlen``, its NaN refusal after the kernels).
 Exits non-zero if a result disagrees with the NumPy reference (SPEC 7).
 """
 
@@ -112,6 +113,38 @@ def main() -> int:
             if not (np.array_equal(us.to_numpy(po), us.to_numpy(out))
                     and np.array_equal(us.to_numpy(pl), us.to_numpy(lse))):
                 failures.append(f"paged D={D} page={page}: differs from the contiguous packed result")
+        # The whole packed pipeline, queued (one read-back at the end): the chain of the packed stages
+        # bit for bit, the attention against the reference on its own masks; NaN in q raises after
+        # every kernel ran on it (no fault).
+        cfg = UniSparseConfig(block_size=128, c_q=16, c_k=16, threshold=0.9)
+        nq, nk = [1, 200, 0, 333, 129], [3, 400, 5, 333, 700]
+        cu_q, cu_k = (np.concatenate([[0], np.cumsum(n)]).astype(np.int32) for n in (nq, nk))
+        q = rng.standard_normal((cu_q[-1], 4, 128)).astype(us.BFLOAT16)
+        k = rng.standard_normal((cu_k[-1], 2, 128)).astype(us.BFLOAT16)
+        v = rng.standard_normal((cu_k[-1], 2, 128)).astype(us.BFLOAT16)
+        res = us.unisparse_attention_varlen(q, k, v, cu_q, cu_k, cfg, backend=be, return_details=True)
+        qc, kc = native_stage(be, "compress_varlen")(q, k, cu_q, cu_k, cfg)
+        sc = native_stage(be, "block_scores_varlen")(qc, kc, cu_q, cu_k, cfg)
+        c2, i2 = native_stage(be, "select_blocks_varlen")(sc, cu_q, cu_k, cfg, check_finite=False)
+        o2, _ = native_stage(be, "block_sparse_attention_varlen")(q, k, v, cu_q, cu_k, c2, i2, cfg)
+        if not (np.array_equal(us.to_numpy(res.out).view(np.uint16), us.to_numpy(o2).view(np.uint16))
+                and np.array_equal(res.kv_indices, us.to_numpy(i2)) and bool(cp.array_equal(res.scores, sc))):
+            failures.append("queued packed pipeline: differs from the chain of the packed stages")
+        want, wl = rv.block_sparse_attention_varlen(q, k, v, cu_q, cu_k, res.kv_counts, res.kv_indices, cfg)
+        lp = rv.block_sparse_attention_varlen(q, k, v, cu_q, cu_k, res.kv_counts, res.kv_indices, cfg,
+                                              precision=us.BFLOAT16)
+        chk = check_attention(us.to_numpy(res.out).astype(np.float64), want, lp[0], np.dtype(us.BFLOAT16))
+        if not chk.ok:
+            failures.append(f"queued packed pipeline: {chk.message()}")
+        bad = q.copy()
+        bad[50, 1, 7] = np.nan
+        try:
+            us.unisparse_attention_varlen(bad, k, v, cu_q, cu_k, cfg, backend=be)
+            failures.append("queued packed pipeline: NaN in q not refused")
+        except ValueError as e:
+            if "q holds" not in str(e):
+                failures.append(f"queued packed pipeline: NaN in q refused as {e}")
+
         # The device cache: appends of odd sizes (partial groups recomputed), then chunked prefill.
         from unisparse_ref.cupy_backend.varlen import CupyPagedKVCache
 

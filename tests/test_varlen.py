@@ -17,6 +17,7 @@ import pytest
 
 import unisparse_ref as us
 from tests.conftest import SIM
+from tests.test_cupy_scores import host_scores  # noqa: F401 - the g++ host emulation of scores.cu
 from unisparse_ref import BlockMask, PagedKVCache, UniSparseConfig
 from unisparse_ref import reference as ref
 from unisparse_ref._arrays import packed_offsets
@@ -858,6 +859,13 @@ extern "C" void NAME(const T* x, const int* cu, const int* cu_out, float* out, i
 US_POOL_WRAP(emu_poolv_f, float)
 US_POOL_WRAP(emu_poolv_h, __half)
 US_POOL_WRAP(emu_poolv_bf, __nv_bfloat16)
+#define US_POOL_EMK(NAME, T) \
+extern "C" void NAME(unsigned gx, unsigned gy, unsigned bx, unsigned by, const T* x, const int* cu, const int* cu_out, \
+                     float* out, int batch, int H, int D, int c, int ch) { \
+  emu_launch(dim3_{gx, gy, 1}, dim3_{bx, by, 1}, [&] { us_pool_varlen<T>(x, cu, cu_out, out, batch, H, D, c, ch); }); }
+US_POOL_EMK(emk_poolv_f, float)
+US_POOL_EMK(emk_poolv_h, __half)
+US_POOL_EMK(emk_poolv_bf, __nv_bfloat16)
 '''
 
 
@@ -1155,6 +1163,132 @@ def test_cupy_select_blocks_varlen_glue_on_host_emulation(selection_host_lib, mo
     assert c0.shape == (2, 0) and i0.shape == (2, 0, 3)
     c0, i0 = cv.select_blocks_varlen(be, np.zeros((2, 0, 0)), [0, 0], [0, 0], cfg)
     assert c0.shape == (2, 0) and i0.shape == (2, 0, 1)
+
+
+def test_upload_int32_refuses_what_int32_cannot_hold():
+    """The host tables' upload checks its inputs before touching a device (no GPU needed)."""
+    from unisparse_ref.cupy_backend._device import upload_int32
+
+    with pytest.raises(ValueError, match="does not fit int32"):
+        upload_int32(np.array([0, 2**31]))
+    with pytest.raises(ValueError, match="does not fit int32"):
+        upload_int32(np.array([0.5]))
+
+
+@pytest.mark.gpu
+def test_cupy_upload_int32_on_the_device():
+    """upload_int32 on the GPU: every table back with its shape and values (empty ones too), from
+    one device buffer; the staging buffers of finished copies are released by the next call."""
+    _skip_without_cupy()
+    import cupy as cp
+
+    from unisparse_ref.cupy_backend import _device
+
+    rng = np.random.default_rng(5)
+    tables = [rng.integers(-(2**31), 2**31 - 1, size=(7, 4)), np.zeros(0, np.int64), np.arange(5, dtype=np.int16),
+              np.array([[3]], np.uint8)]
+    got = _device.upload_int32(*tables)
+    for t, g in zip(tables, got, strict=True):
+        assert g.dtype == cp.int32 and g.shape == t.shape
+        np.testing.assert_array_equal(g.get(), t)
+    cp.cuda.get_current_stream().synchronize()
+    _device.upload_int32(np.arange(3))
+    assert len(_device._STAGING) == 1  # the first copy had completed: its buffer is gone
+
+
+def test_cupy_queued_varlen_pipeline_on_host_emulation(varlen_host_kernels, selection_host_lib, host_scores,  # noqa: F811
+                                                       monkeypatch):
+    """The CuPy layer's whole packed pipeline (cupy_backend.varlen.unisparse_attention_varlen, queued)
+    on a NumPy stand-in for CuPy whose kernels are the host-emulated pooling, scoring and selection,
+    with the reference standing in for the attention (no GPU): the same bits as the chain of the
+    layer's packed stages (composite tokens, scores, kv_counts / kv_indices, out, lse); the host
+    reads nothing back before the last launch, and then once (the non-finite counts), where the
+    chain reads back after the pooling; NaN or infinity in q, k or v raises naming it after every
+    launch; ``check_finite=False`` reads nothing back; the public entry point takes this path."""
+    import sys
+
+    from tests.test_cupy_compile import _KERNEL_TABLE, _fake_cupy, _reference_attention_forward
+    from unisparse_ref import cupy_backend as cb
+    from unisparse_ref.cupy_backend import _device, _loader, attention, selection
+    from unisparse_ref.cupy_backend import scores as sc
+    from unisparse_ref.cupy_backend import varlen as cv
+
+    for ctype, short in (("float", "f"), ("__half", "h"), ("__nv_bfloat16", "bf")):
+        monkeypatch.setitem(_KERNEL_TABLE, ("varlen.cu", f"us_pool_varlen<{ctype}>"), f"emk_poolv_{short}")
+    fake, Kernel = _fake_cupy({"varlen.cu": varlen_host_kernels, "selection.cu": selection_host_lib, **host_scores})
+    fake.full = lambda *a, **k: np.full(*a, **k).view(fake.ndarray)
+    fake.zeros_like = lambda a, **k: np.zeros_like(np.asarray(a), **k).view(fake.ndarray)
+    fake.cuda.Device.compute_capability = "80"  # not Hopper: the attention runs per sequence (the stand-in)
+    monkeypatch.setitem(sys.modules, "cupy", fake)
+    monkeypatch.setattr(_device, "_NONFINITE", {})
+    monkeypatch.setattr(_loader, "_SHARED_OPTIN", {})
+    monkeypatch.setattr(selection, "THREADS", 32)  # the emulator is built with -DUS_SEL_THREADS=32
+    monkeypatch.setattr(sc, "_SMS", {0: 3})
+    events: list[str] = []
+
+    class Logged(Kernel):
+        def __call__(self, grid, block, args, shared_mem=0):
+            events.append(self.name)
+            return super().__call__(grid, block, args, shared_mem)
+
+    monkeypatch.setattr(_loader, "get_function", Logged)
+    ref_forward = _reference_attention_forward()
+    inside = []
+
+    def attention_forward(q, k, v, *a, **kw):  # the stand-in reads its inputs back itself: not the pipeline's
+        events.append("attention")
+        inside.append(1)
+        try:  # a kernel does not refuse NaN (the reference would): computed here with it replaced
+            return ref_forward(*(fake.asarray(np.nan_to_num(x)) for x in (q, k, v)), *a, **kw)
+        finally:
+            inside.pop()
+
+    monkeypatch.setattr(attention, "attention_forward", attention_forward)
+    get = fake.ndarray.get
+
+    def logged_get(self):
+        if not inside:
+            events.append("get")
+        return get(self)
+
+    monkeypatch.setattr(fake.ndarray, "get", logged_get)
+    be = cb.CupyBackend("host emulation")
+    # lengths 1 and odd, an empty sequence, Nq < Nk, GQA with c_h = 2 (the packed scoring's test case)
+    nq, nk, Hq, Hkv, D = [1, 37, 0, 200, 23], [1, 61, 9, 300, 90], 4, 1, 32
+    cfg = UniSparseConfig(block_size=32, c_q=4, c_k=4, c_h=2, threshold=0.8)
+    cu_q, cu_k = offsets(nq), offsets(nk)
+    rng = np.random.default_rng(31)
+    q = rng.standard_normal((int(cu_q[-1]), Hq, D)).astype(np.float16)
+    k, v = (rng.standard_normal((int(cu_k[-1]), Hkv, D)).astype(np.float16) for _ in range(2))
+
+    events.clear()
+    got = cv.unisparse_attention_varlen(be, q, k, v, cu_q, cu_k, cfg)
+    assert events.count("get") == 1 and events[-1] == "get", events  # one read-back, after every launch
+    assert events.count("us_pool_varlen<__half>") == 2 and "attention" in events
+    events.clear()
+    q_c, k_c = cv.compress_varlen(be, q, k, cu_q, cu_k, cfg)
+    assert events[-1] == "get"  # the chain: the pooling's check reads back before the scoring is queued
+    s = cv.block_scores_varlen(be, q_c, k_c, cu_q, cu_k, cfg)
+    c, i = cv.select_blocks_varlen(be, s, cu_q, cu_k, cfg, check_finite=False)
+    o, lse = cv.block_sparse_attention_varlen(be, q, k, v, cu_q, cu_k, c, i, cfg, check_finite=False)
+    for name, a, b in (("out", got[0], o), ("lse", got[1], lse), ("kv_counts", got[2], c), ("kv_indices", got[3], i),
+                       ("scores", got[4], s), ("q_c", got[5], q_c), ("k_c", got[6], k_c)):
+        assert np.asarray(a).tobytes() == np.asarray(b).tobytes(), name
+    res = us.unisparse_attention_varlen(q, k, v, cu_q, cu_k, cfg, backend=be, return_details=True)
+    assert np.asarray(res.out).tobytes() == np.asarray(o).tobytes()
+    np.testing.assert_array_equal(res.kv_indices, np.asarray(i))
+
+    for name, arr, at in (("q", q, (40, 1, 3)), ("k", k, (70, 0, 0)), ("v", v, (2, 0, 31))):
+        bad = arr.copy()
+        bad[at] = np.nan if name != "k" else np.inf
+        args = {"q": q, "k": k, "v": v, name: bad}
+        events.clear()
+        with pytest.raises(ValueError, match=f"^{name} holds non-finite"):
+            cv.unisparse_attention_varlen(be, args["q"], args["k"], args["v"], cu_q, cu_k, cfg)
+        assert events.index("get") == len(events) - 1 and "attention" in events, name
+    events.clear()
+    cv.unisparse_attention_varlen(be, q, k, v, cu_q, cu_k, cfg, check_finite=False)
+    assert "get" not in events
 
 
 @pytest.mark.gpu

@@ -21,10 +21,13 @@ the results on the host. The reference has every one; the Numba layer has the at
 kernels (varlen and paged, reading ``cu_seqlens`` and the block table directly) and the
 merge, and runs pooling, scoring and selection one sequence at a time. The CuPy layer's
 packed stages live in :mod:`unisparse_ref.cupy_backend.varlen` (found by
-:func:`native_stage`): attention (packed and paged, one launch of rung v9 on Hopper), merge
-and pooling as kernels of their own, scoring and selection one launch per sequence on the
-device. Without a native ``block_sparse_attention_paged`` the pages are gathered on the host
-first; without a native merge the reference merges on the host.
+:func:`native_stage`): every stage one launch over the packed batch (attention packed and
+paged through rung v9 on Hopper, scoring and selection with their work lists and row tables,
+pooling, merge), and the whole pipeline of :func:`unisparse_attention_varlen` queued with no
+host synchronisation between the stages (a backend's own ``unisparse_attention_varlen``, when
+it has one, replaces the stage-by-stage chain). Without a native
+``block_sparse_attention_paged`` the pages are gathered on the host first; without a native
+merge the reference merges on the host.
 """
 
 from __future__ import annotations
@@ -249,11 +252,15 @@ def unisparse_attention_varlen(
                                               shape_only=True)
     check_head_pooling(Hq, Hkv, config.c_h)
     be = _backend(backend)
-    q_c, k_c = _stage(be, "compress_varlen")(q, k, cu_q, cu_k, config)
-    scores = _stage(be, "block_scores_varlen")(q_c, k_c, cu_q, cu_k, config)
-    kv_counts, kv_indices = _select_stage(be)(scores, cu_q, cu_k, config)
-    attend = _unchecked_stage(be, "block_sparse_attention_varlen") or _stage(be, "block_sparse_attention_varlen")
-    out, lse = attend(q, k, v, cu_q, cu_k, kv_counts, kv_indices, config)
+    whole = native_stage(be, "unisparse_attention_varlen")
+    if whole is not None:  # the backend queues every stage itself (the CuPy layer: no sync between them)
+        out, lse, kv_counts, kv_indices, scores, q_c, k_c = whole(q, k, v, cu_q, cu_k, config)
+    else:
+        q_c, k_c = _stage(be, "compress_varlen")(q, k, cu_q, cu_k, config)
+        scores = _stage(be, "block_scores_varlen")(q_c, k_c, cu_q, cu_k, config)
+        kv_counts, kv_indices = _select_stage(be)(scores, cu_q, cu_k, config)
+        attend = _unchecked_stage(be, "block_sparse_attention_varlen") or _stage(be, "block_sparse_attention_varlen")
+        out, lse = attend(q, k, v, cu_q, cu_k, kv_counts, kv_indices, config)
     if return_details:
         return VarlenResult(out, lse, to_numpy(kv_counts), to_numpy(kv_indices), scores, q_c, k_c, cu_q, cu_k,
                             config)

@@ -15,7 +15,10 @@ through here:
   them back is the only host synchronisation of a check (the pipeline reads its counts once,
   after every stage has been queued);
 * :class:`BFloat16Array` and :func:`as_bfloat16`: a bf16 device array on CuPy versions
-  without a bf16 dtype.
+  without a bf16 dtype;
+* :func:`upload_int32`: host tables (offsets, work lists) to the device in one copy that the
+  host does not wait for (``cupy.asarray`` of a NumPy array waits for every kernel queued
+  before it, which would leave the GPU idle while the host prepares the next launch).
 
 This module imports without CuPy (CuPy is imported by the functions that need it).
 """
@@ -45,6 +48,7 @@ __all__ = [
     "i32",
     "qkv_inputs",
     "scores_input",
+    "upload_int32",
     "wrap_output",
 ]
 
@@ -272,6 +276,59 @@ def scores_input(scores: Any, config: UniSparseConfig, nq: int, nk: int, check: 
     if check and s.size and int(count_bad(s, "score")):
         raise ValueError("scores must be finite and non-negative")
     return s
+
+
+# ---------------------------------------------------------------------------- host tables to the device
+#: Pinned staging buffers of :func:`upload_int32` whose copy may still be running, each with the
+#: event recorded after it: a buffer is released only once its event has completed.
+_STAGING: list[tuple[Any, Any]] = []
+
+
+def upload_int32(*tables: Any) -> list[Any]:
+    """Host integer tables as int32 device arrays, in ONE copy the host does not wait for.
+
+    ``cupy.asarray(numpy_array)`` copies from pageable memory: the host blocks until every
+    kernel queued before it has finished, and the GPU then idles while the host prepares the
+    next launch. Here the tables are concatenated into one page-locked buffer and copied with
+    ``cudaMemcpyAsync`` on the current stream, which orders the copy before the kernels
+    queued after it; the buffer is kept (``_STAGING``) until an event recorded after the copy
+    has completed. Not for use inside a CUDA graph capture (the copy would read the staging
+    buffer at every replay).
+
+    Parameters
+    ----------
+    *tables : array_like of integers (any shape; values must fit int32)
+
+    Returns
+    -------
+    list of cupy int32 arrays, the tables' shapes, views into one device buffer.
+    """
+    arrays = [np.asarray(t) for t in tables]
+    for a in arrays:
+        if a.size and (a.dtype.kind not in "iub" or int(a.min()) < -(2**31) or int(a.max()) >= 2**31):
+            raise ValueError(f"upload_int32: a table of dtype {a.dtype} does not fit int32")
+    cp = cupy_module()
+    flat = [np.ascontiguousarray(a, dtype=np.int32).reshape(-1) for a in arrays]
+    total = sum(f.size for f in flat)
+    pinned = getattr(getattr(cp, "cuda", None), "alloc_pinned_memory", None)
+    if pinned is None:  # a stand-in for CuPy without page-locked memory (tests): a plain copy
+        dev = cp.asarray(np.concatenate(flat) if flat else np.zeros(0, np.int32), dtype=cp.int32)
+    else:
+        mem = pinned(max(4, 4 * total))
+        host = np.frombuffer(mem, np.int32, total)
+        if total:
+            np.concatenate(flat, out=host)
+        dev = cp.empty(total, dtype=cp.int32)
+        stream = cp.cuda.get_current_stream()
+        if total:
+            dev.set(host, stream=stream)  # cudaMemcpyAsync from page-locked memory: returns at once
+        _STAGING[:] = [(e, m) for e, m in _STAGING if not e.done]  # copies that finished free their buffer
+        _STAGING.append((stream.record(), mem))
+    out, start = [], 0
+    for a, f in zip(arrays, flat, strict=True):
+        out.append(dev[start:start + f.size].reshape(a.shape))
+        start += f.size
+    return out
 
 
 # ---------------------------------------------------------------------------- checks on the device

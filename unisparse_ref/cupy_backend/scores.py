@@ -38,12 +38,13 @@ from .. import geometry
 from .._arrays import packed_offsets
 from ..config import UniSparseConfig
 from . import _loader
-from ._device import cupy_module, i32
+from ._device import cupy_module, i32, upload_int32
 from ._loader import KernelSpec
 
 __all__ = ["CENTER_KERNEL", "DEFAULT_PARTS", "FILE", "KREF", "INSTANTIATIONS", "KERNEL", "MMA_TC", "MMA_WARPS", "OPTIONS", "SCRATCH_BYTES",
            "SPLIT_KERNEL", "TC", "TR", "center_config", "center_keys", "launch_config", "launch_scores", "mma_applicable", "mma_kernel",
-           "mma_launch_config", "packed_applicable", "packed_launch_config", "launch_scores_packed", "row_bytes",
+           "mma_launch_config", "packed_applicable", "packed_launch_config", "device_packed_launch_config",
+           "packed_host_tables", "launch_scores_packed", "row_bytes",
            "variant_weights"]
 
 FILE = "scores.cu"
@@ -187,7 +188,7 @@ def center_keys(k_c: Any, cu: np.ndarray | None = None, cu_device: Any = None) -
         W = int(np.diff(offs).max(initial=0))
         segments = (int(offs.size) - 1) * Hkv
         if cu_device is None:
-            cu_device = cp.asarray(offs.astype(np.int32))
+            (cu_device,) = upload_int32(offs)
     lc = center_config(segments, W, D)
     _loader.launch(_loader.get_function(CENTER_KERNEL), lc["grid"], lc["block"],
                    (k_c, out, np.uint64(0) if cu is None else cu_device, i32(Hkv), i32(W), i32(D)),
@@ -594,8 +595,25 @@ def packed_launch_config(cu_seqlens_q: Any, cu_seqlens_k: Any, mask_heads: int, 
     return lc
 
 
+def device_packed_launch_config(cu_seqlens_q: Any, cu_seqlens_k: Any, mask_heads: int, D: int,
+                                config: UniSparseConfig, *, warps: int | None = None, stages: int | None = None,
+                                parts: int | None = None) -> dict[str, Any]:
+    """:func:`packed_launch_config` for the current device (its SM count and shared-memory limit):
+    the configuration :func:`launch_scores_packed` launches."""
+    return packed_launch_config(cu_seqlens_q, cu_seqlens_k, mask_heads, D, config, num_sms=_num_sms(), warps=warps,
+                                stages=stages, shared_limit=_loader.max_dynamic_shared_memory(), parts=parts)
+
+
+def packed_host_tables(lc: dict[str, Any]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The host tables the packed launch reads, in :func:`launch_scores_packed`'s ``device_tables``
+    order: the descriptor table, the work list and the composite-key offsets of
+    :func:`packed_launch_config`'s ``lc``."""
+    return lc["desc"], lc["work"], lc["cu_c"]
+
+
 def launch_scores_packed(q_c: Any, k_c: Any, cu_seqlens_q: Any, cu_seqlens_k: Any, config: UniSparseConfig, *,
-                         warps: int | None = None, stages: int | None = None, parts: int | None = None) -> Any:
+                         warps: int | None = None, stages: int | None = None, parts: int | None = None,
+                         lc: dict[str, Any] | None = None, device_tables: tuple[Any, ...] | None = None) -> Any:
     """Block scores of every sequence of a packed batch in one launch: float32 ``[Hm, total_qb, W]``.
 
     ``q_c [total_r, Hm, D]`` and ``k_c [total_c, Hkv, D]`` are C-contiguous float32 CuPy arrays
@@ -608,6 +626,10 @@ def launch_scores_packed(q_c: Any, k_c: Any, cu_seqlens_q: Any, cu_seqlens_k: An
     Each sequence's rows are bit for bit :func:`launch_scores` on that sequence's composite tokens
     (``[1, Hm, R_i, D]``, ``[1, Hkv, C_i, D]``) with the same ``parts``. The SPEC computation only
     (:func:`packed_applicable`); ``warps``, ``stages``, ``parts`` force a configuration (tests).
+    ``lc`` and ``device_tables``: :func:`packed_launch_config`'s result for these offsets and the
+    device copies of its :func:`packed_host_tables` (int32), when the caller (the queued packed
+    pipeline) prepared and uploaded them ahead; otherwise both are made here (one
+    :func:`~unisparse_ref.cupy_backend._device.upload_int32`).
     """
     cp = cupy_module()
     if config.sink_tokens > 0 or config.diagonal_correction:
@@ -616,18 +638,17 @@ def launch_scores_packed(q_c: Any, k_c: Any, cu_seqlens_q: Any, cu_seqlens_k: An
     Hm, D = int(q_c.shape[1]), int(q_c.shape[2])
     Hkv = int(k_c.shape[1])
     G = Hm * config.c_h // Hkv
-    lc = packed_launch_config(cu_seqlens_q, cu_seqlens_k, Hm, D, config, num_sms=_num_sms(), warps=warps,
-                              stages=stages, shared_limit=_loader.max_dynamic_shared_memory(), parts=parts)
+    if lc is None:
+        lc = device_packed_launch_config(cu_seqlens_q, cu_seqlens_k, Hm, D, config, warps=warps, stages=stages,
+                                         parts=parts)
     if int(q_c.shape[0]) != int(lc["cu_r"][-1]) or int(k_c.shape[0]) != int(lc["cu_c"][-1]):
         raise ValueError(f"q_c has {int(q_c.shape[0])} composite queries and k_c {int(k_c.shape[0])} composite keys; "
                          f"the offsets need {int(lc['cu_r'][-1])} and {int(lc['cu_c'][-1])}")
     scores = cp.zeros((Hm, lc["total_qb"], lc["width"]), dtype=cp.float32)  # entries past nKb_i stay 0
     if lc["nwork"] == 0:
         return scores
-    Dp, P, nseq = lc["Dp"], lc["parts"], int(lc["desc"].shape[0])
-    tables = cp.asarray(np.concatenate([lc["desc"].reshape(-1), lc["work"].reshape(-1), lc["cu_c"]]).astype(np.int32))
-    desc_d, work_d = tables[: DESC_INTS * nseq], tables[DESC_INTS * nseq: DESC_INTS * nseq + 2 * lc["nwork"]]
-    cu_c_d = tables[DESC_INTS * nseq + 2 * lc["nwork"]:]
+    Dp, P = lc["Dp"], lc["parts"]
+    desc_d, work_d, cu_c_d = device_tables if device_tables is not None else upload_int32(*packed_host_tables(lc))
     qw, qf = _split(q_c, D, Dp, P)
     kw, kf = _split(center_keys(k_c, cu=lc["cu_c"], cu_device=cu_c_d), D, Dp, P)
     part, tmax, counter, scale_log2 = _mma_state(lc, config, D)

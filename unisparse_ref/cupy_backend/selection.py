@@ -28,7 +28,7 @@ import numpy as np
 
 from ..config import UniSparseConfig
 from . import _loader
-from ._device import cupy_module, i32
+from ._device import cupy_module, i32, upload_int32
 from ._loader import KernelSpec
 
 __all__ = ["FILE", "INSTANTIATIONS", "MASK_TO_INDICES", "EMAX", "OPTIONS", "THREADS", "THRESHOLD_MODES", "launch_config",
@@ -150,13 +150,16 @@ def packed_row_table(cu_seqlens_q: np.ndarray, cu_seqlens_k: np.ndarray, block_s
     return np.ascontiguousarray(table, dtype=np.int32).reshape(-1, 4)
 
 
-def launch_select_packed(scores: Any, table: np.ndarray, config: UniSparseConfig) -> tuple[Any, Any]:
+def launch_select_packed(scores: Any, table: np.ndarray, config: UniSparseConfig, *,
+                         device_table: Any = None) -> tuple[Any, Any]:
     """``us_select_topp<T>`` in the packed layout: one launch over every sequence's rows.
 
     ``scores`` is a C-contiguous float32 or float64 CuPy array ``[Hm, total_qb, W]`` (row
     ``g * total_qb + qb``), ``table`` the host row table of :func:`packed_row_table` (uploaded
     here; every ``nKb_b <= W``). Same launch configuration as the batch layout with
     ``nKb = W``; no bool mask. ``config.threshold_mode`` may be ``"total"`` or ``"remaining"``.
+    ``device_table``: the table already on the device (int32, from
+    :func:`~unisparse_ref.cupy_backend._device.upload_int32`), else it is uploaded here.
 
     Returns
     -------
@@ -172,7 +175,9 @@ def launch_select_packed(scores: Any, table: np.ndarray, config: UniSparseConfig
     counts = cp.empty((Hm, total_qb), dtype=cp.int32)
     indices = cp.empty((Hm, total_qb, W), dtype=cp.int32)
     if Hm * total_qb:
-        _launch_topp(scores, np.uintp(0), counts, indices, cp.asarray(table), Hm * total_qb, total_qb, W, 0, 0, config)
+        if device_table is None:
+            (device_table,) = upload_int32(table)
+        _launch_topp(scores, np.uintp(0), counts, indices, device_table, Hm * total_qb, total_qb, W, 0, 0, config)
     return counts, indices
 
 

@@ -69,7 +69,17 @@ from .._arrays import (
 from ..config import UniSparseConfig
 from ..pagetable import PageTable
 from . import _hopper, _loader, attention, pooling, scores
-from ._device import as_bfloat16, check_finite_device, cupy_module, device_input, i32, wrap_output
+from ._device import (
+    as_bfloat16,
+    check_finite_device,
+    cupy_module,
+    device_input,
+    i32,
+    nonfinite_counts,
+    raise_if_nonfinite,
+    upload_int32,
+    wrap_output,
+)
 from ._loader import CTYPES, KernelSpec
 
 __all__ = [
@@ -86,6 +96,7 @@ __all__ = [
     "launch_pool_varlen",
     "merge_attention_states",
     "select_blocks_varlen",
+    "unisparse_attention_varlen",
     "uses_v9",
 ]
 
@@ -175,20 +186,25 @@ def merge_attention_states(be: Any, out_a: Any, lse_a: Any, out_b: Any, lse_b: A
 
 
 # ----------------------------------------------------------------------------- stage 1, packed
-def launch_pool_varlen(x: Any, dtype: np.dtype, cu: np.ndarray, c: int, c_h: int) -> Any:
+def launch_pool_varlen(x: Any, dtype: np.dtype, cu: np.ndarray, c: int, c_h: int,
+                       device_offsets: tuple[Any, Any] | None = None) -> Any:
     """``us_pool_varlen<T>``: packed ``x [total, H, D]`` -> float32 ``[sum ceil(N_b / c), H / c_h, D]``
-    (a grid-stride launch over the threads: one per output, or per 16-byte group of outputs)."""
+    (a grid-stride launch over the threads: one per output, or per 16-byte group of outputs).
+
+    ``cu`` are the checked host offsets; ``device_offsets`` ``(cu, packed_offsets(cu, c))`` as
+    int32 device arrays if the caller uploaded them already (else one :func:`upload_int32` here).
+    """
     cp = cupy_module()
     _, H, D = (int(s) for s in x.shape)
     cu_out = packed_offsets(cu, c)
     Hout = H // c_h
     out = cp.empty((int(cu_out[-1]), Hout, D), dtype=cp.float32)
     if out.size:
+        cu_d, cu_out_d = device_offsets if device_offsets is not None else upload_int32(cu, cu_out)
         # outputs per thread: as us_pool_seq's (16-byte loads where D and the alignment allow)
         lc = launch_config(out.size // pooling.outputs_per_thread(x.dtype, D, x.data.ptr))
         _loader.launch(_loader.get_function(pool_spec(CTYPES[str(dtype)])), lc["grid"], lc["block"],
-                       (x, cp.asarray(cu, dtype=cp.int32), cp.asarray(cu_out, dtype=cp.int32), out,
-                        i32(cu.size - 1), i32(H), i32(D), i32(c), i32(c_h)), shared_mem=0)
+                       (x, cu_d, cu_out_d, out, i32(cu.size - 1), i32(H), i32(D), i32(c), i32(c_h)), shared_mem=0)
     return out
 
 
@@ -210,9 +226,17 @@ def compress_varlen(be: Any, q: Any, k: Any, cu_seqlens_q: Any, cu_seqlens_k: An
     cu_q, cu_k, Hq, Hkv, _ = check_varlen_qkv(qd, kd, kd, cu_seqlens_q, cu_seqlens_k, causal=config.causal,
                                               shape_only=True)
     check_head_pooling(Hq, Hkv, config.c_h)
-    q_c = launch_pool_varlen(qd, dt, cu_q, config.c_q, config.c_h)
-    k_c = launch_pool_varlen(kd, dt, cu_k, config.c_k, 1)
+    q_c, k_c = _queue_pooling(qd, kd, dt, cu_q, cu_k, config)
     check_finite_device(("q", q_c, np.dtype(np.float32)), ("k", k_c, np.dtype(np.float32)))
+    return q_c, k_c
+
+
+def _queue_pooling(qd: Any, kd: Any, dt: np.dtype, cu_q: np.ndarray, cu_k: np.ndarray,
+                   config: UniSparseConfig) -> tuple[Any, Any]:
+    """Queue both packed poolings, their four offset arrays in one :func:`upload_int32`."""
+    offs = upload_int32(cu_q, packed_offsets(cu_q, config.c_q), cu_k, packed_offsets(cu_k, config.c_k))
+    q_c = launch_pool_varlen(qd, dt, cu_q, config.c_q, config.c_h, (offs[0], offs[1]))
+    k_c = launch_pool_varlen(kd, dt, cu_k, config.c_k, 1, (offs[2], offs[3]))
     return q_c, k_c
 
 
@@ -397,6 +421,82 @@ def select_blocks_varlen(be: Any, scores: Any, cu_seqlens_q: Any, cu_seqlens_k: 
     return selection.launch_select_packed(s, table, config)
 
 
+# ----------------------------------------------------------------------------- the whole pipeline, queued
+def unisparse_attention_varlen(be: Any, q: Any, k: Any, v: Any, cu_seqlens_q: Any, cu_seqlens_k: Any,
+                               config: UniSparseConfig, *, check_finite: bool = True) -> tuple[Any, ...]:
+    """The whole packed pipeline (SPEC 3-6), queued with no host synchronisation between its stages.
+
+    The kernels and results of :func:`compress_varlen` -> :func:`block_scores_varlen` ->
+    :func:`select_blocks_varlen` -> :func:`block_sparse_attention_varlen` (bit for bit), queued
+    the way :meth:`CupyBackend.unisparse_attention` queues the batch pipeline: the stage-by-stage
+    path waits for the GPU at every stage (a read-back of the non-finite counts after pooling and
+    of ``v``'s before the attention, and a ``cupy.asarray`` upload of every host table, which
+    waits for the kernels queued before it), leaving the GPU idle while the host prepares the
+    next launch. Here, in order:
+
+    1. the checks of the inputs and offsets (host), then the two poolings, their offsets in one
+       asynchronous copy (:func:`~unisparse_ref.cupy_backend._device.upload_int32`), and the
+       NaN/inf counts of the pooled q, k and of v kept on the device;
+    2. while the GPU pools, the host builds the scoring's work list and descriptor table
+       (:func:`scores.device_packed_launch_config`), the selection's row table and the
+       attention's tile list, and copies them in one more asynchronous upload;
+    3. scoring (one packed launch, or per sequence where :func:`scores.packed_applicable` says
+       no), selection (one launch), attention (one launch of rung v9 where :func:`uses_v9`, else
+       per sequence);
+    4. with ``check_finite`` (default), the counts are read once, after every kernel has been
+       queued: ``ValueError`` naming ``q``, ``k`` or ``v``, as the stages would have raised.
+       ``check_finite=False``: no check and no synchronisation at all.
+
+    Returns
+    -------
+    out, lse, kv_counts, kv_indices, scores, q_c, k_c
+        As :class:`unisparse_ref.varlen.VarlenResult` holds them (CuPy arrays).
+    """
+    from . import selection
+
+    config = check_config(config)
+    check_no_packed_sinks(config, "unisparse_attention_varlen")
+    be._refuse_variants(config, "cupy backend unisparse_attention_varlen")
+    (qd, dt), (kd, dtk), (vd, dtv) = (device_input(n, x) for n, x in (("q", q), ("k", k), ("v", v)))
+    for name, d in (("k", dtk), ("v", dtv)):
+        if d != dt:
+            raise TypeError(f"{name} has dtype {d} but q has {dt}; they must match")
+    cu_q, cu_k, Hq, Hkv, D = check_varlen_qkv(qd, kd, vd, cu_seqlens_q, cu_seqlens_k, causal=config.causal,
+                                              shape_only=True)
+    check_head_pooling(Hq, Hkv, config.c_h)
+    f32 = np.dtype(np.float32)
+    # 1. pooling (SPEC 3); the counts of the pooled tokens (a mean is non-finite iff an input of
+    #    its group is, as compress_varlen checks) and of v
+    q_c, k_c = _queue_pooling(qd, kd, dt, cu_q, cu_k, config)
+    counts = nonfinite_counts(("q", q_c, f32), ("k", k_c, f32), ("v", vd, dt)) if check_finite else None
+    # 2. the host tables of the later stages, built while the GPU pools, then one upload
+    S, Hm, nk = config.block_size, Hq // config.c_h, np.diff(cu_k)
+    packed = scores.packed_applicable(config, D, _loader.max_dynamic_shared_memory())
+    v9 = uses_v9(dt, D, S)
+    lc = scores.device_packed_launch_config(cu_q, cu_k, Hm, D, config) if packed else None
+    row_table = selection.packed_row_table(cu_q, cu_k, S)
+    host = [*(scores.packed_host_tables(lc) if packed else ()), row_table]
+    if v9:
+        host.append(_hopper.varlen_tiles(cu_q, nk, cu_k[:-1], S, config.causal))
+    dev = upload_int32(*host)
+    # 3. scores (SPEC 4), selection (SPEC 5), attention (SPEC 6)
+    if packed:
+        sc = scores.launch_scores_packed(q_c, k_c, cu_q, cu_k, config, lc=lc, device_tables=tuple(dev[:3]))
+    else:
+        cu_r, cu_c = packed_offsets(cu_q, config.c_q), packed_offsets(cu_k, config.c_k)
+        sc = _block_scores_per_sequence(be, q_c, k_c, cu_q, cu_k, cu_r, cu_c, config)
+    kv_counts, kv_indices = selection.launch_select_packed(sc, row_table, config, device_table=dev[3 if packed else 0])
+    scale = config.scale_for(D)
+    if v9:
+        out, lse = _attend_v9(qd, kd, vd, kv_counts, kv_indices, cu_q, nk, cu_k[:-1], config, scale, tiles=dev[-1])
+    else:
+        out, lse = _attend_per_sequence(qd, kd, vd, kv_counts, kv_indices, cu_q, cu_k, config, scale)
+    # 4. the one read-back
+    if check_finite:
+        raise_if_nonfinite(counts, ("q", "k", "v"))
+    return wrap_output(out, dt), lse, kv_counts, kv_indices, sc, q_c, k_c
+
+
 # ----------------------------------------------------------------------------- stage 4, packed and paged
 def uses_v9(dtype: np.dtype, head_dim: int, block_size: int) -> bool:
     """Whether the packed attention runs in one launch of rung v9 here (else the per-sequence fallback)."""
@@ -441,12 +541,15 @@ def _packed_mask(kv_counts: Any, kv_indices: Any, cu_q: np.ndarray, nk: np.ndarr
 
 def _attend_v9(qd: Any, kd: Any, vd: Any, counts: Any, indices: Any, cu_q: np.ndarray, nk: np.ndarray,
                k_start: np.ndarray, config: UniSparseConfig, scale: float, block_table: Any = None,
-               page_size: int = 0) -> tuple[Any, Any]:
+               page_size: int = 0, tiles: Any = None) -> tuple[Any, Any]:
+    """One launch of ``us_fa3_fwd_varlen``; ``tiles``: :func:`_hopper.varlen_tiles` of these offsets
+    already on the device (the queued pipeline uploads it ahead), else built and uploaded here."""
     cp = cupy_module()
     D = int(qd.shape[-1])
     Dp = _v9_head_dim(D)
     qd, kd, vd = (_pad_d(x, Dp) for x in (qd, kd, vd))
-    tiles = cp.asarray(_hopper.varlen_tiles(cu_q, nk, k_start, config.block_size, config.causal))
+    if tiles is None:
+        (tiles,) = upload_int32(_hopper.varlen_tiles(cu_q, nk, k_start, config.block_size, config.causal))
     total_qb = int(packed_offsets(cu_q, config.block_size)[-1])
     out, lse = _hopper.fa3_forward_varlen(
         qd, kd, vd, counts, indices, tiles, total_qb=total_qb, block_size=config.block_size,
@@ -560,8 +663,10 @@ def block_sparse_attention_paged(be: Any, q: Any, k_pages: Any, v_pages: Any, cu
         if items:
             check_finite_device(*items)
         k2, v2 = (x.reshape(num_pages * page_size, Hkv, D) for x in (kd, vd))
-        out, lse = _attend_v9(qd, k2, v2, counts, indices, cu_q, used, np.zeros_like(used), config, scale,
-                              block_table=cp.asarray(table), page_size=page_size)
+        k0 = np.zeros_like(used)
+        table_d, tiles_d = upload_int32(table, _hopper.varlen_tiles(cu_q, used, k0, config.block_size, config.causal))
+        out, lse = _attend_v9(qd, k2, v2, counts, indices, cu_q, used, k0, config, scale, block_table=table_d,
+                              page_size=page_size, tiles=tiles_d)
         return wrap_output(out, dt), lse
     # Gather: slot of key s of sequence b = block_table[b, s // page_size] * page_size + s % page_size.
     slots = [table[b, np.arange(n) // page_size].astype(np.int64) * page_size + np.arange(n) % page_size
