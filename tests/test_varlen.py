@@ -1178,7 +1178,8 @@ def test_upload_int32_refuses_what_int32_cannot_hold():
 @pytest.mark.gpu
 def test_cupy_upload_int32_on_the_device():
     """upload_int32 on the GPU: every table back with its shape and values (empty ones too), from
-    one device buffer; the staging buffers of finished copies are released by the next call."""
+    one device buffer, each on a 64-byte boundary; the staging buffers of finished copies are
+    released by the next call."""
     _skip_without_cupy()
     import cupy as cp
 
@@ -1190,6 +1191,7 @@ def test_cupy_upload_int32_on_the_device():
     got = _device.upload_int32(*tables)
     for t, g in zip(tables, got, strict=True):
         assert g.dtype == cp.int32 and g.shape == t.shape
+        assert g.data.ptr % 64 == 0  # every table aligned (the kernels read rows with vector loads)
         np.testing.assert_array_equal(g.get(), t)
     cp.cuda.get_current_stream().synchronize()
     _device.upload_int32(np.arange(3))

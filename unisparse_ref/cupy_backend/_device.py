@@ -282,6 +282,8 @@ def scores_input(scores: Any, config: UniSparseConfig, nq: int, nk: int, check: 
 #: Pinned staging buffers of :func:`upload_int32` whose copy may still be running, each with the
 #: event recorded after it: a buffer is released only once its event has completed.
 _STAGING: list[tuple[Any, Any]] = []
+#: Alignment of every table in :func:`upload_int32`'s device buffer, in int32 (64 bytes).
+_ALIGN_INTS = 16
 
 
 def upload_int32(*tables: Any) -> list[Any]:
@@ -301,7 +303,8 @@ def upload_int32(*tables: Any) -> list[Any]:
 
     Returns
     -------
-    list of cupy int32 arrays, the tables' shapes, views into one device buffer.
+    list of cupy int32 arrays, the tables' shapes, views into one device buffer, each starting
+    on a 64-byte boundary.
     """
     arrays = [np.asarray(t) for t in tables]
     for a in arrays:
@@ -309,26 +312,29 @@ def upload_int32(*tables: Any) -> list[Any]:
             raise ValueError(f"upload_int32: a table of dtype {a.dtype} does not fit int32")
     cp = cupy_module()
     flat = [np.ascontiguousarray(a, dtype=np.int32).reshape(-1) for a in arrays]
-    total = sum(f.size for f in flat)
+    # Every table starts on a 64-byte boundary of the buffer (cp.empty's start is 256-byte
+    # aligned): kernels read table rows with vector loads (the attention's tile list as 16-byte
+    # loads) and would fault on a table placed right after one of odd length.
+    starts = np.cumsum([0] + [-(-f.size // _ALIGN_INTS) * _ALIGN_INTS for f in flat])
+    total = int(starts[-1])
     pinned = getattr(getattr(cp, "cuda", None), "alloc_pinned_memory", None)
     if pinned is None:  # a stand-in for CuPy without page-locked memory (tests): a plain copy
-        dev = cp.asarray(np.concatenate(flat) if flat else np.zeros(0, np.int32), dtype=cp.int32)
+        buf = np.zeros(total, np.int32)
+        for f, a in zip(flat, starts, strict=False):
+            buf[a:a + f.size] = f
+        dev = cp.asarray(buf, dtype=cp.int32)
     else:
         mem = pinned(max(4, 4 * total))
         host = np.frombuffer(mem, np.int32, total)
-        if total:
-            np.concatenate(flat, out=host)
+        for f, a in zip(flat, starts, strict=False):
+            host[a:a + f.size] = f
         dev = cp.empty(total, dtype=cp.int32)
         stream = cp.cuda.get_current_stream()
         if total:
             dev.set(host, stream=stream)  # cudaMemcpyAsync from page-locked memory: returns at once
         _STAGING[:] = [(e, m) for e, m in _STAGING if not e.done]  # copies that finished free their buffer
         _STAGING.append((stream.record(), mem))
-    out, start = [], 0
-    for a, f in zip(arrays, flat, strict=True):
-        out.append(dev[start:start + f.size].reshape(a.shape))
-        start += f.size
-    return out
+    return [dev[int(b):int(b) + f.size].reshape(a.shape) for a, f, b in zip(arrays, flat, starts, strict=False)]
 
 
 # ---------------------------------------------------------------------------- checks on the device
