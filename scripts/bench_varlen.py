@@ -349,10 +349,72 @@ def _pipeline(be, cp, us, as_bfloat16, bf16_bits, reference_check, time_calls, k
            "speedup_vs_loop": t_loop["ms"] / t_packed["ms"], "packed_over_one_seq": t_packed["ms"] / t_one["ms"],
            "density": float(res.density), "one_seq_density": float(one_res[2].density)}
     row["stages"] = _stages(be, cp, us, time_calls, kw, qb, kb, vb, cu, cfg)
+    try:
+        row["kernels"] = _kernel_pairs(cp, time_calls, kw, qb, kb, vb, cu, cfg, q1, k1, v1)
+    except Exception as e:  # a diagnostic: its failure is reported, the timed rows above stand
+        row["kernels_error"] = f"{type(e).__name__}: {e}"[:300]
+        print("kernel pairs failed:", row["kernels_error"])
+    # the ratio again, packed and one sequence timed alternately in the same rounds (drift cancels)
+    ratios = []
+    for _ in range(max(5, kw["repeats"])):
+        t2 = [time_calls([f], warmup=0, repeats=1)["ms"] for f in (packed, lambda: be.unisparse_attention(q1, k1, v1, cfg))]
+        ratios.append(t2[0] / t2[1])
+    row["packed_over_one_seq_alternating"] = float(np.median(ratios))
     print(json.dumps(row))
     if "refused" in row["stages"]:  # recorded by the caller: the run exits 1
         raise RuntimeError(f"packed pipeline stages: {row['stages']['refused']}")
     return row
+
+
+def _kernel_pairs(cp, time_calls, kw, qb, kb, vb, cu, cfg, q1, k1, v1):
+    """Each stage's kernels alone (no checks, no host tables built inside the timing: what the
+    queued pipelines launch), packed batch against the one sequence of the same causal work:
+    median ms of each, and their ratio."""
+    from unisparse_ref import BlockMask
+    from unisparse_ref._arrays import packed_offsets
+    from unisparse_ref.cupy_backend import _device, _hopper, attention, pooling, selection
+    from unisparse_ref.cupy_backend import scores as sc
+    from unisparse_ref.cupy_backend import varlen as cv
+
+    (qd, dt), (kd, _), (vd, _) = (_device.device_input(n, x) for n, x in (("q", qb), ("k", kb), ("v", vb)))
+    q1d, k1d, v1d = (_device.device_input(n, x)[0] for n, x in (("q", q1), ("k", k1), ("v", v1)))
+    Hm, Dh, S = int(qd.shape[1]) // cfg.c_h, int(qd.shape[2]), cfg.block_size
+    L = int(q1d.shape[2])
+    offs = _device.upload_int32(cu, packed_offsets(cu, cfg.c_q), cu, packed_offsets(cu, cfg.c_k))
+    lc = sc.device_packed_launch_config(cu, cu, Hm, Dh, cfg)
+    row_table = selection.packed_row_table(cu, cu, S)
+    nk = np.diff(cu)
+    dev = _device.upload_int32(*sc.packed_host_tables(lc), row_table, _hopper.varlen_tiles(cu, nk, cu[:-1], S, True))
+    qc = cv.launch_pool_varlen(qd, dt, cu, cfg.c_q, cfg.c_h, (offs[0], offs[1]))
+    kc = cv.launch_pool_varlen(kd, dt, cu, cfg.c_k, 1, (offs[2], offs[3]))
+    s_p = sc.launch_scores_packed(qc, kc, cu, cu, cfg, lc=lc, device_tables=tuple(dev[:3]))
+    c_p, i_p = selection.launch_select_packed(s_p, row_table, cfg, device_table=dev[3])
+    q1c = pooling.launch_pool(q1d, dt, cfg.c_q, cfg.c_h)
+    k1c = pooling.launch_pool_keys(k1d, dt, cfg.c_k)
+    s_1 = sc.launch_scores(q1c, k1c, cfg, L, L)
+    m_1, c_1, i_1 = selection.launch_select(s_1, cfg, L, L, with_indices=True)
+    bm = BlockMask(m_1, S, cfg.c_h, L, L, True)
+    scale = cfg.scale_for(Dh)
+    pairs = {
+        "pool": (lambda: (cv.launch_pool_varlen(qd, dt, cu, cfg.c_q, cfg.c_h, (offs[0], offs[1])),
+                          cv.launch_pool_varlen(kd, dt, cu, cfg.c_k, 1, (offs[2], offs[3]))),
+                 lambda: (pooling.launch_pool(q1d, dt, cfg.c_q, cfg.c_h), pooling.launch_pool_keys(k1d, dt, cfg.c_k))),
+        "scores": (lambda: sc.launch_scores_packed(qc, kc, cu, cu, cfg, lc=lc, device_tables=tuple(dev[:3])),
+                   lambda: sc.launch_scores(q1c, k1c, cfg, L, L)),
+        "select": (lambda: selection.launch_select_packed(s_p, row_table, cfg, device_table=dev[3]),
+                   lambda: selection.launch_select(s_1, cfg, L, L, with_indices=True)),
+        "attention": (lambda: cv._attend_v9(qd, kd, vd, c_p, i_p, cu, nk, cu[:-1], cfg, scale, tiles=dev[4]),
+                      lambda: attention.attend(q1d, k1d, v1d, c_1, i_1, bm, scale)),
+        "nonfinite_counts": (lambda: _device.nonfinite_counts(("q", qc, np.dtype(np.float32)),
+                                                              ("k", kc, np.dtype(np.float32)), ("v", vd, dt)),
+                             lambda: _device.nonfinite_counts(("q", q1c, np.dtype(np.float32)),
+                                                              ("k", k1c, np.dtype(np.float32)), ("v", v1d, dt))),
+    }
+    out = {}
+    for name, (fp, f1) in pairs.items():
+        tp, t1 = time_calls([fp], **kw)["ms"], time_calls([f1], **kw)["ms"]
+        out[name] = {"packed_ms": tp, "one_seq_ms": t1, "ratio": tp / t1}
+    return out
 
 
 def _stages(be, cp, us, time_calls, kw, qb, kb, vb, cu, cfg):
@@ -506,6 +568,11 @@ def _summary(results: dict[str, Any]) -> None:
                   f"{st['attention_ms']:.2f} ms")
         elif st:
             print("  stages:", st)
+        for name, kp in p.get("kernels", {}).items():
+            print(f"  kernels {name}: packed {kp['packed_ms']:.3f} ms, one sequence {kp['one_seq_ms']:.3f} ms "
+                  f"({kp['ratio']:.3f})")
+        if "packed_over_one_seq_alternating" in p:
+            print(f"  packed/one timed alternately: {p['packed_over_one_seq_alternating']:.3f}")
     c = results.get("chunked")
     if c and "chunked_ms" in c:
         print(f"{c['case']}: {c['chunked_ms']:.2f} ms vs one-shot {c['one_shot_ms']:.2f} ms "
