@@ -515,7 +515,7 @@ def _fake_cupy(host_kernels):
     def wrap(fn):
         return lambda *a, **k: np.asarray(fn(*a, **k)).view(ndarray)
 
-    for name in ("float16", "float32", "float64", "uint16", "uint32", "int32", "int64", "bool_", "uintp"):
+    for name in ("float16", "float32", "float64", "uint16", "uint32", "uint64", "int32", "int64", "bool_", "uintp"):
         setattr(fake, name, getattr(np, name))
     fake.ndarray = ndarray
     fake.asarray = asarray
@@ -530,10 +530,19 @@ def _fake_cupy(host_kernels):
     class ReductionKernel:  # only the backend's non-finite counter
         def __init__(self, in_params, out_params, map_expr, *rest):
             self.expr = map_expr
+            self.name = rest[-1] if rest else ""
+
+        #: the counters on 8-byte words (unisparse_ref.cupy_backend._device): lane type, exponent mask
+        WORDS = {"us_bad_bf16x4": (np.uint16, 32640), "us_bad_halfx4": (np.uint16, 31744),
+                 "us_bad_floatx2": (np.uint32, 2139095040)}
 
         def __call__(self, a, out=None):
             a = np.asarray(a)
-            if "32640" in self.expr:
+            if self.name in self.WORDS:
+                lane, mask = self.WORDS[self.name]
+                assert a.dtype == np.uint64
+                n = int(((a.view(lane) & mask) == mask).sum())
+            elif "32640" in self.expr:
                 n = int(((a & 32640) == 32640).sum())
             elif "v < 0" in self.expr:
                 n = int(((a < 0) | ~np.isfinite(a)).sum())

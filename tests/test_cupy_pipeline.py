@@ -194,6 +194,29 @@ def test_no_sync_path_equals_the_checked_one(config) -> None:
 
 @pytest.mark.gpu
 @needs_gpu
+@pytest.mark.parametrize("dtype", [BFLOAT16, np.float16, np.float32], ids=["bf16", "fp16", "fp32"])
+def test_nonfinite_counts_on_words_count_every_lane(dtype) -> None:
+    """The pipelines' NaN/inf counts read 2- and 4-byte inputs as 8-byte words: a NaN, +inf or
+    -inf in any lane of a word is counted once, finite extremes and subnormals are not; arrays
+    whose bytes are not whole aligned words take the element-wise test, with the same counts."""
+    from unisparse_ref.cupy_backend._device import device_input, nonfinite_counts
+
+    rng = np.random.default_rng(3)
+    lanes = 8 // np.dtype(dtype).itemsize
+    big, tiny = float(np.finfo(np.float16 if dtype == np.float16 else np.float32).max), 1e-41
+    for n in (4096, 4096 + 1, 13):  # whole words; a tail (element-wise); a few elements
+        x = rng.standard_normal(n).astype(np.float32)
+        x[:4] = [big if dtype != BFLOAT16 else 3e38, -big if dtype != BFLOAT16 else -3e38, tiny, 0.0]
+        x = x.astype(dtype)
+        bad = rng.choice(np.arange(4, n), size=min(n - 4, 2 * lanes + 1), replace=False)
+        x[bad] = np.array([np.nan, np.inf, -np.inf] * n, np.float32)[: bad.size].astype(dtype)
+        d, dt = device_input("x", x)
+        whole = nonfinite_counts(("x", d, dt), ("x1", d[1:], dt)).get()  # d[1:]: not 8-byte aligned
+        assert whole.tolist() == [bad.size, bad.size], (n, whole)
+
+
+@pytest.mark.gpu
+@needs_gpu
 @pytest.mark.parametrize("dtype", [BFLOAT16, np.float16], ids=["bf16", "fp16"])
 @pytest.mark.parametrize("check_finite", [True, False])
 def test_graph_capture_gives_the_eager_bits(dtype, check_finite: bool) -> None:
