@@ -572,13 +572,17 @@ us_split_rows(const float* __restrict__ x, unsigned* __restrict__ out, float* __
     if (amax > 0.0f && amax <= 3.4e38f) frexpf(amax, &ex);   // amax = f * 2^ex, f in [0.5, 1)
     const int e = (amax > 0.0f && amax <= 3.4e38f) ? max(-60, min(60, 15 - ex)) : 0;  // 2^e amax in [2^14, 2^15)
     if (lane == 0) fac[row] = ldexpf(1.0f, -e);
+    // 2^e as a float (|e| <= 60: a normal number): x * p is ldexpf(x, e) bit for bit (a product
+    // with a power of two is exact, or correctly rounded where it lands below the normal range,
+    // as ldexpf's is), without ldexpf's software path for every element.
+    const float p = ldexpf(1.0f, e);
     const int words = Dp * P / 2;  // per row: Dp/32 chunks x 4 lane quarters x 4P words
     unsigned* o = out + row * words;
     for (int w = lane; w < words; w += 32) {
         const int kc = w / (16 * P), within = w % (16 * P), q = within / (4 * P), part = (within / 4) % P;
         const int j = within & 3;
         const int d = kc * 32 + (j >> 1) * 16 + (j & 1) * 8 + 2 * q;
-        float v0 = d < D ? ldexpf(xr[d], e) : 0.0f, v1 = d + 1 < D ? ldexpf(xr[d + 1], e) : 0.0f;
+        float v0 = d < D ? xr[d] * p : 0.0f, v1 = d + 1 < D ? xr[d + 1] * p : 0.0f;
         unsigned h0 = usm::half_bits(v0), h1 = usm::half_bits(v1);
         for (int i = 0; i < part; ++i) {  // the residuals down to this part
             v0 -= usm::half_value(h0);
