@@ -1,0 +1,101 @@
+"""How the packed pipeline's time depends on what runs around it (a diagnostic of bench_varlen's ratio).
+
+    python3 scripts/timing_varlen.py [ROUNDS]
+
+The workload of ``scripts/bench_varlen.py`` section 3 (checked there) and its one sequence of the
+same causal work. Every call is timed between two CUDA events; for each arrangement the medians
+and quartiles of both, their ratio, and how many device allocations (``cudaMalloc`` through
+CuPy's memory pool) and pinned host allocations the calls made:
+
+* ``separate``: ROUNDS packed calls, then ROUNDS one-sequence calls;
+* ``interleaved``: packed, one, packed, one, ...;
+* ``interleaved, one first``: one, packed, one, packed, ...;
+* ``separate again``: as the first (drift over the run).
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+from pathlib import Path
+
+
+def main() -> int:
+    import cupy as cp
+    import numpy as np
+    from cupy.cuda import memory_hook
+
+    import unisparse_ref as us
+    from unisparse_ref import UniSparseConfig
+    from unisparse_ref.bench import _bf16_bits
+    from unisparse_ref.cupy_backend import as_bfloat16
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from bench_varlen import HKV, HQ, LENGTHS, D, S
+
+    rounds = int(sys.argv[1]) if len(sys.argv) > 1 else 30
+    be = us.get_backend("cupy")
+    nq = np.array(LENGTHS, dtype=np.int64)
+    cu = np.concatenate([[0], np.cumsum(nq)]).astype(np.int32)
+    T = int(cu[-1])
+    rs = cp.random.RandomState(0)
+    q, k, v = (as_bfloat16(_bf16_bits(rs.standard_normal((T, h, D), dtype=cp.float32))) for h in (HQ, HKV, HKV))
+    work = float((nq * (nq + 1)).sum())
+    L = int(round((-1 + math.sqrt(1 + 4 * work)) / 2))
+    q1, k1, v1 = (as_bfloat16(_bf16_bits(rs.standard_normal((1, h, L, D), dtype=cp.float32))) for h in (HQ, HKV, HKV))
+    cfg = UniSparseConfig(block_size=S)
+
+    def packed():
+        us.unisparse_attention_varlen(q, k, v, cu, cu, cfg, backend=be)
+
+    def one():
+        be.unisparse_attention(q1, k1, v1, cfg)
+
+    class Count(memory_hook.MemoryHook):
+        name = "count"
+
+        def __init__(self):
+            self.device = self.pinned = 0
+
+        def alloc_preprocess(self, **kw):
+            self.device += 1
+
+        def malloc_preprocess(self, **kw):
+            pass
+
+    for _ in range(3):
+        packed(), one()
+    cp.cuda.Device().synchronize()
+
+    def run(order):
+        ev = {"packed": [], "one": []}
+        hook = Count()
+        with hook:
+            for f in order:
+                a, b = cp.cuda.Event(), cp.cuda.Event()
+                a.record()
+                (packed if f == "packed" else one)()
+                b.record()
+                ev[f].append((a, b))
+            cp.cuda.Device().synchronize()
+        t = {n: np.array([cp.cuda.get_elapsed_time(a, b) for a, b in e]) for n, e in ev.items()}
+        return t, hook.device
+
+    arrangements = {
+        "separate": ["packed"] * rounds + ["one"] * rounds,
+        "interleaved": ["packed", "one"] * rounds,
+        "interleaved, one first": ["one", "packed"] * rounds,
+        "separate again": ["packed"] * rounds + ["one"] * rounds,
+    }
+    for name, order in arrangements.items():
+        t, mallocs = run(order)
+        p, o = t["packed"], t["one"]
+        print(f"{name:24s} packed median {np.median(p):6.2f} ms (q1 {np.percentile(p, 25):6.2f}, q3 "
+              f"{np.percentile(p, 75):6.2f}, min {p.min():6.2f}); one median {np.median(o):6.2f} ms (q1 "
+              f"{np.percentile(o, 25):6.2f}, q3 {np.percentile(o, 75):6.2f}, min {o.min():6.2f}); ratio "
+              f"{np.median(p) / np.median(o):.3f} (of minima {p.min() / o.min():.3f}); cudaMalloc calls {mallocs}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
