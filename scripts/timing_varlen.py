@@ -87,6 +87,42 @@ def main() -> int:
         "interleaved, one first": ["one", "packed"] * rounds,
         "separate again": ["packed"] * rounds + ["one"] * rounds,
     }
+    import gc
+    import time
+
+    from unisparse_ref.cupy_backend import varlen as cv
+
+    def host_and_gpu(fn, label):  # host time to queue (no read-back), and the GPU time of the same calls
+        host, ev = [], []
+        for _ in range(rounds):
+            cp.cuda.Device().synchronize()
+            a, b = cp.cuda.Event(), cp.cuda.Event()
+            a.record()
+            t0 = time.perf_counter()
+            fn()
+            host.append(1e3 * (time.perf_counter() - t0))
+            b.record()
+            ev.append((a, b))
+        cp.cuda.Device().synchronize()
+        g = np.array([cp.cuda.get_elapsed_time(a, b) for a, b in ev])
+        h = np.array(host)
+        print(f"{label:44s} host queues in {np.median(h):6.2f} ms (q3 {np.percentile(h, 75):6.2f}, max {h.max():6.2f}); "
+              f"GPU {np.median(g):6.2f} ms (q1 {np.percentile(g, 25):6.2f}, q3 {np.percentile(g, 75):6.2f})")
+
+    host_and_gpu(lambda: cv.unisparse_attention_varlen(be, q, k, v, cu, cu, cfg, check_finite=False),
+                 "packed, check_finite=False")
+    host_and_gpu(lambda: be.unisparse_attention(q1, k1, v1, cfg, check_finite=False), "one sequence, check_finite=False")
+    res = us.unisparse_attention_varlen(q, k, v, cu, cu, cfg, backend=be, return_details=True)
+    from unisparse_ref.cupy_backend import _device, _hopper
+
+    qd, kd, vd = (_device.device_input(n, x)[0] for n, x in (("q", q), ("k", k), ("v", v)))
+    counts, idx = cp.asarray(res.kv_counts), cp.asarray(res.kv_indices)
+    (tiles,) = _device.upload_int32(_hopper.varlen_tiles(cu, np.diff(cu), cu[:-1], S, True))
+    scale = cfg.scale_for(D)
+    host_and_gpu(lambda: cv._attend_v9(qd, kd, vd, counts, idx, cu, np.diff(cu), cu[:-1], cfg, scale, tiles=tiles),
+                 "packed attention kernel alone")
+    gc.disable()
+    arrangements["separate, gc disabled"] = ["packed"] * rounds + ["one"] * rounds
     for name, order in arrangements.items():
         t, mallocs = run(order)
         p, o = t["packed"], t["one"]
@@ -94,6 +130,7 @@ def main() -> int:
               f"{np.percentile(p, 75):6.2f}, min {p.min():6.2f}); one median {np.median(o):6.2f} ms (q1 "
               f"{np.percentile(o, 25):6.2f}, q3 {np.percentile(o, 75):6.2f}, min {o.min():6.2f}); ratio "
               f"{np.median(p) / np.median(o):.3f} (of minima {p.min() / o.min():.3f}); cudaMalloc calls {mallocs}")
+    gc.enable()
     return 0
 
 
