@@ -8,6 +8,8 @@ sequence of ``nk`` keys (bottom-right alignment): query row ``t`` sits at absolu
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 
 __all__ = [
@@ -110,10 +112,21 @@ def last_visible_composite_keys(nq: int, nk: int, c_q: int, c_k: int, causal: bo
     with ``last(r) = min((r+1)*c_q, nq) - 1``, ``-1`` when no key is visible; non-causal ``C - 1``.
     The kernels' launch configurations use it to size a row's walk over the keys.
     """
-    R, C = cdiv(nq, c_q), cdiv(nk, c_k)
+    return last_visible_composite_key_of_rows(np.arange(cdiv(nq, c_q), dtype=np.int64), nq, nk, c_q, c_k, causal)
+
+
+def last_visible_composite_key_of_rows(rows: Any, nq: Any, nk: Any, c_q: int, c_k: int, causal: bool) -> np.ndarray:
+    """:func:`last_visible_composite_keys` at given composite rows, elementwise over arrays.
+
+    ``rows``, ``nq``, ``nk``: integer arrays of one shape (or scalars), composite row ``rows[e]``
+    of a sequence of ``nq[e]`` queries and ``nk[e]`` keys; returns int64 of that shape, the same
+    rule (used for many sequences at once by the packed launch configurations).
+    """
+    r, nq, nk = (np.asarray(a, dtype=np.int64) for a in (rows, nq, nk))
+    C = -(-nk // c_k)
     if not causal:
-        return np.full(R, C - 1, dtype=np.int64)
-    last = np.minimum((np.arange(R, dtype=np.int64) + 1) * c_q, nq) - 1 + (nk - nq)
+        return np.broadcast_to(C - 1, np.broadcast(r, nq, nk).shape).astype(np.int64)
+    last = np.minimum((r + 1) * c_q, nq) - 1 + (nk - nq)
     return np.minimum(C - 1, np.floor_divide(last, c_k))
 
 

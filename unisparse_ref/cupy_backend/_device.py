@@ -307,8 +307,9 @@ def upload_int32(*tables: Any) -> list[Any]:
     on a 64-byte boundary.
     """
     arrays = [np.asarray(t) for t in tables]
-    for a in arrays:
-        if a.size and (a.dtype.kind not in "iub" or int(a.min()) < -(2**31) or int(a.max()) >= 2**31):
+    for a in arrays:  # (int32 tables need no range check)
+        if a.size and a.dtype != np.int32 and (a.dtype.kind not in "iub" or int(a.min()) < -(2**31)
+                                               or int(a.max()) >= 2**31):
             raise ValueError(f"upload_int32: a table of dtype {a.dtype} does not fit int32")
     cp = cupy_module()
     flat = [np.ascontiguousarray(a, dtype=np.int32).reshape(-1) for a in arrays]

@@ -574,14 +574,14 @@ def packed_launch_config(cu_seqlens_q: Any, cu_seqlens_k: Any, mask_heads: int, 
     desc = np.zeros((nseq, DESC_INTS), np.int32)
     if nseq:
         desc[:, :7] = np.stack([R, C, nq, nk, cu_r[:-1], cu_c[:-1], cu_qb[:-1]], axis=1)
-    seqs, tiles, walks = [], [], []  # per row tile: its sequence, x, and the column tiles its last row walks
-    for i in range(nseq):
-        last = geometry.last_visible_composite_keys(int(nq[i]), int(nk[i]), config.c_q, config.c_k, config.causal)
-        x = np.arange(geometry.cdiv(int(R[i]), RG))
-        seqs.append(np.full(x.size, i))
-        tiles.append(x)
-        walks.append(last[np.minimum((x + 1) * RG, int(R[i])) - 1] // TCm + 1)
-    seqs, tiles, walks = (np.concatenate(a) if a else np.zeros(0, np.int64) for a in (seqs, tiles, walks))
+    # Per row tile (all sequences at once): its sequence, x, and the column tiles its last row walks.
+    nt = -(-R // RG)
+    seqs = np.repeat(np.arange(nseq, dtype=np.int64), nt)
+    tiles = np.arange(seqs.size, dtype=np.int64) - np.repeat(np.cumsum(nt) - nt, nt)
+    last_row = np.minimum((tiles + 1) * RG, R[seqs]) - 1
+    last = geometry.last_visible_composite_key_of_rows(last_row, nq[seqs], nk[seqs], config.c_q, config.c_k,
+                                                       config.causal)
+    walks = last // TCm + 1
     order = np.lexsort((-tiles, seqs, -walks))  # longest first, then sequence ascending, x descending
     work = np.stack([seqs[order], tiles[order]], axis=1).astype(np.int32).reshape(-1, 2)
     nwork = int(work.shape[0])
