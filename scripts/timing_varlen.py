@@ -121,6 +121,42 @@ def main() -> int:
     scale = cfg.scale_for(D)
     host_and_gpu(lambda: cv._attend_v9(qd, kd, vd, counts, idx, cu, np.diff(cu), cu[:-1], cfg, scale, tiles=tiles),
                  "packed attention kernel alone")
+    from unisparse_ref.cupy_backend import _loader
+
+    def idle(fn, label):  # CUDA events around every launch: the GPU's idle time between the kernels of a call
+        marks = []
+        real_launch, real_param = _loader.launch, _hopper._launch_param
+
+        def wrap(real, name_of):
+            def run(*a, **kw):
+                e0, e1 = cp.cuda.Event(), cp.cuda.Event()
+                e0.record()
+                real(*a, **kw)
+                e1.record()
+                marks.append((name_of(a), e0, e1))
+            return run
+
+        _loader.launch = wrap(real_launch, lambda a: str(getattr(a[0], "name", a[0]))[:28])
+        _hopper._launch_param = wrap(real_param, lambda a: "us_fa3_fwd" + ("_varlen" if "varlen" in str(a[0]) else ""))
+        try:
+            per_call = []
+            for _ in range(10):
+                cp.cuda.Device().synchronize()
+                marks.clear()
+                fn()
+                cp.cuda.Device().synchronize()
+                gaps = [(marks[i + 1][0], cp.cuda.get_elapsed_time(marks[i][2], marks[i + 1][1]))
+                        for i in range(len(marks) - 1)]
+                per_call.append(gaps)
+        finally:
+            _loader.launch, _hopper._launch_param = real_launch, real_param
+        tot = np.array([sum(g for _, g in gaps) for gaps in per_call])
+        worst = sorted(per_call[len(per_call) // 2], key=lambda x: -x[1])[:4]
+        print(f"{label:44s} GPU idle between its kernels: median {np.median(tot):5.2f} ms (max {tot.max():5.2f}); "
+              "largest gaps before " + ", ".join(f"{n} {g:.3f}" for n, g in worst))
+
+    idle(lambda: cv.unisparse_attention_varlen(be, q, k, v, cu, cu, cfg, check_finite=False), "packed, check_finite=False")
+    idle(lambda: be.unisparse_attention(q1, k1, v1, cfg, check_finite=False), "one sequence, check_finite=False")
     gc.disable()
     arrangements["separate, gc disabled"] = ["packed"] * rounds + ["one"] * rounds
     for name, order in arrangements.items():

@@ -248,14 +248,16 @@ def unisparse_attention_varlen(
     """
     config = check_config(config)
     q, k, v = _as_array("q", q), _as_array("k", k), _as_array("v", v)
-    cu_q, cu_k, Hq, Hkv, _ = check_varlen_qkv(q, k, v, cu_seqlens_q, cu_seqlens_k, causal=config.causal,
-                                              shape_only=True)
-    check_head_pooling(Hq, Hkv, config.c_h)
     be = _backend(backend)
     whole = native_stage(be, "unisparse_attention_varlen")
-    if whole is not None:  # the backend queues every stage itself (the CuPy layer: no sync between them)
-        out, lse, kv_counts, kv_indices, scores, q_c, k_c = whole(q, k, v, cu_q, cu_k, config)
+    if whole is not None:  # the backend's own pipeline checks the inputs and queues every stage itself
+        # (the CuPy layer: the same checks as below, no host synchronisation between the stages)
+        out, lse, kv_counts, kv_indices, scores, q_c, k_c, cu_q, cu_k = whole(q, k, v, cu_seqlens_q, cu_seqlens_k,
+                                                                              config)
     else:
+        cu_q, cu_k, Hq, Hkv, _ = check_varlen_qkv(q, k, v, cu_seqlens_q, cu_seqlens_k, causal=config.causal,
+                                                  shape_only=True)
+        check_head_pooling(Hq, Hkv, config.c_h)
         q_c, k_c = _stage(be, "compress_varlen")(q, k, cu_q, cu_k, config)
         scores = _stage(be, "block_scores_varlen")(q_c, k_c, cu_q, cu_k, config)
         kv_counts, kv_indices = _select_stage(be)(scores, cu_q, cu_k, config)

@@ -449,8 +449,9 @@ def unisparse_attention_varlen(be: Any, q: Any, k: Any, v: Any, cu_seqlens_q: An
 
     Returns
     -------
-    out, lse, kv_counts, kv_indices, scores, q_c, k_c
-        As :class:`unisparse_ref.varlen.VarlenResult` holds them (CuPy arrays).
+    out, lse, kv_counts, kv_indices, scores, q_c, k_c, cu_seqlens_q, cu_seqlens_k
+        As :class:`unisparse_ref.varlen.VarlenResult` holds them (CuPy arrays; the offsets checked,
+        NumPy int32).
     """
     from . import selection
 
@@ -494,7 +495,7 @@ def unisparse_attention_varlen(be: Any, q: Any, k: Any, v: Any, cu_seqlens_q: An
     # 4. the one read-back
     if check_finite:
         raise_if_nonfinite(counts, ("q", "k", "v"))
-    return wrap_output(out, dt), lse, kv_counts, kv_indices, sc, q_c, k_c
+    return wrap_output(out, dt), lse, kv_counts, kv_indices, sc, q_c, k_c, cu_q, cu_k
 
 
 # ----------------------------------------------------------------------------- stage 4, packed and paged
