@@ -44,7 +44,7 @@ from ._loader import KernelSpec
 __all__ = ["CENTER_KERNEL", "DEFAULT_PARTS", "FILE", "KREF", "INSTANTIATIONS", "KERNEL", "MMA_TC", "MMA_WARPS", "OPTIONS", "SCRATCH_BYTES",
            "SPLIT_KERNEL", "TC", "TR", "center_config", "center_keys", "launch_config", "launch_scores", "mma_applicable", "mma_kernel",
            "mma_launch_config", "packed_applicable", "packed_launch_config", "device_packed_launch_config",
-           "packed_host_tables", "launch_scores_packed", "row_bytes",
+           "packed_host_tables", "packed_operands", "launch_scores_packed", "row_bytes",
            "variant_weights"]
 
 FILE = "scores.cu"
@@ -604,6 +604,21 @@ def device_packed_launch_config(cu_seqlens_q: Any, cu_seqlens_k: Any, mask_heads
                                 stages=stages, shared_limit=_loader.max_dynamic_shared_memory(), parts=parts)
 
 
+def packed_operands(q_c: Any, k_c: Any, cu_c: np.ndarray, cu_c_device: Any, D: int,
+                    parts: int | None = None) -> tuple[Any, Any, Any, Any]:
+    """The operands of the packed ``us_scores_mma`` launch, queued: the keys centred per (sequence,
+    KV head) (:func:`center_keys` with the composite-key offsets ``cu_c``, host, and their int32
+    device copy), then ``us_split_rows`` of the queries and of the centred keys as they lie.
+    Returns ``(qw, qf, kw, kf)`` for :func:`launch_scores_packed`'s ``operands``; needs no work
+    list, so the queued packed pipeline launches it before building one (``Dp = 32 ceil(D / 32)``
+    and ``parts`` as :func:`mma_launch_config` takes them)."""
+    P = DEFAULT_PARTS if parts is None else int(parts)
+    Dp = 32 * geometry.cdiv(int(D), 32)
+    qw, qf = _split(q_c, D, Dp, P)
+    kw, kf = _split(center_keys(k_c, cu=cu_c, cu_device=cu_c_device), D, Dp, P)
+    return qw, qf, kw, kf
+
+
 def packed_host_tables(lc: dict[str, Any]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """The host tables the packed launch reads, in :func:`launch_scores_packed`'s ``device_tables``
     order: the descriptor table, the work list and the composite-key offsets of
@@ -613,7 +628,8 @@ def packed_host_tables(lc: dict[str, Any]) -> tuple[np.ndarray, np.ndarray, np.n
 
 def launch_scores_packed(q_c: Any, k_c: Any, cu_seqlens_q: Any, cu_seqlens_k: Any, config: UniSparseConfig, *,
                          warps: int | None = None, stages: int | None = None, parts: int | None = None,
-                         lc: dict[str, Any] | None = None, device_tables: tuple[Any, ...] | None = None) -> Any:
+                         lc: dict[str, Any] | None = None, device_tables: tuple[Any, ...] | None = None,
+                         operands: tuple[Any, Any, Any, Any] | None = None) -> Any:
     """Block scores of every sequence of a packed batch in one launch: float32 ``[Hm, total_qb, W]``.
 
     ``q_c [total_r, Hm, D]`` and ``k_c [total_c, Hkv, D]`` are C-contiguous float32 CuPy arrays
@@ -629,7 +645,8 @@ def launch_scores_packed(q_c: Any, k_c: Any, cu_seqlens_q: Any, cu_seqlens_k: An
     ``lc`` and ``device_tables``: :func:`packed_launch_config`'s result for these offsets and the
     device copies of its :func:`packed_host_tables` (int32), when the caller (the queued packed
     pipeline) prepared and uploaded them ahead; otherwise both are made here (one
-    :func:`~unisparse_ref.cupy_backend._device.upload_int32`).
+    :func:`~unisparse_ref.cupy_backend._device.upload_int32`). ``operands``: those of
+    :func:`packed_operands` already queued (with ``lc``'s parts), else queued here.
     """
     cp = cupy_module()
     if config.sink_tokens > 0 or config.diagonal_correction:
@@ -649,8 +666,13 @@ def launch_scores_packed(q_c: Any, k_c: Any, cu_seqlens_q: Any, cu_seqlens_k: An
         return scores
     Dp, P = lc["Dp"], lc["parts"]
     desc_d, work_d, cu_c_d = device_tables if device_tables is not None else upload_int32(*packed_host_tables(lc))
-    qw, qf = _split(q_c, D, Dp, P)
-    kw, kf = _split(center_keys(k_c, cu=lc["cu_c"], cu_device=cu_c_d), D, Dp, P)
+    if operands is None:
+        operands = packed_operands(q_c, k_c, lc["cu_c"], cu_c_d, D, P)
+    qw, qf, kw, kf = operands
+    if tuple(qw.shape) != (int(q_c.shape[0]) * Hm, Dp * P // 2) or tuple(kw.shape) != (int(k_c.shape[0]) * Hkv,
+                                                                                     Dp * P // 2):
+        raise ValueError(f"operands of {tuple(qw.shape)} and {tuple(kw.shape)} words do not match the launch's "
+                         f"Dp = {Dp}, parts = {P}")
     part, tmax, counter, scale_log2 = _mma_state(lc, config, D)
     S = config.block_size
     args = (qw, qf, kw, kf, scores, part, tmax, counter, i32(Hm), i32(Hm), i32(Hkv), i32(0), i32(0), i32(Dp),

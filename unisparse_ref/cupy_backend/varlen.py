@@ -231,13 +231,15 @@ def compress_varlen(be: Any, q: Any, k: Any, cu_seqlens_q: Any, cu_seqlens_k: An
     return q_c, k_c
 
 
-def _queue_pooling(qd: Any, kd: Any, dt: np.dtype, cu_q: np.ndarray, cu_k: np.ndarray,
-                   config: UniSparseConfig) -> tuple[Any, Any]:
-    """Queue both packed poolings, their four offset arrays in one :func:`upload_int32`."""
-    offs = upload_int32(cu_q, packed_offsets(cu_q, config.c_q), cu_k, packed_offsets(cu_k, config.c_k))
+def _queue_pooling(qd: Any, kd: Any, dt: np.dtype, cu_q: np.ndarray, cu_k: np.ndarray, config: UniSparseConfig,
+                   with_offsets: bool = False) -> tuple[Any, ...]:
+    """Queue both packed poolings, their four offset arrays in one :func:`upload_int32`; with
+    ``with_offsets`` also return the composite-key offsets (host and device)."""
+    cu_c = packed_offsets(cu_k, config.c_k)
+    offs = upload_int32(cu_q, packed_offsets(cu_q, config.c_q), cu_k, cu_c)
     q_c = launch_pool_varlen(qd, dt, cu_q, config.c_q, config.c_h, (offs[0], offs[1]))
     k_c = launch_pool_varlen(kd, dt, cu_k, config.c_k, 1, (offs[2], offs[3]))
-    return q_c, k_c
+    return (q_c, k_c, cu_c, offs[3]) if with_offsets else (q_c, k_c)
 
 
 def compress_queries_varlen(be: Any, q: Any, cu_seqlens_q: Any, config: UniSparseConfig, *,
@@ -435,11 +437,13 @@ def unisparse_attention_varlen(be: Any, q: Any, k: Any, v: Any, cu_seqlens_q: An
     next launch. Here, in order:
 
     1. the checks of the inputs and offsets (host), then the two poolings, their offsets in one
-       asynchronous copy (:func:`~unisparse_ref.cupy_backend._device.upload_int32`), and the
-       NaN/inf counts of the pooled q, k and of v kept on the device;
-    2. while the GPU pools, the host builds the scoring's work list and descriptor table
+       asynchronous copy (:func:`~unisparse_ref.cupy_backend._device.upload_int32`), the
+       scoring's operands (:func:`scores.packed_operands`: keys centred, rows split; they need
+       no work list) and the NaN/inf counts of the pooled q, k and of v kept on the device;
+    2. while the GPU does those, the host builds the scoring's work list and descriptor table
        (:func:`scores.device_packed_launch_config`), the selection's row table and the
-       attention's tile list, and copies them in one more asynchronous upload;
+       attention's tile list, and copies them in one more asynchronous upload (on the H200 the
+       host took longer than the pooling alone, so the operands are queued before);
     3. scoring (one packed launch, or per sequence where :func:`scores.packed_applicable` says
        no), selection (one launch), attention (one launch of rung v9 where :func:`uses_v9`, else
        per sequence);
@@ -468,11 +472,14 @@ def unisparse_attention_varlen(be: Any, q: Any, k: Any, v: Any, cu_seqlens_q: An
     f32 = np.dtype(np.float32)
     # 1. pooling (SPEC 3); the counts of the pooled tokens (a mean is non-finite iff an input of
     #    its group is, as compress_varlen checks) and of v
-    q_c, k_c = _queue_pooling(qd, kd, dt, cu_q, cu_k, config)
-    counts = nonfinite_counts(("q", q_c, f32), ("k", k_c, f32), ("v", vd, dt)) if check_finite else None
-    # 2. the host tables of the later stages, built while the GPU pools, then one upload
     S, Hm, nk = config.block_size, Hq // config.c_h, np.diff(cu_k)
     packed = scores.packed_applicable(config, D, _loader.max_dynamic_shared_memory())
+    q_c, k_c, cu_c, cu_c_d = _queue_pooling(qd, kd, dt, cu_q, cu_k, config, with_offsets=True)
+    # the scoring's operands (centred keys, split rows) need no work list: queued now, so that the
+    # GPU has them and the counts to do while the host builds the tables below
+    operands = scores.packed_operands(q_c, k_c, cu_c, cu_c_d, D) if packed else None
+    counts = nonfinite_counts(("q", q_c, f32), ("k", k_c, f32), ("v", vd, dt)) if check_finite else None
+    # 2. the host tables of the later stages, built while the GPU works, then one upload
     v9 = uses_v9(dt, D, S)
     lc = scores.device_packed_launch_config(cu_q, cu_k, Hm, D, config) if packed else None
     row_table = selection.packed_row_table(cu_q, cu_k, S)
@@ -482,7 +489,8 @@ def unisparse_attention_varlen(be: Any, q: Any, k: Any, v: Any, cu_seqlens_q: An
     dev = upload_int32(*host)
     # 3. scores (SPEC 4), selection (SPEC 5), attention (SPEC 6)
     if packed:
-        sc = scores.launch_scores_packed(q_c, k_c, cu_q, cu_k, config, lc=lc, device_tables=tuple(dev[:3]))
+        sc = scores.launch_scores_packed(q_c, k_c, cu_q, cu_k, config, lc=lc, device_tables=tuple(dev[:3]),
+                                         operands=operands)
     else:
         cu_r, cu_c = packed_offsets(cu_q, config.c_q), packed_offsets(cu_k, config.c_k)
         sc = _block_scores_per_sequence(be, q_c, k_c, cu_q, cu_k, cu_r, cu_c, config)
