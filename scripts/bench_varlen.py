@@ -63,6 +63,40 @@ LENGTHS = [32768 - 77, 16384, 12288, 12288 + 50, 8192, 8192, 8192 - 1, 6144, 614
 HQ, HKV, D, S = 32, 8, 128, 128
 
 
+def same_work_length(nq: np.ndarray) -> int:
+    """The length ``L`` of one causal sequence with the attention work of the batch ``nq``:
+    ``L (L + 1) = sum_i n_i (n_i + 1)`` (rounded)."""
+    n = np.asarray(nq, dtype=np.int64)
+    work = float((n * (n + 1)).sum())
+    return int(round((-1 + math.sqrt(1 + 4 * work)) / 2))
+
+
+def pipeline_workload(seed: int = 0) -> dict[str, Any]:
+    """Section 3's inputs for the diagnostic scripts (``timing_varlen.py``, ``host_profile_varlen.py``,
+    ``profile_varlen.py``): the CuPy backend ``be``; the packed batch of :data:`LENGTHS` ``q [T, HQ, D]``,
+    ``k``, ``v [T, HKV, D]`` (bf16, random) with offsets ``cu``; one sequence of the same causal work
+    ``q1 [1, HQ, L, D]``, ``k1``, ``v1`` and its ``L``; the default config at ``S`` (``cfg``)."""
+    import cupy as cp
+
+    import unisparse_ref as us
+    from unisparse_ref import UniSparseConfig
+    from unisparse_ref.bench import _bf16_bits
+    from unisparse_ref.cupy_backend import as_bfloat16
+
+    nq = np.array(LENGTHS, dtype=np.int64)
+    cu = np.concatenate([[0], np.cumsum(nq)]).astype(np.int32)
+    T, L = int(cu[-1]), same_work_length(nq)
+    rs = cp.random.RandomState(seed)
+
+    def bf16(shape: tuple[int, ...]) -> Any:
+        return as_bfloat16(_bf16_bits(rs.standard_normal(shape, dtype=cp.float32)))
+
+    q, k, v = (bf16((T, h, D)) for h in (HQ, HKV, HKV))
+    q1, k1, v1 = (bf16((1, h, L, D)) for h in (HQ, HKV, HKV))
+    return {"be": us.get_backend("cupy"), "q": q, "k": k, "v": v, "cu": cu, "q1": q1, "k1": k1, "v1": v1, "L": L,
+            "cfg": UniSparseConfig(block_size=S)}
+
+
 def _dense_packed_mask(nq: np.ndarray, nk: np.ndarray, Hm: int, density: float | None, seed: int) -> tuple[Any, ...]:
     """Packed index form of every sequence's causal mask: all visible blocks, or a random
     ``density`` of them (sink and diagonal blocks kept), built on the host."""
@@ -237,7 +271,7 @@ def main(argv: list[str] | None = None) -> int:
                "speedup_api_vs_loop_api": t_lapi["ms"] / t_api["ms"], "bit_identical_to_loop": same}
         if density is None:
             work = float((nq * (nq + 1)).sum())
-            L = int(round((-1 + math.sqrt(1 + 4 * work)) / 2))
+            L = same_work_length(nq)
             q1, k1, v1 = (_bf16_bits(rs.standard_normal((1, h, L, D), dtype=cp.float32)) for h in (HQ, HKV, HKV))
             c1, i1 = dense_indices(1, HQ, L, L, S, True)
             o1 = cp.empty_like(q1)
@@ -329,8 +363,7 @@ def _pipeline(be, cp, us, as_bfloat16, bf16_bits, reference_check, time_calls, k
         view = [x[sl].transpose(1, 0, 2)[None] for x in (q, k, v)]
         ok &= check(f"packed pipeline seq {i}", reference_check(out[sl].transpose(1, 0, 2)[None], *view,
                                                                 res.block_mask(i).mask, S=S, causal=True))
-    work = float((nq * (nq + 1)).sum())
-    L = int(round((-1 + math.sqrt(1 + 4 * work)) / 2))
+    L = same_work_length(nq)
     raw = [bf16_bits(rs.standard_normal((1, h, L, D), dtype=cp.float32)) for h in (HQ, HKV, HKV)]
     q1, k1, v1 = (as_bfloat16(x) for x in raw)
     one_res = be.unisparse_attention(q1, k1, v1, cfg)

@@ -11,7 +11,6 @@ pipeline; the functions with the most own and cumulative time.
 from __future__ import annotations
 
 import cProfile
-import math
 import pstats
 import sys
 from pathlib import Path
@@ -19,27 +18,14 @@ from pathlib import Path
 
 def main() -> int:
     import cupy as cp
-    import numpy as np
 
-    import unisparse_ref as us
-    from unisparse_ref import UniSparseConfig
-    from unisparse_ref.bench import _bf16_bits
-    from unisparse_ref.cupy_backend import as_bfloat16
     from unisparse_ref.cupy_backend import varlen as cv
 
     sys.path.insert(0, str(Path(__file__).resolve().parent))
-    from bench_varlen import HKV, HQ, LENGTHS, D, S
+    from bench_varlen import pipeline_workload
 
-    be = us.get_backend("cupy")
-    nq = np.array(LENGTHS, dtype=np.int64)
-    cu = np.concatenate([[0], np.cumsum(nq)]).astype(np.int32)
-    T = int(cu[-1])
-    rs = cp.random.RandomState(0)
-    q, k, v = (as_bfloat16(_bf16_bits(rs.standard_normal((T, h, D), dtype=cp.float32))) for h in (HQ, HKV, HKV))
-    work = float((nq * (nq + 1)).sum())
-    L = int(round((-1 + math.sqrt(1 + 4 * work)) / 2))
-    q1, k1, v1 = (as_bfloat16(_bf16_bits(rs.standard_normal((1, h, L, D), dtype=cp.float32))) for h in (HQ, HKV, HKV))
-    cfg = UniSparseConfig(block_size=S)
+    w = pipeline_workload()
+    be, q, k, v, cu, q1, k1, v1, cfg = (w[n] for n in ("be", "q", "k", "v", "cu", "q1", "k1", "v1", "cfg"))
     for label, fn in (("packed", lambda: cv.unisparse_attention_varlen(be, q, k, v, cu, cu, cfg, check_finite=False)),
                       ("one sequence", lambda: be.unisparse_attention(q1, k1, v1, cfg, check_finite=False))):
         for _ in range(3):

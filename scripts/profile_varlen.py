@@ -13,33 +13,20 @@ the marker. Checks nothing: the suite and the bench do.
 
 from __future__ import annotations
 
-import math
 import sys
 from pathlib import Path
 
 
 def main() -> int:
     import cupy as cp
-    import numpy as np
 
     import unisparse_ref as us
-    from unisparse_ref import UniSparseConfig
-    from unisparse_ref.bench import _bf16_bits
-    from unisparse_ref.cupy_backend import as_bfloat16
 
     sys.path.insert(0, str(Path(__file__).resolve().parent))
-    from bench_varlen import HKV, HQ, LENGTHS, D, S
+    from bench_varlen import pipeline_workload
 
-    be = us.get_backend("cupy")
-    nq = np.array(LENGTHS, dtype=np.int64)
-    cu = np.concatenate([[0], np.cumsum(nq)]).astype(np.int32)
-    T = int(cu[-1])
-    rs = cp.random.RandomState(0)
-    q, k, v = (as_bfloat16(_bf16_bits(rs.standard_normal((T, h, D), dtype=cp.float32))) for h in (HQ, HKV, HKV))
-    work = float((nq * (nq + 1)).sum())
-    L = int(round((-1 + math.sqrt(1 + 4 * work)) / 2))
-    q1, k1, v1 = (as_bfloat16(_bf16_bits(rs.standard_normal((1, h, L, D), dtype=cp.float32))) for h in (HQ, HKV, HKV))
-    cfg = UniSparseConfig(block_size=S)
+    w = pipeline_workload()
+    be, q, k, v, cu, q1, k1, v1, cfg = (w[n] for n in ("be", "q", "k", "v", "cu", "q1", "k1", "v1", "cfg"))
     marker = cp.ElementwiseKernel("float32 x", "float32 y", "y = x", "us_profile_marker")
     m = cp.zeros(1, cp.float32)
     for _ in range(2):  # warm-up: builds, caches, pools
@@ -52,7 +39,7 @@ def main() -> int:
     be.unisparse_attention(q1, k1, v1, cfg)
     cp.cuda.Device().synchronize()
     cp.cuda.profiler.stop()
-    print(f"packed batch of {nq.size} sequences ({T} tokens) | one sequence of L = {L}")
+    print(f"packed batch of {cu.size - 1} sequences ({int(cu[-1])} tokens) | one sequence of L = {w['L']}")
     return 0
 
 

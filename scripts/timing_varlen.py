@@ -15,7 +15,6 @@ CuPy's memory pool) and pinned host allocations the calls made:
 
 from __future__ import annotations
 
-import math
 import sys
 from pathlib import Path
 
@@ -26,24 +25,13 @@ def main() -> int:
     from cupy.cuda import memory_hook
 
     import unisparse_ref as us
-    from unisparse_ref import UniSparseConfig
-    from unisparse_ref.bench import _bf16_bits
-    from unisparse_ref.cupy_backend import as_bfloat16
 
     sys.path.insert(0, str(Path(__file__).resolve().parent))
-    from bench_varlen import HKV, HQ, LENGTHS, D, S
+    from bench_varlen import D, S, pipeline_workload
 
     rounds = int(sys.argv[1]) if len(sys.argv) > 1 else 30
-    be = us.get_backend("cupy")
-    nq = np.array(LENGTHS, dtype=np.int64)
-    cu = np.concatenate([[0], np.cumsum(nq)]).astype(np.int32)
-    T = int(cu[-1])
-    rs = cp.random.RandomState(0)
-    q, k, v = (as_bfloat16(_bf16_bits(rs.standard_normal((T, h, D), dtype=cp.float32))) for h in (HQ, HKV, HKV))
-    work = float((nq * (nq + 1)).sum())
-    L = int(round((-1 + math.sqrt(1 + 4 * work)) / 2))
-    q1, k1, v1 = (as_bfloat16(_bf16_bits(rs.standard_normal((1, h, L, D), dtype=cp.float32))) for h in (HQ, HKV, HKV))
-    cfg = UniSparseConfig(block_size=S)
+    w = pipeline_workload()
+    be, q, k, v, cu, q1, k1, v1, cfg = (w[n] for n in ("be", "q", "k", "v", "cu", "q1", "k1", "v1", "cfg"))
 
     def packed():
         us.unisparse_attention_varlen(q, k, v, cu, cu, cfg, backend=be)

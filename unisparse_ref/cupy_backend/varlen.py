@@ -424,6 +424,15 @@ def select_blocks_varlen(be: Any, scores: Any, cu_seqlens_q: Any, cu_seqlens_k: 
 
 
 # ----------------------------------------------------------------------------- the whole pipeline, queued
+def _device_qkv(q: Any, k: Any, v: Any) -> tuple[Any, Any, Any, np.dtype]:
+    """q, k, v as device arrays (:func:`device_input`) and their one dtype (``TypeError`` if k's or v's differs)."""
+    (qd, dt), (kd, dtk), (vd, dtv) = (device_input(n, x) for n, x in (("q", q), ("k", k), ("v", v)))
+    for name, d in (("k", dtk), ("v", dtv)):
+        if d != dt:
+            raise TypeError(f"{name} has dtype {d} but q has {dt}; they must match")
+    return qd, kd, vd, dt
+
+
 def unisparse_attention_varlen(be: Any, q: Any, k: Any, v: Any, cu_seqlens_q: Any, cu_seqlens_k: Any,
                                config: UniSparseConfig, *, check_finite: bool = True) -> tuple[Any, ...]:
     """The whole packed pipeline (SPEC 3-6), queued with no host synchronisation between its stages.
@@ -462,10 +471,7 @@ def unisparse_attention_varlen(be: Any, q: Any, k: Any, v: Any, cu_seqlens_q: An
     config = check_config(config)
     check_no_packed_sinks(config, "unisparse_attention_varlen")
     be._refuse_variants(config, "cupy backend unisparse_attention_varlen")
-    (qd, dt), (kd, dtk), (vd, dtv) = (device_input(n, x) for n, x in (("q", q), ("k", k), ("v", v)))
-    for name, d in (("k", dtk), ("v", dtv)):
-        if d != dt:
-            raise TypeError(f"{name} has dtype {d} but q has {dt}; they must match")
+    qd, kd, vd, dt = _device_qkv(q, k, v)
     cu_q, cu_k, Hq, Hkv, D = check_varlen_qkv(qd, kd, vd, cu_seqlens_q, cu_seqlens_k, causal=config.causal,
                                               shape_only=True)
     check_head_pooling(Hq, Hkv, config.c_h)
@@ -612,10 +618,7 @@ def block_sparse_attention_varlen(be: Any, q: Any, k: Any, v: Any, cu_seqlens_q:
         (``-inf`` on rows with no allowed key).
     """
     config = check_config(config)
-    (qd, dt), (kd, dtk), (vd, dtv) = (device_input(n, x) for n, x in (("q", q), ("k", k), ("v", v)))
-    for name, d in (("k", dtk), ("v", dtv)):
-        if d != dt:
-            raise TypeError(f"{name} has dtype {d} but q has {dt}; they must match")
+    qd, kd, vd, dt = _device_qkv(q, k, v)
     cu_q, cu_k, Hq, _, D = check_varlen_qkv(qd, kd, vd, cu_seqlens_q, cu_seqlens_k, causal=config.causal,
                                             shape_only=True)
     nk = np.diff(cu_k)
