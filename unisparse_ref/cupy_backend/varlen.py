@@ -439,11 +439,11 @@ def unisparse_attention_varlen(be: Any, q: Any, k: Any, v: Any, cu_seqlens_q: An
 
     The kernels and results of :func:`compress_varlen` -> :func:`block_scores_varlen` ->
     :func:`select_blocks_varlen` -> :func:`block_sparse_attention_varlen` (bit for bit), queued
-    the way :meth:`CupyBackend.unisparse_attention` queues the batch pipeline: the stage-by-stage
-    path waits for the GPU at every stage (a read-back of the non-finite counts after pooling and
-    of ``v``'s before the attention, and a ``cupy.asarray`` upload of every host table, which
-    waits for the kernels queued before it), leaving the GPU idle while the host prepares the
-    next launch. Here, in order:
+    the way :meth:`CupyBackend.unisparse_attention` queues the batch pipeline. The chain of stages
+    waits for the GPU twice (its NaN checks read their counts back after the pooling and before
+    the attention), and each stage builds its host tables only when it is called, so the GPU
+    idles while the host prepares the next launch (before session 6 every table also went up
+    with ``cupy.asarray``, which waits for the kernels queued before it). Here, in order:
 
     1. the checks of the inputs and offsets (host), then the two poolings, their offsets in one
        asynchronous copy (:func:`~unisparse_ref.cupy_backend._device.upload_int32`), the
