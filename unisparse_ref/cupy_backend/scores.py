@@ -643,10 +643,10 @@ def launch_scores_packed(q_c: Any, k_c: Any, cu_seqlens_q: Any, cu_seqlens_k: An
     (``[1, Hm, R_i, D]``, ``[1, Hkv, C_i, D]``) with the same ``parts``. The SPEC computation only
     (:func:`packed_applicable`); ``warps``, ``stages``, ``parts`` force a configuration (tests).
     ``lc`` and ``device_tables``: :func:`packed_launch_config`'s result for these offsets and the
-    device copies of its :func:`packed_host_tables` (int32), when the caller (the queued packed
+    device copies of its ``packed_host_tables`` (int32), when the caller (the queued packed
     pipeline) prepared and uploaded them ahead; otherwise both are made here (one
-    :func:`~unisparse_ref.cupy_backend._device.upload_int32`). ``operands``: those of
-    :func:`packed_operands` already queued (with ``lc``'s parts), else queued here.
+    ``_device.upload_int32``). ``operands``: those of
+    ``packed_operands`` already queued (with ``lc``'s parts), else queued here.
     """
     cp = cupy_module()
     if config.sink_tokens > 0 or config.diagonal_correction:

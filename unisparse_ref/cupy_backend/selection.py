@@ -159,7 +159,7 @@ def launch_select_packed(scores: Any, table: np.ndarray, config: UniSparseConfig
     here; every ``nKb_b <= W``). Same launch configuration as the batch layout with
     ``nKb = W``; no bool mask. ``config.threshold_mode`` may be ``"total"`` or ``"remaining"``.
     ``device_table``: the table already on the device (int32, from
-    :func:`~unisparse_ref.cupy_backend._device.upload_int32`), else it is uploaded here.
+    ``_device.upload_int32``), else it is uploaded here.
 
     Returns
     -------

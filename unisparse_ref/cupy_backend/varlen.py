@@ -192,7 +192,7 @@ def launch_pool_varlen(x: Any, dtype: np.dtype, cu: np.ndarray, c: int, c_h: int
     (a grid-stride launch over the threads: one per output, or per 16-byte group of outputs).
 
     ``cu`` are the checked host offsets; ``device_offsets`` ``(cu, packed_offsets(cu, c))`` as
-    int32 device arrays if the caller uploaded them already (else one :func:`upload_int32` here).
+    int32 device arrays if the caller uploaded them already (else one ``upload_int32`` here).
     """
     cp = cupy_module()
     _, H, D = (int(s) for s in x.shape)
@@ -233,7 +233,7 @@ def compress_varlen(be: Any, q: Any, k: Any, cu_seqlens_q: Any, cu_seqlens_k: An
 
 def _queue_pooling(qd: Any, kd: Any, dt: np.dtype, cu_q: np.ndarray, cu_k: np.ndarray, config: UniSparseConfig,
                    with_offsets: bool = False) -> tuple[Any, ...]:
-    """Queue both packed poolings, their four offset arrays in one :func:`upload_int32`; with
+    """Queue both packed poolings, their four offset arrays in one ``upload_int32``; with
     ``with_offsets`` also return the composite-key offsets (host and device)."""
     cu_c = packed_offsets(cu_k, config.c_k)
     offs = upload_int32(cu_q, packed_offsets(cu_q, config.c_q), cu_k, cu_c)
@@ -439,18 +439,18 @@ def unisparse_attention_varlen(be: Any, q: Any, k: Any, v: Any, cu_seqlens_q: An
 
     The kernels and results of :func:`compress_varlen` -> :func:`block_scores_varlen` ->
     :func:`select_blocks_varlen` -> :func:`block_sparse_attention_varlen` (bit for bit), queued
-    the way :meth:`CupyBackend.unisparse_attention` queues the batch pipeline. The chain of stages
+    the way ``CupyBackend.unisparse_attention`` queues the batch pipeline. The chain of stages
     waits for the GPU twice (its NaN checks read their counts back after the pooling and before
     the attention), and each stage builds its host tables only when it is called, so the GPU
     idles while the host prepares the next launch (before session 6 every table also went up
     with ``cupy.asarray``, which waits for the kernels queued before it). Here, in order:
 
     1. the checks of the inputs and offsets (host), then the two poolings, their offsets in one
-       asynchronous copy (:func:`~unisparse_ref.cupy_backend._device.upload_int32`), the
-       scoring's operands (:func:`scores.packed_operands`: keys centred, rows split; they need
+       asynchronous copy (``_device.upload_int32``), the
+       scoring's operands (``scores.packed_operands``: keys centred, rows split; they need
        no work list) and the NaN/inf counts of the pooled q, k and of v kept on the device;
     2. while the GPU does those, the host builds the scoring's work list and descriptor table
-       (:func:`scores.device_packed_launch_config`), the selection's row table and the
+       (``scores.device_packed_launch_config``), the selection's row table and the
        attention's tile list, and copies them in one more asynchronous upload (on the H200 the
        host took longer than the pooling alone, so the operands are queued before);
     3. scoring (one packed launch, or per sequence where :func:`scores.packed_applicable` says
