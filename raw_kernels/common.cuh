@@ -102,3 +102,16 @@ __device__ __forceinline__ void us_pool_head(const T* col, long long stride, int
 #pragma unroll
     for (int v = 0; v < V; ++v) acc[v] += s[v] * inv_n;  // the sequence mean of this head
 }
+
+// The head mean that finishes a composite token (both pooling kernels): o[v] = acc[v] / c_h for
+// the per = V or per = 1 consecutive d of this thread.
+template <typename T>
+__device__ __forceinline__ void us_pool_store(float* o, const float (&acc)[16 / sizeof(T)], int per, int c_h) {
+    constexpr int V = (int)(16 / sizeof(T));
+    if (per == V) {
+#pragma unroll
+        for (int v = 0; v < V; ++v) o[v] = acc[v] / (float)c_h;  // head mean
+    } else {
+        o[0] = acc[0] / (float)c_h;
+    }
+}

@@ -60,13 +60,7 @@ us_pool_seq(const T* __restrict__ x, float* __restrict__ out, int H, int N, int 
         const int h = g * c_h + hh;
         us_pool_head<T>(x + (((long long)b * H + h) * N) * D + d0, D, t0, t1, per, inv_n, acc);  // tokens D apart
     }
-    float* o = out + ((long long)bg * R + r) * D + d0;
-    if (per == V) {
-#pragma unroll
-        for (int v = 0; v < V; ++v) o[v] = acc[v] / (float)c_h;   // head mean
-    } else {
-        o[0] = acc[0] / (float)c_h;
-    }
+    us_pool_store<T>(out + ((long long)bg * R + r) * D + d0, acc, per, c_h);
 }
 
 template <typename T>

@@ -97,12 +97,6 @@ us_pool_varlen(const T* __restrict__ x, const int* __restrict__ cu, const int* _
             const int h = g * c_h + hh;
             us_pool_head<T>(x + ((long long)cu[b] * H + h) * D + d0, stride, t0, t1, per, inv_n, acc);
         }
-        float* o = out + ((long long)row * Hout + g) * D + d0;
-        if (per == V) {
-#pragma unroll
-            for (int v = 0; v < V; ++v) o[v] = acc[v] / (float)c_h;  // head mean
-        } else {
-            o[0] = acc[0] / (float)c_h;
-        }
+        us_pool_store<T>(out + ((long long)row * Hout + g) * D + d0, acc, per, c_h);
     }
 }
