@@ -319,16 +319,13 @@ def upload_int32(*tables: Any) -> list[Any]:
     starts = np.cumsum([0] + [-(-f.size // _ALIGN_INTS) * _ALIGN_INTS for f in flat])
     total = int(starts[-1])
     pinned = getattr(getattr(cp, "cuda", None), "alloc_pinned_memory", None)
-    if pinned is None:  # a stand-in for CuPy without page-locked memory (tests): a plain copy
-        buf = np.zeros(total, np.int32)
-        for f, a in zip(flat, starts, strict=False):
-            buf[a:a + f.size] = f
-        dev = cp.asarray(buf, dtype=cp.int32)
+    mem = None if pinned is None else pinned(max(4, 4 * total))  # None: a stand-in for CuPy (tests)
+    host = np.zeros(total, np.int32) if mem is None else np.frombuffer(mem, np.int32, total)
+    for f, a in zip(flat, starts, strict=False):
+        host[a:a + f.size] = f
+    if mem is None:
+        dev = cp.asarray(host, dtype=cp.int32)  # a plain copy
     else:
-        mem = pinned(max(4, 4 * total))
-        host = np.frombuffer(mem, np.int32, total)
-        for f, a in zip(flat, starts, strict=False):
-            host[a:a + f.size] = f
         dev = cp.empty(total, dtype=cp.int32)
         stream = cp.cuda.get_current_stream()
         if total:

@@ -43,7 +43,7 @@ from ._loader import KernelSpec
 
 __all__ = ["CENTER_KERNEL", "DEFAULT_PARTS", "FILE", "KREF", "INSTANTIATIONS", "KERNEL", "MMA_TC", "MMA_WARPS", "OPTIONS", "SCRATCH_BYTES",
            "SPLIT_KERNEL", "TC", "TR", "center_config", "center_keys", "launch_config", "launch_scores", "mma_applicable", "mma_kernel",
-           "mma_launch_config", "packed_applicable", "packed_launch_config", "device_packed_launch_config",
+           "mma_launch_config", "split_layout", "packed_applicable", "packed_launch_config", "device_packed_launch_config",
            "packed_host_tables", "packed_operands", "launch_scores_packed", "row_bytes",
            "variant_weights"]
 
@@ -242,6 +242,16 @@ def row_bytes(Dp: int, parts: int) -> int:
     return 4 * Dp + 16 if parts == 2 else 6 * Dp + ((64 - (6 * Dp) % 128) & 127)
 
 
+def split_layout(D: int, parts: int | None = None) -> tuple[int, int]:
+    """``(Dp, P)`` of version 4's split operands: the head dim padded to whole 32-wide chunks
+    (``Dp = 32 ceil(D / 32)``) and the fp16 parts per operand (default :data:`DEFAULT_PARTS`;
+    ``ValueError`` unless 2 or 3). :func:`mma_launch_config` and :func:`packed_operands` share it."""
+    P = DEFAULT_PARTS if parts is None else int(parts)
+    if P not in MMA_WARPS:
+        raise ValueError(f"parts must be 2 or 3, got {P}")
+    return 32 * geometry.cdiv(int(D), 32), P
+
+
 def mma_launch_config(batch: int, mask_heads: int, R: int, W: int, D: int, config: UniSparseConfig, *,
                       num_sms: int = 132, warps: int | None = None, stages: int | None = None,
                       variant: bool = False, shared_limit: int = 227 * 1024,
@@ -278,9 +288,7 @@ def mma_launch_config(batch: int, mask_heads: int, R: int, W: int, D: int, confi
     parts : int, optional
         fp16 parts per operand, 2 or 3; default :data:`DEFAULT_PARTS`.
     """
-    parts = DEFAULT_PARTS if parts is None else int(parts)
-    if parts not in MMA_WARPS:
-        raise ValueError(f"parts must be 2 or 3, got {parts}")
+    Dp, parts = split_layout(D, parts)
     RB, KB = config.block_size // config.c_q, config.block_size // config.c_k
     per_warp = 16 if parts == 3 else 32
     if warps is None:
@@ -291,7 +299,6 @@ def mma_launch_config(batch: int, mask_heads: int, R: int, W: int, D: int, confi
     RG, TCm = per_warp * warps, MMA_TC
     if RB > RG:
         raise ValueError(f"a query block of {RB} composite rows does not fit a work item of {RG} rows")
-    Dp = 32 * geometry.cdiv(int(D), 32)
     if Dp > MMA_MAX_DP:
         raise ValueError(f"head dim {D} above version 4's {MMA_MAX_DP}")
     rowb = row_bytes(Dp, parts)
@@ -588,7 +595,7 @@ def packed_launch_config(cu_seqlens_q: Any, cu_seqlens_k: Any, mask_heads: int, 
     items = nwork * int(mask_heads)
     slots = max(1, min(items, int(num_sms) * max(1, lc["blocks_per_sm"])))
     ntiles = geometry.cdiv(max(1, Cmax), TCm)
-    width = max(1, max((geometry.num_blocks(int(n), S) for n in nk), default=0))
+    width = max(1, int((-(-nk // S)).max(initial=0)))  # the most key blocks of a sequence
     lc.update({"grid": (slots, 1, 1), "items": items, "slots": slots, "ntiles": ntiles,
                "scratch_per_slot": 4 * ntiles * RG * (lc["NKS"] + 1), "desc": desc, "work": work, "nwork": nwork,
                "total_qb": int(cu_qb[-1]), "width": width, "cu_r": cu_r, "cu_c": cu_c, "cu_qb": cu_qb})
@@ -610,10 +617,9 @@ def packed_operands(q_c: Any, k_c: Any, cu_c: np.ndarray, cu_c_device: Any, D: i
     KV head) (:func:`center_keys` with the composite-key offsets ``cu_c``, host, and their int32
     device copy), then ``us_split_rows`` of the queries and of the centred keys as they lie.
     Returns ``(qw, qf, kw, kf)`` for :func:`launch_scores_packed`'s ``operands``; needs no work
-    list, so the queued packed pipeline launches it before building one (``Dp = 32 ceil(D / 32)``
-    and ``parts`` as :func:`mma_launch_config` takes them)."""
-    P = DEFAULT_PARTS if parts is None else int(parts)
-    Dp = 32 * geometry.cdiv(int(D), 32)
+    list, so the queued packed pipeline launches it before building one (``Dp`` and ``parts``:
+    :func:`split_layout`, as :func:`mma_launch_config` takes them)."""
+    Dp, P = split_layout(D, parts)
     qw, qf = _split(q_c, D, Dp, P)
     kw, kf = _split(center_keys(k_c, cu=cu_c, cu_device=cu_c_device), D, Dp, P)
     return qw, qf, kw, kf

@@ -226,20 +226,21 @@ def compress_varlen(be: Any, q: Any, k: Any, cu_seqlens_q: Any, cu_seqlens_k: An
     cu_q, cu_k, Hq, Hkv, _ = check_varlen_qkv(qd, kd, kd, cu_seqlens_q, cu_seqlens_k, causal=config.causal,
                                               shape_only=True)
     check_head_pooling(Hq, Hkv, config.c_h)
-    q_c, k_c = _queue_pooling(qd, kd, dt, cu_q, cu_k, config)
+    q_c, k_c, _, _ = _queue_pooling(qd, kd, dt, cu_q, cu_k, config)
     check_finite_device(("q", q_c, np.dtype(np.float32)), ("k", k_c, np.dtype(np.float32)))
     return q_c, k_c
 
 
-def _queue_pooling(qd: Any, kd: Any, dt: np.dtype, cu_q: np.ndarray, cu_k: np.ndarray, config: UniSparseConfig,
-                   with_offsets: bool = False) -> tuple[Any, ...]:
-    """Queue both packed poolings, their four offset arrays in one ``upload_int32``; with
-    ``with_offsets`` also return the composite-key offsets (host and device)."""
+def _queue_pooling(qd: Any, kd: Any, dt: np.dtype, cu_q: np.ndarray, cu_k: np.ndarray,
+                   config: UniSparseConfig) -> tuple[Any, Any, np.ndarray, Any]:
+    """Queue both packed poolings, their four offset arrays in one ``upload_int32``: returns
+    ``q_c``, ``k_c`` and the composite-key offsets on the host and on the device (the scoring's
+    centring reads them)."""
     cu_c = packed_offsets(cu_k, config.c_k)
     offs = upload_int32(cu_q, packed_offsets(cu_q, config.c_q), cu_k, cu_c)
     q_c = launch_pool_varlen(qd, dt, cu_q, config.c_q, config.c_h, (offs[0], offs[1]))
     k_c = launch_pool_varlen(kd, dt, cu_k, config.c_k, 1, (offs[2], offs[3]))
-    return (q_c, k_c, cu_c, offs[3]) if with_offsets else (q_c, k_c)
+    return q_c, k_c, cu_c, offs[3]
 
 
 def compress_queries_varlen(be: Any, q: Any, cu_seqlens_q: Any, config: UniSparseConfig, *,
@@ -480,7 +481,7 @@ def unisparse_attention_varlen(be: Any, q: Any, k: Any, v: Any, cu_seqlens_q: An
     #    its group is, as compress_varlen checks) and of v
     S, Hm, nk = config.block_size, Hq // config.c_h, np.diff(cu_k)
     packed = scores.packed_applicable(config, D, _loader.max_dynamic_shared_memory())
-    q_c, k_c, cu_c, cu_c_d = _queue_pooling(qd, kd, dt, cu_q, cu_k, config, with_offsets=True)
+    q_c, k_c, cu_c, cu_c_d = _queue_pooling(qd, kd, dt, cu_q, cu_k, config)
     # the scoring's operands (centred keys, split rows) need no work list: queued now, so that the
     # GPU has them and the counts to do while the host builds the tables below
     operands = scores.packed_operands(q_c, k_c, cu_c, cu_c_d, D) if packed else None
@@ -489,18 +490,18 @@ def unisparse_attention_varlen(be: Any, q: Any, k: Any, v: Any, cu_seqlens_q: An
     v9 = uses_v9(dt, D, S)
     lc = scores.device_packed_launch_config(cu_q, cu_k, Hm, D, config) if packed else None
     row_table = selection.packed_row_table(cu_q, cu_k, S)
-    host = [*(scores.packed_host_tables(lc) if packed else ()), row_table]
+    # (the packed scoring's descriptor table and work list; its composite-key offsets went up with the pooling's)
+    host = [*(scores.packed_host_tables(lc)[:2] if packed else ()), row_table]
     if v9:
         host.append(_hopper.varlen_tiles(cu_q, nk, cu_k[:-1], S, config.causal))
     dev = upload_int32(*host)
     # 3. scores (SPEC 4), selection (SPEC 5), attention (SPEC 6)
     if packed:
-        sc = scores.launch_scores_packed(q_c, k_c, cu_q, cu_k, config, lc=lc, device_tables=tuple(dev[:3]),
+        sc = scores.launch_scores_packed(q_c, k_c, cu_q, cu_k, config, lc=lc, device_tables=(dev[0], dev[1], cu_c_d),
                                          operands=operands)
     else:
-        cu_r, cu_c = packed_offsets(cu_q, config.c_q), packed_offsets(cu_k, config.c_k)
-        sc = _block_scores_per_sequence(be, q_c, k_c, cu_q, cu_k, cu_r, cu_c, config)
-    kv_counts, kv_indices = selection.launch_select_packed(sc, row_table, config, device_table=dev[3 if packed else 0])
+        sc = _block_scores_per_sequence(be, q_c, k_c, cu_q, cu_k, packed_offsets(cu_q, config.c_q), cu_c, config)
+    kv_counts, kv_indices = selection.launch_select_packed(sc, row_table, config, device_table=dev[2 if packed else 0])
     scale = config.scale_for(D)
     if v9:
         out, lse = _attend_v9(qd, kd, vd, kv_counts, kv_indices, cu_q, nk, cu_k[:-1], config, scale, tiles=dev[-1])
