@@ -5,12 +5,17 @@
 The workload of ``scripts/bench_varlen.py`` section 3 (checked there) and its one sequence of the
 same causal work. Every call is timed between two CUDA events; for each arrangement the medians
 and quartiles of both, their ratio, and how many device allocations (``cudaMalloc`` through
-CuPy's memory pool) and pinned host allocations the calls made:
+CuPy's memory pool) the calls made:
 
 * ``separate``: ROUNDS packed calls, then ROUNDS one-sequence calls;
 * ``interleaved``: packed, one, packed, one, ...;
 * ``interleaved, one first``: one, packed, one, packed, ...;
-* ``separate again``: as the first (drift over the run).
+* ``separate again``: as the first (drift over the run);
+* ``separate, gc disabled``: as the first with Python's garbage collector off.
+
+Before them: the host's time to queue each pipeline against its GPU time, the packed attention
+kernel's own spread, and the GPU's idle time between the kernels of one call (CUDA events
+around every launch, which add some host time of their own).
 """
 
 from __future__ import annotations
@@ -43,13 +48,10 @@ def main() -> int:
         name = "count"
 
         def __init__(self):
-            self.device = self.pinned = 0
+            self.device = 0
 
-        def alloc_preprocess(self, **kw):
+        def alloc_preprocess(self, **kw):  # a cudaMalloc (the pool had no free block)
             self.device += 1
-
-        def malloc_preprocess(self, **kw):
-            pass
 
     for _ in range(3):
         packed(), one()
